@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv with a torch that fits this machine, then peftkit and its test tools.
+#   - a machine with an NVIDIA GPU: torch's default (CUDA) build from PyPI;
+#   - otherwise the CPU build: this workplace keeps one on disk (pip finds it as torch==2.13.0),
+#     elsewhere it comes from PyTorch's CPU index. An unpinned `pip install torch` on a CPU-only
+#     Linux machine would download several GB of CUDA libraries it cannot use.
+# Set PEFTKIT_TORCH to a pip requirement (e.g. "torch==2.9.1") to choose yourself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -n "${PEFTKIT_TORCH:-}" ]; then
+    "${pip[@]}" "$PEFTKIT_TORCH"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" "torch>=2.5"
+  elif ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
+    "${pip[@]}" "torch==2.13.0"
+  else
+    "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"${pip[@]}" -e ".[test]"

@@ -1,0 +1,35 @@
+"""The one home for version-guarded workarounds of library quirks. Each says what it guards and why."""
+
+from __future__ import annotations
+
+import logging
+
+
+def quiet_bitsandbytes_cpu_kernel_warning() -> None:
+    """bitsandbytes >= 0.49 on CPUs with AVX512-BF16 tries to fetch an optional fused 4-bit kernel
+    from the Hugging Face hub via the `kernels` package and logs a warning when that fails (always,
+    offline). The built-in CPU path is used instead and is correct, so the warning is noise."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def accelerator_kwargs() -> dict[str, bool]:
+    """accelerate 1.x only forms a multi-process CPU group (gloo) under torchrun when told the run
+    is on CPU (`cpu=True`); without it every process believes it is alone."""
+    import torch
+
+    return {"cpu": not torch.cuda.is_available()}
+
+
+def keep_bnb_4bit_cpu_weights_unpacked(model) -> int:
+    """bitsandbytes >= 0.49 on CPUs with AVX512-BF16: the first forward of a `Linear4bit` in eval
+    mode with an input that does not require grad repacks its weight for a bf16 inference kernel,
+    and from then on *every* forward (training too) goes through that kernel (`gemv_4bit`). So an
+    evaluation in the middle of QLoRA training would switch the rest of training to different
+    numerics (~1e-3 logit changes). Turning the fast path off per module keeps training, evaluation
+    and the saved adapter on the same fp32-dequantize path. Returns the number of modules changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

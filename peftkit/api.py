@@ -1,0 +1,44 @@
+"""The public Python surface: each CLI verb is one function here, usable from a notebook too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.recipe.load import load_recipe
+from peftkit.recipe.schema import Recipe
+from peftkit.training.loop import FineTuneRun, StepCallback
+
+
+def validate(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe (raises `RecipeError` naming every problem). Loads no model."""
+    return load_recipe(recipe, overrides)
+
+
+def resolved_yaml(recipe: Recipe) -> str:
+    """The recipe with every default filled in, as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def train(
+    recipe: str | Path | Recipe,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
+    """Fine-tune as the recipe says; returns the run summary (also written to RUN_DIR/summary.json).
+
+    Args:
+        recipe: a recipe file or an already validated `Recipe`.
+        overrides: dotted `section.key=value` overrides applied to a recipe file.
+        resume: continue the run in the recipe's output.dir from its last checkpoint.
+        on_step: called as on_step(step, metrics) after each optimizer step (main and other processes).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    run = FineTuneRun(recipe, resume=resume, on_step=on_step)
+    run.setup()
+    run.train()
+    return run.finish()

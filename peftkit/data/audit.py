@@ -1,0 +1,74 @@
+"""The loss-mask audit: what the data turned into, printed before training so nothing is silent."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.data.encode import IGNORE, EncodedRow
+
+
+@dataclass
+class SplitAudit:
+    split: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    rows_truncated: int = 0
+    rows_dropped_too_long: int = 0
+    rows_without_supervised_tokens: int = 0
+    max_row_tokens: int = 0
+    examples_without_supervision: list[str] = field(default_factory=list)
+
+    @property
+    def supervised_share(self) -> float:
+        return self.supervised_tokens / self.tokens if self.tokens else 0.0
+
+    def add_kept(self, row: EncodedRow) -> None:
+        self.rows_kept += 1
+        self.tokens += len(row.input_ids)
+        self.supervised_tokens += row.n_supervised
+        self.rows_truncated += row.truncated
+        self.max_row_tokens = max(self.max_row_tokens, len(row.input_ids))
+
+    def add_unsupervised(self, row: EncodedRow) -> None:
+        self.rows_without_supervised_tokens += 1
+        if len(self.examples_without_supervision) < 3:
+            self.examples_without_supervision.append(row.origin)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "supervised_share": round(self.supervised_share, 4)}
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"{self.split}: {self.rows_kept:,} rows kept of {self.rows_read:,} read; "
+            f"{self.tokens:,} tokens, {self.supervised_tokens:,} carry loss ({self.supervised_share:.1%}); "
+            f"longest row {self.max_row_tokens:,} tokens",
+            f"  truncated: {self.rows_truncated:,}   dropped as too long: {self.rows_dropped_too_long:,}   "
+            f"dropped with no supervised tokens: {self.rows_without_supervised_tokens:,}",
+        ]
+        if self.examples_without_supervision:
+            lines.append(f"  e.g. {', '.join(self.examples_without_supervision)}")
+        return lines
+
+
+def render_mask(row: EncodedRow, tokenizer: PreTrainedTokenizerBase, limit: int = 400) -> str:
+    """The row's text with supervised stretches in ⟦brackets⟧, to check the mask by eye."""
+    parts, current, supervised = [], [], None
+    for token, label in zip(row.input_ids.tolist(), row.labels.tolist()):
+        flag = label != IGNORE
+        if flag != supervised and current:
+            parts.append(_wrap(tokenizer.decode(current), supervised))
+            current = []
+        supervised = flag
+        current.append(token)
+    if current:
+        parts.append(_wrap(tokenizer.decode(current), supervised))
+    text = "".join(parts)
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _wrap(text: str, supervised: bool | None) -> str:
+    return f"⟦{text}⟧" if supervised else text

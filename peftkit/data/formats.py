@@ -1,0 +1,148 @@
+"""Normalise the common row layouts into one `Example` type.
+
+Layouts (detected from the first row's keys, or declared per source):
+  messages           {"messages": [{"role": "user"|"assistant"|"system", "content": "..."}]}
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}]}
+  alpaca             {"instruction": ..., "input": optional, "output": ..., "system": optional}
+  prompt_completion  {"prompt": "...", "completion": "..."} (or lists of messages for both)
+  text               {"text": "..."}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peftkit.data.sources import RawRow
+from peftkit.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+
+@dataclass
+class Example:
+    """One training row in canonical form: exactly one of messages, (prompt, completion), text."""
+
+    origin: str
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+
+
+def detect_format(row: RawRow) -> str:
+    keys = set(row.data)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    raise DataError(
+        f"{row.origin}: cannot tell the data format from the keys {sorted(keys)}; expected messages, "
+        "conversations (sharegpt), instruction+output (alpaca), prompt+completion or text, "
+        "or declare it with data.train[...].format"
+    )
+
+
+def to_example(row: RawRow, fmt: str, system_prompt: str | None) -> Example:
+    """Convert one raw row; a row that does not fit its format is a `DataError` naming its origin."""
+    try:
+        example = _CONVERTERS[fmt](row.data, row.origin)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{row.origin}: not a valid {fmt} row: {e}") from None
+    if example.messages is not None and system_prompt and example.messages[0]["role"] != "system":
+        example.messages.insert(0, {"role": "system", "content": system_prompt})
+    return example
+
+
+def _text(value: Any, what: str) -> str:
+    # OpenAI content parts: [{"type": "text", "text": ...}]
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" for p in value
+    ):
+        return "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(
+    items: Any, role_key: str, content_key: str, roles: dict[str, str]
+) -> list[dict[str, str]]:
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(items):
+        if not isinstance(turn, dict):
+            raise TypeError(f"turn {i} must be an object")
+        if role_key not in turn or content_key not in turn:
+            raise KeyError(f"turn {i} needs {role_key!r} and {content_key!r}")
+        role = roles.get(turn[role_key])
+        if role is None:
+            raise ValueError(
+                f"turn {i} has role {turn[role_key]!r}; supported: {', '.join(sorted(roles))}"
+            )
+        out.append({"role": role, "content": _text(turn[content_key], f"turn {i} {content_key}")})
+    return out
+
+
+def _from_messages(data: dict[str, Any], origin: str) -> Example:
+    return Example(
+        origin, messages=_messages(data["messages"], "role", "content", {r: r for r in ROLES})
+    )
+
+
+def _from_sharegpt(data: dict[str, Any], origin: str) -> Example:
+    return Example(
+        origin, messages=_messages(data["conversations"], "from", "value", _SHAREGPT_ROLES)
+    )
+
+
+def _from_alpaca(data: dict[str, Any], origin: str) -> Example:
+    instruction = _text(data["instruction"], "instruction")
+    extra = _text(data.get("input") or "", "input")
+    messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}]
+    if data.get("system"):
+        messages.insert(0, {"role": "system", "content": _text(data["system"], "system")})
+    messages.append({"role": "assistant", "content": _text(data["output"], "output")})
+    return Example(origin, messages=messages)
+
+
+def _from_prompt_completion(data: dict[str, Any], origin: str) -> Example:
+    prompt, completion = data["prompt"], data["completion"]
+    if isinstance(prompt, list):  # conversational prompt/completion (TRL style)
+        roles = {r: r for r in ROLES}
+        return Example(
+            origin,
+            messages=_messages(prompt, "role", "content", roles)
+            + _messages(completion, "role", "content", roles),
+        )
+    return Example(
+        origin, prompt=_text(prompt, "prompt"), completion=_text(completion, "completion")
+    )
+
+
+def _from_text(data: dict[str, Any], origin: str) -> Example:
+    return Example(origin, text=_text(data["text"], "text"))
+
+
+_CONVERTERS = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": _from_alpaca,
+    "prompt_completion": _from_prompt_completion,
+    "text": _from_text,
+}

@@ -1,0 +1,151 @@
+"""Read raw rows from local files, `datasets.save_to_disk` folders and hub datasets.
+
+Every row keeps its origin (`file.jsonl line 17`) so that a bad row can be named exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import DataError
+from peftkit.recipe.schema import DataSource
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class RawRow:
+    data: dict[str, Any]
+    origin: str
+    """Where the row came from, for error messages: `path line N` or `dataset[split] row N`."""
+
+
+def read_source(source: DataSource) -> list[RawRow]:
+    """All rows of one source (up to `source.limit`), each with its origin."""
+    rows: list[RawRow] = []
+    for row in _iter_source(source):
+        rows.append(row)
+        if source.limit is not None and len(rows) >= source.limit:
+            break
+    return rows
+
+
+def _iter_source(source: DataSource) -> Iterator[RawRow]:
+    path = Path(source.path).expanduser()
+    if path.is_file():
+        suffix = "".join(path.suffixes[-1:]).lower()
+        readers = {
+            ".jsonl": _read_jsonl,
+            ".json": _read_json,
+            ".csv": _read_csv,
+            ".parquet": _read_parquet,
+        }
+        if suffix not in readers:
+            raise DataError(
+                f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}"
+            )
+        yield from readers[suffix](path)
+    elif path.is_dir():
+        yield from _read_saved_dataset(path, source.split)
+    elif _looks_like_local_path(source.path):
+        raise DataError(f"data file not found: {source.path}")
+    else:
+        yield from _read_hub_dataset(source)
+
+
+def _looks_like_local_path(text: str) -> bool:
+    return (
+        text.startswith((".", "/", "~"))
+        or text.lower().endswith(FILE_SUFFIXES)
+        or text.count("/") > 1
+        or "\\" in text
+    )
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
+            if not isinstance(data, dict):
+                raise DataError(
+                    f"{path} line {lineno}: expected a JSON object, got {type(data).__name__}"
+                )
+            yield RawRow(data, f"{path} line {lineno}")
+
+
+def _read_json(path: Path) -> Iterator[RawRow]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f'{path}: expected a JSON array of rows (or {{"data": [...]}})')
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise DataError(f"{path} record {i}: expected a JSON object, got {type(item).__name__}")
+        yield RawRow(item, f"{path} record {i}")
+
+
+def _read_csv(path: Path) -> Iterator[RawRow]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for item in reader:
+            if None in item:
+                raise DataError(f"{path} line {reader.line_num}: more fields than the header has")
+            yield RawRow(dict(item), f"{path} line {reader.line_num}")
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: cannot read as Parquet ({e})") from None
+    for i, item in enumerate(table.to_pylist()):
+        yield RawRow(item, f"{path} row {i}")
+
+
+def _read_saved_dataset(path: Path, split: str) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: folder is not a datasets save_to_disk folder ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r}; available: {', '.join(ds)}")
+        ds = ds[split]
+    for i, item in enumerate(ds):
+        yield RawRow(item, f"{path}[{split}] row {i}")
+
+
+def _read_hub_dataset(source: DataSource) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            source.path, source.subset, split=source.split, revision=source.revision
+        )
+    except Exception as e:  # datasets raises many types: network, missing config, missing split
+        raise DataError(
+            f"could not load {source.path!r} as a local file or a hub dataset: {e}\n"
+            "  hint: local files need an existing path; hub datasets need network access"
+        ) from None
+    for i, item in enumerate(ds):
+        yield RawRow(item, f"{source.path}[{source.split}] row {i}")

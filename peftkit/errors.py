@@ -1,0 +1,27 @@
+"""Errors peftkit raises for things a user can fix. The CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+
+class PeftkitError(Exception):
+    """Base class: a problem with the user's input or environment, explained in the message."""
+
+
+class RecipeError(PeftkitError):
+    """The recipe is not valid: unknown key, wrong type, or settings that do not go together."""
+
+
+class DataError(PeftkitError):
+    """A data source is missing, malformed, empty, or yields no supervised tokens."""
+
+
+class ModelLoadError(PeftkitError):
+    """The base model or tokenizer could not be loaded."""
+
+
+class RunDirError(PeftkitError):
+    """The run directory is in a state that the requested action would damage."""
+
+
+class TrainingStopped(PeftkitError):
+    """Training stopped on a non-finite loss or out-of-memory; the last good checkpoint is kept."""

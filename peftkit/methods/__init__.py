@@ -1,0 +1,11 @@
+"""Adapter methods. Importing this package registers every method module with the registry."""
+
+from __future__ import annotations
+
+from peftkit.methods import full, ia3, lora, prompt  # noqa: F401 - registration side effect
+from peftkit.methods.base import ApplyContext, MethodSpec
+from peftkit.methods.registry import adapter_union, method_names
+
+AdapterSpec = adapter_union()
+
+__all__ = ["AdapterSpec", "ApplyContext", "MethodSpec", "method_names"]

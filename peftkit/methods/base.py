@@ -1,0 +1,59 @@
+"""What every adapter method provides: validation against the recipe, application to a model, saving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import nn
+
+from peftkit.recipe.section import Section
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from peftkit.recipe.schema import Recipe
+
+
+@dataclass
+class ApplyContext:
+    """What a method needs besides the model to attach itself."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_path: str
+    gradient_checkpointing: bool
+    quantized: bool
+    work_dir: Path
+    """Folder in the run directory where a method may keep files it needs again on resume."""
+
+
+class MethodSpec(Section):
+    """Base of every adapter method's recipe section."""
+
+    method: str
+    full_weights: ClassVar[bool] = False
+    """True when the method trains the base weights themselves (its output is a whole model)."""
+    final_dir_name: ClassVar[str] = "adapter"
+
+    def check_recipe(self, recipe: Recipe) -> list[str]:
+        """Cross-field problems of this method with the rest of the recipe, as messages."""
+        problems = []
+        if self.full_weights and recipe.model.quantization is not None:
+            problems.append(
+                f"adapter.method {self.method!r} trains the base weights, which cannot be quantized: "
+                "remove model.quantization or use method: qlora"
+            )
+        return problems
+
+    def wants_low_precision_base(self) -> bool:
+        """Whether frozen base weights may be stored in bf16/fp16 under that training precision."""
+        return not self.full_weights
+
+    def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
+        """Attach the method to a loaded base model and return the model to train."""
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, out_dir: Path, ctx: ApplyContext) -> None:
+        """Write the trained result (adapter or weights) in its standard format to `out_dir`."""
+        raise NotImplementedError

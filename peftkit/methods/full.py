@@ -1,0 +1,98 @@
+"""Full fine-tuning (every weight) and partial fine-tuning (the top N blocks and/or named parameters).
+
+Both update the base weights themselves, so their result is a whole model saved with
+`save_pretrained` (safetensors), loadable with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from peftkit.methods.base import ApplyContext, MethodSpec
+from peftkit.methods.registry import register
+from peftkit.models.layers import decoder_layers
+from peftkit.models.load import enable_gradient_checkpointing
+
+if TYPE_CHECKING:
+    from peftkit.recipe.schema import Recipe
+
+
+class _WholeModelMethod(MethodSpec):
+    full_weights: ClassVar[bool] = True
+    final_dir_name: ClassVar[str] = "model"
+
+    def check_recipe(self, recipe: Recipe) -> list[str]:
+        problems = super().check_recipe(recipe)
+        if recipe.model.dtype == "float16" and recipe.train.precision != "fp32":
+            problems.append(
+                "training fp16 weights directly loses small updates to rounding: set model.dtype "
+                "float32 (mixed precision still runs the matmuls in half precision) or bfloat16"
+            )
+        return problems
+
+    def save(self, model: nn.Module, out_dir: Path, ctx: ApplyContext) -> None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+@register
+class FullSpec(_WholeModelMethod):
+    """Full fine-tuning: every parameter is trained."""
+
+    method: Literal["full"] = "full"
+
+    def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if ctx.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+
+@register
+class PartialSpec(_WholeModelMethod):
+    """Partial fine-tuning: freeze everything except the top N decoder blocks and/or named parameters."""
+
+    method: Literal["partial"] = "partial"
+    top_layers: int | None = Field(default=2, ge=0)
+    """Unfreeze the last N decoder blocks (0 or null: none)."""
+    patterns: list[str] = []
+    """Regular expressions on parameter names to unfreeze as well, e.g. `lm_head`, `model\\.norm`."""
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> PartialSpec:
+        if not self.top_layers and not self.patterns:
+            raise ValueError("partial fine-tuning needs top_layers > 0 or at least one pattern")
+        return self
+
+    def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
+        names = trainable_names(model, self.top_layers or 0, self.patterns)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)
+        if ctx.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+
+def trainable_names(model: nn.Module, top_layers: int, patterns: list[str]) -> set[str]:
+    """Names of the parameters partial fine-tuning trains: top blocks plus pattern matches."""
+    selected: set[str] = set()
+    if top_layers:
+        prefix, layers = decoder_layers(model)
+        if top_layers > len(layers):
+            raise ValueError(
+                f"adapter.top_layers is {top_layers} but the model has {len(layers)} layers"
+            )
+        wanted = {f"{prefix}.{i}." for i in range(len(layers) - top_layers, len(layers))}
+        selected |= {n for n, _ in model.named_parameters() if any(n.startswith(w) for w in wanted)}
+    for pattern in patterns:
+        rx = re.compile(pattern)
+        matched = {n for n, _ in model.named_parameters() if rx.search(n)}
+        if not matched:
+            raise ValueError(f"adapter.patterns: {pattern!r} matches no parameter name")
+        selected |= matched
+    return selected

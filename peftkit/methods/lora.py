@@ -1,0 +1,117 @@
+"""LoRA and its variants (rsLoRA, DoRA, PiSSA/OLoRA init) and QLoRA, through peft.
+
+LoRA freezes W0 and learns a low-rank update:  y = W0 x + (alpha / r) B A x,
+with A (r x in) and B (out x r); B starts at zero so training starts from the base model.
+rsLoRA scales by alpha / sqrt(r) instead, which keeps high ranks stable. DoRA splits W into
+magnitude and direction, y = m * (W0 + BA) x / ||W0 + BA||, training m as well.
+QLoRA is LoRA over a 4-bit (NF4) frozen base whose weights are dequantized per matmul.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from peft import LoraConfig
+from pydantic import Field
+from torch import nn
+
+from peftkit.methods.base import ApplyContext
+from peftkit.methods.peft_method import PeftMethod
+from peftkit.methods.registry import register
+
+if TYPE_CHECKING:
+    from peftkit.recipe.schema import Recipe
+
+_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+_INIT_DIR = "lora-init"  # the adapter at step 0, needed to convert PiSSA/OLoRA back to plain LoRA
+
+
+@register
+class LoraSpec(PeftMethod):
+    """LoRA: low-rank updates on the chosen linear layers."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(default=16, gt=0)
+    """Rank: higher = more capacity, more memory."""
+    alpha: float = Field(default=32, gt=0)
+    """Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or all-linear (every linear layer but the output head)."""
+    exclude_modules: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """default: B = 0, A Kaiming. pissa/olora start from the principal/orthogonal part of W0."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
+    layers_to_transform: list[int] | None = None
+
+    def check_recipe(self, recipe: Recipe) -> list[str]:
+        problems = super().check_recipe(recipe)
+        if self.init in ("pissa", "olora") and recipe.model.quantization is not None:
+            problems.append(
+                f"adapter.init {self.init!r} rewrites the base weights and cannot run on a quantized base: "
+                "use init: default with QLoRA"
+            )
+        return problems
+
+    def peft_config(self, model: nn.Module, ctx: ApplyContext) -> LoraConfig:
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            exclude_modules=self.exclude_modules,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            init_lora_weights=_INIT[self.init],
+            bias=self.bias,
+            modules_to_save=self.modules_to_save or None,
+            layers_to_transform=self.layers_to_transform,
+        )
+
+    def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
+        model = super().apply(model, ctx)
+        if self.init in ("pissa", "olora"):
+            init_dir = ctx.work_dir / _INIT_DIR
+            if not init_dir.exists():
+                # Saved with init=True so that loading it does not run PiSSA/OLoRA a second time.
+                model.peft_config["default"].init_lora_weights = True
+                tmp = init_dir.with_name(init_dir.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                tmp.replace(init_dir)
+                model.peft_config["default"].init_lora_weights = _INIT[self.init]
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path, ctx: ApplyContext) -> None:
+        if self.init in ("pissa", "olora"):
+            # PiSSA/OLoRA changed W0; converting yields a rank-2r LoRA on the *original* base.
+            model.save_pretrained(
+                str(out_dir),
+                safe_serialization=True,
+                path_initial_model_for_weight_conversion=str(ctx.work_dir / _INIT_DIR),
+            )
+        else:
+            super().save(model, out_dir, ctx)
+
+
+@register
+class QLoraSpec(LoraSpec):
+    """QLoRA: LoRA over a bitsandbytes-quantized base (set model.quantization)."""
+
+    method: Literal["qlora"] = "qlora"
+
+    def check_recipe(self, recipe: Recipe) -> list[str]:
+        problems = super().check_recipe(recipe)
+        if recipe.model.quantization is None:
+            problems.append(
+                "adapter.method 'qlora' needs a quantized base: add model.quantization (e.g. bits: 4), "
+                "or use method: lora"
+            )
+        return problems

@@ -1,0 +1,33 @@
+"""Shared plumbing of the methods that peft implements: wrap with get_peft_model, save in PEFT format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftConfig, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+
+from peftkit.methods.base import ApplyContext, MethodSpec
+from peftkit.models.load import enable_gradient_checkpointing
+
+
+class PeftMethod(MethodSpec):
+    """A method expressed as a peft config; the saved result loads with `PeftModel.from_pretrained`."""
+
+    def peft_config(self, model: nn.Module, ctx: ApplyContext) -> PeftConfig:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
+        if ctx.quantized:
+            # Casts norms/embeddings to fp32 and turns on input grads, as QLoRA needs.
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=ctx.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif ctx.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return get_peft_model(model, self.peft_config(model, ctx))
+
+    def save(self, model: nn.Module, out_dir: Path, ctx: ApplyContext) -> None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)

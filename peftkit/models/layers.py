@@ -1,0 +1,23 @@
+"""Finding the stack of decoder blocks in any causal LM, whatever the architecture calls it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+_BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer", "decoder_layers")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (qualified name, ModuleList) of the model's transformer blocks.
+
+    Picks the longest ModuleList whose own name is one of the usual block-list names
+    (`model.layers` in Llama/Qwen/Mistral, `transformer.h` in GPT-2, ...).
+    """
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES
+    ]
+    if not candidates:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+    return max(candidates, key=lambda item: len(item[1]))

@@ -1,0 +1,98 @@
+"""Load the base model and tokenizer a recipe names, optionally quantized with bitsandbytes."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from peftkit import _compat
+from peftkit.errors import ModelLoadError
+from peftkit.models import builtin
+
+if TYPE_CHECKING:
+    from peftkit.recipe.schema import ModelSpec, QuantizationSpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_source(name: str) -> str:
+    """Hub id or local path to hand to `from_pretrained`; materialises `builtin:` models."""
+    return builtin.materialize(name) if builtin.is_builtin(name) else name
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer with a pad token set (labels never come from pad ids, so pad = EOS is safe)."""
+    source = resolve_source(spec.tokenizer or spec.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_explain_load_failure("tokenizer", source, e)) from e
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(
+            f"tokenizer of {source!r} has no EOS token: a fine-tuned model could never learn to stop"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(quant: QuantizationSpec, compute_dtype: torch.dtype) -> Any:
+    """The `BitsAndBytesConfig` for a quantization section."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Load the causal LM in `dtype`; quantized models are placed on `device` as they load."""
+    source = resolve_source(spec.name)
+    kwargs: dict[str, Any] = {
+        "revision": spec.revision,
+        "dtype": dtype,
+        "attn_implementation": spec.attn_implementation,
+        "trust_remote_code": spec.trust_remote_code,
+        "use_safetensors": True,  # never unpickle weight files
+    }
+    if spec.quantization is not None:
+        compute = DTYPES.get(spec.quantization.compute_dtype, dtype)
+        kwargs["quantization_config"] = bnb_config(spec.quantization, compute)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as e:
+        raise ModelLoadError(f"loading {source!r} needs a package that is missing: {e}") from e
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_explain_load_failure("model", source, e)) from e
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if spec.quantization is not None:
+        _compat.keep_bnb_4bit_cpu_weights_unpacked(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing: works with frozen embeddings, no input-grad hooks needed."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _explain_load_failure(what: str, source: str, error: Exception) -> str:
+    if os.path.exists(source):
+        hint = "the local folder needs config.json, weights (safetensors) and tokenizer files"
+    else:
+        hint = (
+            "no such local path, so it was read as a hub id: check the spelling, network access "
+            "and HF_TOKEN for gated models"
+        )
+    return f"could not load the {what} from {source!r}: {error}\n  hint: {hint}"

@@ -1,0 +1,1 @@
+"""Recipes: YAML files validated into typed sections (see schema.py) before anything loads."""

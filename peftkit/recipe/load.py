@@ -1,0 +1,183 @@
+"""Read a recipe: YAML + dotted command-line overrides -> a validated `Recipe`, or a `RecipeError`
+that names the field path and suggests the closest valid key."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from peftkit.errors import RecipeError
+from peftkit.recipe.schema import Recipe
+
+# Names users bring from transformers/peft/other toolkits, mapped to ours.
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "output_dir": "dir",
+    "model_name_or_path": "name",
+    "base_model": "name",
+    "load_in_4bit": "quantization",
+    "bf16": "precision",
+    "fp16": "precision",
+    "torch_dtype": "dtype",
+}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Parse `path`, apply `key.sub=value` overrides, validate, and resolve relative data paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
+    for item in overrides or []:
+        apply_override(raw, item)
+    recipe = validate_recipe(raw, source=str(path))
+    return resolve_paths(recipe, path.parent)
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping, turning pydantic errors into one readable `RecipeError`."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err, raw) for err in e.errors()]
+        raise RecipeError(
+            f"{source}: invalid recipe\n" + "\n".join(f"  - {line}" for line in lines)
+        ) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in the nested mapping; the value is parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {item!r} is not of the form section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from e
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make relative local data paths absolute: the recipe's folder first, then the cwd."""
+    for source in [*recipe.data.train, *recipe.data.eval]:
+        p = Path(source.path).expanduser()
+        if p.is_absolute():
+            continue
+        for candidate in (base / p, Path.cwd() / p):
+            if candidate.exists():
+                source.path = str(candidate.resolve())
+                break
+    return recipe
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = _clean_loc(err["loc"], raw)
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1], raw)
+        alias = ALIASES.get(str(loc[-1]))
+        guess = (
+            [alias]
+            if alias in valid
+            else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        )
+        hint = f" Did you mean {'.'.join(map(str, [*loc[:-1], guess[0]]))!r}?" if guess else ""
+        return f"{where}: unknown key.{hint} Valid keys here: {', '.join(valid)}"
+    if err["type"] == "missing":
+        return f"{where}: required, missing"
+    if err["type"] == "union_tag_invalid":
+        from peftkit.methods import method_names
+
+        got = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
+        guess = difflib.get_close_matches(str(got), method_names(), n=1)
+        hint = f" Did you mean {guess[0]!r}?" if guess else ""
+        return (
+            f"{where}.method: unknown method {got!r}.{hint} Available: {', '.join(method_names())}"
+        )
+    message = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] != "value_error":
+        return f"{where}: {message} (got {err['input']!r})"
+    return f"{where}: {message}"
+
+
+def _clean_loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[Any]:
+    """Drop the pydantic-internal parts of an error location (union tags, validator names)."""
+    out: list[Any] = []
+    node: Any = raw
+    for part in loc:
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
+            out.append(part)
+            node = node[part]
+        elif isinstance(part, str) and (
+            part.startswith("function-") or "[" in part or part == "str"
+        ):
+            continue  # validator wrappers such as function-before[...]
+        elif isinstance(node, dict) and "method" in node and part == node.get("method"):
+            continue  # discriminated-union tag
+        else:
+            out.append(part)
+            node = None
+    return out
+
+
+def _fields_at(loc: list[Any], raw: dict[str, Any]) -> list[str]:
+    """Valid field names of the section at `loc` (following the adapter's method)."""
+    model: type[BaseModel] | None = Recipe
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) else None
+            continue
+        if model is None:
+            return []
+        field = model.model_fields.get(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+        model = _section_type(field.annotation if field else None, node)
+    return sorted(model.model_fields) if model else []
+
+
+def _section_type(annotation: Any, node: Any) -> type[BaseModel] | None:
+    """The BaseModel class a field holds (unwrapping Optional/list/Annotated/union by `method`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg, node)
+        if found is None:
+            continue
+        method_field = found.model_fields.get("method")
+        if method_field is not None and isinstance(node, dict):
+            if node.get("method") in typing.get_args(method_field.annotation):
+                return found
+            continue
+        return found
+    return None

@@ -1,0 +1,189 @@
+"""The recipe: typed sections that everything downstream receives. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from peftkit.methods import AdapterSpec
+from peftkit.recipe.section import Section
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class QuantizationSpec(Section):
+    """bitsandbytes quantization of the frozen base weights (QLoRA when paired with LoRA)."""
+
+    bits: Literal[4, 8] = 4
+    """4 (NF4/FP4, QLoRA) or 8 (LLM.int8)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 is the QLoRA paper's choice for normally distributed weights."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bits per parameter)."""
+    compute_dtype: DType = "auto"
+    """dtype the 4-bit weights are dequantized to for matmuls; auto = the training precision."""
+
+
+class ModelSpec(Section):
+    """Which base model to load and how."""
+
+    name: str
+    """Hub id (`meta-llama/Llama-3.2-1B`), local folder, or `builtin:tiny-llama` (the quickstart model)."""
+    revision: str | None = None
+    """Hub branch, tag or commit to pin."""
+    tokenizer: str | None = None
+    """Tokenizer id or folder when it differs from `name`."""
+    dtype: DType = "auto"
+    """dtype of the base weights; auto = bf16/fp16 for adapter methods under that precision, else fp32."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    quantization: QuantizationSpec | None = None
+    """Load the base quantized with bitsandbytes (null = full precision)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model. Only for sources you trust."""
+
+
+class DataSource(Section):
+    """One dataset: a local file, a `datasets.save_to_disk` folder, or a hub dataset id."""
+
+    path: str
+    """.jsonl/.json/.csv/.parquet file, save_to_disk folder, or hub id. Relative paths: recipe folder first, then cwd."""
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
+    """Row layout; auto detects it from the first row's keys."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict folder."""
+    subset: str | None = None
+    """Hub dataset configuration name."""
+    revision: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+    """Use only the first N rows."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+def _as_list(value: Any) -> Any:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+class DataSpec(Section):
+    """What to train on, how rows become tokens, and which tokens carry loss."""
+
+    train: Annotated[list[DataSource], Field(min_length=1)]
+    """One source or a list of them (concatenated)."""
+    eval: list[DataSource] = []
+    """Held-out sources; if empty, `eval_fraction` of train is held out instead."""
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=0.5)
+    max_eval_rows: int | None = Field(default=None, gt=0)
+    """Cap the eval set (evaluation cost grows with it)."""
+    chat_template: str = "auto"
+    """auto (tokenizer's own, else fallback) | tokenizer | fallback | path to a .jinja file."""
+    system_prompt: str | None = None
+    """Added as the system turn of chats that have none."""
+    max_length: int = Field(default=1024, gt=1)
+    """Tokens per row after formatting; longer rows are truncated (or dropped, see truncation)."""
+    truncation: Literal["right", "drop"] = "right"
+    loss_on: Literal["completion", "all"] = "completion"
+    """completion = assistant turns / completions only (+ their EOS); all = every token."""
+    shuffle_seed: int | None = None
+    """Seed of the eval split and epoch shuffles; null = train.seed."""
+
+    _coerce = field_validator("train", "eval", mode="before")(lambda cls, v: _as_list(v))
+
+
+class EarlyStoppingSpec(Section):
+    patience: int = Field(default=3, ge=1)
+    """Stop after this many evaluations without improvement."""
+    min_delta: float = Field(default=0.0, ge=0.0)
+    """An eval loss must beat the best by more than this to count as an improvement."""
+
+
+class TrainSpec(Section):
+    """The optimisation: batch, schedule, precision, evaluation and checkpoints."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps; overrides epochs when set."""
+    micro_batch_size: int = Field(default=4, gt=0)
+    """Rows per forward pass per process (memory scales with it)."""
+    grad_accum: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x processes."""
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """8-bit / paged variants come from bitsandbytes and save optimizer memory."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    """Share of steps for linear warmup (ignored when warmup_steps is set)."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    """Floor of cosine/linear decay as a share of lr."""
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip gradients to this global norm (null = no clipping)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision of the forward/backward; auto = bf16 where supported on GPU, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: ~30% slower, far less activation memory."""
+    eval_every: int | None = Field(default=None, gt=0)
+    """Evaluate every N steps (and always at the end when there is eval data)."""
+    save_every: int | None = Field(default=None, gt=0)
+    """Write a resumable checkpoint every N steps."""
+    keep_last: int = Field(default=2, ge=1)
+    """Checkpoints kept on disk (older ones are deleted)."""
+    early_stopping: EarlyStoppingSpec | None = None
+    log_every: int = Field(default=1, gt=0)
+    seed: int = 42
+
+
+class OutputSpec(Section):
+    dir: str = "runs/{name}"
+    """Run directory; `{name}` is replaced by the recipe name."""
+    overwrite: bool = False
+    """Replace an existing run directory instead of refusing to start."""
+    save_best: bool = True
+    """Keep the adapter with the best eval loss in `best/` as well as the final one."""
+    plot: bool = True
+    """Write loss.png (train and eval loss) at the end."""
+    sample_prompts: list[str] = []
+    """User messages answered (greedy) before and after training, saved in samples.json."""
+    sample_max_new_tokens: int = Field(default=48, gt=0)
+
+
+class Recipe(Section):
+    """A whole fine-tuning run, validated before anything is loaded."""
+
+    name: str = "run"
+    model: ModelSpec
+    adapter: AdapterSpec  # a union keyed on `method`, one member per method module
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Recipe:
+        problems = self.adapter.check_recipe(self)
+        has_eval = bool(self.data.eval) or self.data.eval_fraction > 0
+        if self.train.early_stopping is not None and not has_eval:
+            problems.append(
+                "train.early_stopping needs eval data: set data.eval or data.eval_fraction > 0"
+            )
+        if self.train.eval_every is not None and not has_eval:
+            problems.append(
+                "train.eval_every is set but there is no eval data: set data.eval or data.eval_fraction > 0"
+            )
+        if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
+            problems.append(
+                "train.precision fp16 with model.dtype bfloat16 mixes two half formats: pick one"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.output.dir.replace("{name}", self.name)

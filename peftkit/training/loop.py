@@ -1,0 +1,467 @@
+"""The training loop on accelerate: setup -> train -> finish, readable top to bottom.
+
+Loss normalisation: each optimizer step's loss is the sum of token losses over *all* supervised
+tokens of the step (every micro-batch, every process) divided by their count, so gradient
+accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from peftkit import _compat
+from peftkit.data.audit import render_mask
+from peftkit.data.encode import EncodedRow
+from peftkit.data.pipeline import PreparedData, prepare_data
+from peftkit.errors import RunDirError, TrainingStopped
+from peftkit.methods.base import ApplyContext
+from peftkit.models.load import load_model, load_tokenizer
+from peftkit.recipe.schema import Recipe
+from peftkit.training import checkpoint as ckpt
+from peftkit.training.batches import StepPlan, collate
+from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
+from peftkit.training.metrics import MetricsLog, peak_memory_bytes, plot_losses
+from peftkit.training.optim import build_optimizer, build_scheduler
+from peftkit.training.precision import resolve_precision, weights_dtype
+from peftkit.training.report import count_parameters, format_summary, run_metadata
+from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
+from peftkit.training.samples import generate_answers
+
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+class FineTuneRun:
+    """One fine-tuning run of a recipe. `setup()` loads everything, `train()` runs, `finish()` saves."""
+
+    def __init__(
+        self, recipe: Recipe, resume: bool = False, on_step: StepCallback | None = None
+    ) -> None:
+        self.recipe = recipe
+        self.resume = resume
+        self.on_step = on_step
+        self.run = RunDir(recipe.run_dir)
+        self.recipe_dump = recipe.model_dump(mode="json")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        r = self.recipe
+        self.precision = resolve_precision(r.train, torch.cuda.is_available())
+        self.accelerator = Accelerator(
+            mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
+            **_compat.accelerator_kwargs(),
+        )
+        self.main = self.accelerator.is_main_process
+        self.run.check_can_start(self.resume, r.output.overwrite, self.recipe_dump)
+        torch.manual_seed(r.train.seed)
+
+        self.tokenizer = load_tokenizer(r.model)
+        self.seed = r.data.shuffle_seed if r.data.shuffle_seed is not None else r.train.seed
+        self.data: PreparedData = prepare_data(r.data, self.tokenizer, self.seed)
+        self.stop_ids = sorted(
+            {self.tokenizer.convert_tokens_to_ids(t) for t in self.data.stop_tokens}
+            | {self.tokenizer.eos_token_id}
+        )
+        self._print_audit()
+
+        self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
+        model = load_model(r.model, self.weights_dtype, self.accelerator.device)
+        self.ctx = ApplyContext(
+            tokenizer=self.tokenizer,
+            tokenizer_path=r.model.tokenizer or str(model.name_or_path),
+            gradient_checkpointing=r.train.gradient_checkpointing,
+            quantized=r.model.quantization is not None,
+            work_dir=self.run.work,
+        )
+        fresh = not self.run.path.exists()
+        if self.main:
+            self.run.begin(self.resume, r.output.overwrite, self.recipe_dump)
+        self.accelerator.wait_for_everyone()
+        try:
+            self._setup_training(model)
+        except BaseException:
+            if fresh and self.main:  # leave no half-made run directory behind
+                shutil.rmtree(self.run.path, ignore_errors=True)
+            raise
+
+    def _setup_training(self, model: torch.nn.Module) -> None:
+        r = self.recipe
+        model = r.adapter.apply(model, self.ctx)
+        model.generation_config.eos_token_id = self.stop_ids
+        self.params = count_parameters(model)
+        self._print(
+            f"{r.adapter.method}: {self.params['trainable']:,} trainable of {self.params['total']:,} "
+            f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
+            f"weights {str(self.weights_dtype).removeprefix('torch.')}, precision {self.precision}"
+        )
+
+        self.plan = StepPlan(
+            len(self.data.train),
+            r.train.micro_batch_size,
+            r.train.grad_accum,
+            self.accelerator.num_processes,
+            self.seed,
+        )
+        self.total_steps = r.train.max_steps or math.ceil(
+            r.train.epochs * self.plan.steps_per_epoch
+        )
+        optimizer = build_optimizer(r.train, model)
+        self.scheduler = build_scheduler(r.train, optimizer, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+        self.state = ckpt.TrainerState()
+        resumed_from = None
+        if self.resume:
+            found = ckpt.complete_checkpoints(self.run.checkpoints)
+            if found:
+                resumed_from = found[-1]
+                self.state = ckpt.load_checkpoint(
+                    resumed_from, self.accelerator, self.model, self.optimizer, self.scheduler
+                )
+                self._print(f"resuming from {resumed_from} (step {self.state.step})")
+            else:
+                raise RunDirError(
+                    f"--resume: {self.run.path} has no complete checkpoint to resume from "
+                    "(checkpoints are written every train.save_every steps)"
+                )
+        self.metrics = MetricsLog(
+            self.run.metrics, self.main, self.state.step if resumed_from else None
+        )
+        self.samples_before = self._samples() if not resumed_from else None
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        r, acc = self.recipe, self.accelerator
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            disable=not self.main,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        order_epoch, order = -1, None
+        started = time.perf_counter() - self.state.train_seconds
+        self.stop_reason = "completed"
+        rng_at_step_start = ckpt.rng_state()
+        with _sigterm_as_interrupt():
+            try:
+                while self.state.step < self.total_steps:
+                    epoch, step_in_epoch = divmod(self.state.step, self.plan.steps_per_epoch)
+                    if epoch != order_epoch:
+                        order, order_epoch = self.plan.epoch_order(epoch), epoch
+                    rows = [
+                        [self.data.train[i] for i in mb]
+                        for mb in self.plan.micro_batches(order, step_in_epoch, acc.process_index)
+                    ]
+                    record = self._optimizer_step(
+                        rows, epoch + step_in_epoch / self.plan.steps_per_epoch
+                    )
+                    self.state.step += 1
+                    rng_at_step_start = (
+                        ckpt.rng_state()
+                    )  # the boundary a checkpoint would resume from
+                    self.state.train_seconds = time.perf_counter() - started
+                    record["tokens_per_s"] = round(
+                        self.state.tokens_seen / max(self.state.train_seconds, 1e-9), 1
+                    )
+                    if (
+                        self.state.step % r.train.log_every == 0
+                        or self.state.step == self.total_steps
+                    ):
+                        self.metrics.log(record)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:,.0f}",
+                    )
+                    if (
+                        self._due(r.train.eval_every)
+                        and self.data.eval
+                        and self._evaluate_and_check_stop()
+                    ):
+                        self.stop_reason = "early stopping"
+                        break
+                    if self._due(r.train.save_every):
+                        self._save_checkpoint(ckpt.rng_state())
+                    if self.on_step is not None:
+                        self.on_step(self.state.step, record)
+            except KeyboardInterrupt:
+                bar.close()
+                if self.state.step > 0:
+                    # A step cut short was not applied: save the state at the last step boundary.
+                    path = self._save_checkpoint(rng_at_step_start)
+                    raise TrainingStopped(
+                        f"interrupted at step {self.state.step}; checkpoint saved to {path}. "
+                        "Continue with --resume."
+                    ) from None
+                raise
+            finally:
+                bar.close()
+        if (
+            r.train.save_every is not None
+            and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
+        ):
+            self._save_checkpoint(ckpt.rng_state())  # lets a finished run be extended with --resume
+
+    def _optimizer_step(
+        self, micro_batches: list[list[EncodedRow]], epoch: float
+    ) -> dict[str, Any]:
+        acc, r = self.accelerator, self.recipe
+        batches = [collate(rows, self.tokenizer.pad_token_id) for rows in micro_batches]
+        local = torch.tensor(
+            [
+                float(sum(supervised_tokens(b["labels"]) for b in batches)),
+                float(sum(int(b["attention_mask"].sum()) for b in batches)),
+            ],
+            device=acc.device,
+        )
+        n_supervised, n_tokens = (int(x) for x in acc.reduce(local, "sum").tolist())
+        loss_sum = torch.zeros((), device=acc.device)
+        try:
+            for i, batch in enumerate(batches):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                    token_loss_sum = causal_lm_loss_sum(self.model, batch)
+                    # DDP averages gradients over processes, hence the factor num_processes.
+                    acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
+                loss_sum += token_loss_sum.detach()
+        except torch.OutOfMemoryError as e:
+            raise TrainingStopped(self._oom_advice()) from e
+        loss = acc.reduce(loss_sum, "sum").item() / max(n_supervised, 1)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(self._nan_advice(loss, micro_batches))
+        grad_norm = None
+        if r.train.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.tokens_seen += n_tokens
+        self.state.supervised_tokens_seen += n_supervised
+        record = {
+            "step": self.state.step + 1,
+            "epoch": round(epoch, 4),
+            "loss": loss,
+            "lr": lr,
+            "tokens": n_tokens,
+            "supervised_tokens": n_supervised,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
+    def _due(self, every: int | None) -> bool:
+        return (
+            every is not None
+            and self.state.step % every == 0
+            and self.state.step < self.total_steps
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per supervised token over the eval rows (sharded over processes)."""
+        acc, mbs = self.accelerator, self.recipe.train.micro_batch_size
+        rows = sorted(
+            self.data.eval[acc.process_index :: acc.num_processes], key=lambda x: len(x.input_ids)
+        )
+        self.model.eval()
+        totals = torch.zeros(2, device=acc.device)
+        for i in range(0, len(rows), mbs):
+            batch = {
+                k: v.to(acc.device)
+                for k, v in collate(rows[i : i + mbs], self.tokenizer.pad_token_id).items()
+            }
+            totals[0] += causal_lm_loss_sum(self.model, batch)
+            totals[1] += supervised_tokens(batch["labels"])
+        self.model.train()
+        loss_sum, n = acc.reduce(totals, "sum").tolist()
+        return loss_sum / max(n, 1)
+
+    def _evaluate_and_check_stop(self) -> bool:
+        """Evaluate, log, keep the best adapter; True when early stopping says stop."""
+        loss = self.evaluate()
+        self.metrics.log(
+            {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+        )
+        self._print(f"step {self.state.step}: eval loss {loss:.4f}")
+        stopping = self.recipe.train.early_stopping
+        min_delta = stopping.min_delta if stopping else 0.0
+        best = self.state.best_eval_loss
+        if best is None or loss < best - min_delta:
+            self.state.best_eval_loss, self.state.best_step = loss, self.state.step
+            self.state.evals_without_improvement = 0
+            if self.recipe.output.save_best:
+                self._save_result(self.run.best)
+        else:
+            self.state.evals_without_improvement += 1
+        return stopping is not None and self.state.evals_without_improvement >= stopping.patience
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation, final adapter, metadata, summary, plot, samples. Returns the summary."""
+        r, run = self.recipe, self.run
+        last_eval = self.metrics.eval_losses()[-1][0] if self.metrics.eval_losses() else None
+        if self.data.eval and last_eval != self.state.step:
+            self._evaluate_and_check_stop()
+        final = run.final(r.adapter.final_dir_name)
+        self._save_result(final)
+        samples_after = self._samples()
+        if not self.main:
+            return {}
+        peak, peak_kind = peak_memory_bytes()
+        summary = {
+            "run_dir": str(run.path),
+            "method": r.adapter.method,
+            "stop_reason": self.stop_reason,
+            "steps": self.state.step,
+            "epochs": round(self.state.step / self.plan.steps_per_epoch, 3),
+            "global_batch_rows": self.plan.global_batch,
+            "processes": self.accelerator.num_processes,
+            "tokens": self.state.tokens_seen,
+            "supervised_tokens": self.state.supervised_tokens_seen,
+            "train_seconds": round(self.state.train_seconds, 2),
+            "tokens_per_s": round(self.state.tokens_seen / max(self.state.train_seconds, 1e-9), 1),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "trainable_params": self.params["trainable"],
+            "total_params": self.params["total"],
+            "first_train_loss": self.metrics.train_losses()[0][1]
+            if self.metrics.train_losses()
+            else None,
+            "final_train_loss": self.metrics.train_losses()[-1][1]
+            if self.metrics.train_losses()
+            else None,
+            "first_eval_loss": self.metrics.eval_losses()[0][1]
+            if self.metrics.eval_losses()
+            else None,
+            "final_eval_loss": self.metrics.eval_losses()[-1][1]
+            if self.metrics.eval_losses()
+            else None,
+            "best_eval_loss": self.state.best_eval_loss,
+            "best_step": self.state.best_step,
+            "final": str(final),
+            "best": str(run.best) if run.best.exists() else None,
+        }
+        atomic_write_json(run.summary, summary)
+        atomic_write_json(run.meta, run_metadata(self))
+        if samples_after is not None and self.samples_before is not None:
+            atomic_write_json(
+                run.samples,
+                [
+                    {"prompt": p, "before": b, "after": a}
+                    for p, b, a in zip(r.output.sample_prompts, self.samples_before, samples_after)
+                ],
+            )
+        if r.output.plot:
+            plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
+        print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))
+        return summary
+
+    # ------------------------------------------------------------------ helpers
+    def _save_result(self, target) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            with atomic_dir(target) as tmp:
+                self.recipe.adapter.save(self.accelerator.unwrap_model(self.model), tmp, self.ctx)
+                self.tokenizer.save_pretrained(str(tmp))
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, rng: dict[str, Any]):
+        return ckpt.save_checkpoint(
+            self.run.checkpoints,
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            rng,
+            self.recipe.train.keep_last,
+        )
+
+    def _samples(self) -> list[str] | None:
+        prompts = self.recipe.output.sample_prompts
+        if not prompts or not self.main:
+            return None
+        return generate_answers(
+            self.accelerator.unwrap_model(self.model),
+            self.tokenizer,
+            prompts,
+            self.stop_ids,
+            self.recipe.output.sample_max_new_tokens,
+            self.recipe.data.system_prompt,
+        )
+
+    def _print_audit(self) -> None:
+        self._print("data (loss-mask audit):")
+        for audit in self.data.audits:
+            for line in audit.lines():
+                self._print("  " + line)
+        self._print(
+            f"  chat template: {self.data.chat_template.source}; turns end with: "
+            f"{', '.join(self.data.stop_tokens)}"
+        )
+        self._print(
+            "  first row, supervised tokens in ⟦⟧: "
+            + render_mask(self.data.train[0], self.tokenizer)
+        )
+
+    def _print(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(text)
+
+    def _last_checkpoint_note(self) -> str:
+        found = ckpt.complete_checkpoints(self.run.checkpoints)
+        if found:
+            return f"The last good checkpoint is {found[-1]}; fix the cause, then continue with --resume."
+        return "No checkpoint had been written yet (set train.save_every to keep progress)."
+
+    def _nan_advice(self, loss: float, micro_batches: list[list[EncodedRow]]) -> str:
+        origins = [row.origin for rows in micro_batches for row in rows][:4]
+        return (
+            f"loss became {loss} at step {self.state.step + 1}; that step was not applied. "
+            f"{self._last_checkpoint_note()}\n  Try: a lower train.lr (now {self.recipe.train.lr}), "
+            f"train.max_grad_norm (now {self.recipe.train.max_grad_norm}), bf16 instead of fp16, "
+            f"and check the rows of that step: {', '.join(origins)}"
+        )
+
+    def _oom_advice(self) -> str:
+        t = self.recipe.train
+        return (
+            f"out of memory at step {self.state.step + 1}. {self._last_checkpoint_note()}\n  Try: "
+            f"train.micro_batch_size {max(1, t.micro_batch_size // 2)} with train.grad_accum "
+            f"{t.grad_accum * 2} (same global batch), train.gradient_checkpointing: true, a shorter "
+            f"data.max_length (now {self.recipe.data.max_length}), or QLoRA (model.quantization.bits: 4)"
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (schedulers' pre-emption signal) like Ctrl-C, so a checkpoint is saved."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,85 @@
+"""metrics.jsonl (one JSON object per logged step or evaluation) and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLog:
+    """Appends metric records to a JSONL file (main process only) and keeps them for the plot."""
+
+    def __init__(self, path: Path, enabled: bool, resume_from_step: int | None) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        if enabled and path.exists():
+            if resume_from_step is None:
+                path.unlink()
+            else:
+                # Records after the checkpoint belong to steps that are about to be redone.
+                kept = [r for r in self._read() if r["step"] <= resume_from_step]
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                self.records = kept
+
+    def _read(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def train_losses(self) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in self.records if "loss" in r]
+
+    def eval_losses(self) -> list[tuple[int, float]]:
+        return [(r["step"], r["eval_loss"]) for r in self.records if "eval_loss" in r]
+
+
+def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
+    """Train loss (raw and smoothed) and eval loss against optimizer step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = log.train_losses(), log.eval_losses()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train loss")
+        if len(losses) >= 10:
+            k = max(2, len(losses) // 20)
+            smooth = [
+                sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+                for i in range(len(losses))
+            ]
+            ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss (mean of {k})")
+    if evals:
+        steps, losses = zip(*evals)
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / supervised token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """Peak memory of this process: CUDA allocator peak on GPU, else peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda max allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS"

@@ -1,0 +1,35 @@
+"""Which mixed precision to run and which dtype to store the base weights in."""
+
+from __future__ import annotations
+
+import torch
+
+from peftkit.errors import RecipeError
+from peftkit.methods.base import MethodSpec
+from peftkit.recipe.schema import ModelSpec, TrainSpec
+
+_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_NAMED = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_precision(train: TrainSpec, cuda: bool) -> str:
+    """bf16 | fp16 | fp32 for this machine; rejects what it cannot run (fp16 autocast on CPU)."""
+    if train.precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if train.precision == "fp16" and not cuda:
+        raise RecipeError("train.precision fp16 needs a GPU; on CPU use bf16 or fp32")
+    if train.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise RecipeError("this GPU has no bf16 support: set train.precision fp16 (or fp32)")
+    return train.precision
+
+
+def weights_dtype(model: ModelSpec, method: MethodSpec, precision: str) -> torch.dtype:
+    """Storage dtype of the base weights. Frozen weights may live in the half format the run computes
+    in; trained weights (full/partial) stay fp32 master copies unless the recipe says otherwise."""
+    if model.dtype != "auto":
+        return _NAMED[model.dtype]
+    if method.wants_low_precision_base():
+        return _WEIGHTS[precision]
+    return torch.float32

@@ -1,0 +1,120 @@
+"""The run directory: its layout, the start-up checks that protect an existing run, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import RunDirError
+
+# Recipe fields that may change between a run and its resumption (they do not change the math
+# of the steps already taken, only how long or how often things happen).
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.early_stopping",
+    "output.plot",
+    "output.save_best",
+    "output.overwrite",
+    "output.sample_prompts",
+    "output.sample_max_new_tokens",
+    "output.dir",
+)
+
+
+class RunDir:
+    """Paths of one run and the rules for creating, resuming and writing into it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.recipe = self.path / "recipe.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.plot = self.path / "loss.png"
+        self.summary = self.path / "summary.json"
+        self.audit = self.path / "data_audit.json"
+        self.meta = self.path / "peftkit.json"
+        self.samples = self.path / "samples.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.best = self.path / "best"
+        self.work = self.path / "state"
+
+    def final(self, name: str) -> Path:
+        return self.path / name
+
+    def check_can_start(self, resume: bool, overwrite: bool, recipe_dump: dict[str, Any]) -> None:
+        """Refuse to start when starting would damage an existing run. Writes nothing."""
+        exists = self.path.exists() and any(self.path.iterdir())
+        if resume:
+            if not self.recipe.exists():
+                raise RunDirError(f"--resume: {self.path} holds no run to resume (no recipe.yaml)")
+            saved = yaml.safe_load(self.recipe.read_text())
+            changed = [k for k in _diff(saved, recipe_dump) if not k.startswith(RESUMABLE_CHANGES)]
+            if changed:
+                raise RunDirError(
+                    f"--resume: the recipe differs from the one {self.path} was trained with in "
+                    f"{', '.join(changed)}; resuming would not continue the same run. Use a new output.dir"
+                )
+        elif exists and not overwrite:
+            raise RunDirError(
+                f"run directory {self.path} already exists and is not empty. Resume it with --resume, "
+                "choose another output.dir, or set output.overwrite=true to replace it"
+            )
+
+    def begin(self, resume: bool, overwrite: bool, recipe_dump: dict[str, Any]) -> None:
+        """Create (or, with overwrite, replace) the run directory and record the resolved recipe."""
+        if not resume and overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(exist_ok=True)
+        atomic_write_text(self.recipe, yaml.safe_dump(recipe_dump, sort_keys=False))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+
+    An interruption at any point leaves either the old `target` or the new one, never a mix; the
+    temporary folder's name starts with '.' and ends in '.tmp', so it never looks like a result.
+    """
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""Regenerate the quickstart data (recipes/data/quickstart-*.jsonl) and the built-in tokenizer.
+
+    python recipes/data/make_quickstart.py
+
+The data is synthetic and deterministic (seeded): short chats in which an assistant does
+arithmetic, repeats phrases and sorts numbers, some of them multi-turn. A held-out split uses
+different operands and phrases, so eval loss measures generalisation, not memorisation.
+The tokenizer is a byte-level BPE (vocab 1024, digits split) trained on this data, with a
+ChatML chat template whose turns end in <|im_end|> while the EOS token is <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ASSETS = HERE.parent.parent / "peftkit" / "assets" / "tiny-llama"
+SYSTEM = "You are a concise assistant."
+WORDS = (
+    "red blue green small big quick slow happy old new river mountain city garden forest cat dog bird "
+    "fish horse apple bread water light stone cloud rain wind sun moon star road house door window "
+    "book song dream story friend teacher doctor farmer runs sings reads writes jumps sleeps"
+).split()
+
+
+def arithmetic(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if rng.random() < 0.5:
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} - {b}?", f"{a} - {b} = {a - b}."
+
+
+def repeat(rng: random.Random) -> tuple[str, str]:
+    phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+    return f"Repeat after me: {phrase}", phrase
+
+
+def sort_numbers(rng: random.Random) -> tuple[str, str]:
+    nums = rng.sample(range(10), rng.randint(3, 5))
+    return f"Sort: {', '.join(map(str, nums))}", ", ".join(map(str, sorted(nums)))
+
+
+TASKS = (arithmetic, repeat, sort_numbers)
+
+
+def conversation(rng: random.Random) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for _ in range(1 if rng.random() < 0.7 else 2):
+        question, answer = rng.choice(TASKS)(rng)
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    return {"messages": messages}
+
+
+def write_data(n_train: int = 2000, n_eval: int = 100) -> list[dict]:
+    rows = {"train": [conversation(random.Random(i)) for i in range(n_train)]}
+    seen = {json.dumps(r) for r in rows["train"]}
+    rows["eval"] = [
+        r
+        for r in (conversation(random.Random(10**6 + i)) for i in range(n_eval * 2))
+        if json.dumps(r) not in seen
+    ][:n_eval]
+    for split, items in rows.items():
+        with open(HERE / f"quickstart-{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in items)
+    return rows["train"]
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tokenizer(rows: list[dict]) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    corpus = [m["content"] for r in rows for m in r["messages"]] + [" ".join(WORDS)] * 10
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", model_max_length=1024
+    )
+    fast.chat_template = CHATML
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(ASSETS))
+
+
+if __name__ == "__main__":
+    write_tokenizer(write_data())
+    print(f"wrote {HERE}/quickstart-*.jsonl and {ASSETS}")

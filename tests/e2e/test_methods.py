@@ -1,0 +1,142 @@
+"""Every adapter method trains through the real CLI and its saved result reloads with plain peft /
+transformers to the same logits as the model at the end of training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from peftkit.cli import main
+from peftkit.recipe.load import load_recipe
+from peftkit.training.loop import FineTuneRun
+from tests.conftest import write_recipe
+
+METHODS = {
+    "lora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+    "qlora": {"method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
+    "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},
+    "rslora_pissa": {
+        "method": "lora",
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "use_rslora": True,
+        "init": "pissa",
+    },
+    "ia3": {"method": "ia3"},
+    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+    "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 4},
+    "full": {"method": "full"},
+    "partial": {"method": "partial", "top_layers": 1},
+}
+QUANT = {"quantization": {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32"}}
+
+
+def _recipe(tmp_path, tiny_model, chat_file, name, **extra):
+    model = {"name": str(tiny_model), **(QUANT if name == "qlora" else {})}
+    return write_recipe(
+        tmp_path / "r.yaml", tiny_model, chat_file, adapter=METHODS[name], model=model, **extra
+    )
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_trains_through_cli(name, tmp_path, tiny_model, chat_file, capsys):
+    recipe = _recipe(tmp_path, tiny_model, chat_file, name, train={"max_steps": 3, "lr": 1e-2})
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["tokens"] > 0
+    assert 0 < summary["trainable_params"] <= summary["total_params"]
+    final = run / ("model" if name in ("full", "partial") else "adapter")
+    assert (
+        final
+        / ("model.safetensors" if name in ("full", "partial") else "adapter_model.safetensors")
+    ).exists()
+    assert (final / "tokenizer.json").exists()
+    losses = [
+        r["loss"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    out = capsys.readouterr().out
+    assert "trainable" in out and "peftkit run summary" in out
+
+
+def _logits(model, ids):
+    # Train mode (all dropout is 0 here) keeps bitsandbytes on the same 4-bit path as training;
+    # in eval mode it may switch to a bf16 CPU inference kernel (see peftkit/_compat.py).
+    model.train()
+    with torch.no_grad():
+        return (
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            .logits[:, -ids.shape[1] :]
+            .float()
+        )
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_saved_result_reloads_to_the_trained_model(name, tmp_path, tiny_model, chat_file):
+    recipe = load_recipe(
+        _recipe(tmp_path, tiny_model, chat_file, name, train={"max_steps": 3, "lr": 1e-2})
+    )
+    run = FineTuneRun(recipe)
+    run.setup()
+    run.train()
+    run.finish()
+    trained = run.accelerator.unwrap_model(run.model)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 2]])
+    expected = _logits(trained, ids)
+    final = run.run.final(recipe.adapter.final_dir_name)
+    if name in ("full", "partial"):
+        reloaded = AutoModelForCausalLM.from_pretrained(final)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        assert not torch.allclose(_logits(base, ids), expected), "training changed nothing"
+    else:
+        kwargs = {}
+        if name == "qlora":
+            kwargs = {
+                "quantization_config": BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_compute_dtype=torch.float32,
+                    bnb_4bit_use_double_quant=True,
+                ),
+                "device_map": "cpu",
+            }
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, **kwargs)
+        reference = _logits(base, ids)
+        reloaded = PeftModel.from_pretrained(base, final)
+        assert not torch.allclose(reference, expected, atol=1e-4), "training changed nothing"
+    got = _logits(reloaded, ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_partial_trains_only_the_top_layer(tmp_path, tiny_model, chat_file):
+    recipe = _recipe(tmp_path, tiny_model, chat_file, "partial", train={"max_steps": 2, "lr": 1e-2})
+    assert main(["train", str(recipe)]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed)
+
+
+def test_lora_halves_the_loss_on_a_memorisable_set(tmp_path, tiny_model):
+    from tests.conftest import chat_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "small.jsonl", chat_rows(8, seed=3))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_model,
+        data,
+        adapter={"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+        train={"max_steps": 40, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 0},
+    )
+    assert main(["train", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_train_loss"] <= 0.5 * summary["first_train_loss"]

@@ -1,0 +1,201 @@
+"""The training loop's guarantees: accumulation equals one big batch, resume continues exactly,
+two processes match one, and an interruption saves a checkpoint that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit import api
+from peftkit.cli import main
+from peftkit.errors import TrainingStopped
+from tests.conftest import chat_rows, write_jsonl, write_recipe
+
+LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _assert_same_adapter(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float
+) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol, msg=k)
+
+
+def test_accumulation_matches_one_big_batch_on_variable_length_rows(tmp_path, tiny_model):
+    rows = chat_rows(16, seed=5)  # 1-2 turns of 1-6 words: very different lengths
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    runs = {}
+    for name, mbs, accum in [("big", 4, 1), ("accum", 1, 4)]:
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            data,
+            adapter=LORA,
+            train={
+                "max_steps": 3,
+                "micro_batch_size": mbs,
+                "grad_accum": accum,
+                "lr": 1e-2,
+                "warmup_steps": 0,
+                "max_grad_norm": None,
+            },
+            output={"dir": str(tmp_path / name), "plot": False},
+        )
+        assert main(["train", str(recipe)]) == 0
+        runs[name] = tmp_path / name
+    lengths = {len(r["messages"]) for r in rows}
+    assert len(lengths) > 1
+    _assert_same_adapter(_adapter(runs["big"]), _adapter(runs["accum"]), tol=1e-5)
+    big, accum = _losses(runs["big"]), _losses(runs["accum"])
+    assert big.keys() == accum.keys()
+    assert all(abs(big[s] - accum[s]) < 1e-5 for s in big)
+
+
+def _resumable_recipe(tmp_path: Path, tiny_model: Path, data: Path, out: str, **train) -> Path:
+    return write_recipe(
+        tmp_path / f"{out}.yaml",
+        tiny_model,
+        data,
+        adapter={"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1},  # dropout: RNG matters
+        train={
+            "max_steps": 8,
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "lr": 1e-2,
+            "save_every": 2,
+            "keep_last": 10,
+            **train,
+        },
+        output={"dir": str(tmp_path / out), "plot": False},
+    )
+
+
+def test_resume_after_a_crash_gives_the_same_loss_at_every_later_step(tmp_path, tiny_model):
+    data = write_jsonl(
+        tmp_path / "d.jsonl", chat_rows(10, seed=1)
+    )  # 10 rows, 4 per step: crosses epochs
+    full = _resumable_recipe(tmp_path, tiny_model, data, "full")
+    assert main(["train", str(full)]) == 0
+    reference = _losses(tmp_path / "full")
+    assert len(reference) == 8
+
+    # Simulate a crash right after the checkpoint of step 4: later checkpoints and results vanish,
+    # metrics.jsonl still holds lines for steps 5-6 written before the crash.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    for name in ("step-0000006", "step-0000008"):
+        shutil.rmtree(crashed / "checkpoints" / name)
+    for name in ("adapter", "best", "summary.json"):
+        shutil.rmtree(crashed / name, ignore_errors=True) if name != "summary.json" else (
+            crashed / name
+        ).unlink()
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:6]) + "\n")
+
+    resumed = _resumable_recipe(tmp_path, tiny_model, data, "crashed")
+    assert main(["train", str(resumed), "--resume"]) == 0
+    again = _losses(crashed)
+    assert again.keys() == reference.keys()
+    assert all(again[s] == reference[s] for s in range(5, 9)), (again, reference)
+    _assert_same_adapter(_adapter(tmp_path / "full"), _adapter(crashed), tol=0)
+
+
+def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10, seed=1))
+    reference_recipe = _resumable_recipe(tmp_path, tiny_model, data, "ref", save_every=None)
+    api.train(reference_recipe)
+    reference = _losses(tmp_path / "ref")
+
+    def interrupt_after_three(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    recipe = _resumable_recipe(tmp_path, tiny_model, data, "int", save_every=None)
+    with pytest.raises(TrainingStopped, match="interrupted at step 3"):
+        api.train(recipe, on_step=interrupt_after_three)
+    assert (tmp_path / "int" / "checkpoints" / "step-0000003" / "state.json").exists()
+    api.train(recipe, resume=True)
+    assert _losses(tmp_path / "int") == reference
+
+
+def test_resume_refuses_a_changed_recipe_and_a_missing_run(tmp_path, tiny_model, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10, seed=1))
+    recipe = _resumable_recipe(tmp_path, tiny_model, data, "run1", max_steps=2)
+    assert main(["train", str(recipe), "--resume"]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    assert main(["train", str(recipe)]) == 0
+    assert (tmp_path / "run1" / "checkpoints" / "step-0000002").is_dir()
+    assert main(["train", str(recipe), "train.lr=0.5", "--resume"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    # Changing only the length of the run is allowed: it extends the run.
+    assert main(["train", str(recipe), "train.max_steps=4", "--resume"]) == 0
+    assert sorted(_losses(tmp_path / "run1")) == [1, 2, 3, 4]
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16, seed=7))
+    single = write_recipe(
+        tmp_path / "single.yaml",
+        tiny_model,
+        data,
+        adapter=LORA,
+        train={"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2},
+        output={"dir": str(tmp_path / "single"), "plot": False},
+    )
+    assert main(["train", str(single)]) == 0
+    double = write_recipe(
+        tmp_path / "double.yaml",
+        tiny_model,
+        data,
+        adapter=LORA,
+        train={"max_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2},
+        output={"dir": str(tmp_path / "double"), "plot": False},
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "peftkit",
+        "train",
+        str(double),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "double" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch_rows"] == 4
+    _assert_same_adapter(_adapter(tmp_path / "single"), _adapter(tmp_path / "double"), tol=1e-5)
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "double")
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a)

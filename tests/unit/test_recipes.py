@@ -1,0 +1,109 @@
+"""Recipe parsing: every shipped recipe validates, overrides work, errors name the path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftkit.errors import RecipeError
+from peftkit.methods import method_names
+from peftkit.recipe.load import load_recipe, validate_recipe
+from peftkit.recipe.schema import Recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml"))
+BASE = {"model": {"name": "m"}, "adapter": {"method": "lora"}, "data": {"train": "d.jsonl"}}
+
+
+def test_recipes_exist_for_the_main_methods():
+    methods = {load_recipe(p).adapter.method for p in RECIPES}
+    assert {"lora", "qlora", "full", "partial", "ia3", "prompt_tuning"} <= methods
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_shipped_recipe_validates_and_says_how_to_run_it(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# peftkit train recipes/") and first.split()[-1] == str(
+        path.relative_to(path.parents[1 if path.parent.name == "recipes" else 2])
+    )
+
+
+def test_dotted_overrides_are_typed_and_applied(tmp_path):
+    path = RECIPES[0]
+    recipe = load_recipe(
+        path,
+        [
+            "train.lr=1e-4",
+            "adapter.method=lora",
+            "adapter.r=4",
+            "data.max_length=64",
+            "train.early_stopping={patience: 2}",
+        ],
+    )
+    assert recipe.train.lr == 1e-4 and recipe.adapter.r == 4 and recipe.data.max_length == 64
+    assert recipe.train.early_stopping.patience == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train": {"lrr": 1}}, r"train\.lrr: unknown key\. Did you mean 'train\.lr'"),
+        (
+            {"adapter": {"method": "lora", "rank": 8}},
+            r"adapter\.rank: unknown key\. Did you mean 'adapter\.r'",
+        ),
+        ({"train": {"learning_rate": 1e-4}}, r"Did you mean 'train\.lr'"),
+        ({"modle": {}}, r"modle: unknown key\. Did you mean 'model'"),
+        (
+            {"data": {"train": [{"path": "x", "fromat": "text"}]}},
+            r"data\.train\.0\.fromat: unknown key\. Did you mean 'data\.train\.0\.format'",
+        ),
+        (
+            {"train": {"micro_batch_size": 0}},
+            r"train\.micro_batch_size: Input should be greater than 0",
+        ),
+        ({"adapter": {"method": "qlora"}}, r"needs a quantized base"),
+        (
+            {"adapter": {"method": "full"}, "model": {"name": "m", "quantization": {"bits": 4}}},
+            r"cannot be quantized",
+        ),
+        (
+            {
+                "adapter": {"method": "lora", "init": "pissa"},
+                "model": {"name": "m", "quantization": {"bits": 4}},
+            },
+            r"cannot run on a quantized base",
+        ),
+        ({"train": {"early_stopping": {"patience": 2}}}, r"early_stopping needs eval data"),
+        (
+            {"adapter": {"method": "partial", "top_layers": 0}},
+            r"needs top_layers > 0 or at least one pattern",
+        ),
+        (
+            {"adapter": {"method": "prefix_tuning"}, "train": {"gradient_checkpointing": True}},
+            r"gradient checkpointing",
+        ),
+    ],
+)
+def test_invalid_recipes_name_the_field_and_what_to_do(change, message):
+    raw = {**BASE, **change}
+    with pytest.raises(RecipeError, match=message):
+        validate_recipe(raw)
+
+
+def test_every_registered_method_has_a_recipe_section():
+    quantized = {"name": "m", "quantization": {"bits": 4}}
+    for name in method_names():
+        raw = {
+            **BASE,
+            "adapter": {"method": name},
+            **({"model": quantized} if name == "qlora" else {}),
+        }
+        assert validate_recipe(raw).adapter.method == name
+
+
+def test_bad_override_syntax():
+    with pytest.raises(RecipeError, match="not of the form"):
+        load_recipe(RECIPES[0], ["train.lr"])
