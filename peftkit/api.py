@@ -17,6 +17,35 @@ def validate(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
     return load_recipe(recipe, overrides)
 
 
+def environment_notes(recipe: Recipe) -> list[str]:
+    """What this machine makes of the recipe (precision, missing packages, missing files)."""
+    import importlib.util
+
+    import torch
+
+    from peftkit.errors import RecipeError
+    from peftkit.training.precision import resolve_precision
+
+    notes = []
+    try:
+        precision = resolve_precision(recipe.train, torch.cuda.is_available())
+        notes.append(f"train.precision resolves to {precision} on this machine")
+    except RecipeError as e:
+        notes.append(f"cannot train here as written: {e}")
+    needs_bnb = recipe.model.quantization is not None or recipe.train.optimizer != "adamw"
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        notes.append(
+            "bitsandbytes is not installed but the recipe needs it (quantization / 8-bit optimizer)"
+        )
+    for source in [*recipe.data.train, *recipe.data.eval]:
+        if (
+            source.path.lower().endswith((".jsonl", ".json", ".csv", ".parquet"))
+            and not Path(source.path).exists()
+        ):
+            notes.append(f"data file not found: {source.path}")
+    return notes
+
+
 def resolved_yaml(recipe: Recipe) -> str:
     """The recipe with every default filled in, as YAML."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "validate":
             recipe = api.validate(args.recipe, args.overrides)
             print(api.resolved_yaml(recipe), end="")
+            for note in api.environment_notes(recipe):
+                print(f"# note: {note}", file=sys.stderr)
             print(f"# ok: {args.recipe} is valid", file=sys.stderr)
         elif args.verb == "train":
             api.train(args.recipe, args.overrides, resume=args.resume)

@@ -11,6 +11,7 @@ import contextlib
 import math
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -142,6 +143,7 @@ class FineTuneRun:
     def train(self) -> None:
         r, acc = self.recipe, self.accelerator
         self.model.train()
+        # In a log file (not a terminal) refresh every 30 s instead of many times a second.
         bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -149,6 +151,7 @@ class FineTuneRun:
             desc="training",
             unit="step",
             dynamic_ncols=True,
+            mininterval=0.2 if sys.stderr.isatty() else 30,
         )
         order_epoch, order = -1, None
         started = time.perf_counter() - self.state.train_seconds

@@ -107,3 +107,19 @@ def test_every_registered_method_has_a_recipe_section():
 def test_bad_override_syntax():
     with pytest.raises(RecipeError, match="not of the form"):
         load_recipe(RECIPES[0], ["train.lr"])
+
+
+def test_validate_prints_the_resolved_recipe_and_notes(capsys):
+    import yaml
+
+    from peftkit.cli import main
+
+    path = next(p for p in RECIPES if p.name == "quickstart.yaml")
+    assert main(["validate", str(path), "train.precision=fp16", "adapter.r=4"]) == 0
+    out, err = capsys.readouterr()
+    resolved = yaml.safe_load(out)
+    assert resolved["adapter"]["r"] == 4 and resolved["train"]["warmup_ratio"] == 0.05
+    assert resolved["data"]["train"][0]["path"].endswith("recipes/data/quickstart-train.jsonl")
+    assert "fp16 needs a GPU" in err and "is valid" in err
+    assert main(["validate", str(path), "train.lr=-1"]) == 2
+    assert "train.lr: Input should be greater than 0" in capsys.readouterr().err
