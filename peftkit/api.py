@@ -71,3 +71,10 @@ def train(
     run.setup()
     run.train()
     return run.finish()
+
+
+def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Export a run to deployable weights (see `peftkit.export.run.export` for the options)."""
+    from peftkit.export.run import export as run_export
+
+    return run_export(path, out, **options)

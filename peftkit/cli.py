@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import FidelityGateFailed, PeftkitError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +28,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    export = sub.add_parser(
+        "export", help="merge a run's result into deployable weights and verify them"
+    )
+    export.add_argument(
+        "run", help="run directory, or a result folder inside one (RUN/adapter, RUN/best)"
+    )
+    export.add_argument(
+        "--out", required=True, help="folder to write (must not exist unless --overwrite)"
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights dtype (recipe export.dtype)",
+    )
+    export.add_argument("--max-shard-size", help="e.g. 2GB (recipe export.max_shard_size)")
+    export.add_argument(
+        "--merge-base", choices=["auto", "original", "dequantized"], help="QLoRA merge base"
+    )
+    export.add_argument(
+        "--allow-drift", action="store_true", help="keep the export even if the fidelity gate fails"
+    )
+    export.add_argument(
+        "--adapter-only", action="store_true", help="write the adapter, not merged weights"
+    )
+    export.add_argument(
+        "--target", choices=["vllm"], help="check (and losslessly fix) the adapter for a server"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
 
 
@@ -44,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# ok: {args.recipe} is valid", file=sys.stderr)
         elif args.verb == "train":
             api.train(args.recipe, args.overrides, resume=args.resume)
+        elif args.verb == "export":
+            api.export(
+                args.run,
+                args.out,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                merge_base=args.merge_base,
+                allow_drift=args.allow_drift,
+                adapter_only=args.adapter_only,
+                target=args.target,
+                overwrite=args.overwrite,
+            )
+    except FidelityGateFailed as e:
+        print(f"peftkit {args.verb}: fidelity gate failed: {e}", file=sys.stderr)
+        return 3
     except PeftkitError as e:
         print(f"peftkit {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -25,3 +25,11 @@ class RunDirError(PeftkitError):
 
 class TrainingStopped(PeftkitError):
     """Training stopped on a non-finite loss or out-of-memory; the last good checkpoint is kept."""
+
+
+class ExportError(PeftkitError):
+    """The export cannot be made: missing or mismatched files, a method that cannot be served, ..."""
+
+
+class FidelityGateFailed(ExportError):
+    """The exported model differs from the trained model by more than the recipe's thresholds."""

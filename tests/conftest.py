@@ -87,20 +87,20 @@ def build_model(out: Path, vocab_size: int, seed: int = 0, **overrides: Any) -> 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=3,
-        eos_token_id=0,
-        pad_token_id=7,
-        initializer_range=0.1,
-        **overrides,
-    )
+    settings = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": 3,
+        "eos_token_id": 0,
+        "pad_token_id": 7,
+        "initializer_range": 0.1,
+    }
+    config = LlamaConfig(**{**settings, **overrides})
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(out))
 

@@ -154,6 +154,33 @@ class OutputSpec(Section):
     sample_max_new_tokens: int = Field(default=48, gt=0)
 
 
+class FidelityThresholds(Section):
+    """Limits the exported model must meet against the trained model, or the export fails."""
+
+    max_relative_error: float = Field(default=0.02, gt=0)
+    """||logits_export - logits_trained|| / ||logits_trained|| over the samples."""
+    max_mean_kl: float = Field(default=1e-3, gt=0)
+    """Mean KL(trained || exported) per token, in nats."""
+    min_greedy_agreement: float = Field(default=0.9, ge=0, le=1)
+    """Share of greedily generated tokens on which both models agree."""
+
+
+class ExportSpec(Section):
+    """How `peftkit export` writes deployable weights and what it checks before it keeps them."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_shard_size: str = "5GB"
+    merge_base: Literal["auto", "original", "dequantized"] = "auto"
+    """For QLoRA: merge into the original 16-bit weights, into the dequantized NF4 weights training
+    saw, or measure both and keep the closer (auto)."""
+    samples: int = Field(default=16, gt=0)
+    """Held-out rows compared between the trained and the exported model."""
+    max_sample_tokens: int = Field(default=256, gt=1)
+    generate_tokens: int = Field(default=16, gt=0)
+    """Greedy tokens generated per sample for the agreement check."""
+    thresholds: FidelityThresholds = FidelityThresholds()
+
+
 class Recipe(Section):
     """A whole fine-tuning run, validated before anything is loaded."""
 
@@ -163,6 +190,7 @@ class Recipe(Section):
     data: DataSpec
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
+    export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:

@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = (
     "output.sample_prompts",
     "output.sample_max_new_tokens",
     "output.dir",
+    "export.",
 )
 
 

@@ -1,0 +1,234 @@
+"""`peftkit export`: merge (or copy) the trained result, reload it with plain transformers, measure
+it against the trained model, and keep it only if it passes the fidelity gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from peftkit.data.encode import EncodedRow
+from peftkit.data.pipeline import prepare_data
+from peftkit.errors import ExportError, FidelityGateFailed
+from peftkit.export import build
+from peftkit.export.fidelity import Fidelity, Reference, compare, reference_outputs, sample_rows
+from peftkit.export.source import ExportSource, resolve_source
+from peftkit.export.vllm import check_vllm
+from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
+from peftkit.models.load import resolve_source as resolve_model_source
+from peftkit.recipe.schema import ExportSpec
+from peftkit.training.run_dir import atomic_dir, atomic_write_json, atomic_write_text
+
+TARGETS = ("vllm",)
+
+
+def export(
+    path: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | None = None,
+    merge_base: str | None = None,
+    allow_drift: bool = False,
+    adapter_only: bool = False,
+    target: str | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
+
+    Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
+    trained one beyond the recipe's `export.thresholds`, unless `allow_drift`.
+    """
+    source = resolve_source(path)
+    updates = {"dtype": dtype, "max_shard_size": max_shard_size, "merge_base": merge_base}
+    spec: ExportSpec = source.recipe.export.model_copy(
+        update={k: v for k, v in updates.items() if v is not None}
+    )
+    spec = ExportSpec.model_validate(spec.model_dump())  # re-validate the overrides
+    if target is not None and target not in TARGETS:
+        raise ExportError(f"unknown serving target {target!r}; known: {', '.join(TARGETS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(
+            f"{out} already exists and is not empty: choose another --out or pass --overwrite"
+        )
+    if not source.mergeable and not adapter_only:
+        log(
+            f"{source.recipe.adapter.method} adds virtual tokens instead of changing weights, so it cannot be "
+            "merged into the base model: writing an adapter-only export"
+        )
+        adapter_only = True
+    if target is not None and not adapter_only:
+        raise ExportError(
+            "--target checks adapter-only exports: add --adapter-only (merged weights need no check)"
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
+    rows, rows_from = _held_out_rows(source, tokenizer, spec)
+    stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
+    gen = (spec.generate_tokens, stop_ids, tokenizer.pad_token_id)
+    log(
+        f"loading the trained model ({source.recipe.adapter.method} on {source.recipe.model.name}) ..."
+    )
+    reference = reference_outputs(build.load_trained(source), rows, *gen)
+    report: dict[str, Any] = {
+        "source": str(source.result_dir),
+        "method": source.recipe.adapter.method,
+        "dtype": spec.dtype,
+        "samples_from": rows_from,
+        "thresholds": spec.thresholds.model_dump(),
+        "allow_drift": allow_drift,
+    }
+    with atomic_dir(out) as tmp:
+        if adapter_only:
+            candidate = _export_adapter(source, tmp, tokenizer, target, report, log)
+        else:
+            model = _merged_model(source, spec, reference, rows, gen, report, log)
+            write_generation_config(model, source, tokenizer)
+            write_model(model, tmp, spec.dtype, spec.max_shard_size)
+            tokenizer.save_pretrained(str(tmp))
+            del model
+            report["what"] = (
+                f"merged {spec.dtype} weights (sharded safetensors, max shard {spec.max_shard_size})"
+            )
+            candidate = build.reload_exported(str(tmp))
+        fidelity = compare(reference, candidate, rows, *gen)
+        failures = fidelity.failures(spec.thresholds)
+        report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
+        atomic_write_json(tmp / "fidelity.json", report)
+        atomic_write_text(
+            tmp / "README.md", model_card(source, "adapter" if adapter_only else "merged", report)
+        )
+        log(format_fidelity(report))
+        if failures and not allow_drift:
+            raise FidelityGateFailed(
+                f"the export differs from the trained model: {'; '.join(failures)}. Nothing was written. "
+                "Inspect the figures above; pass --allow-drift to keep it anyway, or raise export.thresholds"
+            )
+    if failures:
+        log(f"warning: fidelity gate failed ({'; '.join(failures)}) but --allow-drift kept {out}")
+    log(f"exported to {out}")
+    return report
+
+
+def _held_out_rows(
+    source: ExportSource, tokenizer, spec: ExportSpec
+) -> tuple[list[EncodedRow], str]:
+    seed = (
+        source.recipe.data.shuffle_seed
+        if source.recipe.data.shuffle_seed is not None
+        else source.recipe.train.seed
+    )
+    data = prepare_data(source.recipe.data, tokenizer, seed)
+    rows, where = (
+        (data.eval, "eval data")
+        if data.eval
+        else (data.train[::-1], "training data (the run had no eval data)")
+    )
+    picked = sample_rows(rows, spec.samples, spec.max_sample_tokens)
+    if not picked:
+        raise ExportError("no held-out row with supervised tokens to compare the export against")
+    return picked, where
+
+
+def _merged_model(
+    source: ExportSource, spec: ExportSpec, reference: Reference, rows, gen, report, log
+) -> nn.Module:
+    if source.whole_model:
+        return build.load_trained(source)
+    if source.recipe.model.quantization is None:
+        return build.merged(build.dense_base(source), source)
+    # QLoRA: measure the merge bases against the trained model, keep the closest.
+    names = ["original", "dequantized"] if spec.merge_base == "auto" else [spec.merge_base]
+    measured: dict[str, Fidelity] = {}
+    best_name, best_model = None, None
+    for name in names:
+        base = build.dense_base(source) if name == "original" else build.dequantized_base(source)[0]
+        model = build.merged(base, source)
+        measured[name] = compare(reference, model, rows, *gen)
+        log(
+            f"merge base {name}: relative error {measured[name].relative_error:.3g}, mean KL {measured[name].mean_kl:.3g}"
+        )
+        if best_name is None or measured[name].mean_kl < measured[best_name].mean_kl:
+            best_name, best_model = name, model
+    if source.recipe.model.quantization.bits == 4:
+        base, blocksizes = build.dequantized_base(source)
+        requantized = build.requantize(build.merged(base, source), source, blocksizes)
+        measured["requantized"] = compare(reference, requantized, rows, *gen)
+        log(
+            f"(for comparison) merged into re-quantized 4-bit weights: relative error "
+            f"{measured['requantized'].relative_error:.3g}, mean KL {measured['requantized'].mean_kl:.3g}"
+        )
+        del requantized
+    report["merge_bases"] = {k: v.to_dict() for k, v in measured.items()}
+    report["merge_base"] = best_name
+    log(f"merge base: {best_name}" + (" (closest to the trained model)" if len(names) > 1 else ""))
+    return best_model
+
+
+def _export_adapter(
+    source: ExportSource, tmp: Path, tokenizer, target: str | None, report, log
+) -> nn.Module:
+    copy_adapter(source, tmp)
+    tokenizer.save_pretrained(str(tmp))
+    stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
+    GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(
+        str(tmp)
+    )
+    report["what"] = "a PEFT adapter (base weights unchanged)"
+    if target == "vllm":
+        base_config = AutoConfig.from_pretrained(
+            resolve_model_source(source.recipe.model.name),
+            revision=source.recipe.model.revision,
+            trust_remote_code=source.recipe.model.trust_remote_code,
+        )
+        check = check_vllm(tmp, base_config.vocab_size, tokenizer)
+        report["serving"] = {
+            "target": target,
+            "fixes": check.fixes,
+            "problems": check.problems,
+            "notes": check.notes,
+        }
+        for line in check.fixes:
+            log(f"vllm: fixed (lossless): {line}")
+        for line in check.notes:
+            log(f"vllm: {line}")
+        if check.problems:
+            raise ExportError(
+                "the adapter cannot be served by vLLM as is:\n"
+                + "\n".join(f"  - {p}" for p in check.problems)
+            )
+    return build.load_trained(source, adapter_dir=tmp)
+
+
+def format_fidelity(report: dict[str, Any]) -> str:
+    f, t = report["fidelity"], report["thresholds"]
+    rows = [
+        ("relative error", f"{f['relative_error']:.3g}", f"<= {t['max_relative_error']:g}"),
+        ("mean KL (nats/token)", f"{f['mean_kl']:.3g}", f"<= {t['max_mean_kl']:g}"),
+        ("max KL", f"{f['max_kl']:.3g}", ""),
+        ("max |logit error|", f"{f['max_abs_error']:.3g}", ""),
+        (
+            "perplexity trained / exported",
+            f"{f['perplexity_trained']:.4f} / {f['perplexity_candidate']:.4f}",
+            "",
+        ),
+        ("greedy agreement", f"{f['greedy_agreement']:.3f}", f">= {t['min_greedy_agreement']:g}"),
+    ]
+    lines = [
+        f"fidelity on {f['samples']} samples ({f['tokens']} tokens) from the {report['samples_from']}:"
+    ]
+    lines += [f"  {name:<30} {value:<22} {limit}" for name, value, limit in rows]
+    lines.append(
+        "  verdict: "
+        + ("passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))
+    )
+    return "\n".join(lines)
+
+
+def read_report(out: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out) / "fidelity.json").read_text())

@@ -1,0 +1,68 @@
+"""Find what to export: the run, its recipe and metadata, and the trained result folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import ExportError
+from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.schema import Recipe
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODEL_FILES = ("config.json",)
+
+
+@dataclass
+class ExportSource:
+    run_dir: Path
+    result_dir: Path
+    """The adapter (or whole-model) folder being exported: RUN/adapter, RUN/best, RUN/model."""
+    recipe: Recipe
+    meta: dict[str, Any]
+    """RUN/peftkit.json: versions, weights dtype, stop tokens, chat template source."""
+
+    @property
+    def whole_model(self) -> bool:
+        return self.recipe.adapter.full_weights
+
+    @property
+    def mergeable(self) -> bool:
+        return self.whole_model or self.recipe.adapter.method in ("lora", "qlora", "ia3")
+
+
+def resolve_source(path: str | Path) -> ExportSource:
+    """Accept a run directory, or a result folder inside one (RUN/adapter, RUN/best, RUN/model)."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"nothing to export at {path}: no such folder")
+    if (path / "recipe.yaml").is_file():
+        run_dir, result_dir = path, None
+    elif (path.parent / "recipe.yaml").is_file():
+        run_dir, result_dir = path.parent, path
+    else:
+        raise ExportError(
+            f"{path} is not a peftkit run directory (no recipe.yaml here or in its parent folder); "
+            "export needs the run to know the base model and data"
+        )
+    recipe = validate_recipe(
+        yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml")
+    )
+    meta_file = run_dir / "peftkit.json"
+    if not meta_file.is_file():
+        raise ExportError(
+            f"{run_dir} has no peftkit.json: the run did not finish, so there is nothing to export"
+        )
+    meta = json.loads(meta_file.read_text())
+    result_dir = result_dir or run_dir / recipe.adapter.final_dir_name
+    required = MODEL_FILES if recipe.adapter.full_weights else PEFT_FILES
+    missing = [f for f in required if not (result_dir / f).is_file()]
+    if recipe.adapter.full_weights and not list(result_dir.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise ExportError(f"{result_dir} is incomplete or corrupted: missing {', '.join(missing)}")
+    return ExportSource(run_dir, result_dir, recipe, meta)

@@ -1,0 +1,110 @@
+"""Write the export folder: weights (sharded safetensors), configs, tokenizer, model card, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.export.source import ExportSource
+from peftkit.models.load import DTYPES
+
+
+def write_generation_config(
+    model: nn.Module, source: ExportSource, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Stop on every end-of-turn token training supervised (not just the tokenizer's EOS)."""
+    stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True  # off during training; serving wants it
+
+
+def write_model(model: nn.Module, out: Path, dtype: str, max_shard_size: str) -> None:
+    model.to(DTYPES[dtype])
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+
+
+def copy_adapter(source: ExportSource, out: Path) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(source.result_dir / name, out / name)
+
+
+def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
+    """README.md of the export: provenance, training metrics and the fidelity figures."""
+    r = source.recipe
+    summary = _read_json(source.run_dir / "summary.json")
+    data = ", ".join(s.path for s in r.data.train)
+    fid = report.get("fidelity") or {}
+    lines = [
+        "---",
+        f"base_model: {r.model.name}",
+        "library_name: transformers" if kind == "merged" else "library_name: peft",
+        "tags: [peftkit, " + r.adapter.method + "]",
+        "---",
+        "",
+        f"# {r.name} ({kind})",
+        "",
+        f"Fine-tuned from `{r.model.name}` with **{r.adapter.method}** by peftkit "
+        f"{source.meta.get('peftkit_version', '')}; exported as {report['what']}.",
+        "",
+        "## Training",
+        "",
+        f"- data: {data} (loss on {r.data.loss_on}, max length {r.data.max_length})",
+        f"- chat template: {source.meta.get('chat_template_source')}; turns end with "
+        f"{', '.join(source.meta.get('stop_tokens', []))}",
+    ]
+    if summary:
+        lines += [
+            f"- steps: {summary['steps']} ({summary['epochs']} epochs), {summary['tokens']:,} tokens",
+            f"- train loss {summary['first_train_loss']:.4f} -> {summary['final_train_loss']:.4f}"
+            + (
+                f"; best eval loss {summary['best_eval_loss']:.4f}"
+                if summary.get("best_eval_loss")
+                else ""
+            ),
+        ]
+    if fid:
+        lines += [
+            "",
+            "## Fidelity (exported model reloaded with transformers vs the trained model)",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *[
+                f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                for k, v in fid.items()
+            ],
+            "",
+            f"Verdict: {'passed' if report['passed'] else 'FAILED (kept with --allow-drift)'}.",
+        ]
+    if report.get("merge_bases"):
+        lines += ["", "QLoRA merge bases measured (relative error / mean KL):", ""]
+        lines += [
+            f"- {k}: {v['relative_error']:.3g} / {v['mean_kl']:.3g}"
+            for k, v in report["merge_bases"].items()
+        ]
+        lines.append(f"- chosen: {report['merge_base']}")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        (source.run_dir / "recipe.yaml").read_text().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
