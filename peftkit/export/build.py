@@ -32,13 +32,10 @@ def _trained_dtype(source: ExportSource) -> torch.dtype:
 
 
 def _to_fp32(model: nn.Module) -> nn.Module:
-    """Upcast every floating parameter/buffer that is not a packed quantized weight (exact)."""
+    """Upcast every floating parameter and buffer to fp32 (exact); packed quantized weights are
+    integer tensors and stay as they are."""
     for module in model.modules():
-        if type(module).__name__ in QUANTIZED_LINEARS:
-            if module.bias is not None:
-                module.bias.data = module.bias.data.float()
-            continue
-        for name, p in list(module.named_parameters(recurse=False)):
+        for p in module.parameters(recurse=False):
             if p.is_floating_point():
                 p.data = p.data.float()
         for name, b in list(module.named_buffers(recurse=False)):

@@ -182,7 +182,7 @@ def test_corrupted_or_mismatched_adapters_are_clear_errors(trained, tmp_path, ti
     shutil.copytree(run, broken)
     (broken / "adapter" / "adapter_model.safetensors").unlink()
     with pytest.raises(
-        ExportError, match="incomplete or corrupted: missing adapter_model.safetensors"
+        ExportError, match=r"incomplete or corrupted: missing adapter_model\.safetensors"
     ):
         export(broken, tmp_path / "x", log=lambda *_: None)
 
