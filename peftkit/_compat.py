@@ -33,3 +33,35 @@ def keep_bnb_4bit_cpu_weights_unpacked(model) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def release_freed_cpu_memory() -> None:
+    """glibc keeps memory freed by torch's CPU allocator in its heaps. Training with varying
+    micro-batch shapes then grows the resident size step after step (measured on the 52M benchmark:
+    peak RSS 2.4 GiB after 8 steps, 3.4 GiB after 20), though live tensors do not grow.
+    `malloc_trim(0)` after each optimizer step hands that memory back. No-op off glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def allow_new_mixed_precision() -> None:
+    """accelerate (1.x) keeps one process-wide `AcceleratorState` and refuses an `Accelerator` with
+    another mixed precision ("AcceleratorState has already been initialized and cannot be
+    changed"), so a notebook that trains a bf16 recipe and then an fp32 one fails. Clearing that
+    state (not the distributed `PartialState`) before each run lets each run choose its precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()

@@ -73,6 +73,21 @@ def train(
     return run.finish()
 
 
+def plan(
+    recipe: str | Path | Recipe, overrides: list[str] | None = None, gpu_memory: str | None = None
+):
+    """Predict peak training memory of a recipe (loads no weights); see `peftkit.planner.plan`.
+
+    Args:
+        gpu_memory: plan for a GPU of this size ("24GB"); default: this machine.
+    """
+    from peftkit.planner.plan import make_plan, parse_size
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None)
+
+
 def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     """Export a run to deployable weights (see `peftkit.export.run.export` for the options)."""
     from peftkit.export.run import export as run_export

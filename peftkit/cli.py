@@ -28,6 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    plan = sub.add_parser(
+        "plan", help="predict a recipe's peak training memory and whether it fits"
+    )
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument(
+        "--gpu-memory",
+        help="plan for a GPU with this much memory, e.g. 24GB (default: this machine)",
+    )
     export = sub.add_parser(
         "export", help="merge a run's result into deployable weights and verify them"
     )
@@ -72,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# ok: {args.recipe} is valid", file=sys.stderr)
         elif args.verb == "train":
             api.train(args.recipe, args.overrides, resume=args.resume)
+        elif args.verb == "plan":
+            from peftkit.planner.plan import format_plan
+
+            result = api.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)
+            print(format_plan(result))
+            if result.fits is False:
+                return 4
         elif args.verb == "export":
             api.export(
                 args.run,

@@ -35,6 +35,9 @@ class MethodSpec(Section):
     full_weights: ClassVar[bool] = False
     """True when the method trains the base weights themselves (its output is a whole model)."""
     final_dir_name: ClassVar[str] = "adapter"
+    virtual_tokens: ClassVar[bool] = False
+    """True when the method prepends virtual tokens or a KV prefix: then rows cannot be packed and
+    logits cannot be picked by position."""
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         """Cross-field problems of this method with the rest of the recipe, as messages."""
@@ -43,6 +46,11 @@ class MethodSpec(Section):
             problems.append(
                 f"adapter.method {self.method!r} trains the base weights, which cannot be quantized: "
                 "remove model.quantization or use method: qlora"
+            )
+        if self.virtual_tokens and recipe.train.packing:
+            problems.append(
+                f"adapter.method {self.method!r} prepends virtual tokens, so rows cannot be packed: "
+                "set train.packing: false (or leave it unset)"
             )
         return problems
 

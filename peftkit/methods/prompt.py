@@ -8,7 +8,7 @@ can be merged into them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from peft import PrefixTuningConfig, PromptTuningConfig
 from pydantic import Field
@@ -27,6 +27,7 @@ class PromptTuningSpec(PeftMethod):
     """Prompt tuning: a trainable soft prompt in front of every input."""
 
     method: Literal["prompt_tuning"] = "prompt_tuning"
+    virtual_tokens: ClassVar[bool] = True
     num_virtual_tokens: int = Field(default=20, gt=0)
     """Length of the soft prompt."""
     init_text: str | None = None
@@ -51,6 +52,7 @@ class PrefixTuningSpec(PeftMethod):
     """Prefix tuning: trainable key/value prefixes in every attention layer."""
 
     method: Literal["prefix_tuning"] = "prefix_tuning"
+    virtual_tokens: ClassVar[bool] = True
     num_virtual_tokens: int = Field(default=20, gt=0)
     projection: bool = False
     """Reparametrise the prefix through a 2-layer MLP (more stable, more parameters while training)."""

@@ -1,8 +1,11 @@
-"""The built-in quickstart model: a small Llama-architecture model with *random* weights.
+"""The built-in quickstart models: a 3M-parameter Llama-architecture model and its tokenizer.
 
-`builtin:tiny-llama` is built on first use from a config defined here and the BPE tokenizer
-shipped in `peftkit/assets/tiny-llama/` (trained on the quickstart data), then cached. It knows
-nothing before training: it exists so that the quickstart runs offline on any CPU in minutes.
+`builtin:tiny-llama-init` is that model with random weights (seed 0). `builtin:tiny-llama` is the
+same architecture with the weights shipped in `peftkit/assets/tiny-llama/model.safetensors`,
+pretrained by peftkit itself (`recipes/tiny-llama/pretrain.yaml`, a full fine-tune of the init
+model) on plain "Q: ... / A: ..." text of the quickstart's skills, without any chat formatting.
+Both use the byte-level BPE tokenizer shipped beside the weights, are materialised on first use
+and cached, so the quickstart runs offline on any CPU in minutes.
 """
 
 from __future__ import annotations
@@ -17,17 +20,21 @@ import torch
 
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-_CONFIGS = {
-    "tiny-llama": {
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 1024,
-        "tie_word_embeddings": True,
-        "rope_theta": 10000.0,
-    }
+WEIGHTS = "model.safetensors"
+_TINY_LLAMA = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+}
+# name -> (config, assets folder, whether to load the shipped weights)
+_MODELS = {
+    "tiny-llama": (_TINY_LLAMA, "tiny-llama", True),
+    "tiny-llama-init": (_TINY_LLAMA, "tiny-llama", False),
 }
 
 
@@ -42,20 +49,22 @@ def cache_root() -> Path:
 def materialize(name: str) -> str:
     """Build (once) and return the local folder of a built-in model."""
     key = name[len(PREFIX) :]
-    if key not in _CONFIGS:
+    if key not in _MODELS:
         raise ValueError(
-            f"unknown built-in model {name!r}; available: {', '.join(PREFIX + k for k in _CONFIGS)}"
+            f"unknown built-in model {name!r}; available: {', '.join(PREFIX + k for k in _MODELS)}"
         )
-    assets = ASSETS / key
-    digest = hashlib.sha256(json.dumps(_CONFIGS[key], sort_keys=True).encode())
+    config, folder, pretrained = _MODELS[key]
+    assets = ASSETS / folder
+    digest = hashlib.sha256(json.dumps([config, pretrained], sort_keys=True).encode())
     for f in sorted(assets.iterdir()):
-        digest.update(f.read_bytes())
+        if pretrained or f.name != WEIGHTS:
+            digest.update(f.read_bytes())
     target = cache_root() / "builtin" / f"{key}-{digest.hexdigest()[:12]}"
     if (target / "config.json").exists():
         return str(target)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    _build(key, assets, tmp)
+    _build(config, assets, pretrained, tmp)
     try:
         tmp.replace(target)
     except OSError:  # another process built it first
@@ -63,7 +72,8 @@ def materialize(name: str) -> str:
     return str(target)
 
 
-def _build(key: str, assets: Path, out: Path) -> None:
+def _build(settings: dict, assets: Path, pretrained: bool, out: Path) -> None:
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(assets))
@@ -72,11 +82,18 @@ def _build(key: str, assets: Path, out: Path) -> None:
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **_CONFIGS[key],
+        **settings,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
+    if pretrained:
+        # Shipped in bf16 to keep the package small; upcast into the fp32 model.
+        state = {k: v.float() for k, v in load_file(str(assets / WEIGHTS)).items()}
+        model.load_state_dict(state, strict=False)  # lm_head is tied to embed_tokens
+        missing = set(model.state_dict()) - set(state) - {"lm_head.weight"}
+        if missing:
+            raise ValueError(f"{assets / WEIGHTS} lacks {sorted(missing)[:3]}")
     out.mkdir(parents=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -126,7 +126,18 @@ class TrainSpec(Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Clip gradients to this global norm (null = no clipping)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Mixed precision of the forward/backward; auto = bf16 where supported on GPU, else fp32."""
+    """Mixed precision of the forward/backward. auto = bf16 where the hardware has it (GPUs with
+    bf16; CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32."""
+    packing: bool | None = None
+    """Padding-free packing: each micro-batch's rows are concatenated into one sequence whose
+    position ids restart per row, so attention never crosses rows and no pad token is computed.
+    Same loss as padding. null = on, except for methods with virtual tokens (prompt/prefix)."""
+    group_by_length: bool = True
+    """Without packing: sort each optimizer step's rows by length before cutting micro-batches,
+    so rows of similar length are padded together. The step's rows (and its loss) are unchanged."""
+    supervised_logits_only: bool = True
+    """Project to the vocabulary only at positions that carry loss, and compute the fp32
+    cross-entropy in checkpointed chunks, so full (tokens x vocab) fp32 logits never exist."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: ~30% slower, far less activation memory."""
     eval_every: int | None = Field(default=None, gt=0)

@@ -39,13 +39,41 @@ class StepPlan:
         padded = self.steps_per_epoch * self.global_batch
         return np.resize(order, padded)  # np.resize repeats from the start
 
-    def micro_batches(self, order: np.ndarray, step_in_epoch: int, rank: int) -> list[np.ndarray]:
-        """Row indices of this rank's micro-batches for one optimizer step."""
+    def micro_batches(
+        self,
+        order: np.ndarray,
+        step_in_epoch: int,
+        rank: int,
+        lengths: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """Row indices of this rank's micro-batches for one optimizer step.
+
+        With `lengths`, the rank's rows are sorted by length first (length grouping), so each
+        micro-batch pads little; the set of rows in the step, and so its loss, stay the same.
+        """
         start = step_in_epoch * self.global_batch
         rows = order[start : start + self.global_batch][rank :: self.world_size]
+        if lengths is not None:
+            rows = rows[np.argsort(lengths[rows], kind="stable")]
         return [
             rows[i : i + self.micro_batch_size] for i in range(0, len(rows), self.micro_batch_size)
         ]
+
+
+PACKABLE_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+
+
+def resolve_packing(train, method, attn_implementation: str | None) -> bool:
+    """train.packing, or when unset: on where transformers' own masking isolates packed rows."""
+    if train.packing is not None:
+        return train.packing
+    return not method.virtual_tokens and attn_implementation in PACKABLE_ATTENTION
+
+
+def pack_multiple(precision: str, cuda: bool) -> int:
+    """Packed lengths are rounded up to this many tokens: 128 under bf16 on CPU (see
+    `collate_packed`), else 1 (GPU kernels do not care about shape variety)."""
+    return 128 if precision == "bf16" and not cuda else 1
 
 
 def collate(rows: list[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
@@ -60,3 +88,35 @@ def collate(rows: list[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.from_numpy(row.labels)
         attention[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def collate_packed(
+    rows: list[EncodedRow], boundaries: bool = False, pad_to_multiple: int = 1, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Concatenate a micro-batch into one padding-free sequence of shape (1, total_tokens).
+
+    Position ids restart at 0 for every row and no attention mask is passed: transformers then
+    builds a block-diagonal causal mask from the position ids (flash-attention uses them as
+    varlen boundaries), so no token attends across rows. The first token of each row gets label
+    IGNORE, so nothing is predicted across a row boundary either, exactly as with padding, where
+    the shift drops each row's first label. With `boundaries`, the cumulative row lengths are
+    added as `cu_seq_lens_q` for the varlen SDPA attention (`training/attention.py`).
+    With `pad_to_multiple`, a filler segment of pad tokens (its own positions, no labels) rounds
+    the length up, so the CPU's bf16 kernels see few distinct shapes (oneDNN builds and caches
+    kernels per shape; unbounded shape variety costs memory and first-call time).
+    """
+    filler = -sum(len(r.input_ids) for r in rows) % pad_to_multiple
+    if filler:
+        pad = np.full(filler, pad_id, dtype=np.int64)
+        rows = [*rows, EncodedRow(pad, np.full(filler, IGNORE, dtype=np.int64), "filler")]
+    input_ids = torch.from_numpy(np.concatenate([r.input_ids for r in rows])).long()[None]
+    position_ids = torch.from_numpy(
+        np.concatenate([np.arange(len(r.input_ids)) for r in rows])
+    ).long()[None]
+    labels = torch.from_numpy(np.concatenate([r.labels for r in rows])).long()[None]
+    labels[position_ids == 0] = IGNORE
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}  # (1, tokens)
+    if boundaries:
+        lengths = torch.tensor([0] + [len(r.input_ids) for r in rows])
+        batch["cu_seq_lens_q"] = lengths.cumsum(0).to(torch.int32)
+    return batch

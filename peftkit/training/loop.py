@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -29,8 +30,15 @@ from peftkit.methods.base import ApplyContext
 from peftkit.models.load import load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.batches import StepPlan, collate
-from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
+from peftkit.training.attention import register_varlen_sdpa, set_attention
+from peftkit.training.batches import (
+    StepPlan,
+    collate,
+    collate_packed,
+    pack_multiple,
+    resolve_packing,
+)
+from peftkit.training.loss import accepts_logits_to_keep, causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog, peak_memory_bytes, plot_losses
 from peftkit.training.optim import build_optimizer, build_scheduler
 from peftkit.training.precision import resolve_precision, weights_dtype
@@ -57,6 +65,7 @@ class FineTuneRun:
     def setup(self) -> None:
         r = self.recipe
         self.precision = resolve_precision(r.train, torch.cuda.is_available())
+        _compat.allow_new_mixed_precision()
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             **_compat.accelerator_kwargs(),
@@ -99,6 +108,7 @@ class FineTuneRun:
         model = r.adapter.apply(model, self.ctx)
         model.generation_config.eos_token_id = self.stop_ids
         self.params = count_parameters(model)
+        self._choose_batching(model)
         self._print(
             f"{r.adapter.method}: {self.params['trainable']:,} trainable of {self.params['total']:,} "
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
@@ -139,6 +149,42 @@ class FineTuneRun:
         )
         self.samples_before = self._samples() if not resumed_from else None
 
+    def _choose_batching(self, model: torch.nn.Module) -> None:
+        """Packing, length grouping and supervised-only logits, as far as the method allows."""
+        t, method = self.recipe.train, self.recipe.adapter
+        attn = getattr(model.config, "_attn_implementation", None)
+        self.packing = resolve_packing(t, method, attn)
+        self.supervised_only = (
+            t.supervised_logits_only and not method.virtual_tokens and accepts_logits_to_keep(model)
+        )
+        self.largest_micro_batch = 0  # tokens incl. padding: what sizes the activations
+        self.varlen = self.packing and attn == "sdpa"
+        # On CPU under bf16, round packed lengths up to few distinct shapes (see collate_packed).
+        self.pack_multiple = pack_multiple(self.precision, torch.cuda.is_available())
+        if self.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
+            set_attention(model, register_varlen_sdpa())
+        self.lengths = (
+            None
+            if self.packing or not t.group_by_length
+            else np.array([len(row.input_ids) for row in self.data.train])
+        )
+        self._print(
+            "batching: "
+            + ("padding-free packing" if self.packing else "padded")
+            + (", grouped by length" if self.lengths is not None else "")
+            + ("; logits at supervised positions only" if self.supervised_only else "")
+        )
+
+    def _collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return collate_packed(
+                rows, self.varlen, self.pack_multiple, self.tokenizer.pad_token_id
+            )
+        return collate(rows, self.tokenizer.pad_token_id)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss_sum(self.model, batch, self.supervised_only)
+
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         r, acc = self.recipe, self.accelerator
@@ -157,6 +203,10 @@ class FineTuneRun:
         started = time.perf_counter() - self.state.train_seconds
         self.stop_reason = "completed"
         rng_at_step_start = ckpt.rng_state()
+        if self.state.step == 0 and self.data.eval and r.train.eval_every is not None:
+            loss = self.evaluate()  # the starting point of the eval curve (RNG-neutral: no dropout)
+            self.metrics.log({"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
+            self._print(f"step 0: eval loss {loss:.4f}")
         with _sigterm_as_interrupt():
             try:
                 while self.state.step < self.total_steps:
@@ -165,7 +215,9 @@ class FineTuneRun:
                         order, order_epoch = self.plan.epoch_order(epoch), epoch
                     rows = [
                         [self.data.train[i] for i in mb]
-                        for mb in self.plan.micro_batches(order, step_in_epoch, acc.process_index)
+                        for mb in self.plan.micro_batches(
+                            order, step_in_epoch, acc.process_index, self.lengths
+                        )
                     ]
                     record = self._optimizer_step(
                         rows, epoch + step_in_epoch / self.plan.steps_per_epoch
@@ -222,11 +274,14 @@ class FineTuneRun:
         self, micro_batches: list[list[EncodedRow]], epoch: float
     ) -> dict[str, Any]:
         acc, r = self.accelerator, self.recipe
-        batches = [collate(rows, self.tokenizer.pad_token_id) for rows in micro_batches]
+        batches = [self._collate(rows) for rows in micro_batches]
+        self.largest_micro_batch = max(
+            self.largest_micro_batch, *(b["input_ids"].numel() for b in batches)
+        )
         local = torch.tensor(
             [
                 float(sum(supervised_tokens(b["labels"]) for b in batches)),
-                float(sum(int(b["attention_mask"].sum()) for b in batches)),
+                float(sum(len(row.input_ids) for rows in micro_batches for row in rows)),
             ],
             device=acc.device,
         )
@@ -237,7 +292,7 @@ class FineTuneRun:
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 last = i == len(batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    token_loss_sum = causal_lm_loss_sum(self.model, batch)
+                    token_loss_sum = self._loss_sum(batch)
                     # DDP averages gradients over processes, hence the factor num_processes.
                     acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
                 loss_sum += token_loss_sum.detach()
@@ -254,6 +309,8 @@ class FineTuneRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.cuda.is_available():
+            _compat.release_freed_cpu_memory()
         self.state.tokens_seen += n_tokens
         self.state.supervised_tokens_seen += n_supervised
         record = {
@@ -285,11 +342,8 @@ class FineTuneRun:
         self.model.eval()
         totals = torch.zeros(2, device=acc.device)
         for i in range(0, len(rows), mbs):
-            batch = {
-                k: v.to(acc.device)
-                for k, v in collate(rows[i : i + mbs], self.tokenizer.pad_token_id).items()
-            }
-            totals[0] += causal_lm_loss_sum(self.model, batch)
+            batch = {k: v.to(acc.device) for k, v in self._collate(rows[i : i + mbs]).items()}
+            totals[0] += self._loss_sum(batch)
             totals[1] += supervised_tokens(batch["labels"])
         self.model.train()
         loss_sum, n = acc.reduce(totals, "sum").tolist()
@@ -341,6 +395,7 @@ class FineTuneRun:
             "tokens_per_s": round(self.state.tokens_seen / max(self.state.train_seconds, 1e-9), 1),
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
+            "largest_micro_batch_tokens": self.largest_micro_batch,
             "trainable_params": self.params["trainable"],
             "total_params": self.params["total"],
             "first_train_loss": self.metrics.train_losses()[0][1]

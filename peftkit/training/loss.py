@@ -1,13 +1,28 @@
 """Causal-LM loss as a *sum* over supervised tokens, so callers can normalise by the token count of
-the whole optimizer step (not by a mean of per-micro-batch means)."""
+the whole optimizer step (not by a mean of per-micro-batch means).
+
+    loss_sum = sum over supervised t of  -log softmax(W h_t)[y_{t+1}]
+
+With `supervised_only`, the model projects to the vocabulary only at the positions t whose next
+token carries a label (transformers' `logits_to_keep`, which also applies any logit soft-capping
+or scaling the architecture has), and the fp32 softmax runs over chunks of those rows under
+activation checkpointing: neither (tokens x vocab) logits nor their fp32 log-softmax are kept.
+The sum is the same as the plain computation's, up to float summation order.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from peftkit.data.encode import IGNORE
+
+CE_CHUNK_ROWS = 1024
+"""Rows of logits per fp32 cross-entropy chunk: the transient fp32 memory is chunk x vocab x 4 B."""
 
 
 def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -15,19 +30,60 @@ def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).sum()
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over supervised positions of one micro-batch."""
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the (unwrapped) model's causal-LM forward takes `logits_to_keep` (transformers >= 4.50)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], supervised_only: bool = False
+) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised positions of one micro-batch.
+
+    `batch` is padded (input_ids, attention_mask, labels) or packed (input_ids, position_ids,
+    labels, optionally cu_seq_lens_q; see `batches.collate_packed`).
+    """
     labels = batch["labels"]
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    # Prompt tuning prepends virtual tokens to the logits; keep the positions of the real tokens.
-    logits = out.logits[:, -labels.shape[1] :]  # (batch, seq, vocab)
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
+    targets = labels[:, 1:]  # (batch, seq - 1): the token each position predicts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if supervised_only:
+        keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # positions predicting a label
+        logits = model(
+            **inputs, use_cache=False, logits_to_keep=keep
+        ).logits  # (batch, kept, vocab)
+        targets = targets[:, keep.to(targets.device)]
+    else:
+        logits = model(**inputs, use_cache=False).logits
+        # Prompt tuning prepends virtual tokens to the logits; keep the positions of the real tokens.
+        logits = logits[:, -labels.shape[1] :][:, :-1]  # (batch, seq - 1, vocab)
+    return chunked_cross_entropy_sum(logits, targets.to(logits.device))
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
+) -> torch.Tensor:
+    """sum of fp32 cross-entropy over non-IGNORE targets, `chunk_rows` logit rows at a time.
+
+    Each chunk is checkpointed when gradients flow, so backward recomputes its fp32 log-softmax
+    instead of keeping all of them alive at once.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
+    flat_targets = targets.reshape(-1)
+    if flat.shape[0] <= chunk_rows and not flat.requires_grad:
+        return _ce_sum(flat, flat_targets)
+    total = flat.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk_rows):
+        part, part_targets = (
+            flat[start : start + chunk_rows],
+            flat_targets[start : start + chunk_rows],
+        )
+        if flat.requires_grad:
+            total = total + checkpoint(_ce_sum, part, part_targets, use_reentrant=False)
+        else:
+            total = total + _ce_sum(part, part_targets)
+    return total

@@ -23,6 +23,10 @@ RESUMABLE_CHANGES = (
     "train.save_every",
     "train.keep_last",
     "train.log_every",
+    # batching only changes float summation order, not the math (tests/e2e/test_training_math.py)
+    "train.packing",
+    "train.group_by_length",
+    "train.supervised_logits_only",
     "train.early_stopping",
     "output.plot",
     "output.save_best",

@@ -1,6 +1,8 @@
 """Regenerate the quickstart data (recipes/data/quickstart-*.jsonl) and the built-in tokenizer.
 
-    python recipes/data/make_quickstart.py
+    python recipes/data/make_quickstart.py                     # chats + tokenizer (committed)
+    python recipes/data/make_quickstart.py --pretrain-corpus   # + the corpus that pretrains
+                                                               #   builtin:tiny-llama (not committed)
 
 The data is synthetic and deterministic (seeded): short chats in which an assistant does
 arithmetic, repeats phrases and sorts numbers, some of them multi-turn. A held-out split uses
@@ -105,6 +107,30 @@ def write_tokenizer(rows: list[dict]) -> None:
     fast.save_pretrained(str(ASSETS))
 
 
+def write_pretrain_corpus(n_docs: int = 48000, per_doc: int = 8) -> Path:
+    """Plain-text documents of the same skills, *without* any chat formatting.
+
+    `recipes/tiny-llama/pretrain.yaml` trains the random-init model on these so that
+    `builtin:tiny-llama` starts the quickstart knowing the skills in a "Q: ... / A: ..." layout but
+    not the ChatML assistant format, as a real base model knows facts before instruction tuning.
+    Seeds are disjoint from the chat splits'.
+    """
+    path = HERE / "tiny-llama-pretrain.jsonl"
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            rng = random.Random(10**7 + i)
+            blocks = []
+            for _ in range(per_doc):
+                question, answer = rng.choice(TASKS)(rng)
+                blocks.append(f"Q: {question}\nA: {answer}")
+            f.write(json.dumps({"text": "\n\n".join(blocks)}) + "\n")
+    return path
+
+
 if __name__ == "__main__":
+    import sys
+
     write_tokenizer(write_data())
     print(f"wrote {HERE}/quickstart-*.jsonl and {ASSETS}")
+    if "--pretrain-corpus" in sys.argv:
+        print(f"wrote {write_pretrain_corpus()}")

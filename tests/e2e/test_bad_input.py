@@ -112,9 +112,9 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(
 
     real, calls = loop.causal_lm_loss_sum, []
 
-    def diverging(model, batch):  # the loss of the 4th micro-batch (step 4) becomes NaN
+    def diverging(model, batch, *args):  # the loss of the 4th micro-batch (step 4) becomes NaN
         calls.append(1)
-        loss = real(model, batch)
+        loss = real(model, batch, *args)
         return loss * float("nan") if len(calls) >= 4 else loss
 
     monkeypatch.setattr(loop, "causal_lm_loss_sum", diverging)

@@ -49,13 +49,14 @@ def test_evaluation_best_adapter_plot_and_samples(tmp_path, tiny_model, chat_fil
     assert main(["train", str(recipe)]) == 0
     run = tmp_path / "run"
     eval_steps = [r["step"] for r in _records(run) if "eval_loss" in r]
-    assert eval_steps == [2, 4, 6]
+    assert eval_steps == [0, 2, 4, 6]  # step 0: the untrained starting point
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "best" / "adapter_model.safetensors").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_eval_loss"] == min(
-        r["eval_loss"] for r in _records(run) if "eval_loss" in r
+        r["eval_loss"] for r in _records(run) if "eval_loss" in r and r["step"] > 0
     )
+    assert summary["first_eval_loss"] > summary["best_eval_loss"]
     samples = json.loads((run / "samples.json").read_text())
     assert samples[0]["prompt"] == "Repeat: red fox" and {"before", "after"} <= samples[0].keys()
     meta = json.loads((run / "peftkit.json").read_text())

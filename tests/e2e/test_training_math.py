@@ -40,11 +40,22 @@ def _assert_same_adapter(
         torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol, msg=k)
 
 
-def test_accumulation_matches_one_big_batch_on_variable_length_rows(tmp_path, tiny_model):
+PLAIN_BATCHING = {"packing": False, "group_by_length": False, "supervised_logits_only": False}
+
+
+def test_accumulation_and_batching_modes_match_one_big_padded_batch(tmp_path, tiny_model):
+    """micro-batch 1 x accumulation 4 equals 4 x 1, and packing / length grouping / supervised-only
+    logits leave every step's loss and the adapter as the plain padded computation has them."""
     rows = chat_rows(16, seed=5)  # 1-2 turns of 1-6 words: very different lengths
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     runs = {}
-    for name, mbs, accum in [("big", 4, 1), ("accum", 1, 4)]:
+    for name, mbs, accum, batching in [
+        ("big-plain", 4, 1, PLAIN_BATCHING),
+        ("accum-plain", 1, 4, PLAIN_BATCHING),
+        ("big-packed", 4, 1, {}),  # the defaults: packing + supervised-only logits
+        ("accum-packed", 1, 4, {}),
+        ("grouped", 2, 2, {"packing": False}),
+    ]:
         recipe = write_recipe(
             tmp_path / f"{name}.yaml",
             tiny_model,
@@ -57,6 +68,7 @@ def test_accumulation_matches_one_big_batch_on_variable_length_rows(tmp_path, ti
                 "lr": 1e-2,
                 "warmup_steps": 0,
                 "max_grad_norm": None,
+                **batching,
             },
             output={"dir": str(tmp_path / name), "plot": False},
         )
@@ -64,10 +76,12 @@ def test_accumulation_matches_one_big_batch_on_variable_length_rows(tmp_path, ti
         runs[name] = tmp_path / name
     lengths = {len(r["messages"]) for r in rows}
     assert len(lengths) > 1
-    _assert_same_adapter(_adapter(runs["big"]), _adapter(runs["accum"]), tol=1e-5)
-    big, accum = _losses(runs["big"]), _losses(runs["accum"])
-    assert big.keys() == accum.keys()
-    assert all(abs(big[s] - accum[s]) < 1e-5 for s in big)
+    reference = _losses(runs["big-plain"])
+    for name, run in runs.items():
+        _assert_same_adapter(_adapter(runs["big-plain"]), _adapter(run), tol=1e-5)
+        losses = _losses(run)
+        assert losses.keys() == reference.keys(), name
+        assert all(abs(reference[s] - losses[s]) < 1e-5 for s in reference), name
 
 
 def _resumable_recipe(tmp_path: Path, tiny_model: Path, data: Path, out: str, **train) -> Path:

@@ -85,6 +85,10 @@ def test_dotted_overrides_are_typed_and_applied(tmp_path):
             {"adapter": {"method": "prefix_tuning"}, "train": {"gradient_checkpointing": True}},
             r"gradient checkpointing",
         ),
+        (
+            {"adapter": {"method": "prompt_tuning"}, "train": {"packing": True}},
+            r"virtual tokens, so rows cannot be packed",
+        ),
     ],
 )
 def test_invalid_recipes_name_the_field_and_what_to_do(change, message):

@@ -1,0 +1,116 @@
+"""Check `peftkit plan` against measured peaks: train each case in a fresh process, plan it in
+another, compare. CPU peaks are peak RSS; on a GPU, torch.cuda.max_memory_allocated.
+
+    python benchmarks/plan_check.py            # writes benchmarks/results/plan_check.{json,md}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+QUICK = str(ROOT / "recipes" / "quickstart.yaml")
+BENCH = HERE / "results" / "work" / "50m"
+
+CASES = {
+    "tiny-llama lora (packed)": (QUICK, ["train.max_steps=15"]),
+    "tiny-llama lora (padded)": (QUICK, ["train.max_steps=15", "train.packing=false"]),
+    "tiny-llama full fp32": (
+        QUICK,
+        ["train.max_steps=15", "adapter={method: full}", "train.precision=fp32"],
+    ),
+    "tiny-llama qlora 4-bit": (
+        QUICK,
+        ["train.max_steps=15", "adapter.method=qlora", "model.quantization={bits: 4}"],
+    ),
+    "50m lora (packed)": (None, []),
+    "50m lora (padded, full logits)": (
+        None,
+        ["train.packing=false", "train.supervised_logits_only=false"],
+    ),
+    "50m lora + checkpointing": (None, ["train.gradient_checkpointing=true"]),
+    "50m lora fp32": (None, ["train.precision=fp32"]),
+}
+
+
+def bench_recipe(path: Path) -> str:
+    """The benchmark workload (benchmarks/run.py builds it) as a peftkit recipe."""
+    import yaml
+
+    recipe = {
+        "name": "plan-check",
+        "model": {"name": str(BENCH / "model")},
+        "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {"train": str(BENCH / "train.jsonl"), "max_length": 512},
+        "train": {"max_steps": 10, "micro_batch_size": 4, "grad_accum": 4, "lr": 1e-3},
+        "output": {"dir": "runs/plan-check", "plot": False},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def main() -> None:
+    if not (BENCH / "model").exists():
+        subprocess.run(
+            [sys.executable, str(HERE / "run.py"), "--configs", "peftkit", "--steps", "2"],
+            check=True,
+        )
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    rows = []
+    for name, (recipe, overrides) in CASES.items():
+        recipe = recipe or bench_recipe(out / "plan-check.yaml")
+        common = [
+            recipe,
+            *overrides,
+            "output.overwrite=true",
+            "output.dir=runs/plan-check",
+            "output.plot=false",
+        ]
+        code = (
+            "import json,sys; from peftkit import api; "
+            "s = api.train(sys.argv[1], sys.argv[2:]); "
+            "print('@@' + json.dumps({k: s[k] for k in ('peak_memory_bytes', 'largest_micro_batch_tokens')}))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *common], capture_output=True, text=True, cwd=ROOT
+        )
+        if proc.returncode:
+            print(f"{name}: training failed\n{proc.stderr[-1500:]}")
+            continue
+        measured = json.loads(proc.stdout.split("@@")[-1])
+        code = (
+            "import json,sys; from peftkit import api; p = api.plan(sys.argv[1], sys.argv[2:]); "
+            "print('@@' + json.dumps({'total': p.estimate.total, 'tokens': p.workload.tokens, "
+            "'parts': p.estimate.parts}))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *common], capture_output=True, text=True, cwd=ROOT
+        )
+        if proc.returncode:
+            print(f"{name}: planning failed\n{proc.stderr[-1500:]}")
+            continue
+        planned = json.loads(proc.stdout.split("@@")[-1])
+        error = planned["total"] / measured["peak_memory_bytes"] - 1
+        rows.append({"case": name, "measured": measured, "planned": planned, "error": error})
+        print(f"{name}: planned {planned['total'] / 2**20:,.0f} MiB, measured "
+              f"{measured['peak_memory_bytes'] / 2**20:,.0f} MiB ({error:+.1%}); largest micro-batch "
+              f"{planned['tokens']} planned vs {measured['largest_micro_batch_tokens']} seen")  # fmt: skip
+    lines = ["| case | planned MiB | measured peak MiB | error | largest micro-batch tokens (plan / run) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['planned']['total'] / 2**20:,.0f} | {r['measured']['peak_memory_bytes'] / 2**20:,.0f} "
+            f"| {r['error']:+.1%} | {r['planned']['tokens']} / {r['measured']['largest_micro_batch_tokens']} |"
+        )
+    (out / "plan_check.md").write_text("\n".join(lines) + "\n")
+    (out / "plan_check.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

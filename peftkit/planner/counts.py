@@ -1,0 +1,81 @@
+"""What the memory planner needs to know about a model, read without loading any weight: the
+architecture from its config, and parameter counts from a copy built on the meta device with the
+recipe's adapter method applied (so the trainable count is peft's own, not a formula)."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.methods.base import ApplyContext
+from peftkit.recipe.schema import Recipe
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    base_params: int
+    """Parameters of the base model."""
+    quantizable_params: int
+    """Weights of the decoder's nn.Linear layers: what bitsandbytes quantizes (not embeddings, norms or the head)."""
+    trainable_params: int
+    adapter_params: int
+    """Parameters the method adds (0 for full/partial fine-tuning)."""
+    adapter_input_features: int
+    """Sum of input widths of the adapted linear layers in one decoder layer (LoRA casts each input)."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+def count(recipe: Recipe, tokenizer) -> ModelCounts:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.models.load import resolve_source
+
+    spec = recipe.model
+    config = AutoConfig.from_pretrained(
+        resolve_source(spec.name), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    head = model.get_output_embeddings()
+    base = sum(p.numel() for p in model.parameters())
+    quantizable = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+    )
+    adapter = recipe.adapter
+    if getattr(adapter, "init", "default") in ("pissa", "olora"):  # SVD/QR cannot run on meta
+        adapter = adapter.model_copy(update={"init": "default"})
+    with tempfile.TemporaryDirectory() as work, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter from peft/transformers
+        model = adapter.apply(model, ApplyContext(tokenizer, "", False, False, Path(work)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    first_layer_inputs = sum(
+        m.in_features
+        for name, m in model.named_modules()
+        if name.endswith("base_layer") and isinstance(m, nn.Linear) and ".layers.0." in name
+    )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return ModelCounts(
+        base_params=base,
+        quantizable_params=quantizable,
+        trainable_params=trainable,
+        adapter_params=total - base,
+        adapter_input_features=first_layer_inputs,
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        vocab=text.vocab_size,
+    )

@@ -1,0 +1,113 @@
+"""Peak-memory arithmetic for one training step, component by component.
+
+For a decoder with hidden size h, MLP width I, key/value width h_kv, L layers, T tokens in the
+largest micro-batch and compute dtype of b bytes:
+
+  weights      quantized linears: 4-bit 0.5 B (+ absmax ~1/64 B), 8-bit 1 B per weight; the rest
+               (embeddings, norms, head) in the storage dtype
+  adapter      trainable parameters added by the method, fp32 (peft keeps adapters in fp32)
+  gradients    one per trainable parameter, in its dtype
+  optimizer    AdamW: two fp32 moments (8 B) per trainable parameter; 8-bit variants: 2 B
+  activations  per layer and token, what autograd keeps for backward: the two RMSNorm inputs and
+               their fp32 upcasts, q/k/v and the rotated q/k, the attention output, the MLP's
+               gate/up/act/product:  b (8h + 3 h_kv + 4 I) + 4 (2h)  bytes, plus, for LoRA under
+               half precision, the fp32 copy of each adapted layer's input peft casts. With
+               gradient checkpointing: only each layer's input (b h) plus one layer's full set.
+  logits       supervised-only: K supervised positions x vocab in b bytes, plus fp32 chunks;
+               otherwise T x vocab in b bytes, its fp32 upcast and the fp32 log-softmax
+  backward     transients while backward runs: one layer's activation gradients and the gradient
+               of the kept logits (fp32)
+  cpu slack    CPU only: glibc and oneDNN keep freed and scratch memory resident; measured on the
+               benchmark workload (torch 2.13, glibc) as ~45% of the step's transient tensors
+               (activations + logits + backward). Not a law of nature: see benchmarks/README.md.
+  runtime      CPU: the resident size of a process that has imported torch and transformers
+               (measured by the planner itself); GPU: nothing (CUDA context is not allocated
+               memory, and `torch.cuda.max_memory_allocated` is what peftkit reports)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peftkit.planner.counts import ModelCounts
+from peftkit.training.loss import CE_CHUNK_ROWS
+
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+STORAGE = {"bfloat16": 2, "float16": 2, "float32": 4}
+CPU_SLACK = 0.45
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
+
+
+@dataclass
+class Workload:
+    """The shape of the largest micro-batch the run will see."""
+
+    tokens: int
+    """Tokens the model computes in the micro-batch (padding included when not packing)."""
+    supervised: int
+    """Positions that carry loss in it."""
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per component
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def estimate(
+    counts: ModelCounts,
+    *,
+    precision: str,
+    storage_dtype: str,
+    quant_bits: int | None,
+    full_weights: bool,
+    optimizer: str,
+    gradient_checkpointing: bool,
+    supervised_only: bool,
+    lora: bool,
+    work: Workload,
+    runtime_bytes: float,
+    cpu: bool,
+) -> Estimate:
+    c, b = counts, BYTES[precision]
+    store = STORAGE[storage_dtype]
+    e = Estimate()
+    rest = c.base_params - c.quantizable_params
+    if quant_bits == 4:
+        e.parts["weights"] = c.quantizable_params * (0.5 + 1 / 64) + rest * b
+    elif quant_bits == 8:
+        e.parts["weights"] = c.quantizable_params * 1.0 + rest * b
+    else:
+        e.parts["weights"] = c.base_params * store
+    e.parts["adapter"] = c.adapter_params * 4
+    trainable_bytes = store if full_weights else 4
+    e.parts["gradients"] = c.trainable_params * trainable_bytes
+    e.parts["optimizer"] = c.trainable_params * OPTIMIZER_BYTES[optimizer]
+    if full_weights and precision != "fp32" and store == 4:
+        # autocast keeps a half-precision copy of every fp32 weight it casts, until backward
+        e.parts["autocast copies"] = c.quantizable_params * b
+
+    t, h, i, kv = work.tokens, c.hidden, c.intermediate, c.kv_heads * (c.hidden // c.heads)
+    per_layer = t * (b * (8 * h + 3 * kv + 4 * i) + 4 * 2 * h)
+    if lora and precision != "fp32":
+        per_layer += t * c.adapter_input_features * 4
+    if gradient_checkpointing:
+        e.parts["activations"] = c.layers * t * h * b + per_layer
+    else:
+        e.parts["activations"] = c.layers * per_layer
+    if supervised_only:
+        e.parts["logits"] = (
+            work.supervised * c.vocab * b + min(work.supervised, CE_CHUNK_ROWS) * c.vocab * 4 * 2
+        )
+    else:
+        e.parts["logits"] = t * c.vocab * (b + 4 + 4)
+    kept = work.supervised if supervised_only else t
+    e.parts["backward"] = per_layer + kept * c.vocab * 4
+    if cpu:
+        transient = e.parts["activations"] + e.parts["logits"] + e.parts["backward"]
+        e.parts["cpu slack"] = CPU_SLACK * transient
+    e.parts["runtime"] = runtime_bytes
+    return e

@@ -1,0 +1,55 @@
+"""`peftkit plan`: its counts and its largest micro-batch are the run's own; its advice makes sense."""
+
+from __future__ import annotations
+
+from peftkit import api
+from peftkit.cli import main
+from tests.conftest import write_recipe
+
+
+def test_plan_sees_the_runs_trainable_parameters_and_largest_micro_batch(
+    tmp_path, tiny_model, chat_file
+):
+    for batching in ({}, {"packing": False}):
+        recipe = write_recipe(
+            tmp_path / "r.yaml", tiny_model, chat_file,
+            train={"max_steps": 5, "micro_batch_size": 3, "grad_accum": 2, **batching},
+            output={"dir": str(tmp_path / "run"), "plot": False, "overwrite": True},
+        )  # fmt: skip
+        plan = api.plan(recipe)
+        summary = api.train(recipe)
+        assert plan.counts.trainable_params == summary["trainable_params"]
+        assert plan.counts.base_params + plan.counts.adapter_params == summary["total_params"]
+        assert plan.workload.tokens == summary["largest_micro_batch_tokens"]
+        assert plan.packing == (batching.get("packing", True))
+        assert plan.estimate.parts["optimizer"] == 8 * summary["trainable_params"]
+
+
+def test_plan_components_follow_the_recipe(tmp_path, tiny_model, chat_file):
+    def plan(**sections):
+        return api.plan(write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, **sections))
+
+    lora = plan()
+    checkpointed = plan(train={"gradient_checkpointing": True})
+    qlora = plan(
+        adapter={"method": "qlora", "r": 8},
+        model={"name": str(tiny_model), "quantization": {"bits": 4}},
+    )
+    full = plan(adapter={"method": "full"})
+    assert checkpointed.estimate.parts["activations"] < lora.estimate.parts["activations"]
+    assert qlora.estimate.parts["weights"] < lora.estimate.parts["weights"]
+    assert full.counts.trainable_params == full.counts.base_params
+    assert (
+        full.estimate.parts["optimizer"]
+        == 8 * full.counts.base_params
+        > 5 * lora.estimate.parts["optimizer"]
+    )
+
+
+def test_plan_cli_says_what_to_change_when_it_does_not_fit(tmp_path, tiny_model, chat_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file)
+    assert main(["plan", str(recipe), "--gpu-memory", "1MB"]) == 4
+    out = capsys.readouterr().out
+    assert "does NOT fit in" in out and "gradient_checkpointing=true" in out
+    assert main(["plan", str(recipe), "--gpu-memory", "80GB"]) == 0
+    assert "fits in 80.0 GiB of GPU" in capsys.readouterr().out

@@ -1,0 +1,120 @@
+"""The speed-ups change how a micro-batch is computed, never what it computes: packed rows and
+padded rows, supervised-only logits and full logits, chunked and one-shot cross-entropy all give
+the same loss sum and the same gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.training.attention import register_varlen_sdpa, set_attention
+from peftkit.training.batches import StepPlan, collate, collate_packed
+from peftkit.training.loss import causal_lm_loss_sum, chunked_cross_entropy_sum
+
+
+def _rows(vocab: int, lengths: list[int], seed: int = 0) -> list[EncodedRow]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        ids = rng.integers(10, vocab, size=n)
+        labels = ids.copy()
+        labels[: n // 2] = IGNORE  # a prompt without loss, then a supervised completion
+        rows.append(EncodedRow(ids, labels, origin=f"row{n}"))
+    return rows
+
+
+def _lora_model(path, attn: str):
+    torch.manual_seed(0)
+    varlen = attn == "varlen"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), attn_implementation="sdpa" if varlen else attn
+    )
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, config)
+    if varlen:
+        set_attention(model, register_varlen_sdpa())
+    return model
+
+
+def _loss_and_grads(model, batch, supervised_only=False):
+    model.zero_grad()
+    loss = causal_lm_loss_sum(model, batch, supervised_only)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _assert_same(a, b, tol=1e-5):
+    torch.testing.assert_close(a[0], b[0], rtol=tol, atol=tol)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
+def test_packed_rows_give_padded_loss_and_gradients(tiny_model, attn):
+    model = _lora_model(tiny_model, attn)
+    vocab = model.config.vocab_size
+    rows = _rows(vocab, [5, 17, 9, 30, 1])
+    padded = collate(rows, pad_id=7)
+    packed = collate_packed(rows, boundaries=attn == "varlen")
+    assert packed["input_ids"].shape == (1, 5 + 17 + 9 + 30 + 1)
+    assert int(padded["attention_mask"].sum()) == 62
+    _assert_same(_loss_and_grads(model, padded), _loss_and_grads(model, packed))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_packing_isolates_rows(tiny_model, attn):
+    """A row's loss does not depend on what it is packed with (no attention across rows)."""
+    model = _lora_model(tiny_model, attn)
+    a, b, c = _rows(model.config.vocab_size, [12, 20, 8], seed=3)
+
+    def loss(*rows):
+        return causal_lm_loss_sum(model, collate_packed(list(rows), boundaries=attn == "varlen"))
+
+    with torch.no_grad():
+        alone, with_a, a_only, with_c, c_only = loss(b), loss(a, b), loss(a), loss(b, c), loss(c)
+    torch.testing.assert_close(with_a - a_only, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_c - c_only, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_supervised_only_logits_give_full_loss_and_gradients(tiny_model, packed):
+    model = _lora_model(tiny_model, "sdpa")
+    rows = _rows(model.config.vocab_size, [11, 4, 23])
+    batch = collate_packed(rows) if packed else collate(rows, pad_id=7)
+    _assert_same(_loss_and_grads(model, batch), _loss_and_grads(model, batch, supervised_only=True))
+
+
+def test_chunked_cross_entropy_matches_one_shot():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 13, 50, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 13))
+    targets[0, :4] = IGNORE
+    ref = F.cross_entropy(
+        logits.float().reshape(-1, 50), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    out = chunked_cross_entropy_sum(logits, targets, chunk_rows=5)
+    (grad,) = torch.autograd.grad(out, logits)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad.float(), ref_grad.float())
+
+
+def test_length_grouping_keeps_the_steps_rows():
+    plan = StepPlan(n_rows=40, micro_batch_size=4, grad_accum=3, world_size=1, seed=0)
+    lengths = np.random.default_rng(1).integers(5, 500, size=40)
+    order = plan.epoch_order(0)
+    plain = plan.micro_batches(order, 1, 0)
+    grouped = plan.micro_batches(order, 1, 0, lengths)
+    assert sorted(np.concatenate(plain)) == sorted(np.concatenate(grouped))
+    flat = np.concatenate(grouped)
+    assert list(lengths[flat]) == sorted(lengths[flat])
+    waste = lambda mbs: sum(len(mb) * lengths[mb].max() - lengths[mb].sum() for mb in mbs)  # noqa: E731
+    assert waste(grouped) < waste(plain)
