@@ -17,22 +17,25 @@ QUICK = str(ROOT / "recipes" / "quickstart.yaml")
 BENCH = HERE / "results" / "work" / "50m"
 
 CASES = {
-    "tiny-llama lora (packed)": (QUICK, ["train.max_steps=15"]),
-    "tiny-llama lora (padded)": (QUICK, ["train.max_steps=15", "train.packing=false"]),
+    "tiny-llama lora fp32 (quickstart)": (QUICK, ["train.max_steps=15"]),
+    "tiny-llama lora bf16 (padded)": (
+        QUICK,
+        ["train.max_steps=15", "train.packing=false", "train.precision=bf16"],
+    ),
     "tiny-llama full fp32": (
         QUICK,
         ["train.max_steps=15", "adapter={method: full}", "train.precision=fp32"],
     ),
-    "tiny-llama qlora 4-bit": (
+    "tiny-llama qlora 4-bit fp32": (
         QUICK,
         ["train.max_steps=15", "adapter.method=qlora", "model.quantization={bits: 4}"],
     ),
-    "50m lora (packed)": (None, []),
-    "50m lora (padded, full logits)": (
+    "50m lora bf16 (benchmark defaults)": (None, []),
+    "50m lora bf16 (padded, full logits)": (
         None,
         ["train.packing=false", "train.supervised_logits_only=false"],
     ),
-    "50m lora + checkpointing": (None, ["train.gradient_checkpointing=true"]),
+    "50m lora bf16 + checkpointing": (None, ["train.gradient_checkpointing=true"]),
     "50m lora fp32": (None, ["train.precision=fp32"]),
 }
 
@@ -53,6 +56,28 @@ def bench_recipe(path: Path) -> str:
     return str(path)
 
 
+TRAIN = (
+    "s = api.train(sys.argv[1], sys.argv[2:]); "
+    "out = {k: s[k] for k in ('peak_memory_bytes', 'largest_micro_batch_tokens')}"
+)
+PLAN = (
+    "p = api.plan(sys.argv[1], sys.argv[2:]); "
+    "out = {'total': p.estimate.total, 'tokens': p.workload.tokens, 'parts': p.estimate.parts}"
+)
+
+
+def _in_fresh_process(body: str, args: list[str]) -> dict | None:
+    """Run `body` (which sets `out`) in a new Python process, so each peak is that step's own."""
+    code = f"import json, sys; from peftkit import api; {body}; print('@@' + json.dumps(out))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    if proc.returncode:
+        print(proc.stderr[-1500:])
+        return None
+    return json.loads(proc.stdout.split("@@")[-1])
+
+
 def main() -> None:
     if not (BENCH / "model").exists():
         subprocess.run(
@@ -71,30 +96,11 @@ def main() -> None:
             "output.dir=runs/plan-check",
             "output.plot=false",
         ]
-        code = (
-            "import json,sys; from peftkit import api; "
-            "s = api.train(sys.argv[1], sys.argv[2:]); "
-            "print('@@' + json.dumps({k: s[k] for k in ('peak_memory_bytes', 'largest_micro_batch_tokens')}))"
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *common], capture_output=True, text=True, cwd=ROOT
-        )
-        if proc.returncode:
-            print(f"{name}: training failed\n{proc.stderr[-1500:]}")
+        measured = _in_fresh_process(TRAIN, common)
+        planned = measured and _in_fresh_process(PLAN, common)
+        if not planned:
+            print(f"{name}: failed")
             continue
-        measured = json.loads(proc.stdout.split("@@")[-1])
-        code = (
-            "import json,sys; from peftkit import api; p = api.plan(sys.argv[1], sys.argv[2:]); "
-            "print('@@' + json.dumps({'total': p.estimate.total, 'tokens': p.workload.tokens, "
-            "'parts': p.estimate.parts}))"
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *common], capture_output=True, text=True, cwd=ROOT
-        )
-        if proc.returncode:
-            print(f"{name}: planning failed\n{proc.stderr[-1500:]}")
-            continue
-        planned = json.loads(proc.stdout.split("@@")[-1])
         error = planned["total"] / measured["peak_memory_bytes"] - 1
         rows.append({"case": name, "measured": measured, "planned": planned, "error": error})
         print(f"{name}: planned {planned['total'] / 2**20:,.0f} MiB, measured "
