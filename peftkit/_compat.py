@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 
@@ -38,22 +39,22 @@ def keep_bnb_4bit_cpu_weights_unpacked(model) -> int:
 def release_freed_cpu_memory() -> None:
     """glibc keeps memory freed by torch's CPU allocator in its heaps. Training with varying
     micro-batch shapes then grows the resident size step after step (measured on the 52M benchmark:
-    peak RSS 2.4 GiB after 8 steps, 3.4 GiB after 20), though live tensors do not grow.
-    `malloc_trim(0)` after each optimizer step hands that memory back. No-op off glibc."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    peak RSS 3.4 GiB after 20 bf16 steps without this, 2.5 GiB with it), though live tensors do not
+    grow. `malloc_trim(0)` after each optimizer step hands that memory back. No-op off glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def allow_new_mixed_precision() -> None:

@@ -1,4 +1,4 @@
-"""Finding the stack of decoder blocks in any causal LM, whatever the architecture calls it."""
+"""Finding the parts of any causal LM: the transformers model under a peft wrapper, the decoder blocks."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not candidates:
         raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
     return max(candidates, key=lambda item: len(item[1]))
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -18,6 +18,8 @@ import itertools
 import torch
 from torch import nn
 
+from peftkit.models.layers import unwrap_peft
+
 VARLEN_SDPA = "peftkit_varlen_sdpa"
 
 
@@ -58,5 +60,5 @@ def register_varlen_sdpa() -> str:
 
 def set_attention(model: nn.Module, name: str) -> None:
     """Switch a (possibly peft-wrapped) transformers model's attention implementation."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     base.set_attn_implementation(name)

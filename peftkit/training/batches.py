@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from peftkit.data.encode import IGNORE, EncodedRow
+
+if TYPE_CHECKING:
+    from peftkit.methods.base import MethodSpec
+    from peftkit.recipe.schema import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class StepPlan:
 PACKABLE_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
 
 
-def resolve_packing(train, method, attn_implementation: str | None) -> bool:
+def resolve_packing(train: TrainSpec, method: MethodSpec, attn_implementation: str | None) -> bool:
     """train.packing, or when unset: on where transformers' own masking isolates packed rows."""
     if train.packing is not None:
         return train.packing

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peftkit.data.encode import IGNORE
+from peftkit.models.layers import unwrap_peft
 
 CE_CHUNK_ROWS = 1024
 """Rows of logits per fp32 cross-entropy chunk: the transient fp32 memory is chunk x vocab x 4 B."""
@@ -32,7 +33,7 @@ def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the (unwrapped) model's causal-LM forward takes `logits_to_keep` (transformers >= 4.50)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 

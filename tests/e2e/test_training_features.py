@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from peftkit import api
 from peftkit.cli import main
 from peftkit.errors import DataError
 from tests.conftest import chat_rows, write_jsonl, write_recipe
@@ -61,6 +62,29 @@ def test_evaluation_best_adapter_plot_and_samples(tmp_path, tiny_model, chat_fil
     assert samples[0]["prompt"] == "Repeat: red fox" and {"before", "after"} <= samples[0].keys()
     meta = json.loads((run / "peftkit.json").read_text())
     assert meta["stop_tokens"] == ["<|im_end|>"] and meta["data_audit"][1]["split"] == "eval"
+
+
+def test_bf16_then_fp32_runs_in_one_process(tmp_path, tiny_model, chat_file):
+    """bf16 on CPU (packed lengths rounded to 128) trains; a later fp32 run in the same process is
+    not refused by accelerate's process-wide state."""
+    summaries = []
+    for precision in ("bf16", "fp32"):
+        recipe = write_recipe(
+            tmp_path / f"{precision}.yaml",
+            tiny_model,
+            chat_file,
+            train={"max_steps": 3, "precision": precision},
+            output={"dir": str(tmp_path / precision), "plot": False},
+        )
+        summaries.append(api.train(recipe))
+    bf16, fp32 = summaries
+    assert bf16["largest_micro_batch_tokens"] % 128 == 0
+    assert fp32["largest_micro_batch_tokens"] % 128 != 0 or fp32["largest_micro_batch_tokens"] == 0
+    assert (
+        abs(bf16["final_train_loss"] - fp32["final_train_loss"]) < 0.05 * fp32["final_train_loss"]
+    )
+    meta = json.loads((tmp_path / "bf16" / "peftkit.json").read_text())
+    assert "bf16" in json.dumps(meta)
 
 
 def test_early_stopping_stops_when_eval_loss_stalls(tmp_path, tiny_model, chat_file):

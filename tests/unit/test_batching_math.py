@@ -69,6 +69,19 @@ def test_packed_rows_give_padded_loss_and_gradients(tiny_model, attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_filler_rounding_keeps_loss_and_gradients(tiny_model, attn):
+    """Under bf16 on CPU packed lengths are rounded up with a filler segment: same math."""
+    model = _lora_model(tiny_model, attn)
+    rows = _rows(model.config.vocab_size, [5, 17, 9])
+    rounded = collate_packed(rows, boundaries=attn == "varlen", pad_to_multiple=16, pad_id=7)
+    assert rounded["input_ids"].shape == (1, 32)
+    if attn == "varlen":
+        assert rounded["cu_seq_lens_q"].tolist() == [0, 5, 22, 31, 32]
+    assert (rounded["labels"][0, 31:] == IGNORE).all()
+    _assert_same(_loss_and_grads(model, collate(rows, pad_id=7)), _loss_and_grads(model, rounded))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
 def test_packing_isolates_rows(tiny_model, attn):
     """A row's loss does not depend on what it is packed with (no attention across rows)."""
     model = _lora_model(tiny_model, attn)
