@@ -66,3 +66,22 @@ def allow_new_mixed_precision() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> None:
+    """Make `name` the active adapter (None: no adapter) of a peft model held for inference.
+
+    peft (0.17-0.21) `set_adapter` walks `model.modules()` — which holds every loaded adapter's
+    submodules — and sets requires_grad on each adapter's weights, so switching slows down with
+    every adapter loaded (O(adapters x layers); see benchmarks/adapters.py). For inference only the
+    layers' active-adapter list and disable flag matter; both are the attributes peft's own
+    `BaseTunerLayer.set_adapter` / `enable_adapters` assign, set here on a cached list of layers
+    (O(layers), independent of how many adapters are loaded)."""
+    for layer in tuner_layers:
+        if name is None:
+            layer._disable_adapters = True
+        else:
+            layer._active_adapter = [name]
+            layer._disable_adapters = False
+    if name is not None:
+        peft_model.base_model.active_adapter = name

@@ -93,3 +93,85 @@ def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     from peftkit.export.run import export as run_export
 
     return run_export(path, out, **options)
+
+
+def load_adapters(
+    adapters: dict[str, str | Path] | list[str | Path],
+    base: str | None = None,
+    dtype: str = "auto",
+    quantization: str | dict[str, Any] | None = "auto",
+    allow_mismatch: bool = False,
+):
+    """Load a base model once and attach adapters to it; returns an `AdapterSet`.
+
+    Args:
+        adapters: {name: run dir or adapter folder}, or a list of them (named after their folder;
+            a run directory's name, not "adapter").
+        base: the base model; default: the one the adapters' manifests name.
+        quantization: "auto" = as the adapters were trained (QLoRA: 4-bit), None, or {"bits": 4}.
+        allow_mismatch: load adapters trained on another base (warn instead of refusing).
+    """
+    from peftkit.adapters.adapter_set import AdapterSet, default_name
+
+    if not isinstance(adapters, dict):
+        adapters = {default_name(p): p for p in adapters}
+    return AdapterSet.from_adapters(adapters, base, dtype, quantization, allow_mismatch)
+
+
+def serve(
+    adapters_dir: str | Path,
+    base: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_base_name: str | None = None,
+    dtype: str = "auto",
+    quantization: str | dict[str, Any] | None = "auto",
+    allow_mismatch: bool = False,
+    limits=None,
+    block: bool = True,
+):
+    """Serve the base model and every adapter in `adapters_dir` over an OpenAI-compatible API.
+
+    Args:
+        limits: a `peftkit.serving.app.ServeLimits` (queue, batch and request size limits).
+        block: serve until SIGINT/SIGTERM (True), or start in a background thread and return the
+            `Server` (call `.stop()`; its `.url` says where it listens).
+    """
+    from peftkit.serving.app import ServeLimits
+    from peftkit.serving.server import Server, load_for_serving
+
+    aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch)
+    server = Server(aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name)
+    if not block:
+        return server.start()
+    print(f"peftkit serve: {aset.spec.name} + adapters {', '.join(aset.names)}", flush=True)
+    print(f"peftkit serve: listening on {server.url}/v1 (Ctrl-C stops)", flush=True)
+    server.run()
+    return server
+
+
+def combine(sources: dict[str, str | Path], out: str | Path, **options: Any):
+    """Combine adapters into one and evaluate it on each source's task (see `peftkit.adapters.combine`)."""
+    from peftkit.adapters.combine import combine as combine_adapters
+
+    return combine_adapters(sources, out, **options)
+
+
+def sweep(
+    recipe: str | Path,
+    space: str | Path,
+    trials: int,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    storage: str | Path | None = None,
+    overwrite: bool = False,
+):
+    """Search a recipe's hyperparameters with Optuna; see `peftkit.sweep.run.sweep`.
+
+    Returns a `SweepResult`: trials best first, results.md, best_recipe.yaml.
+    """
+    from peftkit.sweep import sweep as run_sweep
+
+    return run_sweep(
+        recipe, space, trials, overrides, out_dir=out, storage=storage, overwrite=overwrite
+    )

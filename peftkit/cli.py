@@ -65,7 +65,111 @@ def _parser() -> argparse.ArgumentParser:
         "--target", choices=["vllm"], help="check (and losslessly fix) the adapter for a server"
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    sweep = sub.add_parser(
+        "sweep", help="search a recipe's hyperparameters with Optuna, pruning on eval loss"
+    )
+    sweep.add_argument("recipe", help="recipe YAML file every trial starts from")
+    sweep.add_argument(
+        "overrides", nargs="*", help="dotted overrides for every trial, e.g. train.max_steps=200"
+    )
+    sweep.add_argument(
+        "--space", required=True, help="search space YAML (params, objective, pruner, seed)"
+    )
+    sweep.add_argument(
+        "--trials", type=int, required=True, help="trials in the sweep (with --storage: in total)"
+    )
+    sweep.add_argument("--out", help="sweep folder (default: the recipe's output.dir + '-sweep')")
+    sweep.add_argument(
+        "--storage", help="sqlite file that keeps the study: rerun the command to continue it"
+    )
+    sweep.add_argument(
+        "--overwrite", action="store_true", help="replace a sweep folder that holds another sweep"
+    )
+    _add_adapter_verbs(sub)
     return parser
+
+
+def _add_loading(p: argparse.ArgumentParser, adapters: bool = True) -> None:
+    if adapters:
+        p.add_argument(
+            "--adapter",
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="adapter to load (run dir or adapter folder); repeat for several",
+        )
+    p.add_argument("--base", help="base model (default: the one the adapters were trained on)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "4", "8"],
+        help="load the base in 4/8 bit; auto = as the adapters were trained",
+    )
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters trained on another base model anyway (their outputs may be garbage)",
+    )
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+
+
+def _add_adapter_verbs(sub) -> None:
+    generate = sub.add_parser("generate", help="answer prompts with a base model and its adapters")
+    _add_loading(generate)
+    _add_sampling(generate)
+    generate.add_argument(
+        "--use", help="adapter to answer with, 'base', or a comma list (each one)"
+    )
+    generate.add_argument("--prompt", action="append", default=[], help="repeat for several")
+    generate.add_argument(
+        "--prompts", help='file: one prompt per line (.txt), or .jsonl with "prompt" or "messages"'
+    )
+    generate.add_argument("--system", help="system prompt (chat prompts)")
+    generate.add_argument(
+        "--raw", action="store_true", help="continue prompts as plain text (no chat template)"
+    )
+    generate.add_argument("--json", action="store_true", help="print JSON lines")
+    chat = sub.add_parser("chat", help="talk to a base model and its adapters, switching with /use")
+    _add_loading(chat)
+    _add_sampling(chat)
+    chat.add_argument("--use", help="adapter to start with ('base' = none)")
+    chat.add_argument("--system", help="system prompt")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API over a base and its adapters")
+    serve.add_argument(
+        "--adapters-dir",
+        required=True,
+        help="one sub-folder per adapter (run dir or adapter folder); its name is the model name",
+    )
+    _add_loading(serve, adapters=False)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    serve.add_argument("--served-base-name", help="model name of the base (default: --base)")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    serve.add_argument("--max-batch", type=int, default=16)
+    serve.add_argument("--batch-wait-ms", type=float, default=20)
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096)
+    serve.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    combine = sub.add_parser(
+        "combine", help="make one adapter from several and evaluate it on each one's task"
+    )
+    combine.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    combine.add_argument("--out", required=True)
+    combine.add_argument("--how", default="ties", help="linear, cat, svd, ties, dare_ties, ... ")
+    combine.add_argument("--weights", help="comma list, one per adapter (default: equal)")
+    combine.add_argument("--density", type=float, default=0.5, help="kept fraction (ties/dare)")
+    combine.add_argument("--svd-rank", type=int)
+    combine.add_argument("--base")
+    combine.add_argument("--no-eval", action="store_true", help="skip the evaluation table")
+    combine.add_argument("--overwrite", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +204,28 @@ def main(argv: list[str] | None = None) -> int:
                 target=args.target,
                 overwrite=args.overwrite,
             )
+        elif args.verb == "sweep":
+            result = api.sweep(
+                args.recipe,
+                args.space,
+                args.trials,
+                args.overrides,
+                out=args.out,
+                storage=args.storage,
+                overwrite=args.overwrite,
+            )
+            print(result.table)
+            if result.best_recipe is None:
+                print(f"peftkit sweep: no trial completed; see {result.results}", file=sys.stderr)
+                return 2
+            print(
+                f"results: {result.results}\nbest recipe: {result.best_recipe} "
+                f"(train it: peftkit train {result.best_recipe})"
+            )
+        elif args.verb in ("generate", "chat", "serve", "combine"):
+            from peftkit import cli_adapters
+
+            return getattr(cli_adapters, args.verb)(args)
     except FidelityGateFailed as e:
         print(f"peftkit {args.verb}: fidelity gate failed: {e}", file=sys.stderr)
         return 3

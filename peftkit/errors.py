@@ -33,3 +33,15 @@ class ExportError(PeftkitError):
 
 class FidelityGateFailed(ExportError):
     """The exported model differs from the trained model by more than the recipe's thresholds."""
+
+
+class AdapterMismatchError(PeftkitError):
+    """An adapter was trained on another base model or tokenizer than the one it is loaded onto."""
+
+
+class ServingError(PeftkitError):
+    """An adapter cannot be served or generated with as asked (unknown name, unsupported method)."""
+
+
+class SweepError(PeftkitError):
+    """A sweep cannot run as asked: a search space that does not fit the recipe, a used folder, ..."""

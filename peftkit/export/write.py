@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftkit.adapters.manifest import MANIFEST
 from peftkit.export.source import ExportSource
 from peftkit.models.load import DTYPES
 
@@ -31,8 +32,9 @@ def write_model(model: nn.Module, out: Path, dtype: str, max_shard_size: str) ->
 
 
 def copy_adapter(source: ExportSource, out: Path) -> None:
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy2(source.result_dir / name, out / name)
+    for name in ("adapter_config.json", "adapter_model.safetensors", MANIFEST):
+        if (source.result_dir / name).is_file():  # runs before the manifest existed have none
+            shutil.copy2(source.result_dir / name, out / name)
 
 
 def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from peftkit import _compat
+from peftkit.adapters.manifest import BaseIdentity, write_manifest
 from peftkit.data.audit import render_mask
 from peftkit.data.encode import EncodedRow
 from peftkit.data.pipeline import PreparedData, prepare_data
@@ -85,6 +86,8 @@ class FineTuneRun:
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
         model = load_model(r.model, self.weights_dtype, self.accelerator.device)
+        # Before the method touches the model: the identity adapters are checked against later.
+        self.base_identity = BaseIdentity.of(r.model.name, model, self.tokenizer)
         self.ctx = ApplyContext(
             tokenizer=self.tokenizer,
             tokenizer_path=r.model.tokenizer or str(model.name_or_path),
@@ -437,6 +440,15 @@ class FineTuneRun:
             with atomic_dir(target) as tmp:
                 self.recipe.adapter.save(self.accelerator.unwrap_model(self.model), tmp, self.ctx)
                 self.tokenizer.save_pretrained(str(tmp))
+                write_manifest(
+                    tmp,
+                    self.base_identity,
+                    method=self.recipe.adapter.method,
+                    chat_template=self.data.chat_template.template,
+                    stop_tokens=self.data.stop_tokens,
+                    recipe=self.recipe_dump,
+                    quantization=self.recipe_dump["model"]["quantization"],
+                )
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, rng: dict[str, Any]):

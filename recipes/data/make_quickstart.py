@@ -3,6 +3,8 @@
     python recipes/data/make_quickstart.py                     # chats + tokenizer (committed)
     python recipes/data/make_quickstart.py --pretrain-corpus   # + the corpus that pretrains
                                                                #   builtin:tiny-llama (not committed)
+    python recipes/data/make_quickstart.py --skills            # only skill-*.jsonl: one task each,
+                                                               #   for the adapters-per-task recipes
 
 The data is synthetic and deterministic (seeded): short chats in which an assistant does
 arithmetic, repeats phrases and sorts numbers, some of them multi-turn. A held-out split uses
@@ -107,6 +109,39 @@ def write_tokenizer(rows: list[dict]) -> None:
     fast.save_pretrained(str(ASSETS))
 
 
+def write_skill_data(n_train: int = 600, n_eval: int = 40) -> list[Path]:
+    """One single-turn chat file per skill (skill-<task>-{train,eval}.jsonl), for
+    recipes/tiny-llama/adapters/*.yaml: one adapter per task on one base. Seeds are disjoint from
+    the other splits'; eval rows never repeat a training row."""
+    written = []
+    for t, task in enumerate(TASKS):
+        name = task.__name__.split("_")[0]
+        rows: dict[str, list[dict]] = {"train": [], "eval": []}
+        seen = set()
+        for split, n, offset in (("train", n_train, 2 * 10**6), ("eval", n_eval, 3 * 10**6)):
+            i = 0
+            while len(rows[split]) < n:
+                rng = random.Random(offset + 10**5 * t + i)
+                i += 1
+                question, answer = task(rng)
+                row = {
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+                key = json.dumps(row)
+                if split == "eval" and key in seen:
+                    continue
+                seen.add(key)
+                rows[split].append(row)
+            path = HERE / f"skill-{name}-{split}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows[split]))
+            written.append(path)
+    return written
+
+
 def write_pretrain_corpus(n_docs: int = 48000, per_doc: int = 8) -> Path:
     """Plain-text documents of the same skills, *without* any chat formatting.
 
@@ -130,6 +165,9 @@ def write_pretrain_corpus(n_docs: int = 48000, per_doc: int = 8) -> Path:
 if __name__ == "__main__":
     import sys
 
+    if "--skills" in sys.argv:
+        print("wrote", *write_skill_data())
+        sys.exit(0)
     write_tokenizer(write_data())
     print(f"wrote {HERE}/quickstart-*.jsonl and {ASSETS}")
     if "--pretrain-corpus" in sys.argv:

@@ -1,0 +1,171 @@
+"""Batched generation where each row may use its own adapter, with per-row streaming and limits.
+
+One `model.generate` call serves a batch of rows: prompts are left-padded, rows whose adapters
+differ go through peft's mixed-adapter path (`adapter_names=[...]`: each LoRA layer applies each
+row's own low-rank update to that row only), and a streamer hands every new token to its row.
+A row stops at its own token limit or at a stop token; `generate` itself runs until every row
+is done (finished rows are padded), so rows with short limits cost the batch nothing extra in
+correctness, only in the steps the longest row needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, Field
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
+
+
+class SamplingOptions(BaseModel):
+    """How to pick tokens. temperature 0 = greedy (deterministic)."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    max_new_tokens: int = Field(default=128, gt=0)
+    temperature: float = Field(default=0.0, ge=0, le=5)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    """0 = no top-k cut."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def batch_key(self) -> tuple:
+        """Rows can share one generate call when these agree (token limits may differ)."""
+        return (self.greedy, self.temperature, self.top_p, self.top_k)
+
+
+@dataclass
+class Row:
+    """One prompt to continue: its token ids, the adapter to use (None: the base model), options."""
+
+    input_ids: list[int]
+    adapter: str | None
+    options: SamplingOptions
+    stop_ids: set[int]
+    """Token ids that end this row's answer (a batch stops each row on any row's stop ids)."""
+    on_text: Callable[[str], None] | None = None
+    """Called with each new piece of text as it is generated (streaming)."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    """'stop' (a stop token) or 'length' (the token limit)."""
+
+
+@dataclass
+class _RowState:
+    row: Row
+    tokens: list[int] = field(default_factory=list)
+    emitted: str = ""
+    done: bool = False
+    stopped: bool = False
+
+
+class _RowStreamer(BaseStreamer):
+    """Receives each step's new tokens for the whole batch and routes them to their rows."""
+
+    def __init__(
+        self, states: list[_RowState], tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]
+    ) -> None:
+        self.states = states
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids  # generate ends a row on any of them, so the row ends here too
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first sends the prompt ids
+            self.prompt_seen = True
+            return
+        for state, token in zip(self.states, value.reshape(-1).tolist()):
+            if state.done:
+                continue
+            if token in self.stop_ids:
+                state.done = state.stopped = True
+                continue
+            state.tokens.append(token)
+            if len(state.tokens) >= state.row.options.max_new_tokens:
+                state.done = True
+            if state.row.on_text is not None:
+                self._emit(state, final=state.done)
+
+    def end(self) -> None:
+        for state in self.states:
+            if state.row.on_text is not None:
+                self._emit(state, final=True)
+
+    def _emit(self, state: _RowState, final: bool) -> None:
+        text = self.tokenizer.decode(state.tokens, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the rest of it
+        if len(text) > len(state.emitted) and text.startswith(state.emitted):
+            state.row.on_text(text[len(state.emitted) :])
+            state.emitted = text
+
+
+@torch.no_grad()
+def generate_rows(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[Row],
+    adapter_names: list[str] | None,
+) -> list[Completion]:
+    """Generate for rows that share sampling settings (see `SamplingOptions.batch_key`).
+
+    Args:
+        adapter_names: one peft adapter name per row ("__base__" for none) for a mixed batch, or
+            None to run every row through the model's active adapter.
+    """
+    options = rows[0].options
+    if any(r.options.batch_key() != options.batch_key() for r in rows):
+        raise ValueError("rows of one generate call must share temperature, top_p and top_k")
+    device = next(p.device for p in model.parameters())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every row's next token is at the same column
+        input_ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
+        attention_mask[i, width - len(r.input_ids) :] = 1
+    stop_ids = sorted(set().union(*(r.stop_ids for r in rows)))
+    config = GenerationConfig(
+        max_new_tokens=max(r.options.max_new_tokens for r in rows),
+        do_sample=not options.greedy,
+        temperature=options.temperature if not options.greedy else None,
+        top_p=options.top_p if not options.greedy else None,
+        top_k=options.top_k if not options.greedy else None,
+        eos_token_id=stop_ids,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    states = [_RowState(r) for r in rows]
+    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    was_training = model.training
+    model.eval()
+    try:
+        model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            streamer=_RowStreamer(states, tokenizer, set(stop_ids)),
+            **extra,
+        )
+    finally:
+        model.train(was_training)
+    return [
+        Completion(
+            text=tokenizer.decode(s.tokens, skip_special_tokens=True),
+            token_ids=s.tokens,
+            prompt_tokens=len(s.row.input_ids),
+            finish_reason="stop" if s.stopped else "length",
+        )
+        for s in states
+    ]

@@ -1,0 +1,252 @@
+"""`peftkit serve`: an OpenAI-compatible HTTP API over one base model and its adapters.
+
+The request's `model` picks the adapter (its name) or the base model (its served name), as in
+vLLM's multi-LoRA serving. Adapters are loaded at start-up from one configured directory only; a
+client can name an adapter but never a path. Unknown names get a 404, an oversized body a 413, a
+full queue a 503 with Retry-After, and invalid fields a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from peftkit.adapters.adapter_set import BASE, AdapterSet
+from peftkit.adapters.generation import Completion, SamplingOptions
+from peftkit.serving import protocol as p
+from peftkit.serving.engine import Engine, EngineBusy, EngineClosed
+from peftkit.serving.engine import Request as EngineRequest
+
+
+@dataclass
+class ServeLimits:
+    max_queue: int = 64
+    """Requests waiting beyond the running batch; more get 503 'server busy'."""
+    max_batch: int = 16
+    """Rows generated together in one batch."""
+    batch_wait_s: float = 0.02
+    """How long the first request of a batch waits for others to join it."""
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 1024
+    """Largest max_tokens a request may ask for."""
+    default_max_tokens: int = 256
+
+
+def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> FastAPI:
+    """The FastAPI app; the engine starts with it and, on shutdown, finishes queued requests."""
+    engine = Engine(adapters, limits.max_queue, limits.max_batch, limits.batch_wait_s)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.close)
+
+    app = FastAPI(title="peftkit serve", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(p.ApiError)
+    async def _api_error(request: Request, error: p.ApiError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if error.status == 503 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    def resolve(model: str) -> str | None:
+        if model in (base_name, BASE):
+            return None
+        if model in adapters.adapters:
+            return model
+        raise p.ApiError(
+            404,
+            f"The model `{model}` does not exist. Served: {', '.join([base_name, *adapters.names])}",
+            "NotFoundError",
+            "model_not_found",
+        )
+
+    def options(req: p._Request, prompt_tokens: int) -> SamplingOptions:
+        if prompt_tokens > limits.max_prompt_tokens:
+            raise p.ApiError(
+                400,
+                f"the prompt has {prompt_tokens} tokens; this server accepts at most "
+                f"{limits.max_prompt_tokens}",
+                "invalid_request_error",
+                "context_length_exceeded",
+            )
+        wanted = req.token_limit or limits.default_max_tokens
+        if wanted > limits.max_new_tokens:
+            raise p.ApiError(
+                400,
+                f"max_tokens {wanted} is above this server's limit of {limits.max_new_tokens}",
+                "invalid_request_error",
+            )
+        return SamplingOptions(
+            max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "waiting": engine.waiting, "stats": vars(engine.stats)}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        def card(name: str, parent: str | None) -> dict[str, Any]:
+            return {
+                "id": name,
+                "object": "model",
+                "created": started,
+                "owned_by": "peftkit",
+                "root": base_name,
+                "parent": parent,
+            }
+
+        return {
+            "object": "list",
+            "data": [card(base_name, None)] + [card(n, base_name) for n in adapters.names],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _parse(p.ChatRequest, await _read_json(request, limits.max_body_bytes))
+        adapter = resolve(req.model)
+        ids = adapters.encode(req.chat(), adapter)
+        opts = options(req, len(ids))
+        rid = p.new_id("chatcmpl")
+        if req.stream:
+            events = _submit(engine, ids, adapter, opts, stream=True)  # 503 before any byte is sent
+            return _sse(_stream_chat(events, rid, req))
+        completion = await _complete(engine, ids, adapter, opts)
+        return p.chat_response(rid, req.model, completion)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = _parse(p.CompletionRequest, await _read_json(request, limits.max_body_bytes))
+        adapter = resolve(req.model)
+        try:
+            prompts = req.prompts()
+        except ValueError as e:
+            raise p.ApiError(400, str(e), "invalid_request_error") from None
+        encoded = [adapters.encode(text, adapter) for text in prompts]
+        opts = options(req, max(len(ids) for ids in encoded))
+        rid = p.new_id("cmpl")
+        if req.stream:
+            if len(encoded) != 1:
+                raise p.ApiError(
+                    400, "stream: only one prompt per streamed request", "invalid_request_error"
+                )
+            events = _submit(engine, encoded[0], adapter, opts, stream=True)
+            return _sse(_stream_completion(events, rid, req))
+        results = await asyncio.gather(*(_complete(engine, ids, adapter, opts) for ids in encoded))
+        return p.completion_response(rid, req.model, list(results))
+
+    return app
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise p.ApiError(413, f"request body over {limit} bytes", "invalid_request_error")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise p.ApiError(413, f"request body over {limit} bytes", "invalid_request_error")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise p.ApiError(
+            400, "the request body is not valid JSON", "invalid_request_error"
+        ) from None
+
+
+def _parse(model: type[BaseModel], body: Any):
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise p.ApiError(400, problems, "invalid_request_error") from None
+
+
+def _submit(
+    engine: Engine, ids: list[int], adapter: str | None, opts: SamplingOptions, stream: bool
+) -> asyncio.Queue:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(kind: str, value: Any) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+    try:
+        engine.submit(EngineRequest(ids, adapter, opts, emit, stream))
+    except (EngineBusy, EngineClosed) as e:
+        raise p.ApiError(503, str(e), "server_busy", "server_busy") from None
+    return events
+
+
+async def _complete(
+    engine: Engine, ids: list[int], adapter: str | None, opts: SamplingOptions
+) -> Completion:
+    events = _submit(engine, ids, adapter, opts, stream=False)
+    kind, value = await events.get()
+    if kind == "error":
+        raise p.ApiError(500, value, "internal_error")
+    return value
+
+
+async def _events(events: asyncio.Queue) -> AsyncIterator[tuple[str, Any]]:
+    while True:
+        kind, value = await events.get()
+        yield kind, value
+        if kind in ("done", "error"):
+            return
+
+
+async def _stream_chat(
+    events: asyncio.Queue, rid: str, req: p.ChatRequest
+) -> AsyncIterator[dict[str, Any]]:
+    yield p.chat_chunk(rid, req.model, {"role": "assistant", "content": ""})
+    async for kind, value in _events(events):
+        if kind == "text":
+            yield p.chat_chunk(rid, req.model, {"content": value})
+        elif kind == "error":
+            yield {"error": {"message": value, "type": "internal_error"}}
+        else:
+            yield p.chat_chunk(rid, req.model, {}, value.finish_reason)
+            if req.include_usage:
+                yield p.usage_chunk(rid, req.model, "chat.completion.chunk", value)
+
+
+async def _stream_completion(
+    events: asyncio.Queue, rid: str, req: p.CompletionRequest
+) -> AsyncIterator[dict[str, Any]]:
+    async for kind, value in _events(events):
+        if kind == "text":
+            yield p.completion_chunk(rid, req.model, value)
+        elif kind == "error":
+            yield {"error": {"message": value, "type": "internal_error"}}
+        else:
+            yield p.completion_chunk(rid, req.model, "", value.finish_reason)
+            if req.include_usage:
+                yield p.usage_chunk(rid, req.model, "text_completion", value)
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`."""
+
+    async def body() -> AsyncIterator[str]:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
