@@ -122,9 +122,10 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
         opts = options(req, len(ids))
         rid = p.new_id("chatcmpl")
         if req.stream:
-            events = _submit(engine, ids, adapter, opts, stream=True)  # 503 before any byte is sent
+            # submitted before the response starts, so a full queue is still a 503
+            events = _submit(engine, ids, adapter, opts, stream=True, seed=req.seed)
             return _sse(_stream_chat(events, rid, req))
-        completion = await _complete(engine, ids, adapter, opts)
+        completion = await _complete(engine, ids, adapter, opts, req.seed)
         return p.chat_response(rid, req.model, completion)
 
     @app.post("/v1/completions")
@@ -143,9 +144,11 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
                 raise p.ApiError(
                     400, "stream: only one prompt per streamed request", "invalid_request_error"
                 )
-            events = _submit(engine, encoded[0], adapter, opts, stream=True)
+            events = _submit(engine, encoded[0], adapter, opts, stream=True, seed=req.seed)
             return _sse(_stream_completion(events, rid, req))
-        results = await asyncio.gather(*(_complete(engine, ids, adapter, opts) for ids in encoded))
+        results = await asyncio.gather(
+            *(_complete(engine, ids, adapter, opts, req.seed) for ids in encoded)
+        )
         return p.completion_response(rid, req.model, list(results))
 
     return app
@@ -179,7 +182,12 @@ def _parse(model: type[BaseModel], body: Any):
 
 
 def _submit(
-    engine: Engine, ids: list[int], adapter: str | None, opts: SamplingOptions, stream: bool
+    engine: Engine,
+    ids: list[int],
+    adapter: str | None,
+    opts: SamplingOptions,
+    stream: bool,
+    seed: int | None = None,
 ) -> asyncio.Queue:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -188,16 +196,16 @@ def _submit(
         loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
     try:
-        engine.submit(EngineRequest(ids, adapter, opts, emit, stream))
+        engine.submit(EngineRequest(ids, adapter, opts, emit, stream, seed))
     except (EngineBusy, EngineClosed) as e:
         raise p.ApiError(503, str(e), "server_busy", "server_busy") from None
     return events
 
 
 async def _complete(
-    engine: Engine, ids: list[int], adapter: str | None, opts: SamplingOptions
+    engine: Engine, ids: list[int], adapter: str | None, opts: SamplingOptions, seed: int | None
 ) -> Completion:
-    events = _submit(engine, ids, adapter, opts, stream=False)
+    events = _submit(engine, ids, adapter, opts, stream=False, seed=seed)
     kind, value = await events.get()
     if kind == "error":
         raise p.ApiError(500, value, "internal_error")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from peftkit.adapters.adapter_set import AdapterSet
 from peftkit.adapters.generation import Completion, Row, SamplingOptions
 
@@ -41,6 +43,8 @@ class Request:
     options: SamplingOptions
     emit: Callable[[str, Any], None]
     stream: bool = False
+    seed: int | None = None
+    """Seed for sampling; a seeded request runs in a batch of its own, so it is reproducible."""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -149,6 +153,8 @@ class Engine:
             )
             for r in group
         ]
+        if group[0].seed is not None:
+            torch.manual_seed(group[0].seed)
         self.stats.requests += len(group)
         self.stats.batches += 1
         self.stats.mixed_batches += len({r.adapter for r in group}) > 1
@@ -168,5 +174,6 @@ class Engine:
 def _by_sampling(batch: list[Request]) -> list[list[Request]]:
     groups: dict[tuple, list[Request]] = {}
     for r in batch:
-        groups.setdefault(r.options.batch_key(), []).append(r)
+        alone = (id(r),) if r.seed is not None else ()  # batch-mates would change its draws
+        groups.setdefault((*r.options.batch_key(), *alone), []).append(r)
     return list(groups.values())

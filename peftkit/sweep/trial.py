@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from peftkit.errors import PeftkitError
 from peftkit.recipe.load import load_recipe
 from peftkit.sweep.space import override
-from peftkit.training.run_dir import RunDir
 
 if TYPE_CHECKING:
     import optuna
@@ -34,31 +32,6 @@ class TrialOutcome:
     seconds: float = 0.0
     error: str | None = None
     eval_losses: dict[int, float] = field(default_factory=dict)
-
-
-class EvalLossFeed:
-    """Eval losses the run appended to RUN_DIR/metrics.jsonl since the last call.
-
-    The loop logs each evaluation to metrics.jsonl just before it calls on_step, but passes
-    on_step only the train record; reading the new bytes of the file is how the sweep sees the
-    eval loss of that step without changing the loop.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def new(self) -> list[tuple[int, float]]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
-        self.offset += len(complete)
-        records = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        return [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
 
 
 def run_trial(
@@ -85,18 +58,18 @@ def run_trial(
         recipe = load_recipe(
             recipe_path, [*overrides, *trial_overrides, override("output.dir", str(run_dir))]
         )
-        feed = EvalLossFeed(RunDir(recipe.run_dir).metrics)
 
         def on_step(step: int, metrics: dict[str, Any]) -> None:
+            # on_step carries the eval loss of the steps that evaluated (never step 0: the
+            # untrained model is the same in every trial and says nothing)
             outcome.steps = step
-            for eval_step, loss in feed.new():
-                if eval_step == 0:
-                    continue  # the untrained model: the same for every trial, says nothing
-                outcome.eval_losses[eval_step] = loss
-                trial.report(loss, eval_step)
+            if "eval_loss" in metrics:
+                loss = metrics["eval_loss"]
+                outcome.eval_losses[step] = loss
+                trial.report(loss, step)
                 if trial.should_prune():
                     raise TrialPruned(
-                        f"eval loss {loss:.4f} at step {eval_step}, worse than earlier trials"
+                        f"eval loss {loss:.4f} at step {step}, worse than earlier trials"
                     )
 
         summary = api.train(recipe, on_step=on_step)

@@ -59,6 +59,7 @@ class FineTuneRun:
         self.recipe = recipe
         self.resume = resume
         self.on_step = on_step
+        self.last_eval: tuple[int, float] | None = None
         self.run = RunDir(recipe.run_dir)
         self.recipe_dump = recipe.model_dump(mode="json")
 
@@ -254,7 +255,11 @@ class FineTuneRun:
                     if self._due(r.train.save_every):
                         self._save_checkpoint(ckpt.rng_state())
                     if self.on_step is not None:
-                        self.on_step(self.state.step, record)
+                        evaluated = (
+                            self.last_eval is not None and self.last_eval[0] == self.state.step
+                        )
+                        extra = {"eval_loss": self.last_eval[1]} if evaluated else {}
+                        self.on_step(self.state.step, {**record, **extra})
             except KeyboardInterrupt:
                 bar.close()
                 if self.state.step > 0:
@@ -355,6 +360,7 @@ class FineTuneRun:
     def _evaluate_and_check_stop(self) -> bool:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""
         loss = self.evaluate()
+        self.last_eval = (self.state.step, loss)
         self.metrics.log(
             {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
         )

@@ -134,6 +134,15 @@ def test_streaming_sends_the_same_answer_in_pieces(server, alone):
     assert chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+def test_seeded_sampling_is_reproducible_under_concurrency(server):
+    # temperature 2 on the base model: unseeded draws would all differ
+    body = chat_body("tiny", PROMPTS["sort"], temperature=2.0, seed=7, max_tokens=16)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: call(server.url, "/v1/chat/completions", body), range(3)))
+    texts = {json.loads(t)["choices"][0]["message"]["content"] for _, _, t in answers}
+    assert len(texts) == 1 and texts != {""}
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from peftkit import api
 from peftkit.errors import SweepError
 from peftkit.recipe.load import load_recipe
 from peftkit.sweep import sweep
-from peftkit.sweep.trial import EvalLossFeed
 from tests.conftest import chat_rows, write_jsonl, write_recipe
 
 BAD_LR = 1e-7  # Adam moves each weight by ~lr per step: 1e-7 leaves the eval loss where it started
@@ -132,14 +132,17 @@ def test_an_interrupted_sweep_continues_from_its_storage(tmp_path, toy, monkeypa
         pruner="none",
     )
     recipe, out, db = toy(lr=1e-2, max_steps=4), tmp_path / "sweep", tmp_path / "study.db"
-    new_evals = EvalLossFeed.new
+    real_train = api.train
 
-    def ctrl_c_in_trial_1(self):
-        if "trial-001" in str(self.path):
-            raise KeyboardInterrupt  # as if pressed during step 1 of trial 1
-        return new_evals(self)
+    def ctrl_c_in_trial_1(recipe, *args, on_step=None, **kwargs):
+        def step(n: int, metrics: dict[str, Any]) -> None:
+            if "trial-001" in recipe.run_dir:
+                raise KeyboardInterrupt  # as if pressed during step 1 of trial 1
+            on_step(n, metrics)
 
-    monkeypatch.setattr(EvalLossFeed, "new", ctrl_c_in_trial_1)
+        return real_train(recipe, *args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(api, "train", ctrl_c_in_trial_1)
     with pytest.raises(SweepError, match=r"interrupted during trial 1.*same command to continue"):
         sweep(recipe, space, trials=2, out_dir=out, storage=db)
     assert [line["state"] for line in _jsonl(out / "trials.jsonl")] == ["complete", "interrupted"]
