@@ -35,6 +35,7 @@ from peftkit.errors import AdapterMismatchError
 from peftkit.training.run_dir import atomic_write_json
 
 MANIFEST = "peftkit_adapter.json"
+_NEW_HEADS = ("score", "classifier")
 FORMAT = 1
 _CONFIG_IGNORED = {
     "_name_or_path",
@@ -75,7 +76,11 @@ def _logical_shape(p: torch.Tensor) -> list[int]:
 def base_fingerprint(model: nn.Module) -> dict[str, str]:
     """Fingerprint of a loaded base model (see the module docstring); cheap even for 70B models."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_IGNORED}
-    params = sorted((_clean_name(n), p) for n, p in model.named_parameters())
+    params = sorted(
+        (_clean_name(n), p)
+        for n, p in model.named_parameters()
+        if _clean_name(n).split(".")[0] not in _NEW_HEADS  # a new task head starts random
+    )
     shapes = [(n, _logical_shape(p)) for n, p in params]
     weights = hashlib.sha256()
     for name, p in params:

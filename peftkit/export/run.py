@@ -67,6 +67,12 @@ def export(
             "--target checks adapter-only exports: add --adapter-only (merged weights need no check)"
         )
 
+    if source.recipe.task.has_head:
+        if adapter_only or target is not None:
+            raise ExportError("task-head models export as merged weights only (no --adapter-only)")
+        from peftkit.export.head import export_head_model
+
+        return export_head_model(source, out, spec, allow_drift, log)
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]

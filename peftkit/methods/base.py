@@ -26,6 +26,9 @@ class ApplyContext:
     quantized: bool
     work_dir: Path
     """Folder in the run directory where a method may keep files it needs again on resume."""
+    task_type: str = "CAUSAL_LM"
+    """peft's task type: CAUSAL_LM, or SEQ_CLS for a classification/regression head (peft then
+    trains and saves the head in full, with the adapter)."""
 
 
 class MethodSpec(Section):

@@ -71,11 +71,21 @@ class PartialSpec(_WholeModelMethod):
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         names = trainable_names(model, self.top_layers or 0, self.patterns)
+        names |= head_names(model)  # a new task head is never left at its random init
         for name, p in model.named_parameters():
             p.requires_grad_(name in names)
         if ctx.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         return model
+
+
+HEADS = ("score", "classifier")
+"""Module names transformers gives sequence-classification heads (decoder LMs, BERT-style)."""
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Parameters of a sequence-classification head (empty for a causal LM)."""
+    return {n for n, _ in model.named_parameters() if n.split(".")[0] in HEADS}
 
 
 def trainable_names(model: nn.Module, top_layers: int, patterns: list[str]) -> set[str]:

@@ -28,7 +28,7 @@ class IA3Spec(PeftMethod):
 
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> IA3Config:
         return IA3Config(
-            task_type="CAUSAL_LM",
+            task_type=ctx.task_type,
             target_modules=self.target_modules,
             feedforward_modules=self.feedforward_modules,
         )

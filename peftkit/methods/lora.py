@@ -61,7 +61,7 @@ class LoraSpec(PeftMethod):
 
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> LoraConfig:
         return LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=ctx.task_type,
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,

@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from peftkit import _compat
 from peftkit.errors import ModelLoadError
@@ -24,8 +29,13 @@ def resolve_source(name: str) -> str:
     return builtin.materialize(name) if builtin.is_builtin(name) else name
 
 
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """The recipe's tokenizer with a pad token set (labels never come from pad ids, so pad = EOS is safe)."""
+def load_tokenizer(spec: ModelSpec, needs_eos: bool = True) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer with a pad token set (labels never come from pad ids, so pad = EOS is safe).
+
+    Args:
+        needs_eos: refuse a tokenizer without EOS (a generating model must learn to stop; a
+            classifier never generates, and BERT-style tokenizers have none).
+    """
     source = resolve_source(spec.tokenizer or spec.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -33,7 +43,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(_explain_load_failure("tokenizer", source, e)) from e
-    if tokenizer.eos_token is None:
+    if tokenizer.eos_token is None and needs_eos:
         raise ModelLoadError(
             f"tokenizer of {source!r} has no EOS token: a fine-tuned model could never learn to stop"
         )
@@ -56,8 +66,29 @@ def bnb_config(quant: QuantizationSpec, compute_dtype: torch.dtype) -> Any:
     )
 
 
-def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Load the causal LM in `dtype`; quantized models are placed on `device` as they load."""
+def head_config(labels: list[str] | None, pad_token_id: int | None) -> dict[str, Any]:
+    """`from_pretrained` settings of a sequence-classification head: the classes (None =
+    regression, one output) and the pad id decoder LMs need to find each row's last token."""
+    if labels is None:
+        return {"num_labels": 1, "problem_type": "regression", "pad_token_id": pad_token_id}
+    return {
+        "num_labels": len(labels),
+        "problem_type": "single_label_classification",
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "pad_token_id": pad_token_id,
+    }
+
+
+def load_model(
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device, head: dict[str, Any] | None = None
+) -> nn.Module:
+    """Load the causal LM in `dtype`; quantized models are placed on `device` as they load.
+
+    Args:
+        head: `head_config(...)`: load `AutoModelForSequenceClassification` with a new task head
+            instead (its weights start random; everything else loads from the checkpoint).
+    """
     source = resolve_source(spec.name)
     kwargs: dict[str, Any] = {
         "revision": spec.revision,
@@ -70,8 +101,12 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> nn.
         compute = DTYPES.get(spec.quantization.compute_dtype, dtype)
         kwargs["quantization_config"] = bnb_config(spec.quantization, compute)
         kwargs["device_map"] = {"": device}
+    auto = AutoModelForCausalLM
+    if head is not None:
+        auto = AutoModelForSequenceClassification
+        kwargs.update(head)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = auto.from_pretrained(source, **kwargs)
     except ImportError as e:
         raise ModelLoadError(f"loading {source!r} needs a package that is missing: {e}") from e
     except (OSError, ValueError) as e:

@@ -76,6 +76,13 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
     from peftkit.training.batches import pack_multiple, resolve_packing
     from peftkit.training.precision import resolve_precision, weights_dtype
 
+    if recipe.task.has_head:
+        from peftkit.errors import RecipeError
+
+        raise RecipeError(
+            f"peftkit plan models causal-LM training; task.type {recipe.task.type!r} (a task head: "
+            "one prediction per row, no vocabulary-sized logits) is not modelled yet"
+        )
     on_gpu = gpu_memory is not None or torch.cuda.is_available()
     if (
         gpu_memory is not None

@@ -95,6 +95,28 @@ class DataSpec(Section):
     _coerce = field_validator("train", "eval", mode="before")(lambda cls, v: _as_list(v))
 
 
+class TaskSpec(Section):
+    """What the model learns: the next tokens (causal_lm), a class per text, or a number per text.
+
+    classification / regression put a new head on the model (`AutoModelForSequenceClassification`:
+    the last non-pad token's state for decoder LMs, [CLS] for BERT-style encoders) and read rows
+    like {"text": "...", "label": "positive"} (or `text_pair_field` for sentence pairs).
+    """
+
+    type: Literal["causal_lm", "classification", "regression"] = "causal_lm"
+    labels: list[str] | None = None
+    """Classification: the class names, in class-id order; null = the distinct labels of the
+    training data, sorted (numbers numerically). Rows may give a name or a class id."""
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    """Second text of a pair (entailment, similarity): encoded as the tokenizer's pair input."""
+    label_field: str = "label"
+
+    @property
+    def has_head(self) -> bool:
+        return self.type != "causal_lm"
+
+
 class EarlyStoppingSpec(Section):
     patience: int = Field(default=3, ge=1)
     """Stop after this many evaluations without improvement."""
@@ -199,6 +221,7 @@ class Recipe(Section):
     model: ModelSpec
     adapter: AdapterSpec  # a union keyed on `method`, one member per method module
     data: DataSpec
+    task: TaskSpec = TaskSpec()
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
     export: ExportSpec = ExportSpec()
@@ -215,6 +238,8 @@ class Recipe(Section):
             problems.append(
                 "train.eval_every is set but there is no eval data: set data.eval or data.eval_fraction > 0"
             )
+        if self.task.has_head:
+            problems += self._head_rules()
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             problems.append(
                 "train.precision fp16 with model.dtype bfloat16 mixes two half formats: pick one"
@@ -222,6 +247,24 @@ class Recipe(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _head_rules(self) -> list[str]:
+        problems = []
+        kind = f"task.type {self.task.type!r}"
+        if self.output.sample_prompts:
+            problems.append(f"output.sample_prompts: a {kind} model does not generate; remove them")
+        if self.train.packing:
+            problems.append(f"train.packing: a {kind} model reads one row at a time; remove it")
+        if self.adapter.virtual_tokens:
+            problems.append(
+                f"adapter.method {self.adapter.method!r} cannot train a {kind} head: use lora, "
+                "full, partial or linear_probe"
+            )
+        if self.task.type == "regression" and self.task.labels:
+            problems.append("task.labels names classes: a regression task has none")
+        if self.task.labels is not None and len(self.task.labels) < 2:
+            problems.append("task.labels: a classifier needs at least two labels")
+        return problems
 
     @property
     def run_dir(self) -> str:

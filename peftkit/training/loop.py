@@ -25,10 +25,11 @@ from peftkit import _compat
 from peftkit.adapters.manifest import BaseIdentity, write_manifest
 from peftkit.data.audit import render_mask
 from peftkit.data.encode import EncodedRow
+from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
-from peftkit.models.load import load_model, load_tokenizer
+from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
@@ -38,6 +39,13 @@ from peftkit.training.batches import (
     collate_packed,
     pack_multiple,
     resolve_packing,
+)
+from peftkit.training.heads import (
+    classification_metrics,
+    collate_labeled,
+    head_loss_sum,
+    head_outputs,
+    regression_metrics,
 )
 from peftkit.training.loss import accepts_logits_to_keep, causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog, peak_memory_bytes, plot_losses
@@ -60,6 +68,8 @@ class FineTuneRun:
         self.resume = resume
         self.on_step = on_step
         self.last_eval: tuple[int, float] | None = None
+        self.head_metrics: dict[str, Any] | None = None
+        """Task heads: the last evaluation's accuracy / F1 / confusion matrix (or MSE, ...)."""
         self.run = RunDir(recipe.run_dir)
         self.recipe_dump = recipe.model_dump(mode="json")
 
@@ -76,17 +86,26 @@ class FineTuneRun:
         self.run.check_can_start(self.resume, r.output.overwrite, self.recipe_dump)
         torch.manual_seed(r.train.seed)
 
-        self.tokenizer = load_tokenizer(r.model)
+        self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
         self.seed = r.data.shuffle_seed if r.data.shuffle_seed is not None else r.train.seed
-        self.data: PreparedData = prepare_data(r.data, self.tokenizer, self.seed)
+        self.class_names: list[str] | None = None  # classification: class id -> name
+        if r.task.has_head:
+            self.data, self.class_names = prepare_labeled_data(
+                r.data, r.task, self.tokenizer, self.seed
+            )
+        else:
+            self.data: PreparedData = prepare_data(r.data, self.tokenizer, self.seed)
         self.stop_ids = sorted(
             {self.tokenizer.convert_tokens_to_ids(t) for t in self.data.stop_tokens}
-            | {self.tokenizer.eos_token_id}
+            | ({self.tokenizer.eos_token_id} - {None})
         )
         self._print_audit()
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
-        model = load_model(r.model, self.weights_dtype, self.accelerator.device)
+        head = (
+            head_config(self.class_names, self.tokenizer.pad_token_id) if r.task.has_head else None
+        )
+        model = load_model(r.model, self.weights_dtype, self.accelerator.device, head)
         # Before the method touches the model: the identity adapters are checked against later.
         self.base_identity = BaseIdentity.of(r.model.name, model, self.tokenizer)
         self.ctx = ApplyContext(
@@ -95,6 +114,7 @@ class FineTuneRun:
             gradient_checkpointing=r.train.gradient_checkpointing,
             quantized=r.model.quantization is not None,
             work_dir=self.run.work,
+            task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
         )
         fresh = not self.run.path.exists()
         if self.main:
@@ -110,7 +130,8 @@ class FineTuneRun:
     def _setup_training(self, model: torch.nn.Module) -> None:
         r = self.recipe
         model = r.adapter.apply(model, self.ctx)
-        model.generation_config.eos_token_id = self.stop_ids
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = self.stop_ids
         self.params = count_parameters(model)
         self._choose_batching(model)
         self._print(
@@ -157,9 +178,13 @@ class FineTuneRun:
         """Packing, length grouping and supervised-only logits, as far as the method allows."""
         t, method = self.recipe.train, self.recipe.adapter
         attn = getattr(model.config, "_attn_implementation", None)
-        self.packing = resolve_packing(t, method, attn)
+        head = self.recipe.task.has_head  # one prediction per row: nothing to pack or pick
+        self.packing = not head and resolve_packing(t, method, attn)
         self.supervised_only = (
-            t.supervised_logits_only and not method.virtual_tokens and accepts_logits_to_keep(model)
+            not head
+            and t.supervised_logits_only
+            and not method.virtual_tokens
+            and accepts_logits_to_keep(model)
         )
         self.largest_micro_batch = 0  # tokens incl. padding: what sizes the activations
         self.varlen = self.packing and attn == "sdpa"
@@ -180,6 +205,8 @@ class FineTuneRun:
         )
 
     def _collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
+        if self.recipe.task.has_head:
+            return collate_labeled(rows, self.tokenizer.pad_token_id)
         if self.packing:
             return collate_packed(
                 rows, self.varlen, self.pack_multiple, self.tokenizer.pad_token_id
@@ -187,6 +214,8 @@ class FineTuneRun:
         return collate(rows, self.tokenizer.pad_token_id)
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.recipe.task.has_head:
+            return head_loss_sum(self.model, batch)
         return causal_lm_loss_sum(self.model, batch, self.supervised_only)
 
     # ------------------------------------------------------------------ train
@@ -208,9 +237,8 @@ class FineTuneRun:
         self.stop_reason = "completed"
         rng_at_step_start = ckpt.rng_state()
         if self.state.step == 0 and self.data.eval and r.train.eval_every is not None:
-            loss = self.evaluate()  # the starting point of the eval curve (RNG-neutral: no dropout)
-            self.metrics.log({"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
-            self._print(f"step 0: eval loss {loss:.4f}")
+            # the starting point of the eval curve (RNG-neutral: no dropout)
+            self._log_eval(self.evaluate())
         with _sigterm_as_interrupt():
             try:
                 while self.state.step < self.total_steps:
@@ -349,22 +377,46 @@ class FineTuneRun:
         )
         self.model.eval()
         totals = torch.zeros(2, device=acc.device)
+        predicted, true = [], []  # task heads: for accuracy / F1 / correlation
         for i in range(0, len(rows), mbs):
             batch = {k: v.to(acc.device) for k, v in self._collate(rows[i : i + mbs]).items()}
+            if self.recipe.task.has_head:
+                out = head_outputs(self.model, batch)
+                predicted.append(out if out.dim() == 1 else out.argmax(-1))
+                true.append(batch["labels"])
             totals[0] += self._loss_sum(batch)
             totals[1] += supervised_tokens(batch["labels"])
         self.model.train()
+        if predicted:
+            self.head_metrics = self._head_metrics(torch.cat(predicted), torch.cat(true))
         loss_sum, n = acc.reduce(totals, "sum").tolist()
         return loss_sum / max(n, 1)
+
+    def _head_metrics(self, predicted: torch.Tensor, true: torch.Tensor) -> dict[str, Any]:
+        predicted, true = self.accelerator.gather_for_metrics((predicted, true))
+        predicted, true = predicted.float().cpu().numpy(), true.float().cpu().numpy()
+        if self.class_names is None:
+            return regression_metrics(predicted, true)
+        names = self.class_names
+        return classification_metrics(predicted.astype(int), true.astype(int), names)
+
+    def _log_eval(self, loss: float) -> None:
+        record = {"step": self.state.step, "eval_loss": loss}
+        if self.recipe.task.has_head:  # perplexity means nothing for a head; its metrics do
+            metrics = {k: v for k, v in self.head_metrics.items() if isinstance(v, float)}
+            record |= {f"eval_{k}": v for k, v in metrics.items()}
+            shown = "".join(f", {k} {v:.4f}" for k, v in metrics.items())
+        else:
+            record["eval_ppl"] = math.exp(min(loss, 50))
+            shown = ""
+        self.metrics.log(record)
+        self._print(f"step {self.state.step}: eval loss {loss:.4f}{shown}")
 
     def _evaluate_and_check_stop(self) -> bool:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""
         loss = self.evaluate()
         self.last_eval = (self.state.step, loss)
-        self.metrics.log(
-            {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-        )
-        self._print(f"step {self.state.step}: eval loss {loss:.4f}")
+        self._log_eval(loss)
         stopping = self.recipe.train.early_stopping
         min_delta = stopping.min_delta if stopping else 0.0
         best = self.state.best_eval_loss
@@ -421,6 +473,7 @@ class FineTuneRun:
             else None,
             "best_eval_loss": self.state.best_eval_loss,
             "best_step": self.state.best_step,
+            "eval_metrics": self.head_metrics,
             "final": str(final),
             "best": str(run.best) if run.best.exists() else None,
         }
@@ -487,6 +540,10 @@ class FineTuneRun:
         for audit in self.data.audits:
             for line in audit.lines():
                 self._print("  " + line)
+        if self.recipe.task.has_head:
+            classes = ", ".join(self.class_names) if self.class_names else "a number (regression)"
+            self._print(f"  task head: {self.recipe.task.type}; label = {classes}")
+            return
         self._print(
             f"  chat template: {self.data.chat_template.source}; turns end with: "
             f"{', '.join(self.data.stop_tokens)}"

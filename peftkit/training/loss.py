@@ -27,7 +27,11 @@ CE_CHUNK_ROWS = 1024
 
 
 def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Number of predicted positions that carry loss (labels are shifted by one inside the loss)."""
+    """Number of predicted positions that carry loss (labels are shifted by one inside the loss).
+
+    A task head's labels are one per row, (batch,): every row is one prediction."""
+    if labels.dim() == 1:
+        return torch.tensor(labels.shape[0], device=labels.device)
     return (labels[:, 1:] != IGNORE).sum()
 
 

@@ -44,6 +44,8 @@ def run_metadata(run: FineTuneRun) -> dict[str, Any]:
         "base_model": run.recipe.model.name,
         "base_model_path": str(run.ctx.tokenizer_path),
         "method": run.recipe.adapter.method,
+        "task": run.recipe.task.type,
+        "class_names": run.class_names,
         "final_dir": run.recipe.adapter.final_dir_name,
         "precision": run.precision,
         "weights_dtype": str(run.weights_dtype).removeprefix("torch."),
@@ -59,6 +61,19 @@ def run_metadata(run: FineTuneRun) -> dict[str, Any]:
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
+
+
+def _head_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not metrics:
+        return []
+    if "accuracy" in metrics:
+        return [
+            ("eval accuracy", f"{metrics['accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f})")
+        ]
+    pearson = "-" if metrics["pearson"] is None else f"{metrics['pearson']:.4f}"
+    return [
+        ("eval error", f"MSE {metrics['mse']:.4f}, MAE {metrics['mae']:.4f}, Pearson {pearson}")
+    ]
 
 
 def format_summary(
@@ -92,11 +107,18 @@ def format_summary(
                 else ""
             ),
         ),
+        *_head_rows(s.get("eval_metrics")),
         ("result", s["final"]),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["", "── peftkit run summary " + "─" * 40]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    metrics = s.get("eval_metrics") or {}
+    if "confusion_matrix" in metrics:
+        from peftkit.training.heads import format_confusion
+
+        lines.append("  confusion matrix (eval, true class down):")
+        lines += [f"    {line}" for line in format_confusion(metrics)]
     if prompts and before is not None and after is not None:
         lines.append("  samples (greedy, before -> after training):")
         for p, b, a in zip(prompts, before, after):

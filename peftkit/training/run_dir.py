@@ -64,6 +64,10 @@ class RunDir:
             if not self.recipe.exists():
                 raise RunDirError(f"--resume: {self.path} holds no run to resume (no recipe.yaml)")
             saved = yaml.safe_load(self.recipe.read_text())
+            # through today's schema: keys added since the run was made read as their defaults
+            from peftkit.recipe.load import validate_recipe
+
+            saved = validate_recipe(saved, str(self.recipe)).model_dump(mode="json")
             changed = [k for k in _diff(saved, recipe_dump) if not k.startswith(RESUMABLE_CHANGES)]
             if changed:
                 raise RunDirError(
