@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import model_validator
 from torch import nn
 
 from peftkit.recipe.section import Section
@@ -41,6 +42,21 @@ class MethodSpec(Section):
     virtual_tokens: ClassVar[bool] = False
     """True when the method prepends virtual tokens or a KV prefix: then rows cannot be packed and
     logits cannot be picked by position."""
+    layerwise: ClassVar[bool] = False
+    """True when the method accepts `unfreeze` and `layer_lr_decay` (it trains whole layers)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layerwise_options_need_layerwise_method(cls, value: Any) -> Any:
+        # A clearer message than "unknown key" for options that exist on other methods.
+        if isinstance(value, dict) and not cls.layerwise:
+            for key in ("unfreeze", "layer_lr_decay"):
+                if key in value:
+                    raise ValueError(
+                        f"adapter.{key} applies to whole-model methods only (full, partial), "
+                        f"not {value.get('method')!r}: remove adapter.{key} or use method: full"
+                    )
+        return value
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         """Cross-field problems of this method with the rest of the recipe, as messages."""

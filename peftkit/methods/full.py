@@ -17,14 +17,49 @@ from peftkit.methods.base import ApplyContext, MethodSpec
 from peftkit.methods.registry import register
 from peftkit.models.layers import decoder_layers
 from peftkit.models.load import enable_gradient_checkpointing
+from peftkit.recipe.section import Section
 
 if TYPE_CHECKING:
     from peftkit.recipe.schema import Recipe
 
 
+class UnfreezeSpec(Section):
+    """Gradual unfreezing (ULMFiT): train the top layer groups first, then add the next group(s)
+    down every K steps or epochs. Groups, top to bottom: head, last block, ..., first block,
+    embeddings (`peftkit/models/layer_groups.py`). Trainable after step s:
+    `min(groups, start_groups + (s // K) * groups_per_stage)`, a pure function of the step, so a
+    resumed run unfreezes exactly where an uninterrupted one does."""
+
+    every_steps: int | None = Field(default=None, gt=0)
+    """Unfreeze the next group(s) after every K optimizer steps."""
+    every_epochs: float | None = Field(default=None, gt=0)
+    """Or after every E epochs (round(E x steps per epoch) optimizer steps, at least 1)."""
+    groups_per_stage: int = Field(default=1, ge=1)
+    """Groups unfrozen at each stage boundary."""
+    start_groups: int = Field(default=1, ge=1)
+    """Groups trainable from step 0 (1 = the head only)."""
+
+    @model_validator(mode="after")
+    def _one_period(self) -> UnfreezeSpec:
+        if (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError(
+                "adapter.unfreeze needs exactly one of every_steps and every_epochs "
+                f"(got every_steps={self.every_steps}, every_epochs={self.every_epochs})"
+            )
+        return self
+
+
 class _WholeModelMethod(MethodSpec):
     full_weights: ClassVar[bool] = True
     final_dir_name: ClassVar[str] = "model"
+    layerwise: ClassVar[bool] = True
+
+    unfreeze: UnfreezeSpec | None = None
+    """Gradual unfreezing, top to bottom (null = every selected weight trains from step 0).
+    With several processes it is refused (DDP expects the same trainable set every step)."""
+    layer_lr_decay: float = Field(default=1.0, gt=0, le=1)
+    """Discriminative / layer-wise lr decay: layer group g (0 = head) trains at lr x decay^g.
+    1.0 = off. Typical: 0.8-0.95 (ELECTRA/BEiT fine-tuning)."""
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)

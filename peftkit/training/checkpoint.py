@@ -98,6 +98,11 @@ def complete_checkpoints(checkpoints: Path) -> list[Path]:
     return sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").exists())
 
 
+def saved_step(path: Path) -> int:
+    """The step a complete checkpoint was written at."""
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
 def load_checkpoint(
     path: Path,
     accelerator: Accelerator,

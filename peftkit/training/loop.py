@@ -54,6 +54,7 @@ from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.report import count_parameters, format_summary, run_metadata
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
+from peftkit.training.unfreeze import LayerSchedule
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -150,9 +151,17 @@ class FineTuneRun:
         self.total_steps = r.train.max_steps or math.ceil(
             r.train.epochs * self.plan.steps_per_epoch
         )
-        optimizer = build_optimizer(r.train, model)
+        # Gradual unfreezing / layer lr decay: the optimizer gets every parameter that will ever
+        # train (before any is frozen for now), each layer group at its own lr.
+        self.layers = LayerSchedule.for_run(
+            r.adapter, model, self.plan.steps_per_epoch, self.accelerator.num_processes
+        )
+        optimizer = build_optimizer(r.train, model, self.layers.lr_scales())
         self.scheduler = build_scheduler(r.train, optimizer, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.layers.set_step(0)
+        if self.layers.enabled:
+            self._print(self.layers.describe(self.total_steps))
 
         self.state = ckpt.TrainerState()
         resumed_from = None
@@ -160,6 +169,8 @@ class FineTuneRun:
             found = ckpt.complete_checkpoints(self.run.checkpoints)
             if found:
                 resumed_from = found[-1]
+                # The checkpoint holds the weights trainable at its step: unfreeze as far first.
+                self.layers.set_step(ckpt.saved_step(resumed_from))
                 self.state = ckpt.load_checkpoint(
                     resumed_from, self.accelerator, self.model, self.optimizer, self.scheduler
                 )
@@ -255,6 +266,7 @@ class FineTuneRun:
                         rows, epoch + step_in_epoch / self.plan.steps_per_epoch
                     )
                     self.state.step += 1
+                    self._unfreeze_for_next_step(record)
                     rng_at_step_start = (
                         ckpt.rng_state()
                     )  # the boundary a checkpoint would resume from
@@ -265,6 +277,7 @@ class FineTuneRun:
                     if (
                         self.state.step % r.train.log_every == 0
                         or self.state.step == self.total_steps
+                        or "unfrozen_groups" in record
                     ):
                         self.metrics.log(record)
                     bar.update(1)
@@ -360,6 +373,17 @@ class FineTuneRun:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         return record
+
+    def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
+        """Gradual unfreezing: at a stage boundary the next group(s) train from the next step on
+        (set at the last step too, so the final checkpoint matches its step on an extension)."""
+        unfrozen = self.layers.set_step(self.state.step)
+        if unfrozen and self.state.step < self.total_steps:
+            record["unfrozen_groups"] = self.layers.groups_at(self.state.step)
+            self._print(
+                f"step {self.state.step}: unfroze {', '.join(unfrozen)} "
+                f"({record['unfrozen_groups']} of {len(self.layers.groups)} layer groups train)"
+            )
 
     def _due(self, every: int | None) -> bool:
         return (
@@ -476,6 +500,7 @@ class FineTuneRun:
             "eval_metrics": self.head_metrics,
             "final": str(final),
             "best": str(run.best) if run.best.exists() else None,
+            **self.layers.summary(self.total_steps),
         }
         atomic_write_json(run.summary, summary)
         atomic_write_json(run.meta, run_metadata(self))

@@ -11,17 +11,31 @@ from torch.optim.lr_scheduler import LambdaLR
 from peftkit.recipe.schema import TrainSpec
 
 
-def build_optimizer(spec: TrainSpec, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on biases, norms and 1-d vectors."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def build_optimizer(
+    spec: TrainSpec, model: nn.Module, lr_scales: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and 1-d vectors.
+
+    `lr_scales` (parameter name -> factor, from layer-wise lr decay) splits the parameters further
+    into one group per factor at `lr x factor`, largest factor first, so group 0 carries `lr`.
+    Each group keeps its factor under `lr_scale`.
+    """
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            scale = 1.0 if lr_scales is None else lr_scales[name]
+            buckets.setdefault((scale, p.ndim >= 2), []).append(p)
     groups = [
-        {"params": decay, "weight_decay": spec.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": spec.weight_decay if decays else 0.0,
+            "lr": spec.lr * scale,
+            "lr_scale": scale,
+        }
+        for (scale, decays), params in sorted(
+            buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])
+        )
     ]
-    groups = [g for g in groups if g["params"]]
     kwargs = {"lr": spec.lr, "betas": spec.betas}
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)

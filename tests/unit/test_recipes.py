@@ -104,6 +104,7 @@ def test_every_registered_method_has_a_recipe_section():
             **BASE,
             "adapter": {"method": name},
             **({"model": quantized} if name == "qlora" else {}),
+            **({"task": {"type": "classification"}} if name == "linear_probe" else {}),
         }
         assert validate_recipe(raw).adapter.method == name
 
