@@ -175,7 +175,8 @@ class DataSpec(Section):
                 f"{', '.join(self.train_tasks)}): add sources, give them distinct data.train.N.task "
                 "names, or use strategy concat"
             )
-        if strategy != "temperature" and "temperature" in self.mixing.model_fields_set:
+        # (a resolved recipe dump carries the default 1.0: only another value is a mistake)
+        if strategy != "temperature" and self.mixing.temperature != 1.0:
             problems.append(
                 f"data.mixing.temperature is set but data.mixing.strategy is {strategy}: "
                 "set strategy: temperature, or remove the temperature"

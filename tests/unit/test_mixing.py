@@ -138,3 +138,18 @@ def test_held_out_eval_rows_keep_their_task(tmp_path, tiny_model):
     assert len(data.eval) == 10 and {r.task for r in data.eval} == {"a", "b"}
     for row in [*data.train, *data.eval]:
         assert row.origin.startswith(str(tmp_path / f"{row.task}-train.jsonl"))
+
+
+def test_a_resolved_recipe_validates_again():
+    """recipe.yaml in a run directory holds every default; resume and combine validate it."""
+    from peftkit.recipe.schema import Recipe
+
+    for data in (
+        {"train": ["a.jsonl"], "reference": "r.jsonl"},
+        {
+            "train": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 2}],
+            "mixing": {"strategy": "weights"},
+        },
+    ):
+        dump = validate_recipe({**BASE, "data": data}).model_dump(mode="json")
+        assert isinstance(validate_recipe(dump), Recipe)
