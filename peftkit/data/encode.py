@@ -7,7 +7,7 @@ EOS that doubles as the pad token still carries loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -24,6 +24,8 @@ class EncodedRow:
     labels: np.ndarray  # (seq,) int64, IGNORE where no loss
     origin: str
     truncated: bool = False
+    task: str = ""
+    """The task the row belongs to (`DataSource.task_name`); set by the data pipeline."""
 
     @property
     def n_supervised(self) -> int:
@@ -101,6 +103,6 @@ def truncate(row: EncodedRow, max_length: int) -> EncodedRow:
     """Keep the first `max_length` tokens (the rest is cut, and the row is marked truncated)."""
     if len(row.input_ids) <= max_length:
         return row
-    return EncodedRow(
-        row.input_ids[:max_length], row.labels[:max_length], row.origin, truncated=True
+    return replace(
+        row, input_ids=row.input_ids[:max_length], labels=row.labels[:max_length], truncated=True
     )

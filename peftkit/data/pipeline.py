@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -24,13 +25,15 @@ class PreparedData:
     chat_template: ChatTemplate
     stop_tokens: list[str]
     """End-of-turn tokens that training supervised; generation must stop on them."""
+    reference: list[EncodedRow] = field(default_factory=list)
+    """General-text rows scored on every token for the forgetting report (`data.reference`)."""
 
 
 def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Read, normalise, split, encode and audit the data. Raises `DataError` on anything unusable."""
     template = resolve_chat_template(tokenizer, spec.chat_template)
-    train_examples = _read_examples(spec.train, spec.system_prompt)
-    eval_examples = _read_examples(spec.eval, spec.system_prompt)
+    train_examples = _read_examples(spec.train, spec.system_prompt, lambda s: s.task_name)
+    eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task)
     if not eval_examples and spec.eval_fraction > 0:
         train_examples, eval_examples = _hold_out(train_examples, spec.eval_fraction, seed)
     if spec.max_eval_rows is not None:
@@ -41,23 +44,38 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
         _encode_split("eval", eval_examples, encoder, spec) if eval_examples else ([], None)
     )
     audits = [train_audit] + ([eval_audit] if eval_audit else [])
-    return PreparedData(train, evals, audits, template, sorted(encoder.stop_tokens))
+    reference: list[EncodedRow] = []
+    if spec.reference:
+        # Language-modelling loss on every token, whatever data.loss_on says for the task.
+        examples = _read_examples(spec.reference, spec.system_prompt, lambda s: "reference")
+        reference, ref_audit = _encode_split(
+            "reference", examples[: spec.max_reference_rows], Encoder(tokenizer, "all"), spec
+        )
+        audits.append(ref_audit)
+    return PreparedData(train, evals, audits, template, sorted(encoder.stop_tokens), reference)
 
 
-def _read_examples(sources: list[DataSource], system_prompt: str | None) -> list[Example]:
-    examples: list[Example] = []
+Tagged = tuple[str, Example]
+"""An example with the task it belongs to."""
+
+
+def _read_examples(
+    sources: list[DataSource], system_prompt: str | None, task_of: Callable[[DataSource], str]
+) -> list[Tagged]:
+    examples: list[Tagged] = []
     for source in sources:
         rows = read_source(source)
         if not rows:
             raise DataError(f"{source.path}: the dataset is empty")
         fmt = source.format if source.format != "auto" else detect_format(rows[0])
-        examples += [to_example(row, fmt, system_prompt) for row in rows]
+        task = task_of(source)
+        examples += [(task, to_example(row, fmt, system_prompt)) for row in rows]
     return examples
 
 
 def _hold_out(
-    examples: list[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
+    examples: list[Tagged], fraction: float, seed: int
+) -> tuple[list[Tagged], list[Tagged]]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(examples) * fraction))
@@ -70,12 +88,13 @@ def _hold_out(
 
 
 def _encode_split(
-    split: str, examples: list[Example], encoder: Encoder, spec: DataSpec
+    split: str, examples: list[Tagged], encoder: Encoder, spec: DataSpec
 ) -> tuple[list[EncodedRow], SplitAudit]:
     audit = SplitAudit(split, rows_read=len(examples))
     rows = []
-    for example in examples:
+    for task, example in examples:
         row = encoder.encode(example)
+        row.task = task
         if len(row.input_ids) > spec.max_length and spec.truncation == "drop":
             audit.rows_dropped_too_long += 1
             continue

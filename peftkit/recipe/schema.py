@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -57,11 +58,37 @@ class DataSource(Section):
     revision: str | None = None
     limit: int | None = Field(default=None, gt=0)
     """Use only the first N rows."""
+    task: str | None = Field(default=None, min_length=1)
+    """Task name for multitask training and per-task metrics; null = the file name without its
+    split suffix (`skill-sort-train.jsonl` -> `skill-sort`). Eval sources name train tasks."""
+    weight: float | None = Field(default=None, gt=0)
+    """Mixing weight of this source's task under `data.mixing.strategy: weights`."""
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @property
+    def task_name(self) -> str:
+        """`task`, or the last path component without suffixes and a trailing split name."""
+        if self.task is not None:
+            return self.task
+        name = self.path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        for suffix in (".jsonl", ".json", ".csv", ".parquet"):
+            name = name.removesuffix(suffix)
+        return re.sub(r"[-_.](train|eval|valid|validation|val|test|dev)$", "", name) or name
+
+
+class MixingSpec(Section):
+    """How rows of several train tasks are mixed into the epochs (see peftkit/data/mixing.py)."""
+
+    strategy: Literal["concat", "weights", "temperature"] = "concat"
+    """concat = every row once per epoch (task shares follow the data sizes); weights = each
+    task's share of drawn rows is weight / sum(weights); temperature = share proportional to
+    n_task^(1/temperature) (1 = proportional, large = uniform over tasks)."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Only for strategy temperature; T5 / multilingual mixing commonly uses 2-5."""
 
 
 def _as_list(value: Any) -> Any:
@@ -91,8 +118,86 @@ class DataSpec(Section):
     """completion = assistant turns / completions only (+ their EOS); all = every token."""
     shuffle_seed: int | None = None
     """Seed of the eval split and epoch shuffles; null = train.seed."""
+    mixing: MixingSpec = MixingSpec()
+    """How several train tasks are mixed; the default concatenates them."""
+    reference: list[DataSource] = []
+    """General-text rows scored (loss on every token) before training, at every evaluation and
+    at the end, to report forgetting; empty = no forgetting report."""
+    max_reference_rows: int | None = Field(default=None, gt=0)
+    """Cap the reference set (its evaluation cost grows with it)."""
 
-    _coerce = field_validator("train", "eval", mode="before")(lambda cls, v: _as_list(v))
+    _coerce = field_validator("train", "eval", "reference", mode="before")(
+        lambda cls, v: _as_list(v)
+    )
+
+    @property
+    def train_tasks(self) -> list[str]:
+        """Task names of the train sources, in first-seen order."""
+        return list(dict.fromkeys(s.task_name for s in self.train))
+
+    def eval_task(self, source: DataSource) -> str:
+        """The task of an eval source: its `task`, else its derived name when that is a train
+        task, else the only train task, else the derived name (a group of its own)."""
+        tasks = self.train_tasks
+        if source.task is not None or source.task_name in tasks or len(tasks) > 1:
+            return source.task_name
+        return tasks[0]
+
+    @model_validator(mode="after")
+    def _mixing_rules(self) -> DataSpec:
+        problems = []
+        strategy = self.mixing.strategy
+        weighted = [i for i, s in enumerate(self.train) if s.weight is not None]
+        if strategy != "weights" and weighted:
+            problems.append(
+                f"data.train.{weighted[0]}.weight is set but data.mixing.strategy is {strategy}: "
+                "set data.mixing.strategy: weights, or remove the weight"
+            )
+        if strategy == "weights":
+            task_weight: dict[str, tuple[int, float]] = {}
+            for i, s in enumerate(self.train):
+                if s.weight is None:
+                    problems.append(
+                        f"data.train.{i}.weight is missing: data.mixing.strategy weights needs a "
+                        "weight on every train source"
+                    )
+                elif s.task_name in task_weight and task_weight[s.task_name][1] != s.weight:
+                    j, w = task_weight[s.task_name]
+                    problems.append(
+                        f"data.train.{i}.weight {s.weight} differs from data.train.{j}.weight {w} "
+                        f"of the same task {s.task_name!r}: sources of one task share its weight"
+                    )
+                else:
+                    task_weight.setdefault(s.task_name, (i, s.weight))
+        if strategy != "concat" and len(self.train_tasks) < 2:
+            problems.append(
+                f"data.mixing.strategy {strategy} needs at least two train tasks (found "
+                f"{', '.join(self.train_tasks)}): add sources, give them distinct data.train.N.task "
+                "names, or use strategy concat"
+            )
+        # (a resolved recipe dump carries the default 1.0: only another value is a mistake)
+        if strategy != "temperature" and self.mixing.temperature != 1.0:
+            problems.append(
+                f"data.mixing.temperature is set but data.mixing.strategy is {strategy}: "
+                "set strategy: temperature, or remove the temperature"
+            )
+        for i, s in enumerate(self.eval):
+            if s.task is not None and s.task not in self.train_tasks:
+                problems.append(
+                    f"data.eval.{i}.task {s.task!r} is not a train task "
+                    f"({', '.join(self.train_tasks)}): name one of them"
+                )
+            if s.weight is not None:
+                problems.append(f"data.eval.{i}.weight: only train sources are mixed; remove it")
+        for i, s in enumerate(self.reference):
+            if s.task is not None or s.weight is not None:
+                problems.append(
+                    f"data.reference.{i}: task and weight do not apply to the reference set; "
+                    "remove them"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class TaskSpec(Section):
@@ -259,6 +364,14 @@ class Recipe(Section):
             problems.append(
                 f"adapter.method {self.adapter.method!r} cannot train a {kind} head: use lora, "
                 "full, partial or linear_probe"
+            )
+        if self.data.reference:
+            problems.append(
+                f"data.reference: the forgetting report scores a causal LM, not a {kind} head"
+            )
+        if self.data.mixing.strategy != "concat":
+            problems.append(
+                f"data.mixing: multitask mixing is for causal-LM data, not a {kind} head yet"
             )
         if self.task.type == "regression" and self.task.labels:
             problems.append("task.labels names classes: a regression task has none")

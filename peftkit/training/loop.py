@@ -26,6 +26,7 @@ from peftkit.adapters.manifest import BaseIdentity, write_manifest
 from peftkit.data.audit import render_mask
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
+from peftkit.data.mixing import step_plan
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
@@ -34,7 +35,6 @@ from peftkit.recipe.schema import Recipe
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import (
-    StepPlan,
     collate,
     collate_packed,
     pack_multiple,
@@ -51,9 +51,11 @@ from peftkit.training.loss import accepts_logits_to_keep, causal_lm_loss_sum, su
 from peftkit.training.metrics import MetricsLog, peak_memory_bytes, plot_losses
 from peftkit.training.optim import build_optimizer, build_scheduler
 from peftkit.training.precision import resolve_precision, weights_dtype
+from peftkit.training.reference import forgetting_summary, reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
+from peftkit.training.tasks import TaskLosses, task_summary
 from peftkit.training.unfreeze import LayerSchedule
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -141,13 +143,15 @@ class FineTuneRun:
             f"weights {str(self.weights_dtype).removeprefix('torch.')}, precision {self.precision}"
         )
 
-        self.plan = StepPlan(
-            len(self.data.train),
+        self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
+            self.data.train,
+            r.data,
             r.train.micro_batch_size,
             r.train.grad_accum,
             self.accelerator.num_processes,
             self.seed,
         )
+        self.task_losses = TaskLosses.for_data(self.data, self.accelerator.device)
         self.total_steps = r.train.max_steps or math.ceil(
             r.train.epochs * self.plan.steps_per_epoch
         )
@@ -219,14 +223,20 @@ class FineTuneRun:
         if self.recipe.task.has_head:
             return collate_labeled(rows, self.tokenizer.pad_token_id)
         if self.packing:
-            return collate_packed(
+            batch = collate_packed(
                 rows, self.varlen, self.pack_multiple, self.tokenizer.pad_token_id
             )
-        return collate(rows, self.tokenizer.pad_token_id)
+        else:
+            batch = collate(rows, self.tokenizer.pad_token_id)
+        if self.task_losses is not None:
+            self.task_losses.tag(rows, batch)
+        return batch
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.recipe.task.has_head:
             return head_loss_sum(self.model, batch)
+        if "task_ids" in batch:  # a multitask run: also sum the loss per task
+            return self.task_losses.loss_sum(self.model, batch, self.supervised_only)
         return causal_lm_loss_sum(self.model, batch, self.supervised_only)
 
     # ------------------------------------------------------------------ train
@@ -247,9 +257,11 @@ class FineTuneRun:
         started = time.perf_counter() - self.state.train_seconds
         self.stop_reason = "completed"
         rng_at_step_start = ckpt.rng_state()
-        if self.state.step == 0 and self.data.eval and r.train.eval_every is not None:
-            # the starting point of the eval curve (RNG-neutral: no dropout)
-            self._log_eval(self.evaluate())
+        # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
+        if self.state.step == 0 and (
+            self.data.reference or (self.data.eval and r.train.eval_every is not None)
+        ):
+            self._log_evaluation(self.evaluate() if self.data.eval else None)
         with _sigterm_as_interrupt():
             try:
                 while self.state.step < self.total_steps:
@@ -372,6 +384,8 @@ class FineTuneRun:
         }
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        if self.task_losses is not None:
+            record.update(self.task_losses.take(acc, "loss"))
         return record
 
     def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
@@ -393,11 +407,12 @@ class FineTuneRun:
         )
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per supervised token over the eval rows (sharded over processes)."""
+    def evaluate(self, rows: list[EncodedRow] | None = None) -> float:
+        """Mean loss per supervised token over the eval rows, or `rows` (sharded over processes)."""
         acc, mbs = self.accelerator, self.recipe.train.micro_batch_size
         rows = sorted(
-            self.data.eval[acc.process_index :: acc.num_processes], key=lambda x: len(x.input_ids)
+            (self.data.eval if rows is None else rows)[acc.process_index :: acc.num_processes],
+            key=lambda x: len(x.input_ids),
         )
         self.model.eval()
         totals = torch.zeros(2, device=acc.device)
@@ -424,23 +439,11 @@ class FineTuneRun:
         names = self.class_names
         return classification_metrics(predicted.astype(int), true.astype(int), names)
 
-    def _log_eval(self, loss: float) -> None:
-        record = {"step": self.state.step, "eval_loss": loss}
-        if self.recipe.task.has_head:  # perplexity means nothing for a head; its metrics do
-            metrics = {k: v for k, v in self.head_metrics.items() if isinstance(v, float)}
-            record |= {f"eval_{k}": v for k, v in metrics.items()}
-            shown = "".join(f", {k} {v:.4f}" for k, v in metrics.items())
-        else:
-            record["eval_ppl"] = math.exp(min(loss, 50))
-            shown = ""
-        self.metrics.log(record)
-        self._print(f"step {self.state.step}: eval loss {loss:.4f}{shown}")
-
     def _evaluate_and_check_stop(self) -> bool:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""
         loss = self.evaluate()
         self.last_eval = (self.state.step, loss)
-        self._log_eval(loss)
+        self._log_evaluation(loss)
         stopping = self.recipe.train.early_stopping
         min_delta = stopping.min_delta if stopping else 0.0
         best = self.state.best_eval_loss
@@ -453,6 +456,28 @@ class FineTuneRun:
             self.state.evals_without_improvement += 1
         return stopping is not None and self.state.evals_without_improvement >= stopping.patience
 
+    def _log_evaluation(self, eval_loss: float | None) -> None:
+        """Log an evaluation: eval loss (overall and per task) and the reference loss, if any."""
+        record: dict[str, Any] = {"step": self.state.step}
+        shown = {"eval_loss": "eval loss", "reference_loss": "reference loss"}
+        if eval_loss is not None:
+            record["eval_loss"] = eval_loss
+            if self.recipe.task.has_head:  # perplexity means nothing for a head; its metrics do
+                metrics = {k: v for k, v in self.head_metrics.items() if isinstance(v, float)}
+                record |= {f"eval_{k}": v for k, v in metrics.items()}
+                shown |= {f"eval_{k}": k for k in metrics}
+            else:
+                record["eval_ppl"] = math.exp(min(eval_loss, 50))
+            if self.task_losses is not None:
+                record |= self.task_losses.take(self.accelerator, "eval_loss")
+        if self.data.reference:
+            record |= reference_metrics(self)
+        self.metrics.log(record)
+        self._print(
+            f"step {self.state.step}: "
+            + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
+        )
+
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         """Final evaluation, final adapter, metadata, summary, plot, samples. Returns the summary."""
@@ -460,6 +485,9 @@ class FineTuneRun:
         last_eval = self.metrics.eval_losses()[-1][0] if self.metrics.eval_losses() else None
         if self.data.eval and last_eval != self.state.step:
             self._evaluate_and_check_stop()
+        scored = [step for step, _ in self.metrics.series("reference_loss")]
+        if self.data.reference and scored[-1:] != [self.state.step]:
+            self._log_evaluation(None)
         final = run.final(r.adapter.final_dir_name)
         self._save_result(final)
         samples_after = self._samples()
@@ -502,6 +530,16 @@ class FineTuneRun:
             "best": str(run.best) if run.best.exists() else None,
             **self.layers.summary(self.total_steps),
         }
+        if self.task_losses is not None:
+            summary["tasks"] = task_summary(
+                r.data, self.data, self.plan, self.state.step, self.metrics
+            )
+        if self.data.reference:
+            summary["forgetting"] = forgetting_summary(
+                self.metrics,
+                len(self.data.reference),
+                sum(row.n_supervised for row in self.data.reference),
+            )
         atomic_write_json(run.summary, summary)
         atomic_write_json(run.meta, run_metadata(self))
         if samples_after is not None and self.samples_before is not None:

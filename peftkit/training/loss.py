@@ -49,9 +49,38 @@ def causal_lm_loss_sum(
     `batch` is padded (input_ids, attention_mask, labels) or packed (input_ids, position_ids,
     labels, optionally cu_seq_lens_q; see `batches.collate_packed`).
     """
+    logits, targets, _ = _logits_and_targets(model, batch, supervised_only)
+    return chunked_cross_entropy_sum(logits, targets)
+
+
+def causal_lm_token_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], supervised_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token cross-entropy per predicting position (0 where the target is IGNORE), for
+    losses split by row (per-task metrics). Returns (losses (batch, positions) fp32, kept
+    positions or None = all seq - 1); `losses.sum()` is `causal_lm_loss_sum` up to float order.
+    """
+    logits, targets, keep = _logits_and_targets(model, batch, supervised_only)
+    flat = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
+    flat_targets = targets.reshape(-1)
+    parts = []
+    for start in range(0, flat.shape[0], CE_CHUNK_ROWS):
+        args = (flat[start : start + CE_CHUNK_ROWS], flat_targets[start : start + CE_CHUNK_ROWS])
+        parts.append(
+            checkpoint(_ce_terms, *args, use_reentrant=False)
+            if flat.requires_grad
+            else _ce_terms(*args)
+        )
+    return torch.cat(parts).reshape(targets.shape), keep
+
+
+def _logits_and_targets(
+    model: nn.Module, batch: dict[str, torch.Tensor], supervised_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     labels = batch["labels"]
     targets = labels[:, 1:]  # (batch, seq - 1): the token each position predicts
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    keep = None
     if supervised_only:
         keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # positions predicting a label
         logits = model(
@@ -62,11 +91,15 @@ def causal_lm_loss_sum(
         logits = model(**inputs, use_cache=False).logits
         # Prompt tuning prepends virtual tokens to the logits; keep the positions of the real tokens.
         logits = logits[:, -labels.shape[1] :][:, :-1]  # (batch, seq - 1, vocab)
-    return chunked_cross_entropy_sum(logits, targets.to(logits.device))
+    return logits, targets.to(logits.device), keep
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+def _ce_terms(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="none")
 
 
 def chunked_cross_entropy_sum(

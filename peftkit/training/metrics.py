@@ -42,6 +42,15 @@ class MetricsLog:
     def eval_losses(self) -> list[tuple[int, float]]:
         return [(r["step"], r["eval_loss"]) for r in self.records if "eval_loss" in r]
 
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every record that has `key` (e.g. `eval_loss/<task>`)."""
+        return [(r["step"], r[key]) for r in self.records if key in r]
+
+    def task_names(self, prefix: str = "eval_loss/") -> list[str]:
+        """Tasks with a `<prefix><task>` metric, in first-logged order."""
+        keys = (k for r in self.records for k in r if k.startswith(prefix))
+        return [k.removeprefix(prefix) for k in dict.fromkeys(keys)]
+
 
 def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     """Train loss (raw and smoothed) and eval loss against optimizer step, saved as a PNG."""
@@ -65,11 +74,24 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="eval loss")
+    for task in log.task_names():
+        steps, losses = zip(*log.series(f"eval_loss/{task}"))
+        ax.plot(steps, losses, ".--", linewidth=1.2, label=f"eval loss: {task}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / supervised token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    reference = log.series("reference_loss")
+    if reference:  # forgetting: general-text loss on its own scale, beside the task curves
+        right = ax.twinx()
+        steps, losses = zip(*reference)
+        right.plot(steps, losses, "s-", color="tab:red", linewidth=2, label="reference loss")
+        right.set_ylabel("reference loss (nats / token, all tokens)", color="tab:red")
+        right.tick_params(axis="y", colors="tab:red")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize="small")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import peftkit
+from peftkit.training import reference, tasks
 
 if TYPE_CHECKING:
     from peftkit.training.loop import FineTuneRun
@@ -108,6 +109,8 @@ def format_summary(
             ),
         ),
         *_head_rows(s.get("eval_metrics")),
+        *tasks.summary_rows(s),
+        *reference.summary_rows(s),
         ("result", s["final"]),
     ]
     width = max(len(k) for k, _ in rows)

@@ -5,6 +5,8 @@
                                                                #   builtin:tiny-llama (not committed)
     python recipes/data/make_quickstart.py --skills            # only skill-*.jsonl: one task each,
                                                                #   for the adapters-per-task recipes
+    python recipes/data/make_quickstart.py --reference         # only reference-text.jsonl: general
+                                                               #   text for the forgetting report
 
 The data is synthetic and deterministic (seeded): short chats in which an assistant does
 arithmetic, repeats phrases and sorts numbers, some of them multi-turn. A held-out split uses
@@ -162,8 +164,29 @@ def write_pretrain_corpus(n_docs: int = 48000, per_doc: int = 8) -> Path:
     return path
 
 
+def write_reference_text(n_docs: int = 120, per_doc: int = 4) -> Path:
+    """Held-out documents of the pretraining distribution of builtin:tiny-llama (plain "Q: / A:"
+    text, no chat format): the "general text" whose loss the forgetting report tracks
+    (recipes/tiny-llama/forgetting.yaml). Seeds are disjoint from the pretraining corpus' and
+    the chat splits'; about 25 KB."""
+    path = HERE / "reference-text.jsonl"
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            rng = random.Random(5 * 10**7 + i)
+            blocks = []
+            for _ in range(per_doc):
+                question, answer = rng.choice(TASKS)(rng)
+                blocks.append(f"Q: {question}\nA: {answer}")
+            f.write(json.dumps({"text": "\n\n".join(blocks)}) + "\n")
+    return path
+
+
 if __name__ == "__main__":
     import sys
+
+    if "--reference" in sys.argv:
+        print("wrote", write_reference_text())
+        sys.exit(0)
 
     if "--skills" in sys.argv:
         print("wrote", *write_skill_data())
