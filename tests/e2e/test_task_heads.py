@@ -141,8 +141,9 @@ def test_encoder_model_gets_a_classifier_too(task_recipe, tmp_path, tiny_model):
     assert summary["eval_metrics"]["accuracy"] >= 0.9
 
 
-def test_export_of_a_lora_classifier_reloads_and_predicts_the_same(task_recipe, tmp_path):
-    api.train(task_recipe(LORA))
+@pytest.mark.parametrize("method", [LORA, {"method": "linear_probe"}], ids=["lora", "probe"])
+def test_export_of_a_classifier_reloads_and_predicts_the_same(task_recipe, tmp_path, method):
+    api.train(task_recipe(method))
     report = api.export(tmp_path / "run", tmp_path / "export", dtype="float32")
     assert report["passed"] and report["fidelity"]["prediction_agreement"] == 1.0
     assert report["fidelity"]["relative_error"] < 1e-5
