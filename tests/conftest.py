@@ -154,6 +154,17 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+RESUME_TRAIN = {
+    "max_steps": 8,
+    "micro_batch_size": 2,
+    "grad_accum": 2,
+    "lr": 1e-2,
+    "save_every": 2,
+    "keep_last": 10,
+}
+"""Train settings of the resume-equality tests: checkpoints every 2 of 8 steps, all kept."""
+
+
 def write_recipe(
     path: Path, model_dir: Path, data_file: Path | str, **sections: dict[str, Any]
 ) -> Path:

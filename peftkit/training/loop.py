@@ -32,6 +32,7 @@ from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
+from peftkit.training import advice
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import (
@@ -48,14 +49,14 @@ from peftkit.training.heads import (
     regression_metrics,
 )
 from peftkit.training.loss import accepts_logits_to_keep, causal_lm_loss_sum, supervised_tokens
-from peftkit.training.metrics import MetricsLog, peak_memory_bytes, plot_losses
+from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.optim import build_optimizer, build_scheduler
 from peftkit.training.precision import resolve_precision, weights_dtype
-from peftkit.training.reference import forgetting_summary, reference_metrics
-from peftkit.training.report import count_parameters, format_summary, run_metadata
+from peftkit.training.reference import reference_metrics
+from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
-from peftkit.training.tasks import TaskLosses, task_summary
+from peftkit.training.tasks import TaskLosses
 from peftkit.training.unfreeze import LayerSchedule
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -358,11 +359,15 @@ class FineTuneRun:
                     acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
                 loss_sum += token_loss_sum.detach()
         except torch.OutOfMemoryError as e:
-            raise TrainingStopped(self._oom_advice()) from e
+            raise TrainingStopped(
+                advice.out_of_memory(self.recipe, self.state.step, self.run)
+            ) from e
         loss = acc.reduce(loss_sum, "sum").item() / max(n_supervised, 1)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingStopped(self._nan_advice(loss, micro_batches))
+            raise TrainingStopped(
+                advice.non_finite_loss(loss, self.recipe, self.state.step, self.run, micro_batches)
+            )
         grad_norm = None
         if r.train.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm))
@@ -493,53 +498,7 @@ class FineTuneRun:
         samples_after = self._samples()
         if not self.main:
             return {}
-        peak, peak_kind = peak_memory_bytes()
-        summary = {
-            "run_dir": str(run.path),
-            "method": r.adapter.method,
-            "stop_reason": self.stop_reason,
-            "steps": self.state.step,
-            "epochs": round(self.state.step / self.plan.steps_per_epoch, 3),
-            "global_batch_rows": self.plan.global_batch,
-            "processes": self.accelerator.num_processes,
-            "tokens": self.state.tokens_seen,
-            "supervised_tokens": self.state.supervised_tokens_seen,
-            "train_seconds": round(self.state.train_seconds, 2),
-            "tokens_per_s": round(self.state.tokens_seen / max(self.state.train_seconds, 1e-9), 1),
-            "peak_memory_bytes": peak,
-            "peak_memory_kind": peak_kind,
-            "largest_micro_batch_tokens": self.largest_micro_batch,
-            "trainable_params": self.params["trainable"],
-            "total_params": self.params["total"],
-            "first_train_loss": self.metrics.train_losses()[0][1]
-            if self.metrics.train_losses()
-            else None,
-            "final_train_loss": self.metrics.train_losses()[-1][1]
-            if self.metrics.train_losses()
-            else None,
-            "first_eval_loss": self.metrics.eval_losses()[0][1]
-            if self.metrics.eval_losses()
-            else None,
-            "final_eval_loss": self.metrics.eval_losses()[-1][1]
-            if self.metrics.eval_losses()
-            else None,
-            "best_eval_loss": self.state.best_eval_loss,
-            "best_step": self.state.best_step,
-            "eval_metrics": self.head_metrics,
-            "final": str(final),
-            "best": str(run.best) if run.best.exists() else None,
-            **self.layers.summary(self.total_steps),
-        }
-        if self.task_losses is not None:
-            summary["tasks"] = task_summary(
-                r.data, self.data, self.plan, self.state.step, self.metrics
-            )
-        if self.data.reference:
-            summary["forgetting"] = forgetting_summary(
-                self.metrics,
-                len(self.data.reference),
-                sum(row.n_supervised for row in self.data.reference),
-            )
+        summary = run_summary(self, final)
         atomic_write_json(run.summary, summary)
         atomic_write_json(run.meta, run_metadata(self))
         if samples_after is not None and self.samples_before is not None:
@@ -619,30 +578,6 @@ class FineTuneRun:
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(text)
-
-    def _last_checkpoint_note(self) -> str:
-        found = ckpt.complete_checkpoints(self.run.checkpoints)
-        if found:
-            return f"The last good checkpoint is {found[-1]}; fix the cause, then continue with --resume."
-        return "No checkpoint had been written yet (set train.save_every to keep progress)."
-
-    def _nan_advice(self, loss: float, micro_batches: list[list[EncodedRow]]) -> str:
-        origins = [row.origin for rows in micro_batches for row in rows][:4]
-        return (
-            f"loss became {loss} at step {self.state.step + 1}; that step was not applied. "
-            f"{self._last_checkpoint_note()}\n  Try: a lower train.lr (now {self.recipe.train.lr}), "
-            f"train.max_grad_norm (now {self.recipe.train.max_grad_norm}), bf16 instead of fp16, "
-            f"and check the rows of that step: {', '.join(origins)}"
-        )
-
-    def _oom_advice(self) -> str:
-        t = self.recipe.train
-        return (
-            f"out of memory at step {self.state.step + 1}. {self._last_checkpoint_note()}\n  Try: "
-            f"train.micro_batch_size {max(1, t.micro_batch_size // 2)} with train.grad_accum "
-            f"{t.grad_accum * 2} (same global batch), train.gradient_checkpointing: true, a shorter "
-            f"data.max_length (now {self.recipe.data.max_length}), or QLoRA (model.quantization.bits: 4)"
-        )
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 import peftkit
 from peftkit.training import reference, tasks
+from peftkit.training.metrics import peak_memory_bytes
 
 if TYPE_CHECKING:
     from peftkit.training.loop import FineTuneRun
@@ -25,6 +27,48 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return {"trainable": trainable, "total": total}
+
+
+def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
+    """summary.json: what the run did and reached (the figures the end-of-run printout shows)."""
+    r, state, metrics = run.recipe, run.state, run.metrics
+    train_losses, eval_losses = metrics.train_losses(), metrics.eval_losses()
+    peak, peak_kind = peak_memory_bytes()
+    summary = {
+        "run_dir": str(run.run.path),
+        "method": r.adapter.method,
+        "stop_reason": run.stop_reason,
+        "steps": state.step,
+        "epochs": round(state.step / run.plan.steps_per_epoch, 3),
+        "global_batch_rows": run.plan.global_batch,
+        "processes": run.accelerator.num_processes,
+        "tokens": state.tokens_seen,
+        "supervised_tokens": state.supervised_tokens_seen,
+        "train_seconds": round(state.train_seconds, 2),
+        "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "largest_micro_batch_tokens": run.largest_micro_batch,
+        "trainable_params": run.params["trainable"],
+        "total_params": run.params["total"],
+        "first_train_loss": train_losses[0][1] if train_losses else None,
+        "final_train_loss": train_losses[-1][1] if train_losses else None,
+        "first_eval_loss": eval_losses[0][1] if eval_losses else None,
+        "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
+        "best_eval_loss": state.best_eval_loss,
+        "best_step": state.best_step,
+        "eval_metrics": run.head_metrics,
+        "final": str(final),
+        "best": str(run.run.best) if run.run.best.exists() else None,
+        **run.layers.summary(run.total_steps),
+    }
+    if run.task_losses is not None:
+        summary["tasks"] = tasks.task_summary(r.data, run.data, run.plan, state.step, metrics)
+    if run.data.reference:
+        summary["forgetting"] = reference.forgetting_summary(
+            metrics, len(run.data.reference), sum(row.n_supervised for row in run.data.reference)
+        )
+    return summary
 
 
 def run_metadata(run: FineTuneRun) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from peftkit.cli import main
 from peftkit.models.layer_groups import layer_groups
 from peftkit.recipe.load import load_recipe
 from peftkit.training.loop import FineTuneRun
-from tests.conftest import chat_rows, write_jsonl, write_recipe
+from tests.conftest import RESUME_TRAIN, chat_rows, write_jsonl, write_recipe
 
 GROUPS = ["head", "layer 1", "layer 0", "embeddings"]  # the 2-layer tiny Llama (untied)
 
@@ -156,14 +156,7 @@ def _resumable(tmp_path: Path, tiny_model: Path, data: Path, out: str) -> Path:
         tiny_model,
         data,
         adapter={"method": "full", "unfreeze": {"every_steps": 3}, "layer_lr_decay": 0.8},
-        train={
-            "max_steps": 8,
-            "micro_batch_size": 2,
-            "grad_accum": 2,
-            "lr": 1e-2,
-            "save_every": 2,
-            "keep_last": 10,
-        },
+        train=RESUME_TRAIN,
         output={"dir": str(tmp_path / out), "plot": False},
     )
 

@@ -11,7 +11,7 @@ import pytest
 
 from peftkit import api
 from peftkit.training.loop import FineTuneRun
-from tests.conftest import chat_rows, write_jsonl, write_recipe
+from tests.conftest import RESUME_TRAIN, chat_rows, write_jsonl, write_recipe
 
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -142,12 +142,7 @@ def test_a_resumed_multitask_run_gives_the_same_losses(tmp_path, tiny_model):
                 "max_length": 64,
             },
             train={
-                "max_steps": 8,
-                "micro_batch_size": 2,
-                "grad_accum": 2,
-                "lr": 1e-2,
-                "save_every": 2,
-                "keep_last": 10,
+                **RESUME_TRAIN,
                 "packing": False,  # the padded path of per-task losses
             },
             output={"dir": str(tmp_path / out), "plot": False},

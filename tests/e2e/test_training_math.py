@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from peftkit import api
 from peftkit.cli import main
 from peftkit.errors import TrainingStopped
-from tests.conftest import chat_rows, write_jsonl, write_recipe
+from tests.conftest import RESUME_TRAIN, chat_rows, write_jsonl, write_recipe
 
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -91,12 +91,7 @@ def _resumable_recipe(tmp_path: Path, tiny_model: Path, data: Path, out: str, **
         data,
         adapter={"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1},  # dropout: RNG matters
         train={
-            "max_steps": 8,
-            "micro_batch_size": 2,
-            "grad_accum": 2,
-            "lr": 1e-2,
-            "save_every": 2,
-            "keep_last": 10,
+            **RESUME_TRAIN,
             **train,
         },
         output={"dir": str(tmp_path / out), "plot": False},

@@ -1,0 +1,39 @@
+"""What to tell a user whose run stopped: the cause, the checkpoint to continue from, what to change."""
+
+from __future__ import annotations
+
+from peftkit.data.encode import EncodedRow
+from peftkit.recipe.schema import Recipe
+from peftkit.training import checkpoint as ckpt
+from peftkit.training.run_dir import RunDir
+
+
+def last_checkpoint_note(run: RunDir) -> str:
+    found = ckpt.complete_checkpoints(run.checkpoints)
+    if found:
+        return (
+            f"The last good checkpoint is {found[-1]}; fix the cause, then continue with --resume."
+        )
+    return "No checkpoint had been written yet (set train.save_every to keep progress)."
+
+
+def non_finite_loss(
+    loss: float, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
+) -> str:
+    origins = [row.origin for rows in micro_batches for row in rows][:4]
+    return (
+        f"loss became {loss} at step {step + 1}; that step was not applied. "
+        f"{last_checkpoint_note(run)}\n  Try: a lower train.lr (now {recipe.train.lr}), "
+        f"train.max_grad_norm (now {recipe.train.max_grad_norm}), bf16 instead of fp16, "
+        f"and check the rows of that step: {', '.join(origins)}"
+    )
+
+
+def out_of_memory(recipe: Recipe, step: int, run: RunDir) -> str:
+    t = recipe.train
+    return (
+        f"out of memory at step {step + 1}. {last_checkpoint_note(run)}\n  Try: "
+        f"train.micro_batch_size {max(1, t.micro_batch_size // 2)} with train.grad_accum "
+        f"{t.grad_accum * 2} (same global batch), train.gradient_checkpointing: true, a shorter "
+        f"data.max_length (now {recipe.data.max_length}), or QLoRA (model.quantization.bits: 4)"
+    )
