@@ -141,6 +141,19 @@ def write_skill_data(n_train: int = 600, n_eval: int = 40) -> list[Path]:
             path = HERE / f"skill-{name}-{split}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in rows[split]))
             written.append(path)
+    # The same questions as a classification task (which skill is asked?), for the task-head
+    # recipes recipes/tiny-llama/classifier-*.yaml.
+    for split in ("train", "eval"):
+        path = HERE / f"skill-classify-{split}.jsonl"
+        questions = [
+            {"text": json.loads(line)["messages"][1]["content"], "label": p.name.split("-")[1]}
+            for p in sorted(HERE.glob(f"skill-*-{split}.jsonl"))
+            if "classify" not in p.name
+            for line in p.read_text().splitlines()
+        ]
+        random.Random(split).shuffle(questions)
+        path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+        written.append(path)
     return written
 
 
