@@ -32,10 +32,10 @@ from transformers import PreTrainedTokenizerBase
 
 import peftkit
 from peftkit.errors import AdapterMismatchError
+from peftkit.models.layers import TASK_HEADS
 from peftkit.training.run_dir import atomic_write_json
 
 MANIFEST = "peftkit_adapter.json"
-_NEW_HEADS = ("score", "classifier")
 FORMAT = 1
 _CONFIG_IGNORED = {
     "_name_or_path",
@@ -79,7 +79,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
     params = sorted(
         (_clean_name(n), p)
         for n, p in model.named_parameters()
-        if _clean_name(n).split(".")[0] not in _NEW_HEADS  # a new task head starts random
+        if _clean_name(n).split(".")[0] not in TASK_HEADS  # a new task head starts random
     )
     shapes = [(n, _logical_shape(p)) for n, p in params]
     weights = hashlib.sha256()

@@ -31,7 +31,7 @@ def _trained_dtype(source: ExportSource) -> torch.dtype:
     return DTYPES[source.meta.get("weights_dtype", "float32")]
 
 
-def _to_fp32(model: nn.Module) -> nn.Module:
+def to_fp32(model: nn.Module) -> nn.Module:
     """Upcast every floating parameter and buffer to fp32 (exact); packed quantized weights are
     integer tensors and stay as they are."""
     for module in model.modules():
@@ -64,7 +64,7 @@ def load_trained(source: ExportSource, adapter_dir: Path | None = None) -> nn.Mo
         quant = spec.quantization.model_copy(update={"compute_dtype": "float32"})
         spec = spec.model_copy(update={"quantization": quant})
     base = load_model(spec, _trained_dtype(source), torch.device("cpu"))
-    model = _attach(_to_fp32(base), source, adapter_dir)
+    model = _attach(to_fp32(base), source, adapter_dir)
     model.eval()
     return model
 
@@ -72,7 +72,7 @@ def load_trained(source: ExportSource, adapter_dir: Path | None = None) -> nn.Mo
 def dense_base(source: ExportSource) -> nn.Module:
     """The base model unquantized, in the dtype training stored it in, upcast to fp32."""
     spec = source.recipe.model.model_copy(update={"quantization": None})
-    return _to_fp32(load_model(spec, _trained_dtype(source), torch.device("cpu")))
+    return to_fp32(load_model(spec, _trained_dtype(source), torch.device("cpu")))
 
 
 def dequantized_base(source: ExportSource) -> tuple[nn.Module, dict[str, int]]:

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.errors import ExportError, FidelityGateFailed
-from peftkit.export.build import _to_fp32
+from peftkit.export.build import to_fp32
 from peftkit.export.source import ExportSource
 from peftkit.export.write import model_card, write_model
 from peftkit.models.load import DTYPES, head_config, load_model
@@ -105,7 +105,7 @@ def _trained(source: ExportSource, pad_token_id: int | None) -> nn.Module:
         return model.eval()
     dtype = DTYPES[source.meta.get("weights_dtype", "float32")]
     head = head_config(source.meta.get("class_names"), pad_token_id)
-    base = _to_fp32(load_model(source.recipe.model, dtype, torch.device("cpu"), head))
+    base = to_fp32(load_model(source.recipe.model, dtype, torch.device("cpu"), head))
     try:
         return PeftModel.from_pretrained(base, str(source.result_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as e:

@@ -15,7 +15,7 @@ from torch import nn
 
 from peftkit.methods.base import ApplyContext, MethodSpec
 from peftkit.methods.registry import register
-from peftkit.models.layers import decoder_layers
+from peftkit.models.layers import TASK_HEADS, decoder_layers
 from peftkit.models.load import enable_gradient_checkpointing
 from peftkit.recipe.section import Section
 
@@ -114,13 +114,9 @@ class PartialSpec(_WholeModelMethod):
         return model
 
 
-HEADS = ("score", "classifier")
-"""Module names transformers gives sequence-classification heads (decoder LMs, BERT-style)."""
-
-
 def head_names(model: nn.Module) -> set[str]:
     """Parameters of a sequence-classification head (empty for a causal LM)."""
-    return {n for n, _ in model.named_parameters() if n.split(".")[0] in HEADS}
+    return {n for n, _ in model.named_parameters() if n.split(".")[0] in TASK_HEADS}
 
 
 def trainable_names(model: nn.Module, top_layers: int, patterns: list[str]) -> set[str]:

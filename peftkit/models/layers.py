@@ -7,6 +7,11 @@ from torch import nn
 _BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer", "decoder_layers")
 
 
+TASK_HEADS = ("score", "classifier")
+"""Top-level module names transformers gives sequence-classification heads (decoder LMs use
+`score`, BERT-style encoders `classifier`): new, randomly initialised weights."""
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return (qualified name, ModuleList) of the model's transformer blocks.
 

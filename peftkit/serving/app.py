@@ -73,7 +73,7 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
             "model_not_found",
         )
 
-    def options(req: p._Request, prompt_tokens: int) -> SamplingOptions:
+    def options(req: p.GenerationRequest, prompt_tokens: int) -> SamplingOptions:
         if prompt_tokens > limits.max_prompt_tokens:
             raise p.ApiError(
                 400,

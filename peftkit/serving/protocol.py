@@ -29,7 +29,7 @@ class ApiError(Exception):
         }
 
 
-class _Request(BaseModel):
+class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -45,7 +45,7 @@ class _Request(BaseModel):
     seed: int | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> _Request:
+    def _supported(self) -> GenerationRequest:
         if self.n != 1:
             raise ValueError("n: only n=1 is supported")
         if self.stop:
@@ -80,7 +80,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatRequest(_Request):
+class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
 
     def chat(self) -> list[dict[str, str]]:
@@ -91,7 +91,7 @@ class ChatRequest(_Request):
         ]
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
 
     def prompts(self) -> list[str]:
