@@ -37,7 +37,6 @@ from peftkit.recipe.schema import ModelSpec, QuantizationSpec
 BASE = "base"
 """The name that means 'no adapter': the base model alone."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MIXABLE = ("lora", "qlora")
 Prompt = str | list[dict[str, str]]
 """Raw text (continued as is) or chat messages (rendered with the adapter's chat template)."""
 

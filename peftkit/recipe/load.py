@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from peftkit.errors import RecipeError
+from peftkit.errors import PeftkitError, RecipeError
 from peftkit.recipe.schema import Recipe
 
 # Names users bring from transformers/peft/other toolkits, mapped to ours.
@@ -39,15 +39,20 @@ ALIASES = {
 }
 
 
+def read_yaml(path: Path, what: str, error: type[PeftkitError]) -> Any:
+    """The parsed YAML file (`{}` if empty); a missing file or bad YAML raises `error`."""
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from e
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Parse `path`, apply `key.sub=value` overrides, validate, and resolve relative data paths."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    raw = read_yaml(path, "recipe", RecipeError)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
     for item in overrides or []:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from peftkit.errors import RecipeError, SweepError
-from peftkit.recipe.load import load_recipe
+from peftkit.recipe.load import load_recipe, read_yaml
 from peftkit.recipe.schema import Recipe
 from peftkit.recipe.section import Section
 
@@ -156,12 +156,7 @@ class SearchSpace(Section):
 def load_space(path: str | Path) -> SearchSpace:
     """Parse and validate a SPACE.yaml (raises `SweepError` naming every problem)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"search space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {e}") from e
+    raw = read_yaml(path, "search space", SweepError)
     try:
         return SearchSpace.model_validate(raw)
     except ValidationError as e:

@@ -165,16 +165,7 @@ def write_pretrain_corpus(n_docs: int = 48000, per_doc: int = 8) -> Path:
     not the ChatML assistant format, as a real base model knows facts before instruction tuning.
     Seeds are disjoint from the chat splits'.
     """
-    path = HERE / "tiny-llama-pretrain.jsonl"
-    with open(path, "w") as f:
-        for i in range(n_docs):
-            rng = random.Random(10**7 + i)
-            blocks = []
-            for _ in range(per_doc):
-                question, answer = rng.choice(TASKS)(rng)
-                blocks.append(f"Q: {question}\nA: {answer}")
-            f.write(json.dumps({"text": "\n\n".join(blocks)}) + "\n")
-    return path
+    return _plain_documents(HERE / "tiny-llama-pretrain.jsonl", n_docs, per_doc, seed=10**7)
 
 
 def write_reference_text(n_docs: int = 120, per_doc: int = 4) -> Path:
@@ -182,10 +173,15 @@ def write_reference_text(n_docs: int = 120, per_doc: int = 4) -> Path:
     text, no chat format): the "general text" whose loss the forgetting report tracks
     (recipes/tiny-llama/forgetting.yaml). Seeds are disjoint from the pretraining corpus' and
     the chat splits'; about 25 KB."""
-    path = HERE / "reference-text.jsonl"
+    return _plain_documents(HERE / "reference-text.jsonl", n_docs, per_doc, seed=5 * 10**7)
+
+
+def _plain_documents(path: Path, n_docs: int, per_doc: int, seed: int) -> Path:
+    """`n_docs` rows {"text": "Q: ...\nA: ...\n\nQ: ..."} of `per_doc` skill questions each;
+    document i draws from random.Random(seed + i)."""
     with open(path, "w") as f:
         for i in range(n_docs):
-            rng = random.Random(5 * 10**7 + i)
+            rng = random.Random(seed + i)
             blocks = []
             for _ in range(per_doc):
                 question, answer = rng.choice(TASKS)(rng)
@@ -200,7 +196,6 @@ if __name__ == "__main__":
     if "--reference" in sys.argv:
         print("wrote", write_reference_text())
         sys.exit(0)
-
     if "--skills" in sys.argv:
         print("wrote", *write_skill_data())
         sys.exit(0)
