@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-QUICK = str(ROOT / "recipes" / "quickstart.yaml")
+QUICK = str(ROOT / "recipes" / "tiny-llama" / "chat-skills.yaml")
 BENCH = HERE / "results" / "work" / "50m"
 
 CASES = {

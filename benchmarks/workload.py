@@ -1,6 +1,12 @@
 """The benchmark workload, built locally and deterministically: model, tokenizer, chat data.
 
-Model: a Llama-architecture config with random weights (`SIZES`), ~52M parameters for the CPU
+Real weights (`--model builtin:smollm2-135m`, or any model name a recipe takes): that model and
+its own tokenizer, over chats of real English text: Python's reference documentation as shipped
+with the interpreter (`pydoc_data.topics`), cut into question/answer chats whose answer lengths
+are log-normal (median ~80 words, long tail; some two-turn), so micro-batches mix short and long
+rows as real chat data does.
+
+Random weights (`--size`): a Llama-architecture config (`SIZES`), ~52M parameters for the CPU
 run. Tokenizer: word-level, 32k words + ChatML specials + a dedicated <pad>. Data: chats whose
 prompt and reply lengths are log-normal (median ~60 and ~80 words, long tail, some two-turn),
 over Zipf-distributed words; each reply starts by echoing part of its prompt, so there is
@@ -112,3 +118,69 @@ def build(workdir: Path, size: str, n_train: int, n_eval: int) -> dict:
     info = {"spec": wanted, "parameters": params, "vocab": len(tokenizer)}
     stamp.write_text(json.dumps(info))
     return info
+
+
+def _paragraphs() -> list[tuple[str, list[str]]]:
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        paras = [" ".join(p.split()) for p in topics[name].split("\n\n") if len(p.split()) > 3]
+        if len(paras) >= 3:
+            out.append((name.replace("-", " "), paras))
+    return out
+
+
+def _take(paras: list[str], start: int, words: int) -> tuple[str, int]:
+    """Whole paragraphs from `start` until about `words` words (at least one paragraph)."""
+    taken, i = [], start
+    while i < len(paras) and (not taken or sum(len(t.split()) for t in taken) < words):
+        taken.append(paras[i])
+        i += 1
+    text = " ".join(" ".join(taken).split()[: max(words, 8)])
+    return text, i
+
+
+def _real_chat(rng: np.random.Generator, docs) -> dict:
+    title, paras = docs[rng.integers(len(docs))]
+    messages = [{"role": "system", "content": "You are a helpful assistant who knows Python well."}]
+    start = int(rng.integers(0, max(1, len(paras) - 2)))
+    question = f"Explain {title} in Python."
+    for turn in range(2 if rng.random() < 0.3 else 1):
+        if turn:
+            question = "Tell me more."
+        answer, start = _take(paras, start, max(8, int(rng.lognormal(np.log(80), 0.8))))
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        if start >= len(paras):
+            break
+    return {"messages": messages}
+
+
+def build_real(workdir: Path, model: str, n_train: int, n_eval: int, seed: int = 0) -> dict:
+    """A real model (materialised by peftkit, linked as workdir/model) and real-text chats."""
+    from transformers import AutoConfig
+
+    from peftkit.models.load import resolve_source
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder = Path(resolve_source(model))
+    link = workdir / "model"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(folder)
+    rng, docs = np.random.default_rng(seed), _paragraphs()
+    for name, n in (("train", n_train), ("eval", n_eval)):
+        with open(workdir / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(_real_chat(rng, docs)) + "\n" for _ in range(n))
+    from safetensors import safe_open
+
+    params = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            names = st.keys()  # a safetensors handle is not iterable itself
+            params += sum(int(np.prod(st.get_slice(k).get_shape())) for k in names)
+    config = AutoConfig.from_pretrained(str(folder))
+    return {"model": model, "parameters": params, "vocab": config.vocab_size}

@@ -85,3 +85,35 @@ def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> Non
             layer._disable_adapters = False
     if name is not None:
         peft_model.base_model.active_adapter = name
+
+
+def gguf_architectures() -> set[str]:
+    """GGUF `general.architecture` names transformers (5.x) can read, from its own table
+    (`modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES`, present in 4.4x and 5.x)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return set(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def gguf_dequantize_config():
+    """transformers >= 5.2x can keep GGUF weights packed (`GgufConfig(dequantize=False)`, the
+    default) and cast them in every matmul where a `kernels` GGUF kernel exists; peftkit trains on
+    plain dense weights, so it always asks for the dequantized model."""
+    from transformers import GgufConfig
+
+    return GgufConfig(dequantize=True)
+
+
+def detach_gguf_quantizer(model) -> None:
+    """A model read from GGUF keeps the GGUF quantizer (`model.hf_quantizer`) and its
+    `config.quantization_config`, and `save_pretrained` refuses such a model (GGUF is not
+    "serializable"), though its weights are already dense. Checked: transformers 5.24. Refuses a
+    model whose weights are not plain floating-point tensors (a packed GGUF module)."""
+    import torch
+
+    packed = [n for n, p in model.named_parameters() if not torch.is_floating_point(p)]
+    if packed:
+        raise ValueError(f"GGUF weights were kept packed ({packed[0]}, ...); expected dense")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

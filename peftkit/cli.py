@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from peftkit.errors import FidelityGateFailed, PeftkitError
@@ -172,8 +173,19 @@ def _add_adapter_verbs(sub) -> None:
     combine.add_argument("--overwrite", action="store_true")
 
 
+def _show_library_progress() -> None:
+    """The library logs long one-off work (e.g. materialising a GGUF base) at INFO; show it."""
+    logger = logging.getLogger("peftkit.models")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _show_library_progress()
     from peftkit import api  # after parsing, so --help is instant
 
     try:

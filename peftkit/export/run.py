@@ -18,7 +18,7 @@ from peftkit.export.fidelity import Fidelity, Reference, compare, reference_outp
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
-from peftkit.models.load import resolve_source as resolve_model_source
+from peftkit.models.load import model_source
 from peftkit.recipe.schema import ExportSpec
 from peftkit.training.run_dir import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -188,7 +188,7 @@ def _export_adapter(
     report["what"] = "a PEFT adapter (base weights unchanged)"
     if target == "vllm":
         base_config = AutoConfig.from_pretrained(
-            resolve_model_source(source.recipe.model.name),
+            model_source(source.recipe.model),
             revision=source.recipe.model.revision,
             trust_remote_code=source.recipe.model.trust_remote_code,
         )

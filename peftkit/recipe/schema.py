@@ -30,7 +30,11 @@ class ModelSpec(Section):
     """Which base model to load and how."""
 
     name: str
-    """Hub id (`meta-llama/Llama-3.2-1B`), local folder, or `builtin:tiny-llama` (the quickstart model)."""
+    """Hub id (`meta-llama/Llama-3.2-1B`), local folder, a `.gguf` file (llama.cpp / Ollama model
+    files: dequantized once into peftkit's cache), or a built-in model: `builtin:smollm2-135m`
+    (SmolLM2-135M-Instruct, the quickstart's) or `builtin:tiny-llama` (a 3M toy for fast tests)."""
+    gguf_file: str | None = None
+    """A GGUF file inside the folder or hub repository `name` (e.g. `model-Q4_K_M.gguf`)."""
     revision: str | None = None
     """Hub branch, tag or commit to pin."""
     tokenizer: str | None = None
@@ -42,6 +46,19 @@ class ModelSpec(Section):
     """Load the base quantized with bitsandbytes (null = full precision)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Only for sources you trust."""
+
+    @model_validator(mode="after")
+    def _gguf_rules(self) -> ModelSpec:
+        if self.gguf_file is not None:
+            if self.name.lower().endswith(".gguf"):
+                raise ValueError(
+                    "model.gguf_file is set but model.name is already a .gguf file: remove one"
+                )
+            if not self.gguf_file.lower().endswith(".gguf"):
+                raise ValueError(f"model.gguf_file {self.gguf_file!r} must name a .gguf file")
+            if self.name.startswith("builtin:"):
+                raise ValueError("model.gguf_file does not apply to built-in models: remove it")
+        return self
 
 
 class DataSource(Section):
@@ -292,6 +309,36 @@ class OutputSpec(Section):
     sample_max_new_tokens: int = Field(default=48, gt=0)
 
 
+class EvalSpec(Section):
+    """Generation-based evaluation: held-out rows (`data.eval`) answered greedily and scored, at
+    step 0 (the base), at every evaluation and at the end; logged as `answer_*` in metrics.jsonl,
+    plotted, and summarised before -> after. The answer of a row is its last assistant turn."""
+
+    metric: Literal["none", "exact", "contains", "json_fields", "python"] = "none"
+    """exact = equal text; contains = the reference occurs in the answer; json_fields = the
+    answer's first JSON object has exactly the reference's keys and values (field accuracy is
+    reported beside); python = `function` decides. none = loss only."""
+    function: str | None = None
+    """For metric python: `module:function` or `file.py:function` (relative to the recipe), called
+    as `function(answer: str, reference: str) -> float` (1.0 = right)."""
+    rows: int | None = Field(default=64, gt=0)
+    """Score the first N held-out rows (null = all); generation costs far more than loss."""
+    max_new_tokens: int = Field(default=64, gt=0)
+    """Greedy tokens per answer; an answer still running then is cut (and usually wrong)."""
+    batch_size: int = Field(default=16, gt=0)
+    """Prompts generated together (left-padded)."""
+
+    @model_validator(mode="after")
+    def _function_rules(self) -> EvalSpec:
+        if self.metric == "python" and not self.function:
+            raise ValueError("eval.metric python needs eval.function: module:function")
+        if self.function and self.metric != "python":
+            raise ValueError(
+                f"eval.function is set but eval.metric is {self.metric}: set eval.metric: python"
+            )
+        return self
+
+
 class FidelityThresholds(Section):
     """Limits the exported model must meet against the trained model, or the export fails."""
 
@@ -329,6 +376,7 @@ class Recipe(Section):
     task: TaskSpec = TaskSpec()
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
+    eval: EvalSpec = EvalSpec()
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")
@@ -342,6 +390,11 @@ class Recipe(Section):
         if self.train.eval_every is not None and not has_eval:
             problems.append(
                 "train.eval_every is set but there is no eval data: set data.eval or data.eval_fraction > 0"
+            )
+        if self.eval.metric != "none" and not has_eval:
+            problems.append(
+                f"eval.metric {self.eval.metric} scores answers to held-out rows: set data.eval "
+                "or data.eval_fraction > 0"
             )
         if self.task.has_head:
             problems += self._head_rules()
@@ -368,6 +421,10 @@ class Recipe(Section):
         if self.data.reference:
             problems.append(
                 f"data.reference: the forgetting report scores a causal LM, not a {kind} head"
+            )
+        if self.eval.metric != "none":
+            problems.append(
+                f"eval.metric: a {kind} model does not generate; its metrics are built in"
             )
         if self.data.mixing.strategy != "concat":
             problems.append(

@@ -41,6 +41,7 @@ from peftkit.training.batches import (
     pack_multiple,
     resolve_packing,
 )
+from peftkit.training.generated import AnswerEval
 from peftkit.training.heads import (
     classification_metrics,
     collate_labeled,
@@ -104,6 +105,8 @@ class FineTuneRun:
             | ({self.tokenizer.eos_token_id} - {None})
         )
         self._print_audit()
+        self.answers = AnswerEval.for_run(r.eval, self.data.eval, self.tokenizer, self.stop_ids)
+        self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
         head = (
@@ -260,7 +263,9 @@ class FineTuneRun:
         rng_at_step_start = ckpt.rng_state()
         # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
         if self.state.step == 0 and (
-            self.data.reference or (self.data.eval and r.train.eval_every is not None)
+            self.data.reference
+            or self.answers is not None
+            or (self.data.eval and r.train.eval_every is not None)
         ):
             self._log_evaluation(self.evaluate() if self.data.eval else None)
         with _sigterm_as_interrupt():
@@ -477,6 +482,15 @@ class FineTuneRun:
                 record |= self.task_losses.take(self.accelerator, "eval_loss")
         if self.data.reference:
             record |= reference_metrics(self)
+        if self.answers is not None and self.main:
+            self._print(
+                f"step {self.state.step}: answering {len(self.answers.items)} held-out rows ..."
+            )
+            record |= self.answers(self.accelerator.unwrap_model(self.model))
+            if self.state.step == 0:
+                self.answers_before = self.answers.last_rows
+            shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
+        self.accelerator.wait_for_everyone()
         self.metrics.log(record)
         self._print(
             f"step {self.state.step}: "
@@ -509,6 +523,8 @@ class FineTuneRun:
                     for p, b, a in zip(r.output.sample_prompts, self.samples_before, samples_after)
                 ],
             )
+        if self.answers is not None:
+            atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
         print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))

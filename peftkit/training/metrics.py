@@ -46,6 +46,14 @@ class MetricsLog:
         """(step, value) of every record that has `key` (e.g. `eval_loss/<task>`)."""
         return [(r["step"], r[key]) for r in self.records if key in r]
 
+    def record_at(self, step: int) -> dict[str, Any]:
+        """Every key logged at `step` (train and evaluation records merged)."""
+        merged: dict[str, Any] = {}
+        for r in self.records:
+            if r["step"] == step:
+                merged |= r
+        return merged
+
     def task_names(self, prefix: str = "eval_loss/") -> list[str]:
         """Tasks with a `<prefix><task>` metric, in first-logged order."""
         keys = (k for r in self.records for k in r if k.startswith(prefix))
@@ -60,7 +68,14 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     train, evals = log.train_losses(), log.eval_losses()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    answers = log.series("answer_score")
+    if answers:  # the task metric on generated answers, in a panel of its own below the losses
+        fig, (ax, lower) = plt.subplots(
+            2, 1, figsize=(8, 6.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+        )
+        _plot_answers(log, lower)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train loss")
@@ -77,7 +92,8 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     for task in log.task_names():
         steps, losses = zip(*log.series(f"eval_loss/{task}"))
         ax.plot(steps, losses, ".--", linewidth=1.2, label=f"eval loss: {task}")
-    ax.set_xlabel("optimizer step")
+    if not answers:
+        ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / supervised token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -97,6 +113,29 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_answers(log: MetricsLog, ax) -> None:
+    """Share of held-out rows answered right (and the metric's other figures), in percent."""
+    keys = [k for k in dict.fromkeys(k for r in log.records for k in r) if k.startswith("answer_")]
+    for key in sorted(keys, key=lambda k: k != "answer_score"):
+        steps, values = zip(*log.series(key))
+        main = key == "answer_score"
+        ax.plot(
+            steps,
+            [100 * v for v in values],
+            "o-" if main else ".--",
+            linewidth=2 if main else 1.2,
+            color="tab:green" if main else None,
+            label="task metric (rows right)"
+            if main
+            else key.removeprefix("answer_").replace("_", " "),
+        )
+    ax.set_ylim(-3, 103)
+    ax.set_ylabel("held-out answers (%)")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def peak_memory_bytes() -> tuple[int, str]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit.training import reference, tasks
+from peftkit.training import generated, reference, tasks
 from peftkit.training.metrics import peak_memory_bytes
 
 if TYPE_CHECKING:
@@ -64,6 +64,10 @@ def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
     }
     if run.task_losses is not None:
         summary["tasks"] = tasks.task_summary(r.data, run.data, run.plan, state.step, metrics)
+    if run.answers is not None:
+        summary["answers"] = generated.answer_summary(
+            metrics, r.eval.metric, len(run.answers.items)
+        )
     if run.data.reference:
         summary["forgetting"] = reference.forgetting_summary(
             metrics, len(run.data.reference), sum(row.n_supervised for row in run.data.reference)
@@ -154,6 +158,7 @@ def format_summary(
         ),
         *_head_rows(s.get("eval_metrics")),
         *tasks.summary_rows(s),
+        *generated.summary_rows(s),
         *reference.summary_rows(s),
         ("result", s["final"]),
     ]

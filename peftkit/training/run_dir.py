@@ -50,6 +50,7 @@ class RunDir:
         self.audit = self.path / "data_audit.json"
         self.meta = self.path / "peftkit.json"
         self.samples = self.path / "samples.json"
+        self.answers = self.path / "answers.json"
         self.checkpoints = self.path / "checkpoints"
         self.best = self.path / "best"
         self.work = self.path / "state"

@@ -1,4 +1,5 @@
-"""The embedded default: `peftkit train recipes/quickstart.yaml` (shortened in CI, whole when slow)."""
+"""The toy chat-skills recipe on builtin:tiny-llama (shortened in CI, whole when slow); the real
+quickstart (SmolLM2) is tested in test_real_model.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from peftkit.cli import main
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "tiny-llama" / "chat-skills.yaml"
 ANSWER = re.compile(r"^\d+ \+ \d+ = \d+\.$")  # the assistant's arithmetic answer format
 
 

@@ -123,8 +123,9 @@ def test_validate_prints_the_resolved_recipe_and_notes(capsys):
     assert main(["validate", str(path), "train.precision=fp16", "adapter.r=4"]) == 0
     out, err = capsys.readouterr()
     resolved = yaml.safe_load(out)
-    assert resolved["adapter"]["r"] == 4 and resolved["train"]["warmup_ratio"] == 0.05
-    assert resolved["data"]["train"][0]["path"].endswith("recipes/data/quickstart-train.jsonl")
+    assert resolved["adapter"]["r"] == 4 and resolved["train"]["warmup_ratio"] == 0.03
+    assert resolved["data"]["train"][0]["path"].endswith("recipes/data/orders-train.jsonl")
+    assert resolved["eval"]["metric"] == "json_fields"
     assert "fp16 needs a GPU" in err and "is valid" in err
     assert main(["validate", str(path), "train.lr=-1"]) == 2
     assert "train.lr: Input should be greater than 0" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""Scores of one generated answer against the held-out reference answer, each in [0, 1].
+
+    exact        1 if the answers are equal after stripping surrounding whitespace
+    contains     1 if the reference occurs in the answer (case-insensitive)
+    json_fields  1 if the answer's first JSON object has exactly the reference's fields and values;
+                 `field_accuracy` (share of the reference's fields that are right) is kept beside
+    python       a user's function `(answer: str, reference: str) -> float | bool`, named in the
+                 recipe as `module:function` or `path/to/file.py:function`
+
+Values are compared as JSON values: 3 and "3" differ, as they would for the program that reads
+the answer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import RecipeError
+
+Scorer = Callable[[str, str], dict[str, float]]
+"""(answer, reference) -> {"score": ..., other per-row figures averaged alongside}."""
+
+
+def exact(answer: str, reference: str) -> dict[str, float]:
+    return {"score": float(answer.strip() == reference.strip())}
+
+
+def contains(answer: str, reference: str) -> dict[str, float]:
+    return {"score": float(reference.strip().lower() in answer.lower())}
+
+
+def first_json_object(text: str) -> dict[str, Any] | None:
+    """The first `{...}` in `text` that parses as a JSON object, else None."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    return None
+
+
+def json_fields(answer: str, reference: str) -> dict[str, float]:
+    expected = json.loads(reference)
+    got = first_json_object(answer)
+    if got is None:
+        return {"score": 0.0, "field_accuracy": 0.0, "json_parsed": 0.0}
+    right = sum(1 for k, v in expected.items() if k in got and got[k] == v)
+    return {
+        "score": float(got == expected),
+        "field_accuracy": right / max(len(expected), 1),
+        "json_parsed": 1.0,
+    }
+
+
+BUILTIN: dict[str, Scorer] = {"exact": exact, "contains": contains, "json_fields": json_fields}
+
+
+def load_function(spec: str, base_dir: Path | None = None) -> Scorer:
+    """The user's scorer `module:function` or `file.py:function` (relative to `base_dir` first),
+    wrapped so it returns {"score": float}."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise RecipeError(
+            f"eval.function {spec!r}: write module:function or path/to/file.py:function"
+        )
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+            path = base_dir / path
+        if not path.is_file():
+            raise RecipeError(f"eval.function: no file {target!r}")
+        loader = importlib.util.spec_from_file_location(f"peftkit_user_metric_{path.stem}", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise RecipeError(f"eval.function: cannot import {target!r}: {e}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RecipeError(f"eval.function: {target!r} has no function {name!r}")
+
+    def scorer(answer: str, reference: str) -> dict[str, float]:
+        return {"score": float(fn(answer, reference))}
+
+    return scorer

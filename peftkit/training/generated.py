@@ -1,0 +1,207 @@
+"""Generation-based evaluation: answer held-out rows greedily and score the answers.
+
+Loss says how likely the reference answer is; users judge a fine-tune by what it *says*. Each
+held-out chat row is cut before its last supervised span (the last assistant turn, whose tokens
+start right after the template's generation prompt), the model continues greedily until a stop
+token training supervised, and the answer is scored against that span (`answer_metrics`).
+Prompts are left-padded into batches; the cut is made on token ids, so the prompt is exactly the
+one training conditioned on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.training.answer_metrics import Scorer
+
+if TYPE_CHECKING:
+    from peftkit.recipe.schema import EvalSpec
+    from peftkit.training.metrics import MetricsLog
+
+
+@dataclass
+class HeldOutAnswer:
+    prompt_ids: list[int]
+    reference: str
+
+
+def held_out_answers(
+    rows: list[EncodedRow], tokenizer: PreTrainedTokenizerBase
+) -> list[HeldOutAnswer]:
+    """Prompt (everything before the last supervised span) and reference text of each row that
+    has a supervised span; rows without one (or whose span starts at token 0) are skipped."""
+    out = []
+    for row in rows:
+        supervised = np.flatnonzero(row.labels != IGNORE)
+        if supervised.size == 0:
+            continue
+        # the last contiguous run of supervised positions
+        breaks = np.flatnonzero(np.diff(supervised) > 1)
+        start = int(supervised[breaks[-1] + 1] if breaks.size else supervised[0])
+        end = int(supervised[-1]) + 1
+        if start == 0:
+            continue
+        reference = tokenizer.decode(row.input_ids[start:end], skip_special_tokens=True).strip()
+        out.append(HeldOutAnswer([int(t) for t in row.input_ids[:start]], reference))
+    return out
+
+
+@torch.no_grad()
+def generate_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    pad_id: int,
+    stop_ids: list[int],
+    max_new_tokens: int,
+) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts (new tokens only, stop token excluded)."""
+    device = next(p.device for p in model.parameters())
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    answers = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+def score_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[HeldOutAnswer],
+    scorer: Scorer,
+    stop_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> tuple[dict[str, float], list[dict[str, str | float]]]:
+    """Mean of each figure the scorer returns over `items`, and the per-row answers."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))  # less padding
+    answers: dict[int, str] = {}
+    try:
+        for a in range(0, len(order), batch_size):
+            chunk = order[a : a + batch_size]
+            new = generate_batch(
+                model,
+                [items[i].prompt_ids for i in chunk],
+                tokenizer.pad_token_id,
+                stop_ids,
+                max_new_tokens,
+            )
+            for i, ids in zip(chunk, new):
+                answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    rows, totals = [], {}
+    for i, item in enumerate(items):
+        figures = scorer(answers[i], item.reference)
+        for k, v in figures.items():
+            totals[k] = totals.get(k, 0.0) + v
+        rows.append({"answer": answers[i], "reference": item.reference, **figures})
+    return {k: v / max(len(items), 1) for k, v in totals.items()}, rows
+
+
+class AnswerEval:
+    """The recipe's `eval` metric over the first `eval.rows` held-out rows, ready to run on the
+    model at any evaluation. Figures are logged as `answer_score` (the metric) and
+    `answer_<figure>` (e.g. answer_field_accuracy); the last per-row answers are kept."""
+
+    def __init__(
+        self,
+        spec: EvalSpec,
+        rows: list[EncodedRow],
+        tokenizer: PreTrainedTokenizerBase,
+        stop_ids: list[int],
+    ) -> None:
+        from peftkit.training.answer_metrics import BUILTIN, load_function
+
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.items = held_out_answers(rows[: spec.rows], tokenizer)
+        self.scorer = (
+            load_function(spec.function) if spec.metric == "python" else BUILTIN[spec.metric]
+        )
+        self.last_rows: list[dict[str, str | float]] = []
+
+    @classmethod
+    def for_run(cls, spec: EvalSpec, rows, tokenizer, stop_ids) -> AnswerEval | None:
+        return None if spec.metric == "none" or not rows else cls(spec, rows, tokenizer, stop_ids)
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        means, self.last_rows = score_answers(
+            model,
+            self.tokenizer,
+            self.items,
+            self.scorer,
+            self.stop_ids,
+            self.spec.max_new_tokens,
+            self.spec.batch_size,
+        )
+        return {f"answer_{k}": v for k, v in means.items()}
+
+    def report(self, before: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """answers.json: per held-out row, the prompt, the reference and the answers before
+        (step 0; absent after a resume) and after training, with their scores."""
+        out = []
+        for i, (item, after) in enumerate(zip(self.items, self.last_rows)):
+            row = {
+                "prompt": self.tokenizer.decode(item.prompt_ids, skip_special_tokens=True),
+                "reference": item.reference,
+            }
+            if before is not None:
+                row |= {"before": before[i]["answer"], "score_before": before[i]["score"]}
+            out.append(row | {"after": after["answer"], "score_after": after["score"]})
+        return out
+
+
+def answer_summary(metrics: MetricsLog, metric: str, rows: int) -> dict[str, Any] | None:
+    """The task metric before (step 0) and after (last evaluation), with its other figures."""
+    curve = metrics.series("answer_score")
+    if not curve:
+        return None
+    first, last = metrics.record_at(curve[0][0]), metrics.record_at(curve[-1][0])
+    figures = sorted(k.removeprefix("answer_") for k in last if k.startswith("answer_"))
+    return {
+        "metric": metric,
+        "rows": rows,
+        "from_step": curve[0][0],
+        "to_step": curve[-1][0],
+        **{f"{k}_before": first.get(f"answer_{k}") for k in figures},
+        **{f"{k}_after": last.get(f"answer_{k}") for k in figures},
+    }
+
+
+def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The printed task-metric lines, when the run scored generated answers."""
+    a = s.get("answers")
+    if a is None:
+        return []
+    extra = [k.removesuffix("_after") for k in a if k.endswith("_after") and k != "score_after"]
+    extra = [k for k in extra if a.get(k + "_before") is not None]
+    line = f"{a['score_before']:.1%} -> {a['score_after']:.1%} on {a['rows']} held-out rows"
+    line += "".join(
+        f"; {k.replace('_', ' ')} {a[k + '_before']:.1%} -> {a[k + '_after']:.1%}" for k in extra
+    )
+    return [(f"task metric ({a['metric']})", line)]

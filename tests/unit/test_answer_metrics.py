@@ -1,0 +1,83 @@
+"""Scorers of generated answers and the cut of held-out rows into prompt + reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.errors import RecipeError
+from peftkit.recipe.load import validate_recipe
+from peftkit.training import answer_metrics as m
+from peftkit.training.generated import held_out_answers
+
+REF = '{"name": "Ada Byron", "quantity": 2, "city": "Vienna"}'
+
+
+def test_json_fields_needs_every_field_right_with_its_json_type():
+    assert m.json_fields(REF, REF)["score"] == 1.0
+    prose = 'Sure! {"name": "Ada Byron", "quantity": 2, "city": "Vienna"} Anything else?'
+    assert m.json_fields(prose, REF)["score"] == 1.0  # the first JSON object counts
+    quoted = m.json_fields('{"name": "Ada Byron", "quantity": "2", "city": "Vienna"}', REF)
+    assert quoted["score"] == 0.0 and quoted["field_accuracy"] == pytest.approx(2 / 3)
+    extra = m.json_fields('{"name": "Ada Byron", "quantity": 2, "city": "Vienna", "x": 1}', REF)
+    assert extra["score"] == 0.0 and extra["field_accuracy"] == 1.0
+    broken = m.json_fields('{"name": "Ada Byron", "quantity": 2', REF)
+    assert broken == {"score": 0.0, "field_accuracy": 0.0, "json_parsed": 0.0}
+
+
+def test_first_json_object_skips_non_objects_and_broken_braces():
+    assert m.first_json_object('[1] {oops} {"a": 1} {"b": 2}') == {"a": 1}
+    assert m.first_json_object("no json") is None
+
+
+def test_exact_and_contains():
+    assert m.exact(" 42 ", "42")["score"] == 1.0 and m.exact("42.", "42")["score"] == 0.0
+    assert m.contains("The answer is Paris.", "paris")["score"] == 1.0
+    assert m.contains("Lyon", "Paris")["score"] == 0.0
+
+
+def test_user_function_from_a_file(tmp_path):
+    (tmp_path / "score.py").write_text(
+        "def starts(answer, ref):\n    return answer[:1] == ref[:1]\n"
+    )
+    scorer = m.load_function(f"{tmp_path / 'score.py'}:starts")
+    assert scorer("abc", "axe") == {"score": 1.0} and scorer("b", "a") == {"score": 0.0}
+    with pytest.raises(RecipeError, match="has no function 'nope'"):
+        m.load_function(f"{tmp_path / 'score.py'}:nope")
+    with pytest.raises(RecipeError, match="module:function"):
+        m.load_function("just_a_name")
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids if not (skip_special_tokens and i == 99))
+
+
+def _row(ids, supervised):
+    ids = np.array(ids)
+    labels = np.where(np.isin(np.arange(len(ids)), supervised), ids, IGNORE)
+    return EncodedRow(ids, labels, "test")
+
+
+def test_held_out_rows_are_cut_before_their_last_supervised_span():
+    two_turns = _row([1, 2, 3, 4, 99, 5, 6, 7, 99], supervised=[3, 4, 7, 8])
+    items = held_out_answers([two_turns, _row([1, 2, 3], supervised=[])], _Tok())
+    assert len(items) == 1  # a row with nothing supervised has no answer to score
+    assert items[0].prompt_ids == [1, 2, 3, 4, 99, 5, 6] and items[0].reference == "7"
+
+
+def test_eval_metric_rules_name_the_key_to_change():
+    base = {
+        "model": {"name": "m"},
+        "adapter": {"method": "lora"},
+        "data": {"train": "t.jsonl"},
+    }
+    with pytest.raises(RecipeError, match=r"eval\.metric json_fields scores answers to held-out"):
+        validate_recipe({**base, "eval": {"metric": "json_fields"}})
+    with pytest.raises(RecipeError, match=r"eval\.metric python needs eval\.function"):
+        validate_recipe(
+            {**base, "data": {"train": "t.jsonl", "eval": "e.jsonl"}, "eval": {"metric": "python"}}
+        )
+    with pytest.raises(RecipeError, match=r"set eval\.metric: python"):
+        validate_recipe({**base, "eval": {"function": "m:f"}})
