@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 import peftkit
 from peftkit.errors import AdapterMismatchError
+from peftkit.models import gguf
 from peftkit.models.layers import TASK_HEADS
 from peftkit.training.run_dir import atomic_write_json
 
@@ -115,10 +116,14 @@ class BaseIdentity:
     name: str
     fingerprint: dict[str, str]
     tokenizer: str
+    gguf: dict[str, Any] | None = None
+    """For a base read from a GGUF file: that file's name, sha256, architecture and tensor types
+    (the dequantized weights of exactly that file are the base)."""
 
     @classmethod
     def of(cls, name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> BaseIdentity:
-        return cls(name, base_fingerprint(model), tokenizer_fingerprint(tokenizer))
+        source = gguf.read_info(getattr(model, "name_or_path", "") or "")
+        return cls(name, base_fingerprint(model), tokenizer_fingerprint(tokenizer), source)
 
 
 def write_manifest(
@@ -142,6 +147,7 @@ def write_manifest(
             "name": base.name,
             "fingerprint": base.fingerprint,
             "quantization": quantization,
+            **({"gguf": base.gguf} if base.gguf else {}),
         },
         "tokenizer": {
             "fingerprint": base.tokenizer,
