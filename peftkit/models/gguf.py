@@ -35,6 +35,7 @@ def is_gguf(name: str) -> bool:
 
 
 def cache_root() -> Path:
+    """peftkit's cache (materialised built-in and GGUF models): $PEFTKIT_CACHE or ~/.cache/peftkit."""
     return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
 
 
