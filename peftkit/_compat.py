@@ -85,3 +85,11 @@ def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> Non
             layer._disable_adapters = False
     if name is not None:
         peft_model.base_model.active_adapter = name
+
+
+def readable_gguf_name(name: str) -> str:
+    """transformers (checked on 5.24) reads a "llama" GGUF whose `general.name` is exactly "mistral"
+    as a Mistral model, then fails to find a "mistral" architecture in gguf-py (0.19 has none), so
+    such a file cannot be loaded at all. Any other name reads as Llama, which is also how llama.cpp
+    runs Mistral files; so that one name gets a suffix."""
+    return f"{name}-model" if name.strip().lower() == "mistral" else name

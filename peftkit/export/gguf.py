@@ -11,8 +11,9 @@ out the way that converter lays it out, so llama.cpp and transformers' GGUF load
   llama.cpp does;
 - no `output.weight` when the head is tied to the embedding (readers infer the tie from its absence).
 
-Supported: Llama (incl. SmolLM2 and other Llama-shaped configs), Mistral (written as llama.cpp does,
-architecture "llama" with "mistral" in the name) and Qwen2, with plain RoPE.
+Supported: Llama (incl. SmolLM2 and other Llama-shaped configs), Mistral and Qwen2, with plain RoPE.
+Mistral is written as llama.cpp's converter writes it, as architecture "llama" (no sliding window:
+llama.cpp runs it as Llama, and transformers reads it back as a `LlamaForCausalLM`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftkit._compat import readable_gguf_name
 from peftkit.errors import UnsupportedGGUFExport
 from peftkit.export.gguf_vocab import build_vocab
 
@@ -132,11 +134,7 @@ def _rope_theta(config) -> float:
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config, stem: str, file_type) -> None:
-    # transformers' reader builds a MistralConfig from a "llama" file only when the name says so.
-    name = (
-        stem if config.model_type != "mistral" or "mistral" in stem.lower() else f"mistral-{stem}"
-    )
-    writer.add_name(name)
+    writer.add_name(readable_gguf_name(stem))
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(config.vocab_size)
