@@ -306,7 +306,13 @@ class FidelityThresholds(Section):
 class ExportSpec(Section):
     """How `peftkit export` writes deployable weights and what it checks before it keeps them."""
 
+    format: Literal["safetensors", "gguf"] = "safetensors"
+    """safetensors = merged transformers weights (+ tokenizer); gguf = one file with weights,
+    tokenizer and chat template for llama.cpp, Ollama and LM Studio (+ an Ollama Modelfile)."""
+    quant: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    """GGUF only: the type of the 2-D weights (norms and biases stay f32)."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """safetensors only: the dtype of the weights."""
     max_shard_size: str = "5GB"
     merge_base: Literal["auto", "original", "dequantized"] = "auto"
     """For QLoRA: merge into the original 16-bit weights, into the dequantized NF4 weights training
@@ -317,6 +323,12 @@ class ExportSpec(Section):
     generate_tokens: int = Field(default=16, gt=0)
     """Greedy tokens generated per sample for the agreement check."""
     thresholds: FidelityThresholds = FidelityThresholds()
+    q8_0_thresholds: FidelityThresholds = FidelityThresholds(
+        max_relative_error=0.05, max_mean_kl=5e-3, min_greedy_agreement=0.8
+    )
+    """The gate of GGUF q8_0 exports (8-bit weights, blocks of 32 with one f16 scale), looser than
+    `thresholds` for 16-bit exports: on the quickstart model q8_0 measured relative error ~1e-2,
+    mean KL ~1e-4 and greedy agreement 1.0 (README "Export to GGUF")."""
 
 
 class Recipe(Section):
