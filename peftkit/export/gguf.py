@@ -79,6 +79,8 @@ def write_gguf(
         raise UnsupportedGGUFExport(
             f"unknown GGUF quant {quant!r}; choose one of {', '.join(QUANTS)}"
         )
+    if hasattr(model, "peft_config"):
+        raise UnsupportedGGUFExport("GGUF holds plain weights: merge the adapter first")
     config = model.config
     arch = _check_architecture(config)
     vocab = build_vocab(tokenizer, config.vocab_size, chat_template, list(stop_tokens or []))

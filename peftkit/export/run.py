@@ -69,12 +69,12 @@ def export(
         raise ExportError(
             f"{out} already exists and is not empty: choose another --out or pass --overwrite"
         )
-    gguf = spec.format == "gguf"
-    if gguf and (adapter_only or target is not None or source.recipe.task.has_head):
+    to_gguf = spec.format == "gguf"
+    if to_gguf and (adapter_only or target is not None or source.recipe.task.has_head):
         raise ExportError(
             "GGUF holds a whole causal LM: no --adapter-only, --target or task-head models"
         )
-    if gguf and not source.mergeable:
+    if to_gguf and not source.mergeable:
         raise ExportError(
             f"{source.recipe.adapter.method} cannot be merged into the weights, so it cannot be "
             "written as GGUF; export it with --adapter-only instead"
@@ -104,20 +104,21 @@ def export(
         f"loading the trained model ({source.recipe.adapter.method} on {source.recipe.model.name}) ..."
     )
     reference = reference_outputs(build.load_trained(source), rows, *gen)
+    limits = gguf_thresholds(spec) if to_gguf else spec.thresholds
     report: dict[str, Any] = {
         "source": str(source.result_dir),
         "method": source.recipe.adapter.method,
         "format": spec.format,
-        **({"quant": spec.quant} if gguf else {"dtype": spec.dtype}),
+        **({"quant": spec.quant} if to_gguf else {"dtype": spec.dtype}),
         "samples_from": rows_from,
-        "thresholds": (gguf_thresholds(spec) if gguf else spec.thresholds).model_dump(),
+        "thresholds": limits.model_dump(),
         "allow_drift": allow_drift,
     }
     problems: list[str] = []
     with atomic_dir(out) as tmp:
         if adapter_only:
             candidate = _export_adapter(source, tmp, tokenizer, target, report, log)
-        elif gguf:
+        elif to_gguf:
             model = _merged_model(source, spec, reference, rows, gen, report, log)
             candidate, problems = export_gguf(
                 model, source, tokenizer, tmp, spec, rows, report, log
@@ -134,12 +135,14 @@ def export(
             )
             candidate = build.reload_exported(str(tmp))
         fidelity = compare(reference, candidate, rows, *gen)
-        failures = fidelity.failures(gguf_thresholds(spec) if gguf else spec.thresholds) + problems
+        failures = fidelity.failures(limits) + problems
         report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
         atomic_write_json(tmp / "fidelity.json", report)
         atomic_write_text(
             tmp / "README.md",
-            model_card(source, "adapter" if adapter_only else "gguf" if gguf else "merged", report),
+            model_card(
+                source, "adapter" if adapter_only else "gguf" if to_gguf else "merged", report
+            ),
         )
         log(format_fidelity(report))
         if failures and not allow_drift:
