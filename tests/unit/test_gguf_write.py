@@ -267,3 +267,36 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_check_counts_rows_that_encode_differently():
+    import copy
+
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    from peftkit.data.encode import EncodedRow
+    from peftkit.export.gguf_export import compare_tokenizers
+
+    trained = make_tokenizer("gpt-2")
+    other = copy.deepcopy(trained)  # same vocabulary, digits split one by one before BPE
+    other.backend_tokenizer.pre_tokenizer = PRE_TOKENIZERS["smollm"](pre_tokenizers)
+    rows = [
+        EncodedRow(np.array(trained.encode(t)), np.array(trained.encode(t)), "test")
+        for t in ("What is 12345 + 678?", "the lazy dog")
+    ]
+    assert compare_tokenizers(trained, trained, rows)["identical_rows"] == 2
+    result = compare_tokenizers(trained, other, rows)
+    assert result["identical_rows"] == 1 and "12345" in result["first_difference"]
+
+
+def test_modelfile_names_every_stop_token_and_the_system_prompt():
+    from peftkit.export.gguf_export import modelfile
+
+    text = modelfile("m-q8_0.gguf", ["<|im_end|>", "<|endoftext|>"], None, "m")
+    assert text.splitlines()[1:] == [
+        "FROM ./m-q8_0.gguf",
+        'PARAMETER stop "<|im_end|>"',
+        'PARAMETER stop "<|endoftext|>"',
+    ]
+    assert 'SYSTEM """Be brief."""' in modelfile("m.gguf", [], "Be brief.", "m")
