@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.data.encode import EncodedRow
+from peftkit.errors import ExportError
 from peftkit.export.gguf import write_gguf
 from peftkit.export.source import ExportSource
 from peftkit.recipe.schema import ExportSpec, FidelityThresholds
@@ -56,9 +57,15 @@ def export_gguf(
         modelfile(name, stops, source.recipe.data.system_prompt, source.recipe.name),
     )
     log("reading it back with transformers' GGUF loader ...")
-    candidate = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=name, dtype=torch.float32)
+    try:
+        candidate = AutoModelForCausalLM.from_pretrained(
+            str(out), gguf_file=name, dtype=torch.float32
+        )
+        reread_tokenizer = AutoTokenizer.from_pretrained(str(out), gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        # Unverified is not kept: the gate exists so that nothing unread leaves peftkit.
+        raise ExportError(f"transformers could not read the GGUF file back: {e}") from e
     candidate.eval()
-    reread_tokenizer = AutoTokenizer.from_pretrained(str(out), gguf_file=name)
     tokens = compare_tokenizers(tokenizer, reread_tokenizer, rows)
     report["what"] = f"GGUF {spec.quant} for llama.cpp / Ollama / LM Studio ({name})"
     report["gguf"] = {
