@@ -117,3 +117,11 @@ def detach_gguf_quantizer(model) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def readable_gguf_name(name: str) -> str:
+    """transformers (checked on 5.24) reads a "llama" GGUF whose `general.name` is exactly "mistral"
+    as a Mistral model, then fails to find a "mistral" architecture in gguf-py (0.19 has none), so
+    such a file cannot be loaded at all. Any other name reads as Llama, which is also how llama.cpp
+    runs Mistral files; so that one name gets a suffix."""
+    return f"{name}-model" if name.strip().lower() == "mistral" else name

@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
         "--target", choices=["vllm"], help="check (and losslessly fix) the adapter for a server"
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    export.add_argument(
+        "--format",
+        choices=["safetensors", "gguf"],
+        help="merged safetensors, or one GGUF file for llama.cpp/Ollama (recipe export.format)",
+    )
+    export.add_argument(
+        "--quant",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="GGUF weight type (recipe export.quant)",
+    )
     sweep = sub.add_parser(
         "sweep", help="search a recipe's hyperparameters with Optuna, pruning on eval loss"
     )
@@ -215,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 adapter_only=args.adapter_only,
                 target=args.target,
                 overwrite=args.overwrite,
+                format=args.format,
+                quant=args.quant,
             )
         elif args.verb == "sweep":
             result = api.sweep(

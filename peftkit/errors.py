@@ -45,3 +45,7 @@ class ServingError(PeftkitError):
 
 class SweepError(PeftkitError):
     """A sweep cannot run as asked: a search space that does not fit the recipe, a used folder, ..."""
+
+
+class UnsupportedGGUFExport(ExportError):
+    """The model or tokenizer cannot be written as GGUF: architecture, RoPE variant or tokenizer."""

@@ -15,6 +15,7 @@ from peftkit.data.pipeline import prepare_data
 from peftkit.errors import ExportError, FidelityGateFailed
 from peftkit.export import build
 from peftkit.export.fidelity import Fidelity, Reference, compare, reference_outputs, sample_rows
+from peftkit.export.gguf_export import export_gguf, gguf_thresholds
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
@@ -36,15 +37,27 @@ def export(
     adapter_only: bool = False,
     target: str | None = None,
     overwrite: bool = False,
+    format: str | None = None,
+    quant: str | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
 
+    `format` "gguf" writes one GGUF file (weights as `quant`) and an Ollama Modelfile instead of
+    safetensors; the file is read back with transformers' GGUF loader for the gate.
+
     Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
-    trained one beyond the recipe's `export.thresholds`, unless `allow_drift`.
+    trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
+    or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
     """
     source = resolve_source(path)
-    updates = {"dtype": dtype, "max_shard_size": max_shard_size, "merge_base": merge_base}
+    updates = {
+        "dtype": dtype,
+        "max_shard_size": max_shard_size,
+        "merge_base": merge_base,
+        "format": format,
+        "quant": quant,
+    }
     spec: ExportSpec = source.recipe.export.model_copy(
         update={k: v for k, v in updates.items() if v is not None}
     )
@@ -55,6 +68,16 @@ def export(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(
             f"{out} already exists and is not empty: choose another --out or pass --overwrite"
+        )
+    to_gguf = spec.format == "gguf"
+    if to_gguf and (adapter_only or target is not None or source.recipe.task.has_head):
+        raise ExportError(
+            "GGUF holds a whole causal LM: no --adapter-only, --target or task-head models"
+        )
+    if to_gguf and not source.mergeable:
+        raise ExportError(
+            f"{source.recipe.adapter.method} cannot be merged into the weights, so it cannot be "
+            "written as GGUF; export it with --adapter-only instead"
         )
     if not source.mergeable and not adapter_only:
         log(
@@ -81,17 +104,26 @@ def export(
         f"loading the trained model ({source.recipe.adapter.method} on {source.recipe.model.name}) ..."
     )
     reference = reference_outputs(build.load_trained(source), rows, *gen)
+    limits = gguf_thresholds(spec) if to_gguf else spec.thresholds
     report: dict[str, Any] = {
         "source": str(source.result_dir),
         "method": source.recipe.adapter.method,
-        "dtype": spec.dtype,
+        "format": spec.format,
+        **({"quant": spec.quant} if to_gguf else {"dtype": spec.dtype}),
         "samples_from": rows_from,
-        "thresholds": spec.thresholds.model_dump(),
+        "thresholds": limits.model_dump(),
         "allow_drift": allow_drift,
     }
+    problems: list[str] = []
     with atomic_dir(out) as tmp:
         if adapter_only:
             candidate = _export_adapter(source, tmp, tokenizer, target, report, log)
+        elif to_gguf:
+            model = _merged_model(source, spec, reference, rows, gen, report, log)
+            candidate, problems = export_gguf(
+                model, source, tokenizer, tmp, spec, rows, report, log
+            )
+            del model
         else:
             model = _merged_model(source, spec, reference, rows, gen, report, log)
             write_generation_config(model, source, tokenizer)
@@ -103,11 +135,14 @@ def export(
             )
             candidate = build.reload_exported(str(tmp))
         fidelity = compare(reference, candidate, rows, *gen)
-        failures = fidelity.failures(spec.thresholds)
+        failures = fidelity.failures(limits) + problems
         report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
         atomic_write_json(tmp / "fidelity.json", report)
         atomic_write_text(
-            tmp / "README.md", model_card(source, "adapter" if adapter_only else "merged", report)
+            tmp / "README.md",
+            model_card(
+                source, "adapter" if adapter_only else "gguf" if to_gguf else "merged", report
+            ),
         )
         log(format_fidelity(report))
         if failures and not allow_drift:

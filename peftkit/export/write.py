@@ -37,6 +37,9 @@ def copy_adapter(source: ExportSource, out: Path) -> None:
             shutil.copy2(source.result_dir / name, out / name)
 
 
+LIBRARIES = {"merged": "transformers", "adapter": "peft", "gguf": "gguf"}
+
+
 def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
     """README.md of the export: provenance, training metrics and the fidelity figures."""
     r = source.recipe
@@ -46,7 +49,7 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
     lines = [
         "---",
         f"base_model: {r.model.name}",
-        "library_name: transformers" if kind == "merged" else "library_name: peft",
+        f"library_name: {LIBRARIES[kind]}",
         "tags: [peftkit, " + r.adapter.method + "]",
         "---",
         "",
@@ -85,6 +88,8 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
             "",
             f"Verdict: {'passed' if report['passed'] else 'FAILED (kept with --allow-drift)'}.",
         ]
+    if kind == "gguf":
+        lines += _gguf_usage(report["gguf"], r.name)
     if report.get("merge_bases"):
         lines += ["", "QLoRA merge bases measured (relative error / mean KL):", ""]
         lines += [
@@ -102,6 +107,26 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _gguf_usage(gguf: dict[str, Any], name: str) -> list[str]:
+    tok = gguf["tokenizer"]
+    return [
+        "",
+        "## Run it",
+        "",
+        f"`{gguf['file']}` ({gguf['quant']}, {gguf['bytes'] / 2**20:.1f} MiB) holds the weights, the "
+        "tokenizer and the chat template used in training. Read back with transformers' GGUF "
+        f"loader, its tokenizer encoded {tok['identical_rows']}/{tok['rows']} held-out rows to the "
+        "same ids as the training tokenizer.",
+        "",
+        "```",
+        f"ollama create {name} -f Modelfile && ollama run {name}",
+        f"llama-cli -m {gguf['file']} -cnv",
+        "```",
+        "",
+        f"Stop tokens: {', '.join(gguf['stop_tokens'])} (in the Modelfile as `PARAMETER stop`).",
+    ]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -1,0 +1,126 @@
+"""`peftkit export --format gguf`: write the merged model as one GGUF file plus an Ollama Modelfile,
+then read the file back with an independent reader (transformers' GGUF loader, which dequantizes)
+so the fidelity gate measures what llama.cpp and Ollama will load, tokenizer included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftkit.data.encode import EncodedRow
+from peftkit.errors import ExportError
+from peftkit.export.gguf import write_gguf
+from peftkit.export.source import ExportSource
+from peftkit.recipe.schema import ExportSpec, FidelityThresholds
+from peftkit.training.run_dir import atomic_write_text
+
+MODELFILE = "Modelfile"
+
+
+def gguf_thresholds(spec: ExportSpec) -> FidelityThresholds:
+    """8-bit weights get their own, looser gate; f32/f16/bf16 files use the usual one."""
+    return spec.q8_0_thresholds if spec.quant == "q8_0" else spec.thresholds
+
+
+def gguf_file_name(source: ExportSource, quant: str) -> str:
+    return f"{source.recipe.name}-{quant}.gguf"
+
+
+def export_gguf(
+    model: nn.Module,
+    source: ExportSource,
+    tokenizer,
+    out: Path,
+    spec: ExportSpec,
+    rows: list[EncodedRow],
+    report: dict[str, Any],
+    log,
+) -> tuple[nn.Module, list[str]]:
+    """Write `out/<name>-<quant>.gguf` and `out/Modelfile`; return the read-back model and the
+    tokenizer problems found (each one fails the gate).
+
+    The chat template is the one training rendered with (the run's tokenizer carries it) and the
+    stop tokens are those training supervised, so llama.cpp and Ollama end turns where the model
+    learned to.
+    """
+    stops = source.meta.get("stop_tokens") or [tokenizer.eos_token]
+    name = gguf_file_name(source, spec.quant)
+    log(f"writing {name} ({spec.quant}) ...")
+    path = write_gguf(model, tokenizer, out / name, spec.quant, tokenizer.chat_template, stops)
+    atomic_write_text(
+        out / MODELFILE,
+        modelfile(name, stops, source.recipe.data.system_prompt, source.recipe.name),
+    )
+    log("reading it back with transformers' GGUF loader ...")
+    try:
+        candidate = AutoModelForCausalLM.from_pretrained(
+            str(out), gguf_file=name, dtype=torch.float32
+        )
+        reread_tokenizer = AutoTokenizer.from_pretrained(str(out), gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        # Unverified is not kept: the gate exists so that nothing unread leaves peftkit.
+        raise ExportError(f"transformers could not read the GGUF file back: {e}") from e
+    candidate.eval()
+    tokens = compare_tokenizers(tokenizer, reread_tokenizer, rows)
+    report["what"] = f"GGUF {spec.quant} for llama.cpp / Ollama / LM Studio ({name})"
+    report["gguf"] = {
+        "file": name,
+        "quant": spec.quant,
+        "bytes": path.stat().st_size,
+        "stop_tokens": stops,
+        "modelfile": MODELFILE,
+        "tokenizer": tokens,
+    }
+    log(
+        f"tokenizer read back: {tokens['identical_rows']}/{tokens['rows']} held-out rows encode to "
+        f"the same ids; chat template {'kept' if tokens['chat_template_kept'] else 'CHANGED'}"
+    )
+    problems = []
+    if tokens["identical_rows"] < tokens["rows"]:
+        problems.append(
+            f"the GGUF tokenizer encodes {tokens['rows'] - tokens['identical_rows']} of "
+            f"{tokens['rows']} held-out rows differently"
+        )
+    if not tokens["chat_template_kept"]:
+        problems.append("the GGUF file's chat template differs from the one used in training")
+    return candidate, problems
+
+
+def compare_tokenizers(trained, reread, rows: list[EncodedRow]) -> dict[str, Any]:
+    """Encode each held-out row's text (as rendered for training, special tokens included) with both
+    tokenizers, with and without the tokenizer's own BOS/EOS handling, and count identical rows."""
+    identical, first_difference = 0, None
+    for row in rows:
+        text = trained.decode(row.input_ids.tolist())
+        same = all(
+            trained.encode(text, add_special_tokens=special)
+            == reread.encode(text, add_special_tokens=special)
+            for special in (False, True)
+        )
+        identical += same
+        if not same and first_difference is None:
+            first_difference = text[:200]
+    return {
+        "rows": len(rows),
+        "identical_rows": identical,
+        "first_difference": first_difference,
+        "chat_template_kept": reread.chat_template == trained.chat_template,
+    }
+
+
+def modelfile(gguf_name: str, stop_tokens: list[str], system: str | None, model_name: str) -> str:
+    """An Ollama Modelfile: the GGUF beside it, one `PARAMETER stop` per end-of-turn token training
+    supervised, and the recipe's system prompt. Ollama takes the chat template from the GGUF."""
+    lines = [
+        f"# ollama create {model_name} -f Modelfile && ollama run {model_name}",
+        f"FROM ./{gguf_name}",
+        *[f"PARAMETER stop {json.dumps(stop)}" for stop in stop_tokens],
+    ]
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"

