@@ -125,3 +125,27 @@ def readable_gguf_name(name: str) -> str:
     such a file cannot be loaded at all. Any other name reads as Llama, which is also how llama.cpp
     runs Mistral files; so that one name gets a suffix."""
     return f"{name}-model" if name.strip().lower() == "mistral" else name
+
+
+# GGUF `tokenizer.ggml.pre` names whose pre-tokenizer transformers' GGUF reader does not rebuild
+# (checked: 5.24 reads every BPE file as plain GPT-2 byte-level): digits split one by one first.
+_GGUF_DIGIT_SPLITTING_PRE = {"smollm", "starcoder", "deepseek-coder", "refact"}
+
+
+def restore_gguf_pre_tokenizer(tokenizer, pre: str | None) -> bool:
+    """Put back the digit splitting that llama.cpp applies for `pre` (its `llama-vocab.cpp`
+    regexes split every digit on its own for these names, as the original tokenizer.json does:
+    `Sequence[Digits(individual_digits=True), ByteLevel]`), so "24" is two tokens as in
+    training of the base. Returns whether the tokenizer was changed."""
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if pre not in _GGUF_DIGIT_SPLITTING_PRE or backend is None:
+        return False
+    current = backend.pre_tokenizer
+    if current is None or "Digits" in repr(current):
+        return False
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), current]
+    )
+    return True

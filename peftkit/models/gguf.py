@@ -27,6 +27,9 @@ from peftkit.errors import ModelLoadError
 
 SUFFIX = ".gguf"
 INFO = "peftkit_gguf.json"
+LAYOUT = 2
+"""Version of what a cache folder holds; part of its name, so a change rebuilds (2: digit-splitting
+pre-tokenizers restored)."""
 _HASH_INDEX = "hashes.json"
 
 
@@ -98,7 +101,7 @@ def materialize(path: Path, log=None) -> str:
     on first use (atomically: a half-built folder is never seen by another process)."""
     digest = file_sha256(path)
     stem = path.name[: -len(SUFFIX)] if is_gguf(path.name) else path.name
-    target = cache_root() / "gguf" / f"{stem}-{digest[:16]}"
+    target = cache_root() / "gguf" / f"{stem}-{digest[:16]}-v{LAYOUT}"
     if (target / INFO).exists():
         return str(target)
     if log is not None:
@@ -133,7 +136,7 @@ def _build(path: Path, out: Path) -> dict[str, Any]:
 
     from peftkit import _compat
 
-    architecture, quant_types = _describe(path)
+    architecture, pre, quant_types = _describe(path)
     supported = _compat.gguf_architectures()
     if architecture not in supported:
         raise ModelLoadError(
@@ -152,6 +155,7 @@ def _build(path: Path, out: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"could not read the GGUF file {path}: {e}") from e
     _compat.detach_gguf_quantizer(model)
+    restored = _compat.restore_gguf_pre_tokenizer(tokenizer, pre)
     out.mkdir(parents=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -159,12 +163,15 @@ def _build(path: Path, out: Path) -> dict[str, Any]:
         "file": path.name,
         "architecture": architecture,
         "tensor_types": quant_types,
+        "pre_tokenizer": pre,
+        "digit_splitting_restored": restored,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
-def _describe(path: Path) -> tuple[str, dict[str, int]]:
-    """The file's architecture name and how many tensors of each type (Q4_1, F32, ...) it holds."""
+def _describe(path: Path) -> tuple[str, str | None, dict[str, int]]:
+    """The file's architecture name, tokenizer pre-tokenizer name (`tokenizer.ggml.pre`), and how
+    many tensors of each type (Q4_1, F32, ...) it holds."""
     from gguf import GGUFReader
 
     try:
@@ -175,7 +182,9 @@ def _describe(path: Path) -> tuple[str, dict[str, int]]:
     if field is None:
         raise ModelLoadError(f"{path}: GGUF file without general.architecture")
     architecture = bytes(field.parts[field.data[0]]).decode()
+    pre_field = reader.fields.get("tokenizer.ggml.pre")
+    pre = bytes(pre_field.parts[pre_field.data[0]]).decode() if pre_field else None
     types: dict[str, int] = {}
     for tensor in reader.tensors:
         types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    return architecture, types
+    return architecture, pre, types
