@@ -20,7 +20,12 @@ from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
 from peftkit.models.load import resolve_source as resolve_model_source
 from peftkit.recipe.schema import ExportSpec
-from peftkit.training.run_dir import atomic_dir, atomic_write_json, atomic_write_text
+from peftkit.training.run_dir import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    guard_output,
+)
 
 TARGETS = ("vllm",)
 
@@ -52,10 +57,9 @@ def export(
     if target is not None and target not in TARGETS:
         raise ExportError(f"unknown serving target {target!r}; known: {', '.join(TARGETS)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(
-            f"{out} already exists and is not empty: choose another --out or pass --overwrite"
-        )
+    inputs = [source.run_dir, source.recipe.model.name, source.recipe.model.tokenizer or ""]
+    inputs += [s.path for s in source.recipe.data.sources]
+    guard_output(out, "export", inputs, overwrite, "pass --overwrite", ExportError)
     if not source.mergeable and not adapter_only:
         log(
             f"{source.recipe.adapter.method} adds virtual tokens instead of changing weights, so it cannot be "

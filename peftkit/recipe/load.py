@@ -92,7 +92,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make relative local data paths absolute: the recipe's folder first, then the cwd."""
-    for source in [*recipe.data.train, *recipe.data.eval, *recipe.data.reference]:
+    for source in recipe.data.sources:
         p = Path(source.path).expanduser()
         if p.is_absolute():
             continue

@@ -131,6 +131,11 @@ class DataSpec(Section):
     )
 
     @property
+    def sources(self) -> list[DataSource]:
+        """Every source the run reads: train, eval and reference."""
+        return [*self.train, *self.eval, *self.reference]
+
+    @property
     def train_tasks(self) -> list[str]:
         """Task names of the train sources, in first-seen order."""
         return list(dict.fromkeys(s.task_name for s in self.train))

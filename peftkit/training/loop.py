@@ -87,7 +87,8 @@ class FineTuneRun:
             **_compat.accelerator_kwargs(),
         )
         self.main = self.accelerator.is_main_process
-        self.run.check_can_start(self.resume, r.output.overwrite, self.recipe_dump)
+        inputs = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
+        self.run.check_can_start(self.resume, r.output.overwrite, self.recipe_dump, inputs)
         torch.manual_seed(r.train.seed)
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)

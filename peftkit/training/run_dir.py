@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.errors import RunDirError
+from peftkit.errors import PeftkitError, RunDirError
 
 # Recipe fields that may change between a run and its resumption (they do not change the math
 # of the steps already taken, only how long or how often things happen).
@@ -57,8 +57,15 @@ class RunDir:
     def final(self, name: str) -> Path:
         return self.path / name
 
-    def check_can_start(self, resume: bool, overwrite: bool, recipe_dump: dict[str, Any]) -> None:
-        """Refuse to start when starting would damage an existing run. Writes nothing."""
+    def check_can_start(
+        self,
+        resume: bool,
+        overwrite: bool,
+        recipe_dump: dict[str, Any],
+        inputs: list[str] = (),
+    ) -> None:
+        """Refuse to start when starting would damage an existing run or an input (`inputs`: the
+        data files, model and tokenizer folders). Writes nothing."""
         exists = self.path.exists() and any(self.path.iterdir())
         if resume:
             if not self.recipe.exists():
@@ -79,6 +86,8 @@ class RunDir:
                 f"run directory {self.path} already exists and is not empty. Resume it with --resume, "
                 "choose another output.dir, or set output.overwrite=true to replace it"
             )
+        else:
+            guard_output(self.path, "run", inputs, overwrite, "set output.overwrite=true")
 
     def begin(self, resume: bool, overwrite: bool, recipe_dump: dict[str, Any]) -> None:
         """Create (or, with overwrite, replace) the run directory and record the resolved recipe."""
@@ -87,6 +96,74 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
         atomic_write_text(self.recipe, yaml.safe_dump(recipe_dump, sort_keys=False))
+
+
+# What marks a folder as a previous peftkit output of each kind: `overwrite` replaces nothing else.
+OUTPUT_MARKERS = {
+    "run": ("recipe.yaml", None),
+    "export": ("fidelity.json", None),
+    "combine": ("peftkit_adapter.json", "derived_from"),  # a manifest saying it was combined
+}
+
+
+def is_output_of_kind(folder: Path, kind: str) -> bool:
+    marker, key = OUTPUT_MARKERS[kind]
+    if not (folder / marker).is_file():
+        return False
+    if key is None:
+        return True
+    try:
+        return bool(json.loads((folder / marker).read_text()).get(key))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def guard_output(
+    out: str | Path,
+    kind: str,
+    inputs: list[str | Path],
+    overwrite: bool,
+    flag: str,
+    error: type[PeftkitError] = RunDirError,
+) -> None:
+    """Refuse to write `out` when that could destroy something that is not a `kind` output.
+
+    `out` may not equal, lie inside, or contain any of `inputs` (writing replaces the whole folder);
+    a non-empty `out` is replaced only with `overwrite`, and only when it holds a previous peftkit
+    output of the same kind. `flag` is how the user asks for overwriting (named in the message).
+    """
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if not given:
+            continue
+        source = Path(given).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = (
+                "is"
+                if target == source
+                else ("is inside" if source in target.parents else "contains")
+            )
+            raise error(
+                f"the output folder {out} {relation} the input {given}: writing it would destroy "
+                "the input. Choose an output folder outside every input"
+            )
+    if out.exists() and not out.is_dir():
+        raise error(f"the output folder {out} is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise error(
+            f"{out} already exists and is not empty: choose another output folder or {flag}"
+        )
+    if not is_output_of_kind(out, kind):
+        raise error(
+            f"{out} is not a previous peftkit {kind} (no {OUTPUT_MARKERS[kind][0]} of one); "
+            f"{flag} only replaces one of those. Choose another output folder"
+        )
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -1,0 +1,89 @@
+"""Nothing lost, nothing silent: outputs never replace inputs, non-finite steps are never committed,
+signals act at step boundaries, resume refuses changed inputs and survives damaged checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from peftkit.cli import main
+from tests.conftest import chat_rows, write_jsonl, write_recipe
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished 2-step LoRA run with checkpoints (read-only for the tests that use it)."""
+    root = tmp_path_factory.mktemp("finished")
+    data = write_jsonl(root / "train.jsonl", chat_rows(24))
+    recipe = write_recipe(
+        root / "r.yaml",
+        tiny_model,
+        data,
+        train={"max_steps": 2, "save_every": 1},
+        export={"samples": 2, "generate_tokens": 4},
+    )
+    assert main(["train", str(recipe)]) == 0
+    return root / "run"
+
+
+# ------------------------------------------------------------------ 1. outputs never replace inputs
+@pytest.mark.parametrize(
+    "where", ["the run", "inside the run", "the run's parent", "the data file", "the base model"]
+)
+def test_export_refuses_an_output_that_is_or_holds_an_input(
+    finished_run, tiny_model, where, capsys
+):
+    out, culprit = {
+        "the run": (finished_run, finished_run),
+        "inside the run": (finished_run / "adapter" / "export", finished_run),
+        "the run's parent": (finished_run.parent, finished_run),
+        "the data file": (finished_run.parent / "train.jsonl", "train.jsonl"),
+        "the base model": (tiny_model, tiny_model),
+    }[where]
+    before = fingerprint(finished_run.parent), fingerprint(tiny_model)
+    assert main(["export", str(finished_run), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "would destroy the input" in err and str(culprit) in err, err
+    assert (fingerprint(finished_run.parent), fingerprint(tiny_model)) == before
+
+
+def test_export_overwrite_replaces_only_a_previous_export(finished_run, tmp_path, capsys):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    assert main(["export", str(finished_run), "--out", str(other), "--overwrite"]) == 2
+    assert "is not a previous peftkit export (no fidelity.json" in capsys.readouterr().err
+    assert (other / "todo.txt").read_text() == "mine"
+
+
+def test_train_overwrite_refuses_a_folder_that_is_not_a_run(
+    tmp_path, tiny_model, chat_file, capsys
+):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_model, chat_file, output={"dir": str(home), "overwrite": True}
+    )
+    assert main(["train", str(recipe)]) == 2
+    assert "is not a previous peftkit run (no recipe.yaml" in capsys.readouterr().err
+    assert (home / "thesis.tex").read_text() == "years of work"
+
+
+def test_export_overwrite_replaces_a_previous_export(finished_run, tmp_path):
+    out = tmp_path / "export"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0
+    assert main(["export", str(finished_run), "--out", str(out)]) == 2  # no --overwrite
+    assert main(["export", str(finished_run), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "fidelity.json").is_file()
