@@ -23,9 +23,35 @@ def non_finite_loss(
     origins = [row.origin for rows in micro_batches for row in rows][:4]
     return (
         f"loss became {loss} at step {step + 1}; that step was not applied. "
-        f"{last_checkpoint_note(run)}\n  Try: a lower train.lr (now {recipe.train.lr}), "
-        f"train.max_grad_norm (now {recipe.train.max_grad_norm}), bf16 instead of fp16, "
-        f"and check the rows of that step: {', '.join(origins)}"
+        f"{last_checkpoint_note(run)}\n  {_try(recipe)}, and check the rows of that step: "
+        f"{', '.join(origins)}"
+    )
+
+
+def non_finite_gradients(
+    norm: float, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
+) -> str:
+    origins = [row.origin for rows in micro_batches for row in rows][:4]
+    return (
+        f"the gradients became non-finite (norm {norm}) at step {step + 1}; that step was not "
+        f"applied. {last_checkpoint_note(run)}\n  {_try(recipe)}, and check the rows of that step: "
+        f"{', '.join(origins)}"
+    )
+
+
+def non_finite_weights(names: list[str], recipe: Recipe, step: int, run: RunDir) -> str:
+    return (
+        f"the weights after step {step} hold NaN or inf ({', '.join(names)}); no checkpoint was "
+        f"saved for it. {last_checkpoint_note(run)}\n  {_try(recipe)}"
+    )
+
+
+def _try(recipe: Recipe) -> str:
+    """The settings that tame divergence; each may be changed on --resume."""
+    t = recipe.train
+    return (
+        f"Try: a lower train.lr (now {t.lr}), train.max_grad_norm (now {t.max_grad_norm}), "
+        f"a longer warmup (train.warmup_steps), bf16 instead of fp16"
     )
 
 

@@ -56,6 +56,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """Names of trainable parameters holding NaN or inf (the first few)."""
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all())
+    ]
+    return bad[:3]
+
+
 def save_checkpoint(
     checkpoints: Path,
     accelerator: Accelerator,
@@ -123,8 +133,14 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device))
+    # The recipe's lr (and schedule) now, which a resume may change: the saved state holds the old.
+    recipe_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    schedule = torch.load(path / "scheduler.pt", weights_only=True)
+    lrs = [base * f(schedule["last_epoch"]) for base, f in zip(recipe_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**schedule, "base_lrs": recipe_lrs, "_last_lr": lrs})
+    for group, base, lr in zip(optimizer.param_groups, recipe_lrs, lrs):
+        group["initial_lr"], group["lr"] = base, lr
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))

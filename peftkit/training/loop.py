@@ -88,7 +88,11 @@ class FineTuneRun:
         )
         self.main = self.accelerator.is_main_process
         inputs = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
-        self.run.check_can_start(self.resume, r.output.overwrite, self.recipe_dump, inputs)
+        self.resume_changes = self.run.check_can_start(
+            self.resume, r.output.overwrite, self.recipe_dump, inputs
+        )
+        for key, (before, now) in self.resume_changes.items():
+            self._print(f"resuming with {key} changed: {before} -> {now}")
         torch.manual_seed(r.train.seed)
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
@@ -123,7 +127,7 @@ class FineTuneRun:
         )
         fresh = not self.run.path.exists()
         if self.main:
-            self.run.begin(self.resume, r.output.overwrite, self.recipe_dump)
+            self.run.begin(self.resume, r.output.overwrite, self.recipe_dump, self.resume_changes)
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
@@ -369,9 +373,14 @@ class FineTuneRun:
             raise TrainingStopped(
                 advice.non_finite_loss(loss, self.recipe, self.state.step, self.run, micro_batches)
             )
-        grad_norm = None
-        if r.train.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm))
+        grad_norm = self._grad_norm()
+        if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(
+                advice.non_finite_gradients(
+                    grad_norm, self.recipe, self.state.step, self.run, micro_batches
+                )
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -388,11 +397,19 @@ class FineTuneRun:
             "tokens": n_tokens,
             "supervised_tokens": n_supervised,
         }
-        if grad_norm is not None:
+        if r.train.max_grad_norm is not None:
             record["grad_norm"] = grad_norm
         if self.task_losses is not None:
             record.update(self.task_losses.take(acc, "loss"))
         return record
+
+    def _grad_norm(self) -> float:
+        """The gradients' total norm, clipped to train.max_grad_norm if set (before the step)."""
+        max_norm = self.recipe.train.max_grad_norm
+        if max_norm is not None:
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
         """Gradual unfreezing: at a stage boundary the next group(s) train from the next step on
@@ -534,6 +551,11 @@ class FineTuneRun:
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, rng: dict[str, Any]):
+        bad = ckpt.non_finite_weights(self.accelerator.unwrap_model(self.model))
+        if bad:  # never save (nor later announce) a checkpoint one cannot continue from
+            raise TrainingStopped(
+                advice.non_finite_weights(bad, self.recipe, self.state.step, self.run)
+            )
         return ckpt.save_checkpoint(
             self.run.checkpoints,
             self.accelerator,

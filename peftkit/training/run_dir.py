@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +15,15 @@ import yaml
 
 from peftkit.errors import PeftkitError, RunDirError
 
-# Recipe fields that may change between a run and its resumption (they do not change the math
-# of the steps already taken, only how long or how often things happen).
+# Recipe fields that may change between a run and its resumption: they do not change the math
+# of the steps already taken, only how long or how often things happen, or (lr, clipping, warmup:
+# what the advice after a divergence tells the user to change) the steps still to come. Each
+# change is recorded in RUN/resumes.jsonl.
 RESUMABLE_CHANGES = (
+    "train.lr",
+    "train.max_grad_norm",
+    "train.warmup_steps",
+    "train.warmup_ratio",
     "train.max_steps",
     "train.epochs",
     "train.eval_every",
@@ -50,6 +57,8 @@ class RunDir:
         self.audit = self.path / "data_audit.json"
         self.meta = self.path / "peftkit.json"
         self.samples = self.path / "samples.json"
+        self.resumes = self.path / "resumes.jsonl"
+        """One line per --resume: when, and the recipe changes it made."""
         self.checkpoints = self.path / "checkpoints"
         self.best = self.path / "best"
         self.work = self.path / "state"
@@ -63,9 +72,10 @@ class RunDir:
         overwrite: bool,
         recipe_dump: dict[str, Any],
         inputs: list[str] = (),
-    ) -> None:
+    ) -> dict[str, list[Any]]:
         """Refuse to start when starting would damage an existing run or an input (`inputs`: the
-        data files, model and tokenizer folders). Writes nothing."""
+        data files, model and tokenizer folders). Writes nothing. Returns the allowed changes a
+        resume makes to the recipe: {key: [before, now]}."""
         exists = self.path.exists() and any(self.path.iterdir())
         if resume:
             if not self.recipe.exists():
@@ -75,12 +85,14 @@ class RunDir:
             from peftkit.recipe.load import validate_recipe
 
             saved = validate_recipe(saved, str(self.recipe)).model_dump(mode="json")
-            changed = [k for k in _diff(saved, recipe_dump) if not k.startswith(RESUMABLE_CHANGES)]
+            diff = _diff(saved, recipe_dump)
+            changed = [k for k in diff if not k.startswith(RESUMABLE_CHANGES)]
             if changed:
                 raise RunDirError(
                     f"--resume: the recipe differs from the one {self.path} was trained with in "
                     f"{', '.join(changed)}; resuming would not continue the same run. Use a new output.dir"
                 )
+            return {k: [_get(saved, k), _get(recipe_dump, k)] for k in diff}
         elif exists and not overwrite:
             raise RunDirError(
                 f"run directory {self.path} already exists and is not empty. Resume it with --resume, "
@@ -88,13 +100,25 @@ class RunDir:
             )
         else:
             guard_output(self.path, "run", inputs, overwrite, "set output.overwrite=true")
+        return {}
 
-    def begin(self, resume: bool, overwrite: bool, recipe_dump: dict[str, Any]) -> None:
-        """Create (or, with overwrite, replace) the run directory and record the resolved recipe."""
+    def begin(
+        self,
+        resume: bool,
+        overwrite: bool,
+        recipe_dump: dict[str, Any],
+        changes: dict[str, list[Any]] | None = None,
+    ) -> None:
+        """Create (or, with overwrite, replace) the run directory and record the resolved recipe;
+        a resume's recipe `changes` are appended to resumes.jsonl."""
         if not resume and overwrite and self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
+        if resume:
+            record = {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changes or {}}
+            with self.resumes.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         atomic_write_text(self.recipe, yaml.safe_dump(recipe_dump, sort_keys=False))
 
 
@@ -164,6 +188,12 @@ def guard_output(
             f"{out} is not a previous peftkit {kind} (no {OUTPUT_MARKERS[kind][0]} of one); "
             f"{flag} only replaces one of those. Choose another output folder"
         )
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

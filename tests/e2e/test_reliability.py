@@ -4,9 +4,12 @@ signals act at step boundaries, resume refuses changed inputs and survives damag
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from peftkit.cli import main
 from tests.conftest import chat_rows, write_jsonl, write_recipe
@@ -87,3 +90,77 @@ def test_export_overwrite_replaces_a_previous_export(finished_run, tmp_path):
     assert main(["export", str(finished_run), "--out", str(out)]) == 2  # no --overwrite
     assert main(["export", str(finished_run), "--out", str(out), "--overwrite"]) == 0
     assert (out / "fidelity.json").is_file()
+
+
+# ------------------------------------------------------------------ 2. non-finite steps never commit
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_gradients_stop_before_the_step_and_resume_may_lower_the_lr(
+    tmp_path, tiny_model, chat_file, monkeypatch, capsys
+):
+    from peftkit.training import loop
+
+    real, calls = loop.causal_lm_loss_sum, []
+
+    def exploding(model, batch, *args):  # step 3's gradients are infinite, its loss is not
+        calls.append(1)
+        loss = real(model, batch, *args)
+        return _InfiniteGradient.apply(loss) if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "causal_lm_loss_sum", exploding)
+    train = {"max_steps": 5, "save_every": 1, "keep_last": 5, "scheduler": "constant"}
+    train["warmup_steps"] = 0
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, train=train)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "gradients became non-finite (norm nan) at step 3" in err or "(norm inf) at step 3" in err
+    )
+    assert "last good checkpoint is" in err and "step-0000002" in err and "train.lr" in err
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints] == ["step-0000001", "step-0000002"]
+    for c in checkpoints:
+        assert all(torch.isfinite(t).all() for t in load_file(c / "trainable.safetensors").values())
+
+    # What the advice says to change may change on resume, and is recorded in the run.
+    monkeypatch.setattr(loop, "causal_lm_loss_sum", real)
+    assert main(["train", str(recipe), "train.lr=5e-4", "train.max_grad_norm=0.5", "--resume"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["lr"] for r in records if "loss" in r] == [1e-3, 1e-3, 5e-4, 5e-4, 5e-4]
+    resumes = [json.loads(line) for line in (tmp_path / "run" / "resumes.jsonl").open()]
+    assert resumes[-1]["changed"]["train.lr"] == [1e-3, 5e-4]
+    assert resumes[-1]["changed"]["train.max_grad_norm"] == [1.0, 0.5]
+
+
+def test_a_non_finite_checkpoint_is_never_saved(
+    tmp_path, tiny_model, chat_file, monkeypatch, capsys
+):
+    from peftkit.training import checkpoint as ckpt
+
+    real = ckpt.non_finite_weights
+    monkeypatch.setattr(
+        ckpt, "non_finite_weights", lambda model: ["lora_A"] if len(saved) == 2 else real(model)
+    )
+    saved = []
+    real_save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda *a: saved.append(1) or real_save(*a))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_model, chat_file, train={"max_steps": 4, "save_every": 1}
+    )
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "the weights after step 3 hold NaN or inf (lora_A)" in err and "step-0000002" in err
+    assert [c.name for c in (tmp_path / "run" / "checkpoints").glob("step-*")] == [
+        "step-0000001",
+        "step-0000002",
+    ]
