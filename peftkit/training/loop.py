@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
+from peftkit.training.signals import StopRequest
 from peftkit.training.tasks import TaskLosses
 from peftkit.training.unfreeze import LayerSchedule
 
@@ -262,13 +262,15 @@ class FineTuneRun:
         order_epoch, order = -1, None
         started = time.perf_counter() - self.state.train_seconds
         self.stop_reason = "completed"
+        self._updated_uncounted = False  # between optimizer.step() and the step count's increment
+        self._saved_step: int | None = None
         rng_at_step_start = ckpt.rng_state()
         # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
         if self.state.step == 0 and (
             self.data.reference or (self.data.eval and r.train.eval_every is not None)
         ):
             self._log_evaluation(self.evaluate() if self.data.eval else None)
-        with _sigterm_as_interrupt():
+        with StopRequest() as stop:
             try:
                 while self.state.step < self.total_steps:
                     epoch, step_in_epoch = divmod(self.state.step, self.plan.steps_per_epoch)
@@ -284,6 +286,7 @@ class FineTuneRun:
                         rows, epoch + step_in_epoch / self.plan.steps_per_epoch
                     )
                     self.state.step += 1
+                    self._updated_uncounted = False
                     self._unfreeze_for_next_step(record)
                     rng_at_step_start = (
                         ckpt.rng_state()
@@ -319,9 +322,17 @@ class FineTuneRun:
                         )
                         extra = {"eval_loss": self.last_eval[1]} if evaluated else {}
                         self.on_step(self.state.step, {**record, **extra})
+                    if stop.requested(acc):  # a step boundary: the one place a signal acts
+                        raise TrainingStopped(self._stop_at_boundary(stop.signal_name))
             except KeyboardInterrupt:
                 bar.close()
+                if self._updated_uncounted:  # weights of step N+1, counters of step N: unsaveable
+                    raise TrainingStopped(
+                        f"interrupted inside step {self.state.step + 1}, after its update; no "
+                        f"checkpoint saved. {advice.last_checkpoint_note(self.run)}"
+                    ) from None
                 if self.state.step > 0:
+                    self.optimizer.zero_grad(set_to_none=True)
                     # A step cut short was not applied: save the state at the last step boundary.
                     path = self._save_checkpoint(rng_at_step_start)
                     raise TrainingStopped(
@@ -382,6 +393,7 @@ class FineTuneRun:
                 )
             )
         lr = self.scheduler.get_last_lr()[0]
+        self._updated_uncounted = True
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -402,6 +414,16 @@ class FineTuneRun:
         if self.task_losses is not None:
             record.update(self.task_losses.take(acc, "loss"))
         return record
+
+    def _stop_at_boundary(self, signal_name: str | None) -> str:
+        """Checkpoint the step just completed (unless saved already); the message to stop with."""
+        path = self.run.checkpoints / f"step-{self.state.step:07d}"
+        if self._saved_step != self.state.step:
+            path = self._save_checkpoint(ckpt.rng_state())
+        return (
+            f"interrupted ({signal_name or 'stop signal'}) at step {self.state.step}; checkpoint "
+            f"saved to {path}. Continue with --resume."
+        )
 
     def _grad_norm(self) -> float:
         """The gradients' total norm, clipped to train.max_grad_norm if set (before the step)."""
@@ -556,6 +578,7 @@ class FineTuneRun:
             raise TrainingStopped(
                 advice.non_finite_weights(bad, self.recipe, self.state.step, self.run)
             )
+        self._saved_step = self.state.step
         return ckpt.save_checkpoint(
             self.run.checkpoints,
             self.accelerator,
@@ -601,21 +624,3 @@ class FineTuneRun:
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(text)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (schedulers' pre-emption signal) like Ctrl-C, so a checkpoint is saved."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
