@@ -31,7 +31,7 @@ from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.training import advice
+from peftkit.training import advice, inputs
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import (
@@ -87,9 +87,9 @@ class FineTuneRun:
             **_compat.accelerator_kwargs(),
         )
         self.main = self.accelerator.is_main_process
-        inputs = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
+        input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
         self.resume_changes = self.run.check_can_start(
-            self.resume, r.output.overwrite, self.recipe_dump, inputs
+            self.resume, r.output.overwrite, self.recipe_dump, input_paths
         )
         for key, (before, now) in self.resume_changes.items():
             self._print(f"resuming with {key} changed: {before} -> {now}")
@@ -109,6 +109,11 @@ class FineTuneRun:
             | ({self.tokenizer.eos_token_id} - {None})
         )
         self._print_audit()
+        self.input_prints = inputs.fingerprints(
+            r.data, self.tokenizer, self.data.chat_template.template
+        )
+        if self.resume:
+            inputs.check_unchanged(self.run, self.input_prints)
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
         head = (
@@ -128,6 +133,8 @@ class FineTuneRun:
         fresh = not self.run.path.exists()
         if self.main:
             self.run.begin(self.resume, r.output.overwrite, self.recipe_dump, self.resume_changes)
+            if not self.resume:
+                inputs.record(self.run, self.input_prints)
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)

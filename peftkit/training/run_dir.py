@@ -58,6 +58,8 @@ class RunDir:
         self.meta = self.path / "peftkit.json"
         self.samples = self.path / "samples.json"
         self.resumes = self.path / "resumes.jsonl"
+        self.inputs = self.path / "inputs.json"
+        """Fingerprints of the data files, tokenizer and chat template the run started with."""
         """One line per --resume: when, and the recipe changes it made."""
         self.checkpoints = self.path / "checkpoints"
         self.best = self.path / "best"

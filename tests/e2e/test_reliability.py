@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from peftkit.cli import main
-from tests.conftest import chat_rows, write_jsonl, write_recipe
+from tests.conftest import PLAIN, build_tokenizer, chat_rows, write_jsonl, write_recipe
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
@@ -164,3 +166,29 @@ def test_a_non_finite_checkpoint_is_never_saved(
         "step-0000001",
         "step-0000002",
     ]
+
+
+# ------------------------------------------------------------------ 4. resume checks the inputs
+@pytest.mark.parametrize("change", ["data file", "chat template", "tokenizer"])
+def test_resume_refuses_changed_inputs_and_names_them(tmp_path, tiny_model, change, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, train={"max_steps": 2, "save_every": 1})
+    assert main(["train", str(recipe)]) == 0
+    assert main(["train", str(recipe), "train.max_steps=3", "--resume"]) == 0  # unchanged: fine
+    if change == "data file":
+        write_jsonl(data, chat_rows(24, seed=5))
+    elif change == "chat template":
+        build_tokenizer(model, PLAIN)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer.add_tokens(["<|new|>"])
+        tokenizer.save_pretrained(model)
+    run = tmp_path / "run"
+    before = fingerprint(run)
+    assert main(["train", str(recipe), "train.max_steps=4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    culprit = {"data file": f"data file {data} has other contents"}.get(change, change)
+    assert "has changed since" in err and culprit in err, err
+    assert fingerprint(run) == before
