@@ -9,10 +9,10 @@ from peftkit.training.run_dir import RunDir
 
 
 def last_checkpoint_note(run: RunDir) -> str:
-    found = ckpt.complete_checkpoints(run.checkpoints)
-    if found:
+    saved, _ = ckpt.newest_intact(run.checkpoints)
+    if saved is not None:
         return (
-            f"The last good checkpoint is {found[-1]}; fix the cause, then continue with --resume."
+            f"The last good checkpoint is {saved.path}; fix the cause, then continue with --resume."
         )
     return "No checkpoint had been written yet (set train.save_every to keep progress)."
 

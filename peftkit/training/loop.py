@@ -183,20 +183,25 @@ class FineTuneRun:
         self.state = ckpt.TrainerState()
         resumed_from = None
         if self.resume:
-            found = ckpt.complete_checkpoints(self.run.checkpoints)
-            if found:
-                resumed_from = found[-1]
-                # The checkpoint holds the weights trainable at its step: unfreeze as far first.
-                self.layers.set_step(ckpt.saved_step(resumed_from))
-                self.state = ckpt.load_checkpoint(
-                    resumed_from, self.accelerator, self.model, self.optimizer, self.scheduler
-                )
-                self._print(f"resuming from {resumed_from} (step {self.state.step})")
-            else:
+            if self.main:
+                ckpt.clean_leftovers(self.run.checkpoints)
+            saved, damaged = ckpt.newest_intact(
+                self.run.checkpoints, self.accelerator.process_index
+            )
+            for bad in damaged:
+                self._print(f"warning: {bad}; set aside as {ckpt.set_aside(bad.path, self.main)}")
+            if saved is None:
                 raise RunDirError(
-                    f"--resume: {self.run.path} has no complete checkpoint to resume from "
+                    f"--resume: {self.run.path} has no intact checkpoint to resume from "
                     "(checkpoints are written every train.save_every steps)"
                 )
+            resumed_from = saved.path
+            # The checkpoint holds the weights trainable at its step: unfreeze as far first.
+            self.layers.set_step(saved.state.step)
+            self.state = ckpt.apply_checkpoint(
+                saved, self.accelerator, self.model, self.optimizer, self.scheduler
+            )
+            self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
             self.run.metrics, self.main, self.state.step if resumed_from else None
         )

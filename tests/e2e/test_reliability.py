@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from peftkit.cli import main
-from tests.conftest import PLAIN, build_tokenizer, chat_rows, write_jsonl, write_recipe
+from tests.conftest import (
+    PLAIN,
+    RESUME_TRAIN,
+    build_tokenizer,
+    chat_rows,
+    write_jsonl,
+    write_recipe,
+)
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
@@ -192,3 +199,95 @@ def test_resume_refuses_changed_inputs_and_names_them(tmp_path, tiny_model, chan
     culprit = {"data file": f"data file {data} has other contents"}.get(change, change)
     assert "has changed since" in err and culprit in err, err
     assert fingerprint(run) == before
+
+
+# ------------------------------------------------------------------ 5. damaged checkpoints
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated weights": lambda c: _truncate(c / "step-0000006" / "trainable.safetensors"),
+    "truncated optimizer": lambda c: _truncate(c / "step-0000006" / "optimizer.pt"),
+    "garbage state.json": lambda c: (c / "step-0000006" / "state.json").write_text("{step: ]"),
+    "missing scheduler": lambda c: (c / "step-0000006" / "scheduler.pt").unlink(),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, tmp_path_factory) -> Path:
+    """8 uninterrupted steps, checkpoints at 2, 4, 6, 8 (all kept)."""
+    root = tmp_path_factory.mktemp("reference")
+    data = write_jsonl(root / "d.jsonl", chat_rows(10, seed=1))
+    recipe = write_recipe(root / "r.yaml", tiny_model, data, train=RESUME_TRAIN)
+    assert main(["train", str(recipe)]) == 0
+    return root / "run"
+
+
+def _crashed_after_step_6(reference_run: Path, tmp_path: Path) -> Path:
+    """A copy of the reference run as a kill right after step 6's checkpoint would leave it."""
+    crashed = tmp_path / "run"
+    shutil.copytree(reference_run, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-0000008")
+    shutil.rmtree(crashed / "adapter")
+    (crashed / "summary.json").unlink()
+    lines = (crashed / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (crashed / "metrics.jsonl").write_text("".join(lines[:6]) + lines[6][:20])  # torn 7th line
+    return crashed
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("damage", [None, *DAMAGE])
+def test_resume_names_a_damaged_checkpoint_and_falls_back_to_the_newest_intact_one(
+    reference_run, tmp_path, damage, capsys
+):
+    crashed = _crashed_after_step_6(reference_run, tmp_path)
+    if damage:
+        DAMAGE[damage](crashed / "checkpoints")
+    recipe = reference_run.parent / "r.yaml"
+    assert main(["train", str(recipe), f"output.dir={crashed}", "--resume"]) == 0
+    out = capsys.readouterr().out
+    if damage:
+        assert f"checkpoint {crashed / 'checkpoints' / 'step-0000006'} is damaged" in out, out
+        assert "resuming from" in out and "step-0000004 (step 4)" in out
+        assert (crashed / "checkpoints" / "damaged-step-0000006").is_dir()
+    else:
+        assert "step-0000006 (step 6)" in out
+    assert _losses(crashed) == _losses(reference_run)
+    a = load_file(crashed / "adapter" / "adapter_model.safetensors")
+    b = load_file(reference_run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_pruning_is_atomic_and_its_leftovers_are_cleaned(
+    tmp_path, tiny_model, chat_file, monkeypatch
+):
+    from peftkit.training import checkpoint as ckpt
+
+    real_rmtree, killed = shutil.rmtree, []
+
+    def killed_while_pruning(path, *args, **kwargs):  # deletes one file, then the process "dies"
+        path = Path(path)
+        whole = (path / "trainable.safetensors").exists() and (path / "state.json").exists()
+        if not killed and whole and "tmp" not in path.name:
+            killed.append(path.name)
+            (path / "trainable.safetensors").unlink()
+            raise SystemExit("killed")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_while_pruning)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_model, chat_file, train={"max_steps": 4, "save_every": 1}
+    )
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe)])
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for path in ckpt.complete_checkpoints(checkpoints):
+        ckpt.read_checkpoint(path)  # every visible checkpoint is whole
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert not list(checkpoints.glob(".*")), list(checkpoints.iterdir())
