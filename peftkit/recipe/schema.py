@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from peftkit.methods import AdapterSpec
 from peftkit.recipe.section import Section
@@ -40,8 +40,9 @@ class ModelSpec(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     quantization: QuantizationSpec | None = None
     """Load the base quantized with bitsandbytes (null = full precision)."""
-    trust_remote_code: bool = False
-    """Run Python code shipped with the model. Only for sources you trust."""
+    trust_remote_code: StrictBool = False
+    """Run Python code shipped with the model. Only for sources you trust. `true` or `false` only
+    (no 'yes', no YAML 1.1 `on`): a security switch is never turned on by a guess."""
 
 
 class DataSource(Section):
@@ -286,8 +287,9 @@ class TrainSpec(Section):
 class OutputSpec(Section):
     dir: str = "runs/{name}"
     """Run directory; `{name}` is replaced by the recipe name."""
-    overwrite: bool = False
-    """Replace an existing run directory instead of refusing to start."""
+    overwrite: StrictBool = False
+    """Replace an existing run directory (a previous run only) instead of refusing to start.
+    `true` or `false` only: what deletes is never turned on by a guess."""
     save_best: bool = True
     """Keep the adapter with the best eval loss in `best/` as well as the final one."""
     plot: bool = True
