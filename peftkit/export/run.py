@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -53,7 +54,15 @@ def export(
     spec: ExportSpec = source.recipe.export.model_copy(
         update={k: v for k, v in updates.items() if v is not None}
     )
-    spec = ExportSpec.model_validate(spec.model_dump())  # re-validate the overrides
+    try:  # re-validate the overrides, before anything is loaded or merged
+        spec = ExportSpec.model_validate(spec.model_dump())
+    except ValidationError as e:
+        problems = [
+            f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: "
+            + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        ]
+        raise ExportError("; ".join(problems)) from None
     if target is not None and target not in TARGETS:
         raise ExportError(f"unknown serving target {target!r}; known: {', '.join(TARGETS)}")
     out = Path(out)

@@ -10,6 +10,7 @@ and cached, so the quickstart runs offline on any CPU in minutes.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from peftkit.errors import ModelLoadError
 
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -42,17 +45,26 @@ def is_builtin(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def unknown_builtin(name: str) -> str | None:
+    """Why `name` is not a built-in model (with the closest one), or None when it is one."""
+    key = name[len(PREFIX) :]
+    if not is_builtin(name) or key in _MODELS:
+        return None
+    guess = difflib.get_close_matches(key, list(_MODELS), n=1)
+    hint = f" Did you mean {PREFIX + guess[0]!r}?" if guess else ""
+    return f"unknown built-in model {name!r}.{hint} Available: {', '.join(PREFIX + k for k in _MODELS)}"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
 
 
 def materialize(name: str) -> str:
     """Build (once) and return the local folder of a built-in model."""
+    problem = unknown_builtin(name)
+    if problem:
+        raise ModelLoadError(problem)
     key = name[len(PREFIX) :]
-    if key not in _MODELS:
-        raise ValueError(
-            f"unknown built-in model {name!r}; available: {', '.join(PREFIX + k for k in _MODELS)}"
-        )
     config, folder, pretrained = _MODELS[key]
     assets = ASSETS / folder
     digest = hashlib.sha256(json.dumps([config, pretrained], sort_keys=True).encode())

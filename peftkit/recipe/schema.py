@@ -31,6 +31,17 @@ class ModelSpec(Section):
 
     name: str
     """Hub id (`meta-llama/Llama-3.2-1B`), local folder, or `builtin:tiny-llama` (the quickstart model)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_builtin(cls, name: str) -> str:
+        from peftkit.models.builtin import unknown_builtin
+
+        problem = unknown_builtin(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
     revision: str | None = None
     """Hub branch, tag or commit to pin."""
     tokenizer: str | None = None
@@ -315,6 +326,15 @@ class ExportSpec(Section):
 
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_shard_size: str = "5GB"
+    """Largest weights file, a number and a unit: 500MB, 5GB, 2GiB."""
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+\s*[KMG]i?B", value.strip()):
+            raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 2GiB")
+        return value.strip()
+
     merge_base: Literal["auto", "original", "dequantized"] = "auto"
     """For QLoRA: merge into the original 16-bit weights, into the dequantized NF4 weights training
     saw, or measure both and keep the closer (auto)."""

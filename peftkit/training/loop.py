@@ -193,7 +193,11 @@ class FineTuneRun:
             if saved is None:
                 raise RunDirError(
                     f"--resume: {self.run.path} has no intact checkpoint to resume from "
-                    "(checkpoints are written every train.save_every steps)"
+                    + (
+                        "(" + "; ".join(str(bad) for bad in damaged) + ")"
+                        if damaged
+                        else "(checkpoints are written every train.save_every steps)"
+                    )
                 )
             resumed_from = saved.path
             # The checkpoint holds the weights trainable at its step: unfreeze as far first.

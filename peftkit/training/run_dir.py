@@ -78,6 +78,8 @@ class RunDir:
         """Refuse to start when starting would damage an existing run or an input (`inputs`: the
         data files, model and tokenizer folders). Writes nothing. Returns the allowed changes a
         resume makes to the recipe: {key: [before, now]}."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"output.dir {self.path} is a file, not a folder: choose a folder")
         exists = self.path.exists() and any(self.path.iterdir())
         if resume:
             if not self.recipe.exists():

@@ -291,3 +291,27 @@ def test_pruning_is_atomic_and_its_leftovers_are_cleaned(
         ckpt.read_checkpoint(path)  # every visible checkpoint is whole
     assert main(["train", str(recipe), "--resume"]) == 0
     assert not list(checkpoints.glob(".*")), list(checkpoints.iterdir())
+
+
+def test_a_full_disk_while_checkpointing_is_a_named_error_leaving_no_tmp(
+    tmp_path, tiny_model, chat_file, monkeypatch, capsys
+):
+    from peftkit.training import checkpoint as ckpt
+
+    real_save, calls = ckpt.torch.save, []
+
+    def disk_full(obj, path, *args, **kwargs):  # the 2nd checkpoint's optimizer state hits ENOSPC
+        calls.append(str(path))
+        if "step-0000002" in str(path) and str(path).endswith("optimizer.pt"):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_model, chat_file, train={"max_steps": 4, "save_every": 1}
+    )
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint of step 2" in err and "Traceback" not in err, err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000001"]
