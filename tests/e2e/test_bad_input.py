@@ -306,6 +306,22 @@ def _write(path, text):
     path.write_text(text)
 
 
+def _serve_dir(damage=None, name="mine"):
+    """A `peftkit serve` case on an adapters folder holding a junk folder and, with `damage`,
+    a damaged copy of the run's adapter (or, with another `name`, an intact one)."""
+
+    def build(w, tmp):
+        folder = tmp / "adapters"
+        (folder / "junk").mkdir(parents=True)
+        if damage or name != "mine":
+            shutil.copytree(w["run"] / "adapter", folder / name)
+        if damage:
+            damage(folder / name)
+        return ["serve", "--adapters-dir", str(folder), "--port", "0"]
+
+    return build
+
+
 # id: (build(world, tmp) -> argv, exit code, regex the message must match)
 CATALOGUE = {
     # ---- recipe: keys, types, values
@@ -663,6 +679,27 @@ CATALOGUE = {
         _cli("export", "{run}"),
         2,
         r"the following arguments are required: --out",
+    ),
+    # ---- serve (refused before the server starts)
+    "serve: no such adapters folder": (
+        _cli("serve", "--adapters-dir", "{tmp}/nowhere"),
+        2,
+        r"adapters directory .*nowhere does not exist",
+    ),
+    "serve: folder without adapters": (
+        _serve_dir(),
+        2,
+        r"no adapters in .*adapters \(expected one sub-folder per adapter\)",
+    ),
+    "serve: damaged adapter_config.json": (
+        _serve_dir(lambda a: _write(a / "adapter_config.json", "{not json")),
+        2,
+        r"adapter_config\.json is damaged \(not JSON.*the folder .*adapters/mine",
+    ),
+    "serve: bad served name": (
+        _serve_dir(name="my adapter"),
+        2,
+        r"my adapter: folder names are the served model names",
     ),
     # ---- adapters
     "adapters: generate with no adapter there": (
