@@ -35,6 +35,8 @@ class TrainerState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     train_seconds: float = 0.0
+    largest_micro_batch_tokens: int = 0
+    """Tokens (padding included) of the largest micro-batch so far: what sizes the activations."""
 
 
 def rng_state() -> dict[str, Any]:

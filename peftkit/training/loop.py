@@ -223,7 +223,6 @@ class FineTuneRun:
             and not method.virtual_tokens
             and accepts_logits_to_keep(model)
         )
-        self.largest_micro_batch = 0  # tokens incl. padding: what sizes the activations
         self.varlen = self.packing and attn == "sdpa"
         # On CPU under bf16, round packed lengths up to few distinct shapes (see collate_packed).
         self.pack_multiple = pack_multiple(self.precision, torch.cuda.is_available())
@@ -369,8 +368,8 @@ class FineTuneRun:
     ) -> dict[str, Any]:
         acc, r = self.accelerator, self.recipe
         batches = [self._collate(rows) for rows in micro_batches]
-        self.largest_micro_batch = max(
-            self.largest_micro_batch, *(b["input_ids"].numel() for b in batches)
+        self.state.largest_micro_batch_tokens = max(
+            self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
         )
         local = torch.tensor(
             [

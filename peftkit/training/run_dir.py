@@ -119,7 +119,9 @@ class RunDir:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
-        if resume:
+        if resume:  # what a kill while writing a result left behind (see atomic_dir)
+            for leftover in self.path.glob(".*.tmp"):
+                shutil.rmtree(leftover, ignore_errors=True)
             record = {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changes or {}}
             with self.resumes.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -315,3 +315,17 @@ def test_a_full_disk_while_checkpointing_is_a_named_error_leaving_no_tmp(
     assert "could not write the checkpoint of step 2" in err and "Traceback" not in err, err
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000001"]
+
+
+def test_a_resumed_run_reports_what_the_whole_run_did(reference_run, tmp_path):
+    """summary.json after a resume covers the steps before it too; a result folder a kill left
+    half-written (.best.tmp) is cleaned away."""
+    crashed = _crashed_after_step_6(reference_run, tmp_path)
+    (crashed / ".best.tmp").mkdir()
+    recipe = reference_run.parent / "r.yaml"
+    assert main(["train", str(recipe), f"output.dir={crashed}", "--resume"]) == 0
+    summary = json.loads((crashed / "summary.json").read_text())
+    expected = json.loads((reference_run / "summary.json").read_text())
+    for key in ("largest_micro_batch_tokens", "tokens", "steps", "final_train_loss"):
+        assert summary[key] == expected[key], key
+    assert not (crashed / ".best.tmp").exists()
