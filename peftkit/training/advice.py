@@ -17,25 +17,14 @@ def last_checkpoint_note(run: RunDir) -> str:
     return "No checkpoint had been written yet (set train.save_every to keep progress)."
 
 
-def non_finite_loss(
-    loss: float, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
+def non_finite_step(
+    what: str, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
 ) -> str:
+    """`what` (the loss or the gradients) became NaN/inf at step `step + 1`, which was not applied."""
     origins = [row.origin for rows in micro_batches for row in rows][:4]
     return (
-        f"loss became {loss} at step {step + 1}; that step was not applied. "
-        f"{last_checkpoint_note(run)}\n  {_try(recipe)}, and check the rows of that step: "
-        f"{', '.join(origins)}"
-    )
-
-
-def non_finite_gradients(
-    norm: float, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
-) -> str:
-    origins = [row.origin for rows in micro_batches for row in rows][:4]
-    return (
-        f"the gradients became non-finite (norm {norm}) at step {step + 1}; that step was not "
-        f"applied. {last_checkpoint_note(run)}\n  {_try(recipe)}, and check the rows of that step: "
-        f"{', '.join(origins)}"
+        f"{what} at step {step + 1}; that step was not applied. {last_checkpoint_note(run)}\n"
+        f"  {_try(recipe)}, and check the rows of that step: {', '.join(origins)}"
     )
 
 

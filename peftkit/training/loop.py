@@ -397,14 +397,20 @@ class FineTuneRun:
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
-                advice.non_finite_loss(loss, self.recipe, self.state.step, self.run, micro_batches)
+                advice.non_finite_step(
+                    f"loss became {loss}", self.recipe, self.state.step, self.run, micro_batches
+                )
             )
         grad_norm = self._grad_norm()
         if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
-                advice.non_finite_gradients(
-                    grad_norm, self.recipe, self.state.step, self.run, micro_batches
+                advice.non_finite_step(
+                    f"the gradients became non-finite (norm {grad_norm})",
+                    self.recipe,
+                    self.state.step,
+                    self.run,
+                    micro_batches,
                 )
             )
         lr = self.scheduler.get_last_lr()[0]

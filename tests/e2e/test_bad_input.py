@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -11,15 +10,7 @@ import pytest
 import yaml
 
 from peftkit.cli import main
-from tests.conftest import chat_rows, write_jsonl, write_recipe
-
-
-def _fingerprint(folder):
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+from tests.conftest import chat_rows, fingerprint, write_jsonl, write_recipe
 
 
 @pytest.fixture
@@ -85,7 +76,7 @@ def _bad(tmp_path, tiny_model, chat_file):
 def test_bad_input_is_a_clear_error_and_the_run_directory_survives(
     case, tmp_path, tiny_model, chat_file, existing_run, capsys
 ):
-    before = _fingerprint(existing_run)
+    before = fingerprint(existing_run)
     sections, data, message = _bad(tmp_path, tiny_model, chat_file)[case]
     sections = {**sections, "output": {"dir": str(existing_run), "overwrite": True, "plot": False}}
     recipe = write_recipe(tmp_path / "bad.yaml", tiny_model, data, **sections)
@@ -93,19 +84,19 @@ def test_bad_input_is_a_clear_error_and_the_run_directory_survives(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert __import__("re").search(message, err), err
-    assert _fingerprint(existing_run) == before
+    assert fingerprint(existing_run) == before
 
 
 def test_existing_run_directory_is_not_overwritten_by_default(
     tmp_path, tiny_model, chat_file, existing_run, capsys
 ):
-    before = _fingerprint(existing_run)
+    before = fingerprint(existing_run)
     recipe = write_recipe(
         tmp_path / "again.yaml", tiny_model, chat_file, output={"dir": str(existing_run)}
     )
     assert main(["train", str(recipe)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert _fingerprint(existing_run) == before
+    assert fingerprint(existing_run) == before
 
 
 def test_nan_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(
@@ -145,19 +136,16 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(
 # base model) changed. Recipe cases run `peftkit validate`; data cases stop before the model loads.
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def world(tiny_model, tmp_path_factory):
+def world(tiny_model, finished_run):
     """A finished run with checkpoints, its data and recipe: what no bad input may change."""
-    root = tmp_path_factory.mktemp("world")
-    data = write_jsonl(root / "train.jsonl", chat_rows(24))
-    recipe = write_recipe(
-        root / "good.yaml",
-        tiny_model,
-        data,
-        train={"max_steps": 2, "save_every": 1},
-        export={"samples": 2, "generate_tokens": 4},
-    )
-    assert main(["train", str(recipe)]) == 0
-    return {"root": root, "run": root / "run", "data": data, "recipe": recipe, "model": tiny_model}
+    root = finished_run.parent
+    return {
+        "root": root,
+        "run": finished_run,
+        "data": root / "train.jsonl",
+        "recipe": root / "r.yaml",
+        "model": tiny_model,
+    }
 
 
 GOOD = (
@@ -770,7 +758,7 @@ def _fill(sections, w, tmp):
 def test_bad_input_catalogue(case, world, tmp_path, capsys):
     build, code, message = CATALOGUE[case]
     argv = build(world, tmp_path)
-    before = _fingerprint(world["root"]), _fingerprint(world["model"])
+    before = fingerprint(world["root"]), fingerprint(world["model"])
     try:
         got = main(argv)
     except SystemExit as e:  # argparse refuses before any verb runs
@@ -780,7 +768,7 @@ def test_bad_input_catalogue(case, world, tmp_path, capsys):
     assert got == code, err
     assert "Traceback" not in err
     assert re.search(message, err, re.DOTALL), err
-    assert (_fingerprint(world["root"]), _fingerprint(world["model"])) == before
+    assert (fingerprint(world["root"]), fingerprint(world["model"])) == before
 
 
 def test_the_catalogue_is_large():

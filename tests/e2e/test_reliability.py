@@ -3,7 +3,6 @@ signals act at step boundaries, resume refuses changed inputs and survives damag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,34 +18,10 @@ from tests.conftest import (
     RESUME_TRAIN,
     build_tokenizer,
     chat_rows,
+    fingerprint,
     write_jsonl,
     write_recipe,
 )
-
-
-def fingerprint(folder: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `folder`."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_model, tmp_path_factory) -> Path:
-    """A finished 2-step LoRA run with checkpoints (read-only for the tests that use it)."""
-    root = tmp_path_factory.mktemp("finished")
-    data = write_jsonl(root / "train.jsonl", chat_rows(24))
-    recipe = write_recipe(
-        root / "r.yaml",
-        tiny_model,
-        data,
-        train={"max_steps": 2, "save_every": 1},
-        export={"samples": 2, "generate_tokens": 4},
-    )
-    assert main(["train", str(recipe)]) == 0
-    return root / "run"
 
 
 # ------------------------------------------------------------------ 1. outputs never replace inputs
