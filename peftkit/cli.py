@@ -123,7 +123,8 @@ def _number(kind: type, low: float, inclusive: bool = True, high: float | None =
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         too_low = value < low if inclusive else value <= low
         if too_low or (high is not None and value > high) or value != value:  # NaN
             bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high else "")

@@ -451,8 +451,8 @@ class FineTuneRun:
         max_norm = self.recipe.train.max_grad_norm
         if max_norm is not None:
             return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0  # one sync, no clipping
 
     def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
         """Gradual unfreezing: at a stage boundary the next group(s) train from the next step on

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,9 +58,9 @@ class RunDir:
         self.meta = self.path / "peftkit.json"
         self.samples = self.path / "samples.json"
         self.resumes = self.path / "resumes.jsonl"
+        """One line per --resume: when, and the recipe changes it made."""
         self.inputs = self.path / "inputs.json"
         """Fingerprints of the data files, tokenizer and chat template the run started with."""
-        """One line per --resume: when, and the recipe changes it made."""
         self.checkpoints = self.path / "checkpoints"
         self.best = self.path / "best"
         self.work = self.path / "state"
@@ -73,7 +73,7 @@ class RunDir:
         resume: bool,
         overwrite: bool,
         recipe_dump: dict[str, Any],
-        inputs: list[str] = (),
+        inputs: Sequence[str] = (),
     ) -> dict[str, list[Any]]:
         """Refuse to start when starting would damage an existing run or an input (`inputs`: the
         data files, model and tokenizer folders). Writes nothing. Returns the allowed changes a
@@ -151,7 +151,7 @@ def is_output_of_kind(folder: Path, kind: str) -> bool:
 def guard_output(
     out: str | Path,
     kind: str,
-    inputs: list[str | Path],
+    inputs: Sequence[str | Path],
     overwrite: bool,
     flag: str,
     error: type[PeftkitError] = RunDirError,

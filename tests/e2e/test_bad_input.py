@@ -620,7 +620,7 @@ CATALOGUE = {
     "cli: --max-new-tokens x": (
         _cli("generate", "--adapter", "a={run}", "--prompt", "hi", "--max-new-tokens", "x"),
         2,
-        r"argument --max-new-tokens: 'x' is not a int",
+        r"argument --max-new-tokens: 'x' is not a whole number",
     ),
     "cli: --top-p 2": (
         _cli("generate", "--prompt", "hi", "--top-p", "2"),
