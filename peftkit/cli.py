@@ -87,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
         "--space", required=True, help="search space YAML (params, objective, pruner, seed)"
     )
     sweep.add_argument(
-        "--trials", type=int, required=True, help="trials in the sweep (with --storage: in total)"
+        "--trials",
+        type=POSITIVE,
+        required=True,
+        help="trials in the sweep (with --storage: in total)",
     )
     sweep.add_argument("--out", help="sweep folder (default: the recipe's output.dir + '-sweep')")
     sweep.add_argument(
@@ -124,11 +127,33 @@ def _add_loading(p: argparse.ArgumentParser, adapters: bool = True) -> None:
     )
 
 
+def _number(kind: type, low: float, inclusive: bool = True, high: float | None = None):
+    """An argparse type: a `kind` number >= low (> low unless inclusive), <= high if given."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        too_low = value < low if inclusive else value <= low
+        if too_low or (high is not None and value > high) or value != value:  # NaN
+            bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high else "")
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {text})")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(int, 1)
+NON_NEGATIVE = _number(int, 0)
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128)
+    p.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_number(float, 0.0, False, 1.0), default=1.0)
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0)
     p.add_argument("--seed", type=int)
 
 
@@ -161,14 +186,16 @@ def _add_adapter_verbs(sub) -> None:
     )
     _add_loading(serve, adapters=False)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    serve.add_argument(
+        "--port", type=_number(int, 0, True, 65535), default=8000, help="0 = any free port"
+    )
     serve.add_argument("--served-base-name", help="model name of the base (default: --base)")
-    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
-    serve.add_argument("--max-batch", type=int, default=16)
-    serve.add_argument("--batch-wait-ms", type=float, default=20)
-    serve.add_argument("--max-prompt-tokens", type=int, default=4096)
-    serve.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens")
-    serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    serve.add_argument("--max-queue", type=POSITIVE, default=64, help="waiting requests before 503")
+    serve.add_argument("--max-batch", type=POSITIVE, default=16)
+    serve.add_argument("--batch-wait-ms", type=_number(float, 0.0), default=20)
+    serve.add_argument("--max-prompt-tokens", type=POSITIVE, default=4096)
+    serve.add_argument("--max-new-tokens", type=POSITIVE, default=1024, help="largest max_tokens")
+    serve.add_argument("--max-body-bytes", type=POSITIVE, default=1_000_000)
     combine = sub.add_parser(
         "combine", help="make one adapter from several and evaluate it on each one's task"
     )
@@ -176,8 +203,13 @@ def _add_adapter_verbs(sub) -> None:
     combine.add_argument("--out", required=True)
     combine.add_argument("--how", default="ties", help="linear, cat, svd, ties, dare_ties, ... ")
     combine.add_argument("--weights", help="comma list, one per adapter (default: equal)")
-    combine.add_argument("--density", type=float, default=0.5, help="kept fraction (ties/dare)")
-    combine.add_argument("--svd-rank", type=int)
+    combine.add_argument(
+        "--density",
+        type=_number(float, 0.0, False, 1.0),
+        default=0.5,
+        help="kept fraction (ties/dare)",
+    )
+    combine.add_argument("--svd-rank", type=POSITIVE)
     combine.add_argument("--base")
     combine.add_argument("--no-eval", action="store_true", help="skip the evaluation table")
     combine.add_argument("--overwrite", action="store_true")

@@ -195,3 +195,14 @@ def write_recipe(
 @pytest.fixture
 def chat_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "chats.jsonl", chat_rows(24))
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`: compare to show nothing changed."""
+    import hashlib
+
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }

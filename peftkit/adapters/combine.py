@@ -32,7 +32,7 @@ from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.training.batches import collate
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
-from peftkit.training.run_dir import atomic_dir, atomic_write_text
+from peftkit.training.run_dir import atomic_dir, atomic_write_text, guard_output
 
 HOW = (
     "linear",
@@ -110,9 +110,9 @@ def combine(
     if len(weights) != len(sources):
         raise ServingError(f"combine: {len(sources)} adapters but {len(weights)} weights")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ServingError(f"combine: {out} exists and is not empty (pass overwrite)")
     dirs = {name: resolve_adapter_dir(path) for name, path in sources.items()}
+    inputs = [*sources.values(), *dirs.values()]
+    guard_output(out, "combine", inputs, overwrite, "pass overwrite", ServingError)
     # fp32 and unquantized: combining is arithmetic on the adapters' weights, kept exact
     aset = AdapterSet.from_adapters(dirs, base, dtype="float32", quantization=None)
     torch.manual_seed(seed)  # DARE drops at random

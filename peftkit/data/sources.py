@@ -6,6 +6,7 @@ Every row keeps its origin (`file.jsonl line 17`) so that a bad row can be named
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,8 +68,22 @@ def _looks_like_local_path(text: str) -> bool:
     )
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; other bytes are a `DataError` naming the line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(_read_text(path), newline=None) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -87,7 +102,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 
 def _read_json(path: Path) -> Iterator[RawRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -101,7 +116,7 @@ def _read_json(path: Path) -> Iterator[RawRow]:
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         for item in reader:
             if None in item:

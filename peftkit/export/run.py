@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -21,7 +22,12 @@ from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
 from peftkit.models.load import model_source
 from peftkit.recipe.schema import ExportSpec
-from peftkit.training.run_dir import atomic_dir, atomic_write_json, atomic_write_text
+from peftkit.training.run_dir import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    guard_output,
+)
 
 TARGETS = ("vllm",)
 
@@ -61,14 +67,21 @@ def export(
     spec: ExportSpec = source.recipe.export.model_copy(
         update={k: v for k, v in updates.items() if v is not None}
     )
-    spec = ExportSpec.model_validate(spec.model_dump())  # re-validate the overrides
+    try:  # re-validate the overrides, before anything is loaded or merged
+        spec = ExportSpec.model_validate(spec.model_dump())
+    except ValidationError as e:
+        problems = [
+            f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: "
+            + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        ]
+        raise ExportError("; ".join(problems)) from None
     if target is not None and target not in TARGETS:
         raise ExportError(f"unknown serving target {target!r}; known: {', '.join(TARGETS)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(
-            f"{out} already exists and is not empty: choose another --out or pass --overwrite"
-        )
+    inputs = [source.run_dir, source.recipe.model.name, source.recipe.model.tokenizer or ""]
+    inputs += [s.path for s in source.recipe.data.sources]
+    guard_output(out, "export", inputs, overwrite, "pass --overwrite", ExportError)
     to_gguf = spec.format == "gguf"
     if to_gguf and (adapter_only or target is not None or source.recipe.task.has_head):
         raise ExportError(

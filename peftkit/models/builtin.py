@@ -80,20 +80,31 @@ def packaged_gguf(key: str) -> Path:
     )
 
 
+def unknown_builtin(name: str) -> str | None:
+    """Why `name` is not a built-in model (with the closest one), or None when it is one."""
+    key = name[len(PREFIX) :]
+    if not is_builtin(name) or key in NAMES:
+        return None
+    guess = difflib.get_close_matches(key, NAMES, n=1)
+    hint = f" Did you mean {PREFIX + guess[0]!r}?" if guess else ""
+    return (
+        f"unknown built-in model {name!r}.{hint} Available: {', '.join(PREFIX + k for k in NAMES)}"
+    )
+
+
 def materialize(name: str, log=None) -> str:
     """Build (once) and return the local folder of a built-in model."""
+    problem = unknown_builtin(name)
+    if problem:
+        raise ModelLoadError(problem)
     key = name[len(PREFIX) :]
     if key in _PACKAGED_GGUF:
         from peftkit.models import gguf
 
         return gguf.materialize(packaged_gguf(key), log=log)
-    if key not in _MODELS:
-        close = difflib.get_close_matches(key, NAMES, n=1)
-        hint = f" (did you mean {PREFIX + close[0]}?)" if close else ""
-        raise ModelLoadError(
-            f"unknown built-in model {name!r}{hint}; available: "
-            + ", ".join(PREFIX + k for k in NAMES)
-        )
+    problem = unknown_builtin(name)
+    if problem:
+        raise ModelLoadError(problem)
     config, folder, pretrained = _MODELS[key]
     assets = ASSETS / folder
     digest = hashlib.sha256(json.dumps([config, pretrained], sort_keys=True).encode())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -122,7 +124,7 @@ def load_model(
         model = auto.from_pretrained(source, **kwargs)
     except ImportError as e:
         raise ModelLoadError(f"loading {source!r} needs a package that is missing: {e}") from e
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(_explain_load_failure("model", source, e)) from e
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if spec.quantization is not None:
@@ -135,7 +137,25 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def damaged_weight_files(folder: str | Path) -> list[str]:
+    """The safetensors files of a local folder whose header or size do not check out."""
+    damaged = []
+    for file in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            damaged.append(f"{file} ({e})")
+    return damaged
+
+
 def _explain_load_failure(what: str, source: str, error: Exception) -> str:
+    damaged = damaged_weight_files(source)
+    if damaged:
+        return (
+            f"could not load the {what} from {source!r}: damaged or truncated weights file "
+            f"{'; '.join(damaged)}. Download or copy it again"
+        )
     if os.path.exists(source):
         hint = "the local folder needs config.json, weights (safetensors) and tokenizer files"
     else:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftkit.errors import PeftkitError, RecipeError
+from peftkit.recipe import yaml_strict
 from peftkit.recipe.schema import Recipe
 
 # Names users bring from transformers/peft/other toolkits, mapped to ours.
@@ -44,7 +45,7 @@ def read_yaml(path: Path, what: str, error: type[PeftkitError]) -> Any:
     if not path.is_file():
         raise error(f"{what} file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml_strict.load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML: {e}") from e
 
@@ -85,14 +86,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise RecipeError(f"override {item!r}: {part!r} is not a section")
         node = child
     try:
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml_strict.load(value)
     except yaml.YAMLError as e:
         raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from e
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make relative local data paths absolute: the recipe's folder first, then the cwd."""
-    for source in [*recipe.data.train, *recipe.data.eval, *recipe.data.reference]:
+    for source in recipe.data.sources:
         p = Path(source.path).expanduser()
         if p.is_absolute():
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from peftkit.methods import AdapterSpec
 from peftkit.recipe.section import Section
@@ -35,6 +35,7 @@ class ModelSpec(Section):
     (SmolLM2-135M-Instruct, the quickstart's) or `builtin:tiny-llama` (a 3M toy for fast tests)."""
     gguf_file: str | None = None
     """A GGUF file inside the folder or hub repository `name` (e.g. `model-Q4_K_M.gguf`)."""
+
     revision: str | None = None
     """Hub branch, tag or commit to pin."""
     tokenizer: str | None = None
@@ -44,8 +45,19 @@ class ModelSpec(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     quantization: QuantizationSpec | None = None
     """Load the base quantized with bitsandbytes (null = full precision)."""
-    trust_remote_code: bool = False
-    """Run Python code shipped with the model. Only for sources you trust."""
+    trust_remote_code: StrictBool = False
+    """Run Python code shipped with the model. Only for sources you trust. `true` or `false` only
+    (no 'yes', no YAML 1.1 `on`): a security switch is never turned on by a guess."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_builtin(cls, name: str) -> str:
+        from peftkit.models.builtin import unknown_builtin
+
+        problem = unknown_builtin(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
     @model_validator(mode="after")
     def _gguf_rules(self) -> ModelSpec:
@@ -146,6 +158,11 @@ class DataSpec(Section):
     _coerce = field_validator("train", "eval", "reference", mode="before")(
         lambda cls, v: _as_list(v)
     )
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """Every source the run reads: train, eval and reference."""
+        return [*self.train, *self.eval, *self.reference]
 
     @property
     def train_tasks(self) -> list[str]:
@@ -298,8 +315,9 @@ class TrainSpec(Section):
 class OutputSpec(Section):
     dir: str = "runs/{name}"
     """Run directory; `{name}` is replaced by the recipe name."""
-    overwrite: bool = False
-    """Replace an existing run directory instead of refusing to start."""
+    overwrite: StrictBool = False
+    """Replace an existing run directory (a previous run only) instead of refusing to start.
+    `true` or `false` only: what deletes is never turned on by a guess."""
     save_best: bool = True
     """Keep the adapter with the best eval loss in `best/` as well as the final one."""
     plot: bool = True
@@ -361,6 +379,15 @@ class ExportSpec(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """safetensors only: the dtype of the weights."""
     max_shard_size: str = "5GB"
+    """Largest weights file, a number and a unit: 500MB, 5GB, 2GiB."""
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+\s*[KMG]i?B", value.strip()):
+            raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 2GiB")
+        return value.strip()
+
     merge_base: Literal["auto", "original", "dequantized"] = "auto"
     """For QLoRA: merge into the original 16-bit weights, into the dequantized NF4 weights training
     saw, or measure both and keep the closer (auto)."""

@@ -118,7 +118,10 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
     async def chat_completions(request: Request):
         req = _parse(p.ChatRequest, await _read_json(request, limits.max_body_bytes))
         adapter = resolve(req.model)
-        ids = adapters.encode(req.chat(), adapter)
+        try:
+            ids = _nonempty(adapters.encode(req.chat(), adapter), "messages")
+        except ValueError as e:  # a client error (an image part, ...), not a server one
+            raise p.ApiError(400, str(e), "invalid_request_error") from None
         opts = options(req, len(ids))
         rid = p.new_id("chatcmpl")
         if req.stream:
@@ -133,10 +136,9 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
         req = _parse(p.CompletionRequest, await _read_json(request, limits.max_body_bytes))
         adapter = resolve(req.model)
         try:
-            prompts = req.prompts()
+            encoded = [_nonempty(adapters.encode(t, adapter), "prompt") for t in req.prompts()]
         except ValueError as e:
             raise p.ApiError(400, str(e), "invalid_request_error") from None
-        encoded = [adapters.encode(text, adapter) for text in prompts]
         opts = options(req, max(len(ids) for ids in encoded))
         rid = p.new_id("cmpl")
         if req.stream:
@@ -152,6 +154,13 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
         return p.completion_response(rid, req.model, list(results))
 
     return app
+
+
+def _nonempty(ids: list[int], field: str) -> list[int]:
+    """A prompt with no tokens has nothing to continue from (and would poison a batch)."""
+    if not ids:
+        raise ValueError(f"{field}: the prompt is empty")
+    return ids
 
 
 async def _read_json(request: Request, limit: int) -> Any:

@@ -98,6 +98,8 @@ class CompletionRequest(GenerationRequest):
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if not prompts:
             raise ValueError("prompt: empty list")
+        if any(not text for text in prompts):
+            raise ValueError("prompt: the prompt is empty")
         return prompts
 
 

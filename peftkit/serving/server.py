@@ -6,6 +6,7 @@ each holds an adapter (adapter_config.json, ...) or is a peftkit run directory (
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -27,9 +28,17 @@ def adapters_in(directory: str | Path) -> dict[str, Path]:
     found = {}
     for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
-            resolve_adapter_dir(sub)
-        except ServingError:
+            adapter = resolve_adapter_dir(sub)
+        except ServingError as e:
+            log.warning("skipping %s: %s", sub, e)
             continue
+        try:
+            json.loads((adapter / "adapter_config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ServingError(
+                f"{adapter / 'adapter_config.json'} is damaged (not JSON: {e}); repair or remove "
+                f"the folder {sub}"
+            ) from None
         if not NAME_PATTERN.match(sub.name):
             raise ServingError(
                 f"{sub}: folder names are the served model names; use letters, digits, '.', '_', '-'"

@@ -9,23 +9,38 @@ from peftkit.training.run_dir import RunDir
 
 
 def last_checkpoint_note(run: RunDir) -> str:
-    found = ckpt.complete_checkpoints(run.checkpoints)
-    if found:
+    saved, _ = ckpt.newest_intact(run.checkpoints)
+    if saved is not None:
         return (
-            f"The last good checkpoint is {found[-1]}; fix the cause, then continue with --resume."
+            f"The last good checkpoint is {saved.path}; fix the cause, then continue with --resume."
         )
     return "No checkpoint had been written yet (set train.save_every to keep progress)."
 
 
-def non_finite_loss(
-    loss: float, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
+def non_finite_step(
+    what: str, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
 ) -> str:
+    """`what` (the loss or the gradients) became NaN/inf at step `step + 1`, which was not applied."""
     origins = [row.origin for rows in micro_batches for row in rows][:4]
     return (
-        f"loss became {loss} at step {step + 1}; that step was not applied. "
-        f"{last_checkpoint_note(run)}\n  Try: a lower train.lr (now {recipe.train.lr}), "
-        f"train.max_grad_norm (now {recipe.train.max_grad_norm}), bf16 instead of fp16, "
-        f"and check the rows of that step: {', '.join(origins)}"
+        f"{what} at step {step + 1}; that step was not applied. {last_checkpoint_note(run)}\n"
+        f"  {_try(recipe)}, and check the rows of that step: {', '.join(origins)}"
+    )
+
+
+def non_finite_weights(names: list[str], recipe: Recipe, step: int, run: RunDir) -> str:
+    return (
+        f"the weights after step {step} hold NaN or inf ({', '.join(names)}); no checkpoint was "
+        f"saved for it. {last_checkpoint_note(run)}\n  {_try(recipe)}"
+    )
+
+
+def _try(recipe: Recipe) -> str:
+    """The settings that tame divergence; each may be changed on --resume."""
+    t = recipe.train
+    return (
+        f"Try: a lower train.lr (now {t.lr}), train.max_grad_norm (now {t.max_grad_norm}), "
+        f"a longer warmup (train.warmup_steps), bf16 instead of fp16"
     )
 
 

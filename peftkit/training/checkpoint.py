@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.training.run_dir import atomic_write_json
 
 
@@ -34,6 +35,8 @@ class TrainerState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     train_seconds: float = 0.0
+    largest_micro_batch_tokens: int = 0
+    """Tokens (padding included) of the largest micro-batch so far: what sizes the activations."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,6 +59,36 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """Names of trainable parameters holding NaN or inf (the first few)."""
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all())
+    ]
+    return bad[:3]
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder whose files cannot be read back (truncated, garbage, non-finite)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"checkpoint {path} is damaged: {reason}")
+        self.path, self.reason = path, reason
+
+
+@dataclass
+class SavedCheckpoint:
+    """Everything a checkpoint holds, read and checked, not yet applied to the model."""
+
+    path: Path
+    state: TrainerState
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any] | None
+
+
 def save_checkpoint(
     checkpoints: Path,
     accelerator: Accelerator,
@@ -66,66 +99,153 @@ def save_checkpoint(
     rng: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write a checkpoint of the state after `state.step` steps; `rng` is the RNG state at that point."""
+    """Write a checkpoint of the state after `state.step` steps; `rng` is the RNG state at that point.
+
+    Written into a hidden folder and renamed into place; a write that fails (a full disk) removes
+    the hidden folder and raises `TrainingStopped`, leaving the earlier checkpoints as they were.
+    """
     target = checkpoints / f"step-{state.step:07d}"
     tmp = checkpoints / f".step-{state.step:07d}.tmp"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file(
+                trainable_state(accelerator.unwrap_model(model)),
+                str(tmp / "trainable.safetensors"),
+            )
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(tmp / "state.json", asdict(state))
+    except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+        raise TrainingStopped(
+            f"could not write the checkpoint of step {state.step} to {checkpoints}: "
+            f"{str(e).splitlines()[0]}; nothing half-written was left. Free space, then continue "
+            "with --resume"
+        ) from e
     if accelerator.is_main_process:
-        save_file(
-            trainable_state(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors")
-        )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(tmp / "state.json", asdict(state))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.replace(target)
-        for old in sorted(complete_checkpoints(checkpoints))[:-keep_last]:
-            shutil.rmtree(old)
+        _replace(tmp, target)
+        for old in complete_checkpoints(checkpoints)[:-keep_last]:
+            remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return target
 
 
+def _replace(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing `target` is moved aside first, then removed."""
+    if target.exists():
+        remove_checkpoint(target)
+    new.replace(target)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint atomically: renamed out of sight in one step, then removed."""
+    doomed = path.with_name(f".{path.name}.pruning")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.replace(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_leftovers(checkpoints: Path) -> None:
+    """Remove what an interrupted save or prune left behind (hidden .tmp / .pruning folders)."""
+    for leftover in [*checkpoints.glob(".step-*.tmp"), *checkpoints.glob(".step-*.pruning")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Checkpoint folders whose last file (state.json) was written, oldest first."""
     if not checkpoints.is_dir():
         return []
     return sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").exists())
 
 
-def saved_step(path: Path) -> int:
-    """The step a complete checkpoint was written at."""
-    return int(json.loads((path / "state.json").read_text())["step"])
+def read_checkpoint(path: Path, process_index: int = 0) -> SavedCheckpoint:
+    """Read and check every file of a checkpoint; raises `DamagedCheckpoint` saying which is bad."""
+
+    def read(name: str, load: Any) -> Any:
+        try:
+            return load(path / name)
+        except FileNotFoundError:
+            raise DamagedCheckpoint(path, f"{name} is missing") from None
+        except Exception as e:  # truncated or garbage: each library raises its own kind
+            raise DamagedCheckpoint(path, f"{name} cannot be read ({type(e).__name__})") from e
+
+    def tensors(file: Path) -> Any:
+        return torch.load(file, weights_only=True)
+
+    raw = read("state.json", lambda f: json.loads(f.read_text()))
+    try:
+        state = TrainerState(**raw)
+        int(state.step)
+    except (TypeError, ValueError):
+        raise DamagedCheckpoint(path, "state.json does not hold a trainer state") from None
+    weights = read("trainable.safetensors", lambda f: load_file(str(f)))
+    bad = [n for n, t in weights.items() if not bool(torch.isfinite(t).all())][:3]
+    if bad:
+        raise DamagedCheckpoint(path, f"trainable.safetensors holds NaN or inf ({', '.join(bad)})")
+    optimizer = read("optimizer.pt", tensors)
+    scheduler = read("scheduler.pt", tensors)
+    rng_file = f"rng-{process_index}.pt"
+    rng = read(rng_file, tensors) if (path / rng_file).exists() else None
+    return SavedCheckpoint(path, state, weights, optimizer, scheduler, rng)
 
 
-def load_checkpoint(
-    path: Path,
+def newest_intact(
+    checkpoints: Path, process_index: int = 0
+) -> tuple[SavedCheckpoint | None, list[DamagedCheckpoint]]:
+    """The newest checkpoint that reads back whole, and the damaged ones newer than it."""
+    damaged = []
+    for path in reversed(complete_checkpoints(checkpoints)):
+        try:
+            return read_checkpoint(path, process_index), damaged
+        except DamagedCheckpoint as e:
+            damaged.append(e)
+    return None, damaged
+
+
+def set_aside(path: Path, main: bool) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never resumed from)."""
+    aside = path.with_name(f"damaged-{path.name}")
+    if main:
+        shutil.rmtree(aside, ignore_errors=True)
+        path.replace(aside)
+    return aside
+
+
+def apply_checkpoint(
+    saved: SavedCheckpoint,
     accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
 ) -> TrainerState:
-    """Restore everything `save_checkpoint` wrote; returns the trainer state."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    """Restore what `read_checkpoint` read into the model, optimizer, scheduler and RNG."""
     unwrapped = accelerator.unwrap_model(model)
     expected = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]
-        raise ValueError(
-            f"checkpoint {path} does not match the model (missing {missing}, unexpected {extra})"
+    if set(saved.weights) != expected:
+        missing = sorted(expected - set(saved.weights))[:3]
+        extra = sorted(set(saved.weights) - expected)[:3]
+        raise RunDirError(
+            f"checkpoint {saved.path} does not match the model (missing {missing}, unexpected {extra})"
         )
     params = dict(unwrapped.named_parameters())
     with torch.no_grad():
-        for name, value in weights.items():
+        for name, value in saved.weights.items():
             params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / f"rng-{accelerator.process_index}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return TrainerState(**json.loads((path / "state.json").read_text()))
+    # The recipe's lr (and schedule) now, which a resume may change: the saved state holds the old.
+    recipe_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved.optimizer)
+    schedule = saved.scheduler
+    lrs = [base * f(schedule["last_epoch"]) for base, f in zip(recipe_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**schedule, "base_lrs": recipe_lrs, "_last_lr": lrs})
+    for group, base, lr in zip(optimizer.param_groups, recipe_lrs, lrs):
+        group["initial_lr"], group["lr"] = base, lr
+    if saved.rng is not None:
+        set_rng_state(saved.rng)
+    return saved.state

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.training import advice
+from peftkit.training import advice, inputs
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import (
@@ -57,6 +56,7 @@ from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
+from peftkit.training.signals import StopRequest
 from peftkit.training.tasks import TaskLosses
 from peftkit.training.unfreeze import LayerSchedule
 
@@ -88,7 +88,12 @@ class FineTuneRun:
             **_compat.accelerator_kwargs(),
         )
         self.main = self.accelerator.is_main_process
-        self.run.check_can_start(self.resume, r.output.overwrite, self.recipe_dump)
+        input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
+        self.resume_changes = self.run.check_can_start(
+            self.resume, r.output.overwrite, self.recipe_dump, input_paths
+        )
+        for key, (before, now) in self.resume_changes.items():
+            self._print(f"resuming with {key} changed: {before} -> {now}")
         torch.manual_seed(r.train.seed)
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
@@ -105,6 +110,11 @@ class FineTuneRun:
             | ({self.tokenizer.eos_token_id} - {None})
         )
         self._print_audit()
+        self.input_prints = inputs.fingerprints(
+            r.data, self.tokenizer, self.data.chat_template.template
+        )
+        if self.resume:
+            inputs.check_unchanged(self.run, self.input_prints)
         self.answers = AnswerEval.for_run(r.eval, self.data.eval, self.tokenizer, self.stop_ids)
         self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
@@ -125,7 +135,9 @@ class FineTuneRun:
         )
         fresh = not self.run.path.exists()
         if self.main:
-            self.run.begin(self.resume, r.output.overwrite, self.recipe_dump)
+            self.run.begin(self.resume, r.output.overwrite, self.recipe_dump, self.resume_changes)
+            if not self.resume:
+                inputs.record(self.run, self.input_prints)
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
@@ -174,20 +186,29 @@ class FineTuneRun:
         self.state = ckpt.TrainerState()
         resumed_from = None
         if self.resume:
-            found = ckpt.complete_checkpoints(self.run.checkpoints)
-            if found:
-                resumed_from = found[-1]
-                # The checkpoint holds the weights trainable at its step: unfreeze as far first.
-                self.layers.set_step(ckpt.saved_step(resumed_from))
-                self.state = ckpt.load_checkpoint(
-                    resumed_from, self.accelerator, self.model, self.optimizer, self.scheduler
-                )
-                self._print(f"resuming from {resumed_from} (step {self.state.step})")
-            else:
+            if self.main:
+                ckpt.clean_leftovers(self.run.checkpoints)
+            saved, damaged = ckpt.newest_intact(
+                self.run.checkpoints, self.accelerator.process_index
+            )
+            for bad in damaged:
+                self._print(f"warning: {bad}; set aside as {ckpt.set_aside(bad.path, self.main)}")
+            if saved is None:
                 raise RunDirError(
-                    f"--resume: {self.run.path} has no complete checkpoint to resume from "
-                    "(checkpoints are written every train.save_every steps)"
+                    f"--resume: {self.run.path} has no intact checkpoint to resume from "
+                    + (
+                        "(" + "; ".join(str(bad) for bad in damaged) + ")"
+                        if damaged
+                        else "(checkpoints are written every train.save_every steps)"
+                    )
                 )
+            resumed_from = saved.path
+            # The checkpoint holds the weights trainable at its step: unfreeze as far first.
+            self.layers.set_step(saved.state.step)
+            self.state = ckpt.apply_checkpoint(
+                saved, self.accelerator, self.model, self.optimizer, self.scheduler
+            )
+            self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
             self.run.metrics, self.main, self.state.step if resumed_from else None
         )
@@ -205,7 +226,6 @@ class FineTuneRun:
             and not method.virtual_tokens
             and accepts_logits_to_keep(model)
         )
-        self.largest_micro_batch = 0  # tokens incl. padding: what sizes the activations
         self.varlen = self.packing and attn == "sdpa"
         # On CPU under bf16, round packed lengths up to few distinct shapes (see collate_packed).
         self.pack_multiple = pack_multiple(self.precision, torch.cuda.is_available())
@@ -260,6 +280,8 @@ class FineTuneRun:
         order_epoch, order = -1, None
         started = time.perf_counter() - self.state.train_seconds
         self.stop_reason = "completed"
+        self._updated_uncounted = False  # between optimizer.step() and the step count's increment
+        self._saved_step: int | None = None
         rng_at_step_start = ckpt.rng_state()
         # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
         if self.state.step == 0 and (
@@ -268,7 +290,7 @@ class FineTuneRun:
             or (self.data.eval and r.train.eval_every is not None)
         ):
             self._log_evaluation(self.evaluate() if self.data.eval else None)
-        with _sigterm_as_interrupt():
+        with StopRequest() as stop:
             try:
                 while self.state.step < self.total_steps:
                     epoch, step_in_epoch = divmod(self.state.step, self.plan.steps_per_epoch)
@@ -284,6 +306,7 @@ class FineTuneRun:
                         rows, epoch + step_in_epoch / self.plan.steps_per_epoch
                     )
                     self.state.step += 1
+                    self._updated_uncounted = False
                     self._unfreeze_for_next_step(record)
                     rng_at_step_start = (
                         ckpt.rng_state()
@@ -319,9 +342,17 @@ class FineTuneRun:
                         )
                         extra = {"eval_loss": self.last_eval[1]} if evaluated else {}
                         self.on_step(self.state.step, {**record, **extra})
+                    if stop.requested(acc):  # a step boundary: the one place a signal acts
+                        raise TrainingStopped(self._stop_at_boundary(stop.signal_name))
             except KeyboardInterrupt:
                 bar.close()
+                if self._updated_uncounted:  # weights of step N+1, counters of step N: unsaveable
+                    raise TrainingStopped(
+                        f"interrupted inside step {self.state.step + 1}, after its update; no "
+                        f"checkpoint saved. {advice.last_checkpoint_note(self.run)}"
+                    ) from None
                 if self.state.step > 0:
+                    self.optimizer.zero_grad(set_to_none=True)
                     # A step cut short was not applied: save the state at the last step boundary.
                     path = self._save_checkpoint(rng_at_step_start)
                     raise TrainingStopped(
@@ -342,8 +373,8 @@ class FineTuneRun:
     ) -> dict[str, Any]:
         acc, r = self.accelerator, self.recipe
         batches = [self._collate(rows) for rows in micro_batches]
-        self.largest_micro_batch = max(
-            self.largest_micro_batch, *(b["input_ids"].numel() for b in batches)
+        self.state.largest_micro_batch_tokens = max(
+            self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
         )
         local = torch.tensor(
             [
@@ -371,12 +402,24 @@ class FineTuneRun:
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
-                advice.non_finite_loss(loss, self.recipe, self.state.step, self.run, micro_batches)
+                advice.non_finite_step(
+                    f"loss became {loss}", self.recipe, self.state.step, self.run, micro_batches
+                )
             )
-        grad_norm = None
-        if r.train.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm))
+        grad_norm = self._grad_norm()
+        if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(
+                advice.non_finite_step(
+                    f"the gradients became non-finite (norm {grad_norm})",
+                    self.recipe,
+                    self.state.step,
+                    self.run,
+                    micro_batches,
+                )
+            )
         lr = self.scheduler.get_last_lr()[0]
+        self._updated_uncounted = True
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -392,11 +435,29 @@ class FineTuneRun:
             "tokens": n_tokens,
             "supervised_tokens": n_supervised,
         }
-        if grad_norm is not None:
+        if r.train.max_grad_norm is not None:
             record["grad_norm"] = grad_norm
         if self.task_losses is not None:
             record.update(self.task_losses.take(acc, "loss"))
         return record
+
+    def _stop_at_boundary(self, signal_name: str | None) -> str:
+        """Checkpoint the step just completed (unless saved already); the message to stop with."""
+        path = self.run.checkpoints / f"step-{self.state.step:07d}"
+        if self._saved_step != self.state.step:
+            path = self._save_checkpoint(ckpt.rng_state())
+        return (
+            f"interrupted ({signal_name or 'stop signal'}) at step {self.state.step}; checkpoint "
+            f"saved to {path}. Continue with --resume."
+        )
+
+    def _grad_norm(self) -> float:
+        """The gradients' total norm, clipped to train.max_grad_norm if set (before the step)."""
+        max_norm = self.recipe.train.max_grad_norm
+        if max_norm is not None:
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0  # one sync, no clipping
 
     def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
         """Gradual unfreezing: at a stage boundary the next group(s) train from the next step on
@@ -549,6 +610,12 @@ class FineTuneRun:
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, rng: dict[str, Any]):
+        bad = ckpt.non_finite_weights(self.accelerator.unwrap_model(self.model))
+        if bad:  # never save (nor later announce) a checkpoint one cannot continue from
+            raise TrainingStopped(
+                advice.non_finite_weights(bad, self.recipe, self.state.step, self.run)
+            )
+        self._saved_step = self.state.step
         return ckpt.save_checkpoint(
             self.run.checkpoints,
             self.accelerator,
@@ -594,21 +661,3 @@ class FineTuneRun:
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(text)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (schedulers' pre-emption signal) like Ctrl-C, so a checkpoint is saved."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

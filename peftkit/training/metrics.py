@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from peftkit.training.run_dir import atomic_write_text
+
 
 class MetricsLog:
     """Appends metric records to a JSONL file (main process only) and keeps them for the plot."""
@@ -23,12 +25,21 @@ class MetricsLog:
                 path.unlink()
             else:
                 # Records after the checkpoint belong to steps that are about to be redone.
-                kept = [r for r in self._read() if r["step"] <= resume_from_step]
-                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                kept = [r for r in self._read() if r.get("step", 0) <= resume_from_step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
                 self.records = kept
 
     def _read(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """The records; a line a kill cut short (or garbage) is dropped, not fatal."""
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -48,7 +48,7 @@ def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
         "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "largest_micro_batch_tokens": run.largest_micro_batch,
+        "largest_micro_batch_tokens": run.state.largest_micro_batch_tokens,
         "trainable_params": run.params["trainable"],
         "total_params": run.params["total"],
         "first_train_loss": train_losses[0][1] if train_losses else None,

@@ -73,3 +73,23 @@ def alone_greedy(adapter_dir: Path | None, prompt: str, max_new_tokens: int = 24
     return tokenizer.decode(
         [t for t in out[0, ids.shape[1] :].tolist() if t not in stops], skip_special_tokens=True
     )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished 2-step LoRA run with a checkpoint per step, beside its data (train.jsonl) and
+    recipe (r.yaml); read-only for the tests that use it."""
+    from peftkit.cli import main
+    from tests.conftest import chat_rows, write_jsonl, write_recipe
+
+    root = tmp_path_factory.mktemp("finished")
+    data = write_jsonl(root / "train.jsonl", chat_rows(24))
+    recipe = write_recipe(
+        root / "r.yaml",
+        tiny_model,
+        data,
+        train={"max_steps": 2, "save_every": 1},
+        export={"samples": 2, "generate_tokens": 4},
+    )
+    assert main(["train", str(recipe)]) == 0
+    return root / "run"

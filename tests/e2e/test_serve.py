@@ -155,11 +155,22 @@ def test_seeded_sampling_is_reproducible_under_concurrency(server):
         (chat_body("sort", "hi", n=2), 400, "only n=1"),
         ({"model": "sort", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
         (b"{not json", 400, "not valid JSON"),
+        (
+            chat_body("sort", [{"type": "image_url", "image_url": {"url": "x"}}]),
+            400,
+            "content part type 'image_url' is not supported",
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors(server, body, status, needle):
     got, _, text = call(server.url, "/v1/chat/completions", body)
     assert got == status and needle in json.loads(text)["error"]["message"], text
+
+
+def test_an_empty_prompt_is_a_client_error_even_among_others(server):
+    body = {"model": "sort", "prompt": ["Sort: 3, 1", ""], "max_tokens": 4, "temperature": 0}
+    got, _, text = call(server.url, "/v1/completions", body)
+    assert got == 400 and "prompt: the prompt is empty" in json.loads(text)["error"]["message"]
 
 
 def test_server_is_healthy_after_everything(server, alone):

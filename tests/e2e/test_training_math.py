@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from peftkit import api
 from peftkit.cli import main
@@ -146,6 +148,37 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model)
     assert _losses(tmp_path / "int") == reference
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_optimizer_step_is_acted_on_at_the_step_boundary(
+    tmp_path, tiny_model, signum
+):
+    """The signal lands inside step 3's optimizer.step(): step 3 completes and is checkpointed as
+    step 3, and the resumed run equals an uninterrupted one bit for bit."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10, seed=1))
+    api.train(_resumable_recipe(tmp_path, tiny_model, data, "ref"))
+    steps = []
+
+    def signal_mid_step(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signum)  # the handler runs here, inside optimizer.step()
+
+    recipe = _resumable_recipe(tmp_path, tiny_model, data, "sig")
+    hook = register_optimizer_step_post_hook(signal_mid_step)
+    try:
+        with pytest.raises(TrainingStopped, match=r"interrupted \(SIG\w+\) at step 3"):
+            api.train(recipe)
+    finally:
+        hook.remove()
+    assert sorted(p.name for p in (tmp_path / "sig" / "checkpoints").glob("step-*")) == [
+        "step-0000002",
+        "step-0000003",
+    ]
+    api.train(recipe, resume=True)
+    assert _losses(tmp_path / "sig") == _losses(tmp_path / "ref")
+    _assert_same_adapter(_adapter(tmp_path / "ref"), _adapter(tmp_path / "sig"), tol=0)
+
+
 def test_resume_refuses_a_changed_recipe_and_a_missing_run(tmp_path, tiny_model, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10, seed=1))
     recipe = _resumable_recipe(tmp_path, tiny_model, data, "run1", max_steps=2)
@@ -153,8 +186,8 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_run(tmp_path, tiny_model,
     assert "no run to resume" in capsys.readouterr().err
     assert main(["train", str(recipe)]) == 0
     assert (tmp_path / "run1" / "checkpoints" / "step-0000002").is_dir()
-    assert main(["train", str(recipe), "train.lr=0.5", "--resume"]) == 2
-    assert "train.lr" in capsys.readouterr().err
+    assert main(["train", str(recipe), "train.weight_decay=0.5", "--resume"]) == 2
+    assert "train.weight_decay" in capsys.readouterr().err
     # Changing only the length of the run is allowed: it extends the run.
     assert main(["train", str(recipe), "train.max_steps=4", "--resume"]) == 0
     assert sorted(_losses(tmp_path / "run1")) == [1, 2, 3, 4]

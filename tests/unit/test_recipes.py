@@ -129,3 +129,42 @@ def test_validate_prints_the_resolved_recipe_and_notes(capsys):
     assert "fp16 needs a GPU" in err and "is valid" in err
     assert main(["validate", str(path), "train.lr=-1"]) == 2
     assert "train.lr: Input should be greater than 0" in capsys.readouterr().err
+
+
+MINIMAL = "model:\n  name: m\n  {switch}\nadapter:\n  method: lora\ndata:\n  train: d.jsonl\n"
+
+
+@pytest.mark.parametrize("value", ["'yes'", "yes", "on", "On", "'true'", "1", "y"])
+@pytest.mark.parametrize(
+    ("section", "key"), [("model", "trust_remote_code"), ("output", "overwrite")]
+)
+def test_security_switches_take_real_booleans_only(tmp_path, section, key, value):
+    path = tmp_path / "r.yaml"
+    text = MINIMAL.format(switch="") + f"{section}:\n  {key}: {value}\n"
+    if section == "model":
+        text = MINIMAL.format(switch=f"{key}: {value}")
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=rf"{section}\.{key}: Input should be a valid boolean"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=rf"{section}\.{key}: Input should be a valid boolean"):
+        load_recipe(tmp_path / "r.yaml", [f"{section}.{key}={value}"])
+
+
+def test_security_switches_accept_true_and_false(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL.format(switch="trust_remote_code: true"))
+    assert load_recipe(path).model.trust_remote_code is True
+    assert load_recipe(path, ["model.trust_remote_code=false"]).model.trust_remote_code is False
+
+
+def test_yaml_1_1_booleans_stay_strings(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL.format(switch="") + "name: on\n")
+    assert load_recipe(path).name == "on"
+
+
+def test_duplicate_keys_are_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL.format(switch="") + "train:\n  lr: 1e-4\n  epochs: 2\n  lr: 1e-3\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: .*'lr' is given twice .*lines 9 and 11"):
+        load_recipe(path)

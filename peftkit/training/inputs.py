@@ -1,0 +1,89 @@
+"""Fingerprints of what a run reads besides its recipe: data files, tokenizer, chat template.
+
+The recipe names a data file by path; `--resume` must also notice when the file behind the path
+changed (it would continue silently on other data). The fingerprints are recorded in the run at
+its start (RUN/inputs.json) and compared on every resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.adapters.manifest import chat_template_fingerprint, tokenizer_fingerprint
+from peftkit.errors import RunDirError
+from peftkit.recipe.schema import DataSpec
+from peftkit.training.run_dir import RunDir, atomic_write_json
+
+
+def _file_sha(path: Path, digest: Any = None) -> Any:
+    digest = digest or hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def _source_sha(path: Path) -> str | None:
+    """sha256 of a local data file, or of every file (with its name) of a local data folder."""
+    if path.is_file():
+        return _file_sha(path).hexdigest()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+            _file_sha(f, digest)
+        return digest.hexdigest()
+    return None  # a hub dataset: its name and revision are in the recipe
+
+
+def fingerprints(
+    data: DataSpec, tokenizer: PreTrainedTokenizerBase, chat_template: str | None
+) -> dict[str, str | None]:
+    """{what: fingerprint} of every local data source, the tokenizer and the chat template."""
+    out: dict[str, str | None] = {
+        f"data file {s.path}": _source_sha(Path(s.path)) for s in data.sources
+    }
+    out["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    out["chat template"] = chat_template_fingerprint(chat_template)
+    return out
+
+
+def record(run: RunDir, prints: dict[str, str | None]) -> None:
+    atomic_write_json(run.inputs, prints)
+
+
+def check_unchanged(run: RunDir, prints: dict[str, str | None]) -> None:
+    """Refuse a resume whose inputs differ from those the run started with, naming each one."""
+    if not run.inputs.is_file():
+        return  # a run made before inputs were recorded: nothing to compare with
+    try:
+        saved = json.loads(run.inputs.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDirError(
+            f"--resume: {run.inputs} is damaged ({e}); cannot check the inputs"
+        ) from e
+    changed = [
+        what for what in sorted(set(saved) | set(prints)) if saved.get(what) != prints.get(what)
+    ]
+    if changed:
+        raise RunDirError(
+            f"--resume: what {run.path} was trained on has changed since: "
+            + "; ".join(_describe(what, saved, prints) for what in changed)
+            + ". Resuming would not continue the same run: restore them, or train into a new "
+            "output.dir"
+        )
+
+
+def _describe(what: str, saved: dict, now: dict) -> str:
+    if what not in saved:
+        return f"{what} is new"
+    if what not in now:
+        return f"{what} is no longer used"
+    if now[what] is None:
+        return f"{what} is gone"
+    return f"{what} has other contents"
