@@ -171,6 +171,12 @@ def trl_sft(
         mean_len = sum(len(r.input_ids) for r in rows) / len(rows)
         bins = max(1, round(HP["micro_batch_size"] * mean_len / HP["max_length"]))
         extra["per_device_train_batch_size"] = bins
+    if not torch.cuda.is_available():
+        # SFTConfig turns bf16 on by default; on a CPU without native bf16 instructions that is
+        # emulated and several times slower, so TRL gets the precision peftkit's auto picks.
+        from peftkit.training.precision import cpu_has_fast_bf16
+
+        extra["bf16"] = cpu_has_fast_bf16()
     args = SFTConfig(**{**_hf_args(out, steps), **extra})
     model = AutoModelForCausalLM.from_pretrained(str(workdir / "model"))
     trainer = SFTTrainer(

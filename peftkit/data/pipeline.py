@@ -47,7 +47,8 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
     reference: list[EncodedRow] = []
     if spec.reference:
         # Language-modelling loss on every token, whatever data.loss_on says for the task.
-        examples = _read_examples(spec.reference, spec.system_prompt, lambda s: "reference")
+        # ... and as written: the task's system prompt is no part of what the base should keep.
+        examples = _read_examples(spec.reference, None, lambda s: "reference")
         reference, ref_audit = _encode_split(
             "reference", examples[: spec.max_reference_rows], Encoder(tokenizer, "all"), spec
         )

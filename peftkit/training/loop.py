@@ -278,7 +278,6 @@ class FineTuneRun:
             mininterval=0.2 if sys.stderr.isatty() else 30,
         )
         order_epoch, order = -1, None
-        started = time.perf_counter() - self.state.train_seconds
         self.stop_reason = "completed"
         self._updated_uncounted = False  # between optimizer.step() and the step count's increment
         self._saved_step: int | None = None
@@ -302,16 +301,18 @@ class FineTuneRun:
                             order, step_in_epoch, acc.process_index, self.lengths
                         )
                     ]
+                    started = time.perf_counter()
                     record = self._optimizer_step(
                         rows, epoch + step_in_epoch / self.plan.steps_per_epoch
                     )
+                    # training time only: evaluations and checkpoints do not dilute tokens/s
+                    self.state.train_seconds += time.perf_counter() - started
                     self.state.step += 1
                     self._updated_uncounted = False
                     self._unfreeze_for_next_step(record)
                     rng_at_step_start = (
                         ckpt.rng_state()
                     )  # the boundary a checkpoint would resume from
-                    self.state.train_seconds = time.perf_counter() - started
                     record["tokens_per_s"] = round(
                         self.state.tokens_seen / max(self.state.train_seconds, 1e-9), 1
                     )

@@ -9,7 +9,8 @@ in varied word order and wording; the assistant answers with exactly
 
     {"name": "Priya Natarajan", "item": "desk lamp", "quantity": 3, "city": "Leeds", "day": "Friday"}
 
-The system turn names the five keys, so a base model has a fair chance; SmolLM2-135M-Instruct
+The instruction (recipes/quickstart.yaml `data.system_prompt`, the system turn of every row, also
+at inference) names the five keys, so a base model has a fair chance; SmolLM2-135M-Instruct
 still gets almost no row exactly right (it renames keys, quotes numbers, adds prose). The eval
 split uses names and cities that never occur in training, so the metric measures extraction,
 not memorisation. Seeded and deterministic.
@@ -23,10 +24,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SYSTEM = (
-    "Extract the order as one JSON object with the keys name, item, quantity (a number), "
-    "city and day. Answer with the JSON only."
-)
 FIRST = (
     "Priya Maria James Aiko Omar Lena Carlos Fatima Noah Ingrid Kwame Sofia Mateo Hannah Ravi "
     "Elena Tom Yusuf Chloe Diego Mei Lars Amara Jonas Nadia Pedro Zara Felix Alice Hugo Leila "
@@ -77,7 +74,6 @@ def order(rng: random.Random, firsts: list[str], lasts: list[str], cities: list[
     text = rng.choice(TEMPLATES).format(**fields, items=plural(fields["item"], fields["quantity"]))
     return {
         "messages": [
-            {"role": "system", "content": SYSTEM},
             {"role": "user", "content": text},
             {"role": "assistant", "content": json.dumps(fields)},
         ]
