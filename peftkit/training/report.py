@@ -144,7 +144,10 @@ def format_summary(
             f"{s['processes']} process{'es' if s['processes'] > 1 else ''}); {s['stop_reason']}",
         ),
         ("tokens", f"{s['tokens']:,} real (non-pad), {s['supervised_tokens']:,} with loss"),
-        ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps"),
+        (
+            "throughput",
+            f"{s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps",
+        ),
         ("peak memory", f"{_mb(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
         ("train loss", loss_line(s["first_train_loss"], s["final_train_loss"])),
         (
