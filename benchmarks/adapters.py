@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/adapters.py                  # ~3 minutes on 2 CPU cores
     .venv/bin/python benchmarks/adapters.py --layers 32      # an 8B-like depth (more LoRA layers)
+    .venv/bin/python benchmarks/adapters.py --model builtin:smollm2-135m   # real weights (30 layers)
 
 Model: a Llama-architecture config with random weights, `--layers` deep (16 = Llama-3.2-1B's
 depth, so as many LoRA layers: 16 x 7 = 112) but narrow (hidden 256), with random LoRA adapters
@@ -162,6 +163,7 @@ def throughput(base_dir: Path, adapters: list[Path], args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--model", help="a real base instead (any recipe model name)")
     parser.add_argument("--max-adapters", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--requests", type=int, default=32)
@@ -173,8 +175,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.max_adapters]
     with tempfile.TemporaryDirectory() as tmp:
-        base_dir = Path(tmp) / "base"
-        build_base(base_dir, args.layers)
+        if args.model:
+            from peftkit.models.load import resolve_source
+
+            base_dir = Path(resolve_source(args.model))
+            args.layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
+        else:
+            base_dir = Path(tmp) / "base"
+            build_base(base_dir, args.layers)
         print(
             f"building {args.max_adapters} random LoRA adapters (r 16, all linear) ...", flush=True
         )
@@ -194,7 +202,7 @@ def main() -> None:
     }
     (out / "adapters.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"# Adapters per task ({device}, {args.layers} layers)",
+        f"# Adapters per task ({device}, {args.model or 'random weights'}, {args.layers} layers)",
         "",
         "| adapters loaded | peftkit activate (ms) | peft set_adapter (ms) |",
         "|---|---|---|",
