@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with a torch that fits this machine, then peftkit and its test tools.
 #   - a machine with an NVIDIA GPU: torch's default (CUDA) build from PyPI;
-#   - otherwise the CPU build: this workplace keeps one on disk (pip finds it as torch==2.13.0),
-#     elsewhere it comes from PyTorch's CPU index. An unpinned `pip install torch` on a CPU-only
+#   - otherwise the CPU build: a local torch 2.13.0 CPU wheel where the machine provides one,
+#     else PyTorch's CPU index. An unpinned `pip install torch` on a CPU-only
 #     Linux machine would download several GB of CUDA libraries it cannot use.
 # Set PEFTKIT_TORCH to a pip requirement (e.g. "torch==2.9.1") to choose yourself.
 set -euo pipefail

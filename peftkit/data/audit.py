@@ -72,3 +72,20 @@ def render_mask(row: EncodedRow, tokenizer: PreTrainedTokenizerBase, limit: int 
 
 def _wrap(text: str, supervised: bool | None) -> str:
     return f"⟦{text}⟧" if supervised else text
+
+
+def audit_lines(data, tokenizer: PreTrainedTokenizerBase, task_type: str, class_names) -> list[str]:
+    """The loss-mask audit printed before training: every split's counts, then for causal LMs the
+    chat template and stop tokens and the first row with its supervised tokens marked (for task
+    heads, the label set). `data` is a `PreparedData`."""
+    lines = ["data (loss-mask audit):"]
+    lines += ["  " + line for audit in data.audits for line in audit.lines()]
+    if task_type != "causal_lm":
+        classes = ", ".join(class_names) if class_names else "a number (regression)"
+        return [*lines, f"  task head: {task_type}; label = {classes}"]
+    return [
+        *lines,
+        f"  chat template: {data.chat_template.source}; turns end with: "
+        f"{', '.join(data.stop_tokens)}",
+        "  first row, supervised tokens in ⟦⟧: " + render_mask(data.train[0], tokenizer),
+    ]

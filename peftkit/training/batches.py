@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.training.loss import accepts_logits_to_keep
 
 if TYPE_CHECKING:
     from peftkit.methods.base import MethodSpec
@@ -125,3 +126,52 @@ def collate_packed(
         lengths = torch.tensor([0] + [len(r.input_ids) for r in rows])
         batch["cu_seq_lens_q"] = lengths.cumsum(0).to(torch.int32)
     return batch
+
+
+@dataclass
+class Batching:
+    """How a run's micro-batches are built and scored (chosen once at setup)."""
+
+    packing: bool
+    supervised_only: bool
+    varlen: bool
+    """Packed rows run through peftkit's per-row SDPA (`training/attention.py`)."""
+    pack_multiple: int
+    lengths: np.ndarray | None
+    """Row lengths for length grouping of padded batches (None: no grouping)."""
+
+    def describe(self) -> str:
+        return (
+            "batching: "
+            + ("padding-free packing" if self.packing else "padded")
+            + (", grouped by length" if self.lengths is not None else "")
+            + ("; logits at supervised positions only" if self.supervised_only else "")
+        )
+
+
+def choose_batching(
+    train: TrainSpec,
+    method: MethodSpec,
+    model: torch.nn.Module,
+    has_head: bool,
+    precision: str,
+    rows: list[EncodedRow],
+) -> Batching:
+    """Packing, length grouping and supervised-only logits, as far as the method and model allow
+    (a task head makes one prediction per row: nothing to pack or pick)."""
+    attn = getattr(model.config, "_attn_implementation", None)
+    packing = not has_head and resolve_packing(train, method, attn)
+    supervised_only = (
+        not has_head
+        and train.supervised_logits_only
+        and not method.virtual_tokens
+        and accepts_logits_to_keep(model)
+    )
+    lengths = (
+        None
+        if packing or not train.group_by_length
+        else np.array([len(row.input_ids) for row in rows])
+    )
+    # On CPU under bf16, packed lengths are rounded up to few distinct shapes (see collate_packed).
+    multiple = pack_multiple(precision, torch.cuda.is_available())
+    return Batching(packing, supervised_only, packing and attn == "sdpa", multiple, lengths)

@@ -90,3 +90,15 @@ def format_confusion(metrics: dict[str, Any]) -> list[str]:
     for name, row in zip(names, metrics["confusion_matrix"]):
         lines.append(f"{name[:width]:>{width}}  " + " ".join(f"{v:>{width}}" for v in row))
     return lines
+
+
+def head_metrics(
+    accelerator, predicted: torch.Tensor, true: torch.Tensor, class_names: list[str] | None
+) -> dict[str, Any]:
+    """Accuracy / F1 / confusion (classes) or MSE / MAE / Pearson (regression) over every
+    process's predictions."""
+    predicted, true = accelerator.gather_for_metrics((predicted, true))
+    predicted, true = predicted.float().cpu().numpy(), true.float().cpu().numpy()
+    if class_names is None:
+        return regression_metrics(predicted, true)
+    return classification_metrics(predicted.astype(int), true.astype(int), class_names)

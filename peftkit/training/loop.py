@@ -15,14 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.adapters.manifest import BaseIdentity, write_manifest
-from peftkit.data.audit import render_mask
+from peftkit.data.audit import audit_lines
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
@@ -34,23 +33,12 @@ from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
-from peftkit.training.batches import (
-    collate,
-    collate_packed,
-    pack_multiple,
-    resolve_packing,
-)
+from peftkit.training.batches import choose_batching, collate, collate_packed
 from peftkit.training.generated import AnswerEval
-from peftkit.training.heads import (
-    classification_metrics,
-    collate_labeled,
-    head_loss_sum,
-    head_outputs,
-    regression_metrics,
-)
-from peftkit.training.loss import accepts_logits_to_keep, causal_lm_loss_sum, supervised_tokens
+from peftkit.training.heads import collate_labeled, head_loss_sum, head_metrics, head_outputs
+from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog, plot_losses
-from peftkit.training.optim import build_optimizer, build_scheduler
+from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
@@ -109,7 +97,8 @@ class FineTuneRun:
             {self.tokenizer.convert_tokens_to_ids(t) for t in self.data.stop_tokens}
             | ({self.tokenizer.eos_token_id} - {None})
         )
-        self._print_audit()
+        for line in audit_lines(self.data, self.tokenizer, r.task.type, self.class_names):
+            self._print(line)
         self.input_prints = inputs.fingerprints(
             r.data, self.tokenizer, self.data.chat_template.template
         )
@@ -216,32 +205,19 @@ class FineTuneRun:
 
     def _choose_batching(self, model: torch.nn.Module) -> None:
         """Packing, length grouping and supervised-only logits, as far as the method allows."""
-        t, method = self.recipe.train, self.recipe.adapter
-        attn = getattr(model.config, "_attn_implementation", None)
-        head = self.recipe.task.has_head  # one prediction per row: nothing to pack or pick
-        self.packing = not head and resolve_packing(t, method, attn)
-        self.supervised_only = (
-            not head
-            and t.supervised_logits_only
-            and not method.virtual_tokens
-            and accepts_logits_to_keep(model)
+        b = choose_batching(
+            self.recipe.train,
+            self.recipe.adapter,
+            model,
+            self.recipe.task.has_head,
+            self.precision,
+            self.data.train,
         )
-        self.varlen = self.packing and attn == "sdpa"
-        # On CPU under bf16, round packed lengths up to few distinct shapes (see collate_packed).
-        self.pack_multiple = pack_multiple(self.precision, torch.cuda.is_available())
+        self.packing, self.supervised_only, self.varlen = b.packing, b.supervised_only, b.varlen
+        self.pack_multiple, self.lengths = b.pack_multiple, b.lengths
         if self.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
             set_attention(model, register_varlen_sdpa())
-        self.lengths = (
-            None
-            if self.packing or not t.group_by_length
-            else np.array([len(row.input_ids) for row in self.data.train])
-        )
-        self._print(
-            "batching: "
-            + ("padding-free packing" if self.packing else "padded")
-            + (", grouped by length" if self.lengths is not None else "")
-            + ("; logits at supervised positions only" if self.supervised_only else "")
-        )
+        self._print(b.describe())
 
     def _collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
         if self.recipe.task.has_head:
@@ -407,7 +383,7 @@ class FineTuneRun:
                     f"loss became {loss}", self.recipe, self.state.step, self.run, micro_batches
                 )
             )
-        grad_norm = self._grad_norm()
+        grad_norm = gradient_norm(self.accelerator, self.model, r.train.max_grad_norm)
         if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
@@ -452,14 +428,6 @@ class FineTuneRun:
             f"saved to {path}. Continue with --resume."
         )
 
-    def _grad_norm(self) -> float:
-        """The gradients' total norm, clipped to train.max_grad_norm if set (before the step)."""
-        max_norm = self.recipe.train.max_grad_norm
-        if max_norm is not None:
-            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
-        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else 0.0  # one sync, no clipping
-
     def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
         """Gradual unfreezing: at a stage boundary the next group(s) train from the next step on
         (set at the last step too, so the final checkpoint matches its step on an extension)."""
@@ -499,17 +467,11 @@ class FineTuneRun:
             totals[1] += supervised_tokens(batch["labels"])
         self.model.train()
         if predicted:
-            self.head_metrics = self._head_metrics(torch.cat(predicted), torch.cat(true))
+            self.head_metrics = head_metrics(
+                acc, torch.cat(predicted), torch.cat(true), self.class_names
+            )
         loss_sum, n = acc.reduce(totals, "sum").tolist()
         return loss_sum / max(n, 1)
-
-    def _head_metrics(self, predicted: torch.Tensor, true: torch.Tensor) -> dict[str, Any]:
-        predicted, true = self.accelerator.gather_for_metrics((predicted, true))
-        predicted, true = predicted.float().cpu().numpy(), true.float().cpu().numpy()
-        if self.class_names is None:
-            return regression_metrics(predicted, true)
-        names = self.class_names
-        return classification_metrics(predicted.astype(int), true.astype(int), names)
 
     def _evaluate_and_check_stop(self) -> bool:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""
@@ -578,13 +540,8 @@ class FineTuneRun:
         atomic_write_json(run.summary, summary)
         atomic_write_json(run.meta, run_metadata(self))
         if samples_after is not None and self.samples_before is not None:
-            atomic_write_json(
-                run.samples,
-                [
-                    {"prompt": p, "before": b, "after": a}
-                    for p, b, a in zip(r.output.sample_prompts, self.samples_before, samples_after)
-                ],
-            )
+            rows = zip(r.output.sample_prompts, self.samples_before, samples_after)
+            atomic_write_json(run.samples, [dict(prompt=p, before=b, after=a) for p, b, a in rows])
         if self.answers is not None:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
@@ -639,24 +596,6 @@ class FineTuneRun:
             self.stop_ids,
             self.recipe.output.sample_max_new_tokens,
             self.recipe.data.system_prompt,
-        )
-
-    def _print_audit(self) -> None:
-        self._print("data (loss-mask audit):")
-        for audit in self.data.audits:
-            for line in audit.lines():
-                self._print("  " + line)
-        if self.recipe.task.has_head:
-            classes = ", ".join(self.class_names) if self.class_names else "a number (regression)"
-            self._print(f"  task head: {self.recipe.task.type}; label = {classes}")
-            return
-        self._print(
-            f"  chat template: {self.data.chat_template.source}; turns end with: "
-            f"{', '.join(self.data.stop_tokens)}"
-        )
-        self._print(
-            "  first row, supervised tokens in ⟦⟧: "
-            + render_mask(self.data.train[0], self.tokenizer)
         )
 
     def _print(self, text: str) -> None:

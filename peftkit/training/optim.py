@@ -74,3 +74,11 @@ def build_scheduler(
         return floor + (1 - floor) * shape
 
     return LambdaLR(optimizer, factor)
+
+
+def gradient_norm(accelerator, model: nn.Module, max_norm: float | None) -> float:
+    """The gradients' total norm, clipped to `max_norm` if set (call before the step)."""
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0  # one sync, no clipping
