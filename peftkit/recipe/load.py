@@ -92,27 +92,23 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Make relative local data paths absolute: the recipe's folder first, then the cwd."""
+    """Make relative local paths absolute (data sources, a .gguf model file, a metric's .py
+    file): the recipe's folder first, then the cwd. Anything else (hub ids) stays as written."""
     for source in recipe.data.sources:
-        p = Path(source.path).expanduser()
-        if p.is_absolute():
-            continue
-        for candidate in (base / p, Path.cwd() / p):
-            if candidate.exists():
-                source.path = str(candidate.resolve())
-                break
-    recipe.model.name = _resolve_local(recipe.model.name, base, lambda p: p.suffix == ".gguf")
+        source.path = _resolve_local(source.path, base)
+    if recipe.model.name.lower().endswith(".gguf"):
+        recipe.model.name = _resolve_local(recipe.model.name, base)
     if recipe.eval.function and ".py:" in recipe.eval.function:
         file, name = recipe.eval.function.rsplit(":", 1)
-        recipe.eval.function = f"{_resolve_local(file, base, lambda p: True)}:{name}"
+        recipe.eval.function = f"{_resolve_local(file, base)}:{name}"
     return recipe
 
 
-def _resolve_local(value: str, base: Path, applies) -> str:
+def _resolve_local(value: str, base: Path) -> str:
     """`value` made absolute when it is a relative path that exists beside the recipe or in the
-    cwd (in that order) and `applies` to it; otherwise unchanged."""
+    cwd (in that order); otherwise unchanged."""
     p = Path(value).expanduser()
-    if p.is_absolute() or not applies(p):
+    if p.is_absolute():
         return value
     for candidate in (base / p, Path.cwd() / p):
         if candidate.exists():
