@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from peftkit.adapters.adapter_set import AdapterSet, default_name
+from peftkit.adapters.combine import CombineResult
+from peftkit.adapters.combine import combine as combine_adapters
+from peftkit.errors import RecipeError
+from peftkit.export.run import export as run_export
+from peftkit.planner.plan import make_plan, parse_size
 from peftkit.recipe.load import load_recipe
 from peftkit.recipe.schema import Recipe
-from peftkit.training.loop import FineTuneRun, StepCallback
+from peftkit.serving.app import ServeLimits
+from peftkit.serving.server import Server, load_for_serving
+from peftkit.sweep import SweepResult
+from peftkit.sweep import sweep as run_sweep
+from peftkit.training.loop import StepCallback
+from peftkit.training.precision import resolve_precision
+from peftkit.training.run import train as train_recipe
 
 
 def validate(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -19,13 +33,6 @@ def validate(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def environment_notes(recipe: Recipe) -> list[str]:
     """What this machine makes of the recipe (precision, missing packages, missing files)."""
-    import importlib.util
-
-    import torch
-
-    from peftkit.errors import RecipeError
-    from peftkit.training.precision import resolve_precision
-
     notes = []
     try:
         precision = resolve_precision(recipe.train, torch.cuda.is_available())
@@ -67,10 +74,7 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    run = FineTuneRun(recipe, resume=resume, on_step=on_step)
-    run.setup()
-    run.train()
-    return run.finish()
+    return train_recipe(recipe, resume=resume, on_step=on_step)
 
 
 def plan(
@@ -81,8 +85,6 @@ def plan(
     Args:
         gpu_memory: plan for a GPU of this size ("24GB"); default: this machine.
     """
-    from peftkit.planner.plan import make_plan, parse_size
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None)
@@ -90,8 +92,6 @@ def plan(
 
 def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     """Export a run to deployable weights (see `peftkit.export.run.export` for the options)."""
-    from peftkit.export.run import export as run_export
-
     return run_export(path, out, **options)
 
 
@@ -101,7 +101,7 @@ def load_adapters(
     dtype: str = "auto",
     quantization: str | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
-):
+) -> AdapterSet:
     """Load a base model once and attach adapters to it; returns an `AdapterSet`.
 
     Args:
@@ -111,8 +111,6 @@ def load_adapters(
         quantization: "auto" = as the adapters were trained (QLoRA: 4-bit), None, or {"bits": 4}.
         allow_mismatch: load adapters trained on another base (warn instead of refusing).
     """
-    from peftkit.adapters.adapter_set import AdapterSet, default_name
-
     if not isinstance(adapters, dict):
         adapters = {default_name(p): p for p in adapters}
     return AdapterSet.from_adapters(adapters, base, dtype, quantization, allow_mismatch)
@@ -127,9 +125,9 @@ def serve(
     dtype: str = "auto",
     quantization: str | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
-    limits=None,
+    limits: ServeLimits | None = None,
     block: bool = True,
-):
+) -> Server:
     """Serve the base model and every adapter in `adapters_dir` over an OpenAI-compatible API.
 
     Args:
@@ -137,9 +135,6 @@ def serve(
         block: serve until SIGINT/SIGTERM (True), or start in a background thread and return the
             `Server` (call `.stop()`; its `.url` says where it listens).
     """
-    from peftkit.serving.app import ServeLimits
-    from peftkit.serving.server import Server, load_for_serving
-
     aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch)
     server = Server(aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name)
     if not block:
@@ -150,10 +145,8 @@ def serve(
     return server
 
 
-def combine(sources: dict[str, str | Path], out: str | Path, **options: Any):
+def combine(sources: dict[str, str | Path], out: str | Path, **options: Any) -> CombineResult:
     """Combine adapters into one and evaluate it on each source's task (see `peftkit.adapters.combine`)."""
-    from peftkit.adapters.combine import combine as combine_adapters
-
     return combine_adapters(sources, out, **options)
 
 
@@ -165,13 +158,11 @@ def sweep(
     out: str | Path | None = None,
     storage: str | Path | None = None,
     overwrite: bool = False,
-):
+) -> SweepResult:
     """Search a recipe's hyperparameters with Optuna; see `peftkit.sweep.run.sweep`.
 
     Returns a `SweepResult`: trials best first, results.md, best_recipe.yaml.
     """
-    from peftkit.sweep import sweep as run_sweep
-
     return run_sweep(
         recipe, space, trials, overrides, out_dir=out, storage=storage, overwrite=overwrite
     )

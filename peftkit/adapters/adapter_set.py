@@ -28,10 +28,10 @@ from transformers import PreTrainedTokenizerBase
 
 from peftkit import _compat
 from peftkit.adapters.generation import Completion, Row, SamplingOptions, generate_rows
-from peftkit.adapters.manifest import BaseIdentity, check_compatible, read_manifest
 from peftkit.data.chat import FALLBACK_TEMPLATE
 from peftkit.errors import ServingError
 from peftkit.models.load import DTYPES, load_model, load_tokenizer
+from peftkit.models.manifest import BaseIdentity, check_compatible, read_manifest
 from peftkit.recipe.schema import ModelSpec, QuantizationSpec
 
 BASE = "base"

@@ -24,15 +24,15 @@ import torch
 import yaml
 
 from peftkit.adapters.adapter_set import AdapterSet, resolve_adapter_dir
-from peftkit.adapters.manifest import read_manifest, write_manifest
 from peftkit.data.encode import EncodedRow
 from peftkit.data.pipeline import prepare_data
 from peftkit.errors import PeftkitError, ServingError
+from peftkit.io import MANIFEST, RunLayout, atomic_dir, atomic_write_text, guard_output
+from peftkit.models.manifest import read_manifest, write_manifest
 from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.training.batches import collate
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
-from peftkit.training.run_dir import atomic_dir, atomic_write_text, guard_output
 
 HOW = (
     "linear",
@@ -186,12 +186,12 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
 
 
 def _source_recipe(adapter_dir: Path) -> Recipe | None:
-    run_recipe = adapter_dir.parent / "recipe.yaml"
+    run_recipe = RunLayout(adapter_dir.parent).recipe
     if run_recipe.is_file():
         return validate_recipe(yaml.safe_load(run_recipe.read_text()), str(run_recipe))
     manifest = read_manifest(adapter_dir)
     if manifest and manifest.get("recipe"):
-        return validate_recipe(manifest["recipe"], str(adapter_dir / "peftkit_adapter.json"))
+        return validate_recipe(manifest["recipe"], str(adapter_dir / MANIFEST))
     return None
 
 

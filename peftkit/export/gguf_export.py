@@ -16,8 +16,8 @@ from peftkit.data.encode import EncodedRow
 from peftkit.errors import ExportError
 from peftkit.export.gguf import write_gguf
 from peftkit.export.source import ExportSource
+from peftkit.io import atomic_write_text
 from peftkit.recipe.schema import ExportSpec, FidelityThresholds
-from peftkit.training.run_dir import atomic_write_text
 
 MODELFILE = "Modelfile"
 

@@ -23,10 +23,10 @@ from peftkit.errors import ExportError, FidelityGateFailed
 from peftkit.export.build import to_fp32
 from peftkit.export.source import ExportSource
 from peftkit.export.write import model_card, write_model
+from peftkit.io import FIDELITY, atomic_dir, atomic_write_json, atomic_write_text
 from peftkit.models.load import DTYPES, head_config, load_model
 from peftkit.recipe.schema import ExportSpec
 from peftkit.training.heads import collate_labeled, head_outputs
-from peftkit.training.run_dir import atomic_dir, atomic_write_json, atomic_write_text
 
 
 def export_head_model(
@@ -83,7 +83,7 @@ def export_head_model(
             passed=not failures,
             failures=failures,
         )
-        atomic_write_json(tmp / "fidelity.json", report)
+        atomic_write_json(tmp / FIDELITY, report)
         atomic_write_text(tmp / "README.md", model_card(source, "merged", report))
         log(
             f"fidelity on {len(rows)} rows: relative error {relative:.3g}, prediction agreement "

@@ -3,7 +3,6 @@ it against the trained model, and keep it only if it passes the fidelity gate.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,15 @@ from peftkit.export.gguf_export import export_gguf, gguf_thresholds
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
-from peftkit.models.load import model_source
-from peftkit.recipe.schema import ExportSpec
-from peftkit.training.run_dir import (
+from peftkit.io import (
+    FIDELITY,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
     guard_output,
 )
+from peftkit.models.load import model_source
+from peftkit.recipe.schema import ExportSpec
 
 TARGETS = ("vllm",)
 
@@ -150,7 +150,7 @@ def export(
         fidelity = compare(reference, candidate, rows, *gen)
         failures = fidelity.failures(limits) + problems
         report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
-        atomic_write_json(tmp / "fidelity.json", report)
+        atomic_write_json(tmp / FIDELITY, report)
         atomic_write_text(
             tmp / "README.md",
             model_card(
@@ -282,7 +282,3 @@ def format_fidelity(report: dict[str, Any]) -> str:
         + ("passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))
     )
     return "\n".join(lines)
-
-
-def read_report(out: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "fidelity.json").read_text())

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from peftkit.errors import ExportError
+from peftkit.io import RunLayout
 from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import Recipe
 
@@ -40,22 +41,21 @@ def resolve_source(path: str | Path) -> ExportSource:
     path = Path(path)
     if not path.exists():
         raise ExportError(f"nothing to export at {path}: no such folder")
-    if (path / "recipe.yaml").is_file():
+    if RunLayout(path).recipe.is_file():
         run_dir, result_dir = path, None
-    elif (path.parent / "recipe.yaml").is_file():
+    elif RunLayout(path.parent).recipe.is_file():
         run_dir, result_dir = path.parent, path
     else:
         raise ExportError(
-            f"{path} is not a peftkit run directory (no recipe.yaml here or in its parent folder); "
-            "export needs the run to know the base model and data"
+            f"{path} is not a peftkit run directory (no {RunLayout(path).recipe.name} here or in its "
+            "parent folder); export needs the run to know the base model and data"
         )
-    recipe = validate_recipe(
-        yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml")
-    )
-    meta_file = run_dir / "peftkit.json"
+    run = RunLayout(run_dir)
+    recipe = validate_recipe(yaml.safe_load(run.recipe.read_text()), str(run.recipe))
+    meta_file = run.meta
     if not meta_file.is_file():
         raise ExportError(
-            f"{run_dir} has no peftkit.json: the run did not finish, so there is nothing to export"
+            f"{run_dir} has no {meta_file.name}: the run did not finish, so there is nothing to export"
         )
     meta = json.loads(meta_file.read_text())
     result_dir = result_dir or run_dir / recipe.adapter.final_dir_name

@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.adapters.manifest import MANIFEST
 from peftkit.export.source import ExportSource
+from peftkit.io import MANIFEST, RunLayout
 from peftkit.models.load import DTYPES
 
 
@@ -43,7 +42,7 @@ LIBRARIES = {"merged": "transformers", "adapter": "peft", "gguf": "gguf"}
 def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
     """README.md of the export: provenance, training metrics and the fidelity figures."""
     r = source.recipe
-    summary = _read_json(source.run_dir / "summary.json")
+    summary = _read_json(RunLayout(source.run_dir).summary)
     data = ", ".join(s.path for s in r.data.train)
     fid = report.get("fidelity") or {}
     lines = [
@@ -102,7 +101,7 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
         "## Recipe",
         "",
         "```yaml",
-        (source.run_dir / "recipe.yaml").read_text().rstrip(),
+        RunLayout(source.run_dir).recipe.read_text().rstrip(),
         "```",
         "",
     ]
@@ -131,7 +130,3 @@ def _gguf_usage(gguf: dict[str, Any], name: str) -> list[str]:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

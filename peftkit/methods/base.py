@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import model_validator
 from torch import nn
 
-from peftkit.recipe.section import Section
+from peftkit.section import Section
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

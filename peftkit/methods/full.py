@@ -17,7 +17,7 @@ from peftkit.methods.base import ApplyContext, MethodSpec
 from peftkit.methods.registry import register
 from peftkit.models.layers import TASK_HEADS, decoder_layers
 from peftkit.models.load import enable_gradient_checkpointing
-from peftkit.recipe.section import Section
+from peftkit.section import Section
 
 if TYPE_CHECKING:
     from peftkit.recipe.schema import Recipe

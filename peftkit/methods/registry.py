@@ -30,10 +30,6 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def spec_class(name: str) -> type[MethodSpec]:
-    return _METHODS[name]
-
-
 def adapter_union() -> Any:
     """The pydantic type of the recipe's `adapter:` section: a union discriminated by `method`."""
     members = tuple(_METHODS.values())

@@ -40,7 +40,7 @@ def largest_micro_batch(
     recipe: Recipe, lengths: np.ndarray, supervised: np.ndarray, packing: bool, multiple: int = 1
 ) -> Workload:
     """Tokens (padding included) and supervised positions of the run's largest micro-batch."""
-    from peftkit.training.batches import StepPlan
+    from peftkit.data.step_plan import StepPlan
 
     t = recipe.train
     seed = recipe.data.shuffle_seed if recipe.data.shuffle_seed is not None else t.seed

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictBool, field_validator, model_validator
 
 from peftkit.methods import AdapterSpec
-from peftkit.recipe.section import Section
+from peftkit.section import Section
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -403,6 +403,36 @@ class ExportSpec(Section):
     """The gate of GGUF q8_0 exports (8-bit weights, blocks of 32 with one f16 scale), looser than
     `thresholds` for 16-bit exports. Measured on the quickstart run: relative error 2.6e-3, mean KL
     2.0e-5, greedy agreement 0.98 (f16: 7.6e-5, 1.3e-8, 1.0); README "GGUF for llama.cpp"."""
+
+
+# Recipe fields that may change between a run and its resumption: they do not change the math
+# of the steps already taken, only how long or how often things happen, or (lr, clipping, warmup:
+# what the advice after a divergence tells the user to change) the steps still to come. Each
+# change is recorded in RUN/resumes.jsonl. A prefix ending in "." covers the whole section.
+RESUMABLE_CHANGES = (
+    "train.lr",
+    "train.max_grad_norm",
+    "train.warmup_steps",
+    "train.warmup_ratio",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    # batching only changes float summation order, not the math (tests/e2e/test_training_math.py)
+    "train.packing",
+    "train.group_by_length",
+    "train.supervised_logits_only",
+    "train.early_stopping",
+    "output.plot",
+    "output.save_best",
+    "output.overwrite",
+    "output.sample_prompts",
+    "output.sample_max_new_tokens",
+    "output.dir",
+    "export.",
+)
 
 
 class Recipe(Section):

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from peftkit.errors import RecipeError, SweepError
+from peftkit.io import atomic_write_text
 from peftkit.recipe.load import apply_override, load_recipe
 from peftkit.sweep.space import override
-from peftkit.training.run_dir import atomic_write_text
 
 if TYPE_CHECKING:
     import optuna

@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, model_validator
 from peftkit.errors import RecipeError, SweepError
 from peftkit.recipe.load import load_recipe, read_yaml
 from peftkit.recipe.schema import Recipe
-from peftkit.recipe.section import Section
+from peftkit.section import Section
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution

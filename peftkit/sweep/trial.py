@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from peftkit.errors import PeftkitError
 from peftkit.recipe.load import load_recipe
 from peftkit.sweep.space import override
+from peftkit.training.run import train
 
 if TYPE_CHECKING:
     import optuna
@@ -49,8 +50,6 @@ def run_trial(
     """
     from optuna import TrialPruned
 
-    from peftkit import api
-
     outcome = TrialOutcome(state="failed")
     started = time.perf_counter()
     try:
@@ -72,7 +71,7 @@ def run_trial(
                         f"eval loss {loss:.4f} at step {step}, worse than earlier trials"
                     )
 
-        summary = api.train(recipe, on_step=on_step)
+        summary = train(recipe, on_step=on_step)
         outcome.steps = summary["steps"]
         outcome.value = summary[objective]
         if outcome.value is None or not math.isfinite(outcome.value):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from peftkit.data.encode import EncodedRow
+from peftkit.io import RunLayout
 from peftkit.recipe.schema import Recipe
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.run_dir import RunDir
 
 
-def last_checkpoint_note(run: RunDir) -> str:
+def last_checkpoint_note(run: RunLayout) -> str:
     saved, _ = ckpt.newest_intact(run.checkpoints)
     if saved is not None:
         return (
@@ -18,7 +18,7 @@ def last_checkpoint_note(run: RunDir) -> str:
 
 
 def non_finite_step(
-    what: str, recipe: Recipe, step: int, run: RunDir, micro_batches: list[list[EncodedRow]]
+    what: str, recipe: Recipe, step: int, run: RunLayout, micro_batches: list[list[EncodedRow]]
 ) -> str:
     """`what` (the loss or the gradients) became NaN/inf at step `step + 1`, which was not applied."""
     origins = [row.origin for rows in micro_batches for row in rows][:4]
@@ -28,7 +28,7 @@ def non_finite_step(
     )
 
 
-def non_finite_weights(names: list[str], recipe: Recipe, step: int, run: RunDir) -> str:
+def non_finite_weights(names: list[str], recipe: Recipe, step: int, run: RunLayout) -> str:
     return (
         f"the weights after step {step} hold NaN or inf ({', '.join(names)}); no checkpoint was "
         f"saved for it. {last_checkpoint_note(run)}\n  {_try(recipe)}"
@@ -44,7 +44,7 @@ def _try(recipe: Recipe) -> str:
     )
 
 
-def out_of_memory(recipe: Recipe, step: int, run: RunDir) -> str:
+def out_of_memory(recipe: Recipe, step: int, run: RunLayout) -> str:
     t = recipe.train
     return (
         f"out of memory at step {step + 1}. {last_checkpoint_note(run)}\n  Try: "

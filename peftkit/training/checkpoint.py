@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import RunDirError, TrainingStopped
-from peftkit.training.run_dir import atomic_write_json
+from peftkit.io import atomic_write_json
 
 
 @dataclass

@@ -14,10 +14,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.adapters.manifest import chat_template_fingerprint, tokenizer_fingerprint
 from peftkit.errors import RunDirError
+from peftkit.io import RunLayout, atomic_write_json
+from peftkit.models.manifest import chat_template_fingerprint, tokenizer_fingerprint
 from peftkit.recipe.schema import DataSpec
-from peftkit.training.run_dir import RunDir, atomic_write_json
 
 
 def _file_sha(path: Path, digest: Any = None) -> Any:
@@ -53,11 +53,11 @@ def fingerprints(
     return out
 
 
-def record(run: RunDir, prints: dict[str, str | None]) -> None:
+def record(run: RunLayout, prints: dict[str, str | None]) -> None:
     atomic_write_json(run.inputs, prints)
 
 
-def check_unchanged(run: RunDir, prints: dict[str, str | None]) -> None:
+def check_unchanged(run: RunLayout, prints: dict[str, str | None]) -> None:
     """Refuse a resume whose inputs differ from those the run started with, naming each one."""
     if not run.inputs.is_file():
         return  # a run made before inputs were recorded: nothing to compare with

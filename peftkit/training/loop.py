@@ -20,15 +20,16 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from peftkit import _compat
-from peftkit.adapters.manifest import BaseIdentity, write_manifest
 from peftkit.data.audit import audit_lines
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RunDirError, TrainingStopped
+from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
+from peftkit.models.manifest import BaseIdentity, write_manifest
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs
 from peftkit.training import checkpoint as ckpt
@@ -42,7 +43,7 @@ from peftkit.training.optim import build_optimizer, build_scheduler, gradient_no
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
-from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
+from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
 from peftkit.training.signals import StopRequest
 from peftkit.training.tasks import TaskLosses

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from peftkit.training.run_dir import atomic_write_text
+from peftkit.io import atomic_write_text
 
 
 class MetricsLog:

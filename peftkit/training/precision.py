@@ -6,10 +6,11 @@ import torch
 
 from peftkit.errors import RecipeError
 from peftkit.methods.base import MethodSpec
+from peftkit.models.load import DTYPES
 from peftkit.recipe.schema import ModelSpec, TrainSpec
 
-_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_NAMED = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# the dtype (a `DTYPES` name) each mixed precision computes in
+_PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def resolve_precision(train: TrainSpec, cuda: bool) -> str:
@@ -40,7 +41,7 @@ def weights_dtype(model: ModelSpec, method: MethodSpec, precision: str) -> torch
     """Storage dtype of the base weights. Frozen weights may live in the half format the run computes
     in; trained weights (full/partial) stay fp32 master copies unless the recipe says otherwise."""
     if model.dtype != "auto":
-        return _NAMED[model.dtype]
+        return DTYPES[model.dtype]
     if method.wants_low_precision_base():
-        return _WEIGHTS[precision]
+        return DTYPES[_PRECISION_DTYPE[precision]]
     return torch.float32

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from peftkit.data.pipeline import PreparedData
+    from peftkit.data.step_plan import StepPlan
     from peftkit.recipe.schema import DataSpec
-    from peftkit.training.batches import StepPlan
     from peftkit.training.metrics import MetricsLog
 
 

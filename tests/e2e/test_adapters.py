@@ -12,9 +12,9 @@ from peft import PeftModel
 from peftkit import api
 from peftkit.adapters.adapter_set import AdapterSet
 from peftkit.adapters.generation import SamplingOptions
-from peftkit.adapters.manifest import MANIFEST
 from peftkit.cli import main
 from peftkit.errors import AdapterMismatchError, ServingError
+from peftkit.io import MANIFEST
 from tests.e2e.conftest import PROMPTS, SKILLS, alone_greedy
 
 GREEDY = SamplingOptions(max_new_tokens=24)

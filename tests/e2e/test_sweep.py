@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from peftkit import api
 from peftkit.errors import SweepError
 from peftkit.recipe.load import load_recipe
-from peftkit.sweep import sweep
+from peftkit.sweep import sweep, trial
 from tests.conftest import chat_rows, write_jsonl, write_recipe
 
 BAD_LR = 1e-7  # Adam moves each weight by ~lr per step: 1e-7 leaves the eval loss where it started
@@ -132,7 +131,7 @@ def test_an_interrupted_sweep_continues_from_its_storage(tmp_path, toy, monkeypa
         pruner="none",
     )
     recipe, out, db = toy(lr=1e-2, max_steps=4), tmp_path / "sweep", tmp_path / "study.db"
-    real_train = api.train
+    real_train = trial.train  # what each trial calls
 
     def ctrl_c_in_trial_1(recipe, *args, on_step=None, **kwargs):
         def step(n: int, metrics: dict[str, Any]) -> None:
@@ -142,7 +141,7 @@ def test_an_interrupted_sweep_continues_from_its_storage(tmp_path, toy, monkeypa
 
         return real_train(recipe, *args, on_step=step, **kwargs)
 
-    monkeypatch.setattr(api, "train", ctrl_c_in_trial_1)
+    monkeypatch.setattr(trial, "train", ctrl_c_in_trial_1)
     with pytest.raises(SweepError, match=r"interrupted during trial 1.*same command to continue"):
         sweep(recipe, space, trials=2, out_dir=out, storage=db)
     assert [line["state"] for line in _jsonl(out / "trials.jsonl")] == ["complete", "interrupted"]

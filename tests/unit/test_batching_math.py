@@ -12,8 +12,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.data.step_plan import StepPlan
 from peftkit.training.attention import register_varlen_sdpa, set_attention
-from peftkit.training.batches import StepPlan, collate, collate_packed
+from peftkit.training.batches import collate, collate_packed
 from peftkit.training.loss import causal_lm_loss_sum, chunked_cross_entropy_sum
 
 

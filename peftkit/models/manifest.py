@@ -32,11 +32,10 @@ from transformers import PreTrainedTokenizerBase
 
 import peftkit
 from peftkit.errors import AdapterMismatchError
+from peftkit.io import MANIFEST, atomic_write_json
 from peftkit.models import gguf
 from peftkit.models.layers import TASK_HEADS
-from peftkit.training.run_dir import atomic_write_json
 
-MANIFEST = "peftkit_adapter.json"
 FORMAT = 1
 _CONFIG_IGNORED = {
     "_name_or_path",

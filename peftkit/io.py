@@ -1,0 +1,154 @@
+"""Shared output I/O, below every package that writes results: atomic writes, the guard that keeps
+an output from destroying anything it should not, and the run directory's file names.
+
+Training, export, combine and the sweep all write through these helpers; the layout of a run
+directory is typed here once (`RunLayout`), and what marks a folder as a previous peftkit output
+of each kind (`OUTPUT_MARKERS`) next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import PeftkitError, RunDirError
+
+MANIFEST = "peftkit_adapter.json"
+"""In every adapter or model folder peftkit writes: the base and tokenizer it belongs to."""
+FIDELITY = "fidelity.json"
+"""In every export folder: the fidelity gate's report."""
+
+
+class RunLayout:
+    """The file names of one run directory (what `peftkit train` writes, export and sweep read)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.recipe = self.path / "recipe.yaml"
+        """The resolved recipe the run was started with (defaults filled in)."""
+        self.metrics = self.path / "metrics.jsonl"
+        self.plot = self.path / "loss.png"
+        self.summary = self.path / "summary.json"
+        self.audit = self.path / "data_audit.json"
+        self.meta = self.path / "peftkit.json"
+        """Run metadata: versions, precision, the final folder's name."""
+        self.samples = self.path / "samples.json"
+        self.answers = self.path / "answers.json"
+        self.resumes = self.path / "resumes.jsonl"
+        """One line per --resume: when, and the recipe changes it made."""
+        self.inputs = self.path / "inputs.json"
+        """Fingerprints of the data files, tokenizer and chat template the run started with."""
+        self.checkpoints = self.path / "checkpoints"
+        self.best = self.path / "best"
+        self.work = self.path / "state"
+
+    def final(self, name: str) -> Path:
+        """The folder of the run's result (`adapter`, `model`, ..., the method's `final_dir_name`)."""
+        return self.path / name
+
+
+# What marks a folder as a previous peftkit output of each kind: `overwrite` replaces nothing else.
+OUTPUT_MARKERS = {
+    "run": (RunLayout("").recipe.name, None),
+    "export": (FIDELITY, None),
+    "combine": (MANIFEST, "derived_from"),  # a manifest saying it was combined
+}
+
+
+def is_output_of_kind(folder: Path, kind: str) -> bool:
+    marker, key = OUTPUT_MARKERS[kind]
+    if not (folder / marker).is_file():
+        return False
+    if key is None:
+        return True
+    try:
+        return bool(json.loads((folder / marker).read_text()).get(key))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def guard_output(
+    out: str | Path,
+    kind: str,
+    inputs: Sequence[str | Path],
+    overwrite: bool,
+    flag: str,
+    error: type[PeftkitError] = RunDirError,
+) -> None:
+    """Refuse to write `out` when that could destroy something that is not a `kind` output.
+
+    `out` may not equal, lie inside, or contain any of `inputs` (writing replaces the whole folder);
+    a non-empty `out` is replaced only with `overwrite`, and only when it holds a previous peftkit
+    output of the same kind. `flag` is how the user asks for overwriting (named in the message).
+    """
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if not given:
+            continue
+        source = Path(given).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = (
+                "is"
+                if target == source
+                else ("is inside" if source in target.parents else "contains")
+            )
+            raise error(
+                f"the output folder {out} {relation} the input {given}: writing it would destroy "
+                "the input. Choose an output folder outside every input"
+            )
+    if out.exists() and not out.is_dir():
+        raise error(f"the output folder {out} is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise error(
+            f"{out} already exists and is not empty: choose another output folder or {flag}"
+        )
+    if not is_output_of_kind(out, kind):
+        raise error(
+            f"{out} is not a previous peftkit {kind} (no {OUTPUT_MARKERS[kind][0]} of one); "
+            f"{flag} only replaces one of those. Choose another output folder"
+        )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` through a temporary sibling and one rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+
+    An interruption at any point leaves either the old `target` or the new one, never a mix; the
+    temporary folder's name starts with '.' and ends in '.tmp', so it never looks like a result.
+    """
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

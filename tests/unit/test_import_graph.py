@@ -1,0 +1,146 @@
+"""The package's import graph points down only: no cycle between packages, and each package imports
+only from the layers below it (or its own). Imports inside functions count too; imports under
+`if TYPE_CHECKING:` do not (they never run: a lower layer may name the type of a section that a
+higher one hands it)."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from collections import defaultdict
+from pathlib import Path
+
+import peftkit
+
+ROOT = Path(peftkit.__file__).resolve().parent
+
+# Bottom to top. A package is a subfolder of peftkit/ or a top-level module; "peftkit" is the root
+# package itself (__version__). The recipe composes the methods' own spec classes (its `adapter:`
+# section is their union), so recipe sits above methods and models.
+LAYERS = [
+    {"peftkit", "errors", "io", "_compat", "section"},
+    {"models"},
+    {"methods"},
+    {"recipe"},
+    {"data"},
+    {"training"},
+    {"planner", "export", "adapters", "serving", "sweep"},
+    {"api"},
+    {"cli_adapters", "cli", "__main__"},
+]
+LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "peftkit":
+        return None
+    return parts[1] if len(parts) > 1 else "peftkit"
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool):
+    """(imported module, line) for every runtime import in `tree`, at any depth."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base if is_package else base[:-1]
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            yield target, node.lineno
+            for alias in node.names:  # `from peftkit import api` imports the module peftkit.api
+                yield f"{target}.{alias.name}", node.lineno
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def package_graph() -> dict[tuple[str, str], list[str]]:
+    """{(importing package, imported package): ["module:line -> target", ...]}."""
+    edges: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for path in sorted(ROOT.rglob("*.py")):
+        module = _module_name(path)
+        tree = ast.parse(path.read_text(), str(path))
+        for target, line in _imports(tree, module, path.name == "__init__.py"):
+            src, dst = _package(module), _package(target)
+            if dst is None or src == dst or not _is_module(target):
+                continue
+            edges[(src, dst)].append(f"{module}:{line} -> {target}")
+    return edges
+
+
+def test_every_package_has_a_layer():
+    packages = {_package(_module_name(p)) for p in ROOT.rglob("*.py")}
+    assert packages - set(LEVEL) == set(), "add the new package to LAYERS in this test"
+
+
+def test_no_cycle_between_packages():
+    edges = package_graph()
+    graph: dict[str, set[str]] = defaultdict(set)
+    for src, dst in edges:
+        graph[src].add(dst)
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, [*path, nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                where = [w for a, b in itertools.pairwise(cycle) for w in edges[(a, b)]]
+                raise AssertionError(f"import cycle {' -> '.join(cycle)}:\n" + "\n".join(where))
+
+
+def test_imports_point_down():
+    upward = [
+        f"{src} (layer {LEVEL[src]}) imports {dst} (layer {LEVEL[dst]}): {where}"
+        for (src, dst), found in sorted(package_graph().items())
+        if LEVEL[dst] > LEVEL[src]
+        for where in found
+    ]
+    assert upward == []
+
+
+def test_the_check_sees_lazy_imports(tmp_path):
+    # an import inside a function is an edge; one under TYPE_CHECKING is not
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from peftkit.api import train\n"
+        "def f():\n    from peftkit import cli\n"
+    )
+    found = {t for t, _ in _imports(tree, "peftkit.models.x", False)}
+    assert "peftkit.cli" in found and "peftkit.api" not in found
