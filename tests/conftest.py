@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,20 @@ def fingerprint(folder: Path) -> dict[str, str]:
         for f in sorted(folder.rglob("*"))
         if f.is_file()
     }
+
+
+ANIMALS = "cat dog fox bird".split()
+OTHER = "red blue green sun moon tree river stone".split()
+
+
+def labeled_rows(n: int, seed: int, regression: bool = False, word: int = -1) -> list[dict]:
+    """The label is decided by one word (the last, for decoders: the one the head reads; the
+    first for encoders): animal or not (regression: 2 or -1)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(ANIMALS + OTHER) for _ in range(rng.randint(2, 6))]
+        animal = words[word] in ANIMALS
+        label = (3.0 * animal - 1.0) if regression else ("animal" if animal else "other")
+        rows.append({"text": " ".join(words), "label": label})
+    return rows

@@ -33,7 +33,7 @@ class ExportSource:
 
     @property
     def mergeable(self) -> bool:
-        return self.whole_model or self.recipe.adapter.method in ("lora", "qlora", "ia3")
+        return self.whole_model or self.recipe.adapter.mergeable
 
 
 def resolve_source(path: str | Path) -> ExportSource:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from peftkit.methods import full, ia3, lora, probe, prompt  # noqa: F401 - registration side effect
 from peftkit.methods.base import ApplyContext, MethodSpec
-from peftkit.methods.registry import adapter_union, method_names
+from peftkit.methods.registry import adapter_union, method_names, registered_methods
 
 AdapterSpec = adapter_union()
 
-__all__ = ["AdapterSpec", "ApplyContext", "MethodSpec", "method_names"]
+__all__ = ["AdapterSpec", "ApplyContext", "MethodSpec", "method_names", "registered_methods"]

@@ -36,14 +36,32 @@ class MethodSpec(Section):
     """Base of every adapter method's recipe section."""
 
     method: str
+
+    # What the method can do, declared once here and in each method's class, where it registers.
+    # Consumers (training, planner, export, the recipe's cross-field rules) ask these; none keeps
+    # its own list of method names.
     full_weights: ClassVar[bool] = False
     """True when the method trains the base weights themselves (its output is a whole model)."""
     final_dir_name: ClassVar[str] = "adapter"
+    """The run's result folder (RUN/adapter, RUN/model)."""
     virtual_tokens: ClassVar[bool] = False
     """True when the method prepends virtual tokens or a KV prefix: then rows cannot be packed and
     logits cannot be picked by position."""
     layerwise: ClassVar[bool] = False
     """True when the method accepts `unfreeze` and `layer_lr_decay` (it trains whole layers)."""
+    mergeable: ClassVar[bool] = False
+    """True when the trained adapter can be merged into the base weights (export to one model).
+    Whole-model methods have nothing to merge: their result already is the model."""
+    lora_family: ClassVar[bool] = False
+    """True for low-rank updates (LoRA, QLoRA): the planner counts their extra activations (the
+    fp32 input each adapter keeps under mixed precision)."""
+    causal_lm: ClassVar[bool] = True
+    """True when the method can train a causal LM; False when it only trains a new task head."""
+    task_heads: ClassVar[bool] = True
+    """True when the method can train a classification/regression head (peft task type SEQ_CLS)."""
+    quantized_variant: ClassVar[str | None] = None
+    """The method that does the same over a 4-bit base (lora -> qlora): the planner offers it when
+    the recipe does not fit."""
 
     @model_validator(mode="before")
     @classmethod
@@ -65,6 +83,11 @@ class MethodSpec(Section):
             problems.append(
                 f"adapter.method {self.method!r} trains the base weights, which cannot be quantized: "
                 "remove model.quantization or use method: qlora"
+            )
+        if not self.causal_lm and not recipe.task.has_head:
+            problems.append(
+                f"adapter.method {self.method!r} trains a new task head: set task.type to "
+                "classification or regression"
             )
         if self.virtual_tokens and recipe.train.packing:
             problems.append(

@@ -6,7 +6,7 @@ vectors l (initialised to 1) are trained, typically ~0.01% of the parameters.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from peft import IA3Config
 from torch import nn
@@ -21,6 +21,7 @@ class IA3Spec(PeftMethod):
     """IA3 through peft; target modules default to peft's per-architecture choice."""
 
     method: Literal["ia3"] = "ia3"
+    mergeable: ClassVar[bool] = True
     target_modules: list[str] | None = None
     """Modules to rescale (null = peft's default for the architecture, e.g. k/v/down proj)."""
     feedforward_modules: list[str] | None = None

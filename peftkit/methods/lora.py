@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from peft import LoraConfig
 from pydantic import Field
@@ -33,6 +33,9 @@ class LoraSpec(PeftMethod):
     """LoRA: low-rank updates on the chosen linear layers."""
 
     method: Literal["lora"] = "lora"
+    mergeable: ClassVar[bool] = True
+    lora_family: ClassVar[bool] = True
+    quantized_variant: ClassVar[str | None] = "qlora"
     r: int = Field(default=16, gt=0)
     """Rank: higher = more capacity, more memory."""
     alpha: float = Field(default=32, gt=0)
@@ -106,6 +109,7 @@ class QLoraSpec(LoraSpec):
     """QLoRA: LoRA over a bitsandbytes-quantized base (set model.quantization)."""
 
     method: Literal["qlora"] = "qlora"
+    quantized_variant: ClassVar[str | None] = None
 
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)

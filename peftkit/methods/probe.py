@@ -21,7 +21,7 @@ from peftkit.methods.full import head_names
 from peftkit.methods.registry import register
 
 if TYPE_CHECKING:
-    from peftkit.recipe.schema import Recipe
+    pass
 
 
 @register
@@ -31,15 +31,7 @@ class LinearProbeSpec(MethodSpec):
     method: Literal["linear_probe"] = "linear_probe"
     full_weights: ClassVar[bool] = True
     final_dir_name: ClassVar[str] = "model"
-
-    def check_recipe(self, recipe: Recipe) -> list[str]:
-        problems = super().check_recipe(recipe)
-        if not recipe.task.has_head:
-            problems.append(
-                "adapter.method 'linear_probe' trains a new task head: set task.type to "
-                "classification or regression"
-            )
-        return problems
+    causal_lm: ClassVar[bool] = False
 
     def wants_low_precision_base(self) -> bool:
         return True  # the base is frozen: bf16 storage loses nothing that is trained

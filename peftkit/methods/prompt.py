@@ -28,6 +28,7 @@ class PromptTuningSpec(PeftMethod):
 
     method: Literal["prompt_tuning"] = "prompt_tuning"
     virtual_tokens: ClassVar[bool] = True
+    task_heads: ClassVar[bool] = False
     num_virtual_tokens: int = Field(default=20, gt=0)
     """Length of the soft prompt."""
     init_text: str | None = None
@@ -36,10 +37,10 @@ class PromptTuningSpec(PeftMethod):
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> PromptTuningConfig:
         if self.init_text is None:
             return PromptTuningConfig(
-                task_type="CAUSAL_LM", num_virtual_tokens=self.num_virtual_tokens
+                task_type=ctx.task_type, num_virtual_tokens=self.num_virtual_tokens
             )
         return PromptTuningConfig(
-            task_type="CAUSAL_LM",
+            task_type=ctx.task_type,
             num_virtual_tokens=self.num_virtual_tokens,
             prompt_tuning_init="TEXT",
             prompt_tuning_init_text=self.init_text,
@@ -53,6 +54,7 @@ class PrefixTuningSpec(PeftMethod):
 
     method: Literal["prefix_tuning"] = "prefix_tuning"
     virtual_tokens: ClassVar[bool] = True
+    task_heads: ClassVar[bool] = False
     num_virtual_tokens: int = Field(default=20, gt=0)
     projection: bool = False
     """Reparametrise the prefix through a 2-layer MLP (more stable, more parameters while training)."""
@@ -69,7 +71,7 @@ class PrefixTuningSpec(PeftMethod):
 
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> PrefixTuningConfig:
         return PrefixTuningConfig(
-            task_type="CAUSAL_LM",
+            task_type=ctx.task_type,
             num_virtual_tokens=self.num_virtual_tokens,
             prefix_projection=self.projection,
             encoder_hidden_size=self.projection_hidden,

@@ -30,6 +30,11 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
+def registered_methods() -> dict[str, type[MethodSpec]]:
+    """{name: spec class} of every method, by name; ask a class what it can do (`MethodSpec`)."""
+    return dict(sorted(_METHODS.items()))
+
+
 def adapter_union() -> Any:
     """The pydantic type of the recipe's `adapter:` section: a union discriminated by `method`."""
     members = tuple(_METHODS.values())

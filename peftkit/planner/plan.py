@@ -117,7 +117,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
             optimizer=t.optimizer,
             gradient_checkpointing=t.gradient_checkpointing,
             supervised_only=t.supervised_logits_only and not recipe_.adapter.virtual_tokens,
-            lora=recipe_.adapter.method in ("lora", "qlora"),
+            lora=recipe_.adapter.lora_family,
             work=work_,
             runtime_bytes=runtime,
             cpu=device == "cpu",
@@ -154,8 +154,11 @@ def _advice(recipe, work, bits, predict, budget) -> list[str]:
                 predict(recipe, w, bits),
             )
         )
-    if bits is None and recipe.adapter.method == "lora":
-        options.append(("adapter.method=qlora model.quantization.bits=4", predict(recipe, work, 4)))
+    variant = recipe.adapter.quantized_variant
+    if bits is None and variant is not None:
+        options.append(
+            (f"adapter.method={variant} model.quantization.bits=4", predict(recipe, work, 4))
+        )
     if recipe.adapter.full_weights and t.optimizer == "adamw":
         r = recipe.model_copy(update={"train": t.model_copy(update={"optimizer": "adamw_8bit"})})
         options.append(("train.optimizer=adamw_8bit", predict(r, work, bits)))

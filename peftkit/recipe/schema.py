@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictBool, field_validator, model_validator
 
 from peftkit.methods import AdapterSpec
+from peftkit.methods.registry import registered_methods
 from peftkit.section import Section
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -482,10 +483,11 @@ class Recipe(Section):
             problems.append(f"output.sample_prompts: a {kind} model does not generate; remove them")
         if self.train.packing:
             problems.append(f"train.packing: a {kind} model reads one row at a time; remove it")
-        if self.adapter.virtual_tokens:
+        if not self.adapter.task_heads:
+            able = [name for name, spec in registered_methods().items() if spec.task_heads]
             problems.append(
-                f"adapter.method {self.adapter.method!r} cannot train a {kind} head: use lora, "
-                "full, partial or linear_probe"
+                f"adapter.method {self.adapter.method!r} cannot train a {kind} head: use one of "
+                + ", ".join(able)
             )
         if self.data.reference:
             problems.append(

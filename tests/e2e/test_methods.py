@@ -9,16 +9,28 @@ import math
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+)
 
 from peftkit.cli import main
+from peftkit.methods import MethodSpec, registered_methods
 from peftkit.recipe.load import load_recipe
 from peftkit.training.loop import FineTuneRun
-from tests.conftest import write_recipe
+from tests.conftest import labeled_rows, write_jsonl, write_recipe
 
-METHODS = {
-    "lora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-    "qlora": {"method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
+# Every registered method is tested; a method missing here runs with its defaults. The settings
+# only make the tiny runs small; the variants add LoRA options that change the math.
+SETTINGS = {
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "qlora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "prompt_tuning": {"num_virtual_tokens": 4},
+    "prefix_tuning": {"num_virtual_tokens": 4},
+    "partial": {"top_layers": 1},
+}
+VARIANTS = {
     "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},
     "rslora_pissa": {
         "method": "lora",
@@ -28,17 +40,23 @@ METHODS = {
         "use_rslora": True,
         "init": "pissa",
     },
-    "ia3": {"method": "ia3"},
-    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
-    "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 4},
-    "full": {"method": "full"},
-    "partial": {"method": "partial", "top_layers": 1},
+}
+METHODS = {
+    **{name: {"method": name, **SETTINGS.get(name, {})} for name in registered_methods()},
+    **VARIANTS,
 }
 QUANT = {"quantization": {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32"}}
 
 
+def _spec(name: str) -> type[MethodSpec]:
+    return registered_methods()[METHODS[name]["method"]]
+
+
 def _recipe(tmp_path, tiny_model, chat_file, name, **extra):
     model = {"name": str(tiny_model), **(QUANT if name == "qlora" else {})}
+    if not _spec(name).causal_lm:  # a method that only trains a task head gets a classifier task
+        chat_file = write_jsonl(tmp_path / "labeled.jsonl", labeled_rows(24, 0))
+        extra = {"task": {"type": "classification"}, **extra}
     return write_recipe(
         tmp_path / "r.yaml", tiny_model, chat_file, adapter=METHODS[name], model=model, **extra
     )
@@ -46,17 +64,16 @@ def _recipe(tmp_path, tiny_model, chat_file, name, **extra):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_trains_through_cli(name, tmp_path, tiny_model, chat_file, capsys):
+    spec = _spec(name)
     recipe = _recipe(tmp_path, tiny_model, chat_file, name, train={"max_steps": 3, "lr": 1e-2})
     assert main(["train", str(recipe)]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["tokens"] > 0
     assert 0 < summary["trainable_params"] <= summary["total_params"]
-    final = run / ("model" if name in ("full", "partial") else "adapter")
-    assert (
-        final
-        / ("model.safetensors" if name in ("full", "partial") else "adapter_model.safetensors")
-    ).exists()
+    final = run / spec.final_dir_name
+    weights = "model.safetensors" if spec.full_weights else "adapter_model.safetensors"
+    assert (final / weights).exists()
     assert (final / "tokenizer.json").exists()
     losses = [
         r["loss"]
@@ -93,7 +110,10 @@ def test_saved_result_reloads_to_the_trained_model(name, tmp_path, tiny_model, c
     ids = torch.tensor([[1, 20, 30, 40, 50, 60, 2]])
     expected = _logits(trained, ids)
     final = run.run.final(recipe.adapter.final_dir_name)
-    if name in ("full", "partial"):
+    spec = _spec(name)
+    if not spec.causal_lm:
+        reloaded = AutoModelForSequenceClassification.from_pretrained(final)
+    elif spec.full_weights:
         reloaded = AutoModelForCausalLM.from_pretrained(final)
         base = AutoModelForCausalLM.from_pretrained(tiny_model)
         assert not torch.allclose(_logits(base, ids), expected), "training changed nothing"

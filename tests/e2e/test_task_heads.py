@@ -4,7 +4,6 @@ full, partial fine-tuning and a linear probe (feature extraction); metrics; expo
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -19,23 +18,7 @@ from transformers import (
 
 from peftkit import api
 from peftkit.errors import DataError, RecipeError
-from tests.conftest import write_jsonl, write_recipe
-
-ANIMALS = "cat dog fox bird".split()
-OTHER = "red blue green sun moon tree river stone".split()
-
-
-def labeled_rows(n: int, seed: int, regression: bool = False, word: int = -1) -> list[dict]:
-    """The label is decided by one word (the last, for decoders: the one the head reads; the
-    first for encoders): animal or not (regression: 2 or -1)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.choice(ANIMALS + OTHER) for _ in range(rng.randint(2, 6))]
-        animal = words[word] in ANIMALS
-        label = (3.0 * animal - 1.0) if regression else ("animal" if animal else "other")
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
+from tests.conftest import labeled_rows, write_jsonl, write_recipe
 
 
 @pytest.fixture
