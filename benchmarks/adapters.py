@@ -57,7 +57,7 @@ def build_adapters(base_dir: Path, out: Path, n: int) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.adapters.manifest import BaseIdentity, write_manifest
+    from peftkit.models.manifest import BaseIdentity, write_manifest
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     paths = []
