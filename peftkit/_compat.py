@@ -1,9 +1,80 @@
-"""The one home for version-guarded workarounds of library quirks. Each says what it guards and why."""
+"""The one home for version-guarded workarounds of library quirks. Each says what it guards and why.
+
+Every private attribute peftkit touches is listed in `PRIVATE_API` (the test suite checks each one
+against the installed libraries, so an upgrade that removes one fails loudly) and is reached
+through `_private`, which names the library and version when it is gone. Type checks against
+optional libraries (bitsandbytes) are `isinstance` on the loaded module, never class-name strings.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
+from importlib import metadata
+from typing import Any
+
+from packaging.version import Version
+
+# (library, object that holds it, private attribute, the versions it was checked with)
+PRIVATE_API = (
+    ("accelerate", "accelerate.state.AcceleratorState", "_reset_state", "1.6-1.15"),
+    ("accelerate", "accelerate.state.GradientState", "_reset_state", "1.6-1.15"),
+    ("peft", "peft.tuners.tuners_utils.BaseTunerLayer", "_active_adapter", "0.17-0.21"),
+    ("peft", "peft.tuners.tuners_utils.BaseTunerLayer", "_disable_adapters", "0.17-0.21"),
+    (
+        "transformers",
+        "transformers.modeling_gguf_pytorch_utils",
+        "GGUF_SUPPORTED_ARCHITECTURES",
+        "4.4x-5.24",
+    ),
+)
+
+FAST_LORA_SWITCH_PEFT = (Version("0.17"), Version("0.22"))
+"""peft versions whose adapter switching `switch_lora_adapter` reproduces (checked: 0.17-0.21);
+outside them peftkit switches through peft's own, slower `set_adapter`."""
+
+
+class PrivateApiChanged(RuntimeError):
+    """A library no longer has a private attribute a peftkit workaround relies on."""
+
+
+def installed(library: str) -> Version:
+    return Version(metadata.version(library))
+
+
+def _private(owner: Any, attr: str, library: str) -> Any:
+    """`owner.attr`, which is private to `library`; a clear error naming the version if it is gone."""
+    if not hasattr(owner, attr):
+        checked = next((c for lib, _, a, c in PRIVATE_API if lib == library and a == attr), "?")
+        raise PrivateApiChanged(
+            f"{library} {installed(library)} has no {getattr(owner, '__name__', type(owner).__name__)}"
+            f".{attr}, which peftkit relies on (checked with {library} {checked}): "
+            "use a version in that range, or update peftkit/_compat.py"
+        )
+    return getattr(owner, attr)
+
+
+def fast_lora_switch_supported() -> bool:
+    low, below = FAST_LORA_SWITCH_PEFT
+    return low <= installed("peft") < below
+
+
+def _loaded_bitsandbytes() -> Any:
+    """The bitsandbytes module if something imported it (else no bitsandbytes object can exist)."""
+    return sys.modules.get("bitsandbytes")
+
+
+def is_packed_4bit(param: Any) -> bool:
+    """A bitsandbytes 4-bit weight: two values per stored uint8."""
+    bnb = _loaded_bitsandbytes()
+    return bnb is not None and isinstance(param, bnb.nn.Params4bit)
+
+
+def is_quantized_linear(module: Any) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    bnb = _loaded_bitsandbytes()
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def quiet_bitsandbytes_cpu_kernel_warning() -> None:
@@ -64,8 +135,8 @@ def allow_new_mixed_precision() -> None:
     state (not the distributed `PartialState`) before each run lets each run choose its precision."""
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    _private(AcceleratorState, "_reset_state", "accelerate")(reset_partial_state=False)
+    _private(GradientState, "_reset_state", "accelerate")()
 
 
 def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> None:
@@ -76,7 +147,12 @@ def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> Non
     every adapter loaded (O(adapters x layers); see benchmarks/adapters.py). For inference only the
     layers' active-adapter list and disable flag matter; both are the attributes peft's own
     `BaseTunerLayer.set_adapter` / `enable_adapters` assign, set here on a cached list of layers
-    (O(layers), independent of how many adapters are loaded)."""
+    (O(layers), independent of how many adapters are loaded). Only for the peft versions of
+    `FAST_LORA_SWITCH_PEFT` (see `fast_lora_switch_supported`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    _private(BaseTunerLayer, "_active_adapter", "peft")
+    _private(BaseTunerLayer, "_disable_adapters", "peft")
     for layer in tuner_layers:
         if name is None:
             layer._disable_adapters = True
@@ -90,9 +166,11 @@ def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> Non
 def gguf_architectures() -> set[str]:
     """GGUF `general.architecture` names transformers (5.x) can read, from its own table
     (`modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES`, present in 4.4x and 5.x)."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers import modeling_gguf_pytorch_utils
 
-    return set(GGUF_SUPPORTED_ARCHITECTURES)
+    return set(
+        _private(modeling_gguf_pytorch_utils, "GGUF_SUPPORTED_ARCHITECTURES", "transformers")
+    )
 
 
 def gguf_dequantize_config():

@@ -1,22 +1,27 @@
-"""The public Python surface: each CLI verb is one function here, usable from a notebook too."""
+"""The public Python surface: each CLI verb is one function here, usable from a notebook too.
+
+`export` and `combine` are the library functions themselves (their signatures are the options);
+`peftkit.cli` derives its flags from these signatures and from the option classes they take.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import yaml
+from annotated_types import Ge, Le
 
 from peftkit.adapters.adapter_set import AdapterSet, default_name
-from peftkit.adapters.combine import CombineResult
-from peftkit.adapters.combine import combine as combine_adapters
+from peftkit.adapters.combine import combine
 from peftkit.errors import RecipeError
-from peftkit.export.run import export as run_export
-from peftkit.planner.plan import make_plan, parse_size
+from peftkit.export.run import export
+from peftkit.planner.plan import Plan, make_plan, parse_size
 from peftkit.recipe.load import load_recipe
-from peftkit.recipe.schema import Recipe
+from peftkit.recipe.schema import DType, Recipe
 from peftkit.serving.app import ServeLimits
 from peftkit.serving.server import Server, load_for_serving
 from peftkit.sweep import SweepResult
@@ -24,6 +29,8 @@ from peftkit.sweep import sweep as run_sweep
 from peftkit.training.loop import StepCallback
 from peftkit.training.precision import resolve_precision
 from peftkit.training.run import train as train_recipe
+
+log = logging.getLogger("peftkit.serve")
 
 
 def validate(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -79,7 +86,7 @@ def train(
 
 def plan(
     recipe: str | Path | Recipe, overrides: list[str] | None = None, gpu_memory: str | None = None
-):
+) -> Plan:
     """Predict peak training memory of a recipe (loads no weights); see `peftkit.planner.plan`.
 
     Args:
@@ -90,15 +97,10 @@ def plan(
     return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None)
 
 
-def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
-    """Export a run to deployable weights (see `peftkit.export.run.export` for the options)."""
-    return run_export(path, out, **options)
-
-
 def load_adapters(
     adapters: dict[str, str | Path] | list[str | Path],
     base: str | None = None,
-    dtype: str = "auto",
+    dtype: DType = "auto",
     quantization: str | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
 ) -> AdapterSet:
@@ -108,6 +110,7 @@ def load_adapters(
         adapters: {name: run dir or adapter folder}, or a list of them (named after their folder;
             a run directory's name, not "adapter").
         base: the base model; default: the one the adapters' manifests name.
+        dtype: dtype of the base weights (auto: bf16 on a GPU that has it, else fp32).
         quantization: "auto" = as the adapters were trained (QLoRA: 4-bit), None, or {"bits": 4}.
         allow_mismatch: load adapters trained on another base (warn instead of refusing).
     """
@@ -120,9 +123,9 @@ def serve(
     adapters_dir: str | Path,
     base: str | None = None,
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, Ge(0), Le(65535)] = 8000,
     served_base_name: str | None = None,
-    dtype: str = "auto",
+    dtype: DType = "auto",
     quantization: str | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
     limits: ServeLimits | None = None,
@@ -131,6 +134,10 @@ def serve(
     """Serve the base model and every adapter in `adapters_dir` over an OpenAI-compatible API.
 
     Args:
+        adapters_dir: one sub-folder per adapter (run dir or adapter folder); its name is the model name.
+        base: the base model (default: the one the adapters were trained on).
+        port: 0 = any free port.
+        served_base_name: model name of the base (default: base).
         limits: a `peftkit.serving.app.ServeLimits` (queue, batch and request size limits).
         block: serve until SIGINT/SIGTERM (True), or start in a background thread and return the
             `Server` (call `.stop()`; its `.url` says where it listens).
@@ -139,15 +146,10 @@ def serve(
     server = Server(aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name)
     if not block:
         return server.start()
-    print(f"peftkit serve: {aset.spec.name} + adapters {', '.join(aset.names)}", flush=True)
-    print(f"peftkit serve: listening on {server.url}/v1 (Ctrl-C stops)", flush=True)
+    log.info(f"peftkit serve: {aset.spec.name} + adapters {', '.join(aset.names)}")
+    log.info(f"peftkit serve: listening on {server.url}/v1 (Ctrl-C stops)")
     server.run()
     return server
-
-
-def combine(sources: dict[str, str | Path], out: str | Path, **options: Any) -> CombineResult:
-    """Combine adapters into one and evaluate it on each source's task (see `peftkit.adapters.combine`)."""
-    return combine_adapters(sources, out, **options)
 
 
 def sweep(
@@ -166,3 +168,17 @@ def sweep(
     return run_sweep(
         recipe, space, trials, overrides, out_dir=out, storage=storage, overwrite=overwrite
     )
+
+
+__all__ = [
+    "combine",
+    "environment_notes",
+    "export",
+    "load_adapters",
+    "plan",
+    "resolved_yaml",
+    "serve",
+    "sweep",
+    "train",
+    "validate",
+]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from transformers import PreTrainedTokenizerBase
 
 from peftkit import _compat
@@ -271,8 +272,11 @@ class AdapterSet:
     def _refresh_layers(self) -> None:
         modules = list(self.model.modules())
         self._tuner_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
-        # modules_to_save copies switch through peft's own (slower, complete) path
-        self._plain_lora = not any(type(m).__name__ == "ModulesToSaveWrapper" for m in modules)
+        # modules_to_save copies switch through peft's own (slower, complete) path, as do peft
+        # versions the fast path was not checked against
+        self._plain_lora = _compat.fast_lora_switch_supported() and not any(
+            isinstance(m, ModulesToSaveWrapper) for m in modules
+        )
 
     # ------------------------------------------------------------------ generation
     def stop_ids(self, adapter: str | None) -> set[int]:

@@ -19,9 +19,11 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import yaml
+from annotated_types import Gt, Le
 
 from peftkit.adapters.adapter_set import AdapterSet, resolve_adapter_dir
 from peftkit.data.encode import EncodedRow
@@ -86,8 +88,8 @@ def combine(
     out: str | Path,
     how: str = "ties",
     weights: list[float] | None = None,
-    density: float = 0.5,
-    svd_rank: int | None = None,
+    density: Annotated[float, Gt(0), Le(1)] = 0.5,
+    svd_rank: Annotated[int, Gt(0)] | None = None,
     base: str | None = None,
     seed: int = 0,
     evaluate: bool = True,
@@ -97,10 +99,15 @@ def combine(
     """Combine `sources` ({name: run dir or adapter folder}) into a new adapter written to `out`.
 
     Args:
-        how: one of `HOW` (see the module docstring).
+        how: one of `HOW` (see the module docstring): linear, cat, svd, ties, dare_ties, ...
         weights: one per source (default: equal, summing to 1).
         density: fraction of each update kept by ties / dare / magnitude_prune.
         svd_rank: rank of the *_svd results (default: the largest source rank).
+        base: the base model (default: the one the adapters were trained on).
+        seed: seed of the random dare_* drops.
+        evaluate: score the result on each source's eval data (the evaluation table).
+        max_eval_rows: eval rows per source at most.
+        overwrite: replace an existing output folder (only a previous combination).
     """
     if how not in HOW:
         raise ServingError(f"combine: unknown method {how!r}; choose one of {', '.join(HOW)}")
@@ -200,7 +207,7 @@ def _eval_rows(adapter_dir: Path, aset: AdapterSet, limit: int) -> list[EncodedR
     recipe = _source_recipe(adapter_dir)
     if recipe is None:
         return None
-    seed = recipe.data.shuffle_seed if recipe.data.shuffle_seed is not None else recipe.train.seed
+    seed = recipe.data_seed
     data = prepare_data(recipe.data, aset.tokenizer, seed)
     if not data.eval:
         raise ServingError("its run had no eval data (set data.eval or data.eval_fraction)")

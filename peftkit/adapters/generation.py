@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
@@ -22,11 +22,14 @@ from transformers.generation.streamers import BaseStreamer
 class SamplingOptions(BaseModel):
     """How to pick tokens. temperature 0 = greedy (deterministic)."""
 
-    model_config = {"extra": "forbid", "frozen": True}
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     max_new_tokens: int = Field(default=128, gt=0)
+    """Most tokens generated per answer."""
     temperature: float = Field(default=0.0, ge=0, le=5)
+    """0 = greedy."""
     top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
     top_k: int = Field(default=0, ge=0)
     """0 = no top-k cut."""
 

@@ -20,11 +20,10 @@ from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from peftkit import _compat
 from peftkit.errors import ExportError
 from peftkit.export.source import ExportSource
 from peftkit.models.load import DTYPES, load_model
-
-QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
 
 
 def _trained_dtype(source: ExportSource) -> torch.dtype:
@@ -86,7 +85,7 @@ def dequantized_base(source: ExportSource) -> tuple[nn.Module, dict[str, int]]:
     blocksizes = {}
     with torch.no_grad():
         for name, module in quantized.named_modules():
-            if type(module).__name__ in QUANTIZED_LINEARS:
+            if _compat.is_quantized_linear(module):
                 dense_modules[name].weight.copy_(dequantize_module_weight(module).float())
                 state = getattr(module.weight, "quant_state", None)
                 blocksizes[name] = getattr(state, "blocksize", 64)

@@ -36,7 +36,7 @@ def export_head_model(
     if r.model.quantization is not None:
         raise ExportError("exporting a task head trained on a quantized base is not supported yet")
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
-    seed = r.data.shuffle_seed if r.data.shuffle_seed is not None else r.train.seed
+    seed = r.data_seed
     data, _ = prepare_labeled_data(r.data, r.task, tokenizer, seed)
     rows = (data.eval or data.train)[: spec.samples]
     trained = _trained(source, tokenizer.pad_token_id)

@@ -3,8 +3,11 @@ it against the trained model, and keep it only if it passes the fidelity gate.""
 
 from __future__ import annotations
 
+import logging
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from torch import nn
@@ -27,25 +30,29 @@ from peftkit.io import (
     guard_output,
 )
 from peftkit.models.load import model_source
-from peftkit.recipe.schema import ExportSpec
+from peftkit.recipe.schema import ExportDType, ExportFormat, ExportSpec, GgufQuant, MergeBase
 
-TARGETS = ("vllm",)
+Target = Literal["vllm"]
+TARGETS = typing.get_args(Target)
+
+
+_logger = logging.getLogger(__name__)
 
 
 def export(
     path: str | Path,
     out: str | Path,
     *,
-    dtype: str | None = None,
+    dtype: ExportDType | None = None,
     max_shard_size: str | None = None,
-    merge_base: str | None = None,
+    merge_base: MergeBase | None = None,
     allow_drift: bool = False,
     adapter_only: bool = False,
-    target: str | None = None,
+    target: Target | None = None,
     overwrite: bool = False,
-    format: str | None = None,
-    quant: str | None = None,
-    log=print,
+    format: ExportFormat | None = None,
+    quant: GgufQuant | None = None,
+    log: Callable[[str], None] = _logger.info,
 ) -> dict[str, Any]:
     """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
 
@@ -55,6 +62,19 @@ def export(
     Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
     trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
     or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
+
+    Args:
+        dtype: weights dtype (default: the recipe's export.dtype).
+        max_shard_size: largest weights file, e.g. 2GB (default: the recipe's export.max_shard_size).
+        merge_base: QLoRA merge base (default: the recipe's export.merge_base).
+        allow_drift: keep the export even if the fidelity gate fails.
+        adapter_only: write the adapter, not merged weights.
+        target: check (and losslessly fix) the adapter for a server.
+        overwrite: replace an existing output folder (only a previous export).
+        format: merged safetensors, or one GGUF file for llama.cpp/Ollama (default: the recipe's
+            export.format).
+        quant: GGUF weight type (default: the recipe's export.quant).
+        log: where progress lines and the fidelity report go.
     """
     source = resolve_source(path)
     updates = {
@@ -172,12 +192,7 @@ def export(
 def _held_out_rows(
     source: ExportSource, tokenizer, spec: ExportSpec
 ) -> tuple[list[EncodedRow], str]:
-    seed = (
-        source.recipe.data.shuffle_seed
-        if source.recipe.data.shuffle_seed is not None
-        else source.recipe.train.seed
-    )
-    data = prepare_data(source.recipe.data, tokenizer, seed)
+    data = prepare_data(source.recipe.data, tokenizer, source.recipe.data_seed)
     rows, where = (
         (data.eval, "eval data")
         if data.eval

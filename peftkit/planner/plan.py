@@ -43,7 +43,7 @@ def largest_micro_batch(
     from peftkit.data.step_plan import StepPlan
 
     t = recipe.train
-    seed = recipe.data.shuffle_seed if recipe.data.shuffle_seed is not None else t.seed
+    seed = recipe.data_seed
     plan = StepPlan(len(lengths), t.micro_batch_size, t.grad_accum, 1, seed)
     steps = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
     group = None if packing or not t.group_by_length else lengths
@@ -93,7 +93,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
     else:
         precision = resolve_precision(recipe.train, on_gpu)
     tokenizer = load_tokenizer(recipe.model)
-    seed = recipe.data.shuffle_seed if recipe.data.shuffle_seed is not None else recipe.train.seed
+    seed = recipe.data_seed
     data = prepare_data(recipe.data, tokenizer, seed)
     lengths = np.array([len(r.input_ids) for r in data.train])
     supervised = np.array([r.n_supervised for r in data.train])

@@ -12,6 +12,10 @@ from peftkit.methods.registry import registered_methods
 from peftkit.section import Section
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+ExportFormat = Literal["safetensors", "gguf"]
+GgufQuant = Literal["f32", "f16", "bf16", "q8_0"]
+ExportDType = Literal["bfloat16", "float16", "float32"]
+MergeBase = Literal["auto", "original", "dequantized"]
 
 
 class QuantizationSpec(Section):
@@ -372,12 +376,12 @@ class FidelityThresholds(Section):
 class ExportSpec(Section):
     """How `peftkit export` writes deployable weights and what it checks before it keeps them."""
 
-    format: Literal["safetensors", "gguf"] = "safetensors"
+    format: ExportFormat = "safetensors"
     """safetensors = merged transformers weights (+ tokenizer); gguf = one file with weights,
     tokenizer and chat template for llama.cpp, Ollama and LM Studio (+ an Ollama Modelfile)."""
-    quant: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    quant: GgufQuant = "f16"
     """GGUF only: the type of the 2-D weights (norms and biases stay f32)."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: ExportDType = "bfloat16"
     """safetensors only: the dtype of the weights."""
     max_shard_size: str = "5GB"
     """Largest weights file, a number and a unit: 500MB, 5GB, 2GiB."""
@@ -389,7 +393,7 @@ class ExportSpec(Section):
             raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 2GiB")
         return value.strip()
 
-    merge_base: Literal["auto", "original", "dequantized"] = "auto"
+    merge_base: MergeBase = "auto"
     """For QLoRA: merge into the original 16-bit weights, into the dequantized NF4 weights training
     saw, or measure both and keep the closer (auto)."""
     samples: int = Field(default=16, gt=0)
@@ -506,6 +510,11 @@ class Recipe(Section):
         if self.task.labels is not None and len(self.task.labels) < 2:
             problems.append("task.labels: a classifier needs at least two labels")
         return problems
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of the eval split and epoch shuffles: data.shuffle_seed, or train.seed when unset."""
+        return self.data.shuffle_seed if self.data.shuffle_seed is not None else self.train.seed
 
     @property
     def run_dir(self) -> str:

@@ -13,12 +13,11 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from peftkit.adapters.adapter_set import BASE, AdapterSet
@@ -28,19 +27,23 @@ from peftkit.serving.engine import Engine, EngineBusy, EngineClosed
 from peftkit.serving.engine import Request as EngineRequest
 
 
-@dataclass
-class ServeLimits:
-    max_queue: int = 64
+class ServeLimits(BaseModel):
+    """How much `peftkit serve` accepts (the CLI's serve flags are these fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_queue: int = Field(default=64, gt=0)
     """Requests waiting beyond the running batch; more get 503 'server busy'."""
-    max_batch: int = 16
+    max_batch: int = Field(default=16, gt=0)
     """Rows generated together in one batch."""
-    batch_wait_s: float = 0.02
+    batch_wait_s: float = Field(default=0.02, ge=0)
     """How long the first request of a batch waits for others to join it."""
-    max_body_bytes: int = 1_000_000
-    max_prompt_tokens: int = 4096
-    max_new_tokens: int = 1024
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
+    max_prompt_tokens: int = Field(default=4096, gt=0)
+    max_new_tokens: int = Field(default=1024, gt=0)
     """Largest max_tokens a request may ask for."""
-    default_max_tokens: int = 256
+    default_max_tokens: int = Field(default=256, gt=0)
+    """max_tokens of a request that gives none."""
 
 
 def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> FastAPI:

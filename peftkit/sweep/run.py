@@ -3,6 +3,7 @@ the space, prune trials whose eval loss falls behind, and write the table and th
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -25,6 +26,8 @@ from peftkit.sweep.trial import TrialOutcome, output_to, run_trial
 
 if TYPE_CHECKING:
     import optuna
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,7 +114,7 @@ def sweep(
             outcome = run_trial(trial, recipe_path, overrides, sweep_dir / name, spec.objective)
         _tell(study, trial, outcome, sweep_dir / name)
         result = _write_outputs(study, spec, sweep_dir, recipe_path, overrides, title)
-        print(_trial_line(trial, outcome, i, trials, spec.objective), flush=True)
+        log.info(_trial_line(trial, outcome, i, trials, spec.objective))
         if outcome.state == "interrupted":
             again = " Run the same command to continue the sweep." if storage else ""
             raise SweepError(

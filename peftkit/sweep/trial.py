@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -106,7 +107,19 @@ def _release_memory() -> None:
 
 @contextlib.contextmanager
 def output_to(path: Path):
-    """Send a trial's printed output (data audit, run summary) to a log file, not the console."""
+    """Send a trial's training log (data audit, evaluations, run summary) to a file, not the console."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as log, contextlib.redirect_stdout(log):
+    logger = logging.getLogger("peftkit.training")
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
         yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

@@ -8,6 +8,7 @@ accumulation and data parallelism give the same update as one big batch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shutil
 import sys
@@ -49,6 +50,8 @@ from peftkit.training.signals import StopRequest
 from peftkit.training.tasks import TaskLosses
 from peftkit.training.unfreeze import LayerSchedule
 
+log = logging.getLogger(__name__)
+
 StepCallback = Callable[[int, dict[str, Any]], None]
 
 
@@ -86,7 +89,7 @@ class FineTuneRun:
         torch.manual_seed(r.train.seed)
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
-        self.seed = r.data.shuffle_seed if r.data.shuffle_seed is not None else r.train.seed
+        self.seed = r.data_seed
         self.class_names: list[str] | None = None  # classification: class id -> name
         if r.task.has_head:
             self.data, self.class_names = prepare_labeled_data(
@@ -547,7 +550,9 @@ class FineTuneRun:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
-        print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))
+        log.info(
+            format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after)
+        )
         return summary
 
     # ------------------------------------------------------------------ helpers
@@ -601,4 +606,4 @@ class FineTuneRun:
 
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(text)
+            log.info(text)

@@ -61,17 +61,7 @@ def causal_lm_token_losses(
     positions or None = all seq - 1); `losses.sum()` is `causal_lm_loss_sum` up to float order.
     """
     logits, targets, keep = _logits_and_targets(model, batch, supervised_only)
-    flat = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
-    flat_targets = targets.reshape(-1)
-    parts = []
-    for start in range(0, flat.shape[0], CE_CHUNK_ROWS):
-        args = (flat[start : start + CE_CHUNK_ROWS], flat_targets[start : start + CE_CHUNK_ROWS])
-        parts.append(
-            checkpoint(_ce_terms, *args, use_reentrant=False)
-            if flat.requires_grad
-            else _ce_terms(*args)
-        )
-    return torch.cat(parts).reshape(targets.shape), keep
+    return torch.cat(_chunked(_ce_terms, logits, targets)).reshape(targets.shape), keep
 
 
 def _logits_and_targets(
@@ -105,23 +95,27 @@ def _ce_terms(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def chunked_cross_entropy_sum(
     logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
 ) -> torch.Tensor:
-    """sum of fp32 cross-entropy over non-IGNORE targets, `chunk_rows` logit rows at a time.
+    """sum of fp32 cross-entropy over non-IGNORE targets, `chunk_rows` logit rows at a time."""
+    total = logits.new_zeros((), dtype=torch.float32)
+    for part in _chunked(_ce_sum, logits, targets, chunk_rows):
+        total = total + part
+    return total
+
+
+def _chunked(
+    fn, logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
+) -> list[torch.Tensor]:
+    """`fn(logits, targets)` over `chunk_rows` logit rows at a time.
 
     Each chunk is checkpointed when gradients flow, so backward recomputes its fp32 log-softmax
     instead of keeping all of them alive at once.
     """
     flat = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
     flat_targets = targets.reshape(-1)
-    if flat.shape[0] <= chunk_rows and not flat.requires_grad:
-        return _ce_sum(flat, flat_targets)
-    total = flat.new_zeros((), dtype=torch.float32)
+    parts = []
     for start in range(0, flat.shape[0], chunk_rows):
-        part, part_targets = (
-            flat[start : start + chunk_rows],
-            flat_targets[start : start + chunk_rows],
+        args = (flat[start : start + chunk_rows], flat_targets[start : start + chunk_rows])
+        parts.append(
+            checkpoint(fn, *args, use_reentrant=False) if flat.requires_grad else fn(*args)
         )
-        if flat.requires_grad:
-            total = total + checkpoint(_ce_sum, part, part_targets, use_reentrant=False)
-        else:
-            total = total + _ce_sum(part, part_targets)
-    return total
+    return parts

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import peftkit
+from peftkit import _compat
 from peftkit.training import generated, reference, tasks
 from peftkit.training.metrics import peak_memory_bytes
 
@@ -22,7 +23,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
+        if _compat.is_packed_4bit(p):
             n *= 2  # two 4-bit values per stored uint8
         total += n
         trainable += n if p.requires_grad else 0

@@ -26,7 +26,7 @@ LAYERS = [
     {"training"},
     {"planner", "export", "adapters", "serving", "sweep"},
     {"api"},
-    {"cli_adapters", "cli", "__main__"},
+    {"cli", "__main__"},
 ]
 LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

@@ -1,4 +1,5 @@
-"""The adapter verbs of the command line (generate, chat, serve, combine): arguments in, api out."""
+"""The adapter verbs of the command line (generate, chat, serve, combine): arguments in, api out,
+results printed."""
 
 from __future__ import annotations
 
@@ -8,13 +9,112 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peftkit import api
-from peftkit.adapters.adapter_set import default_name
+from peftkit.cli.flags import add_flags, model_params, number, signature_params
 from peftkit.errors import ServingError
+
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k")
+
+
+def _loading_arguments(p: argparse.ArgumentParser, adapters: bool = True) -> None:
+    from peftkit import api
+
+    if adapters:
+        p.add_argument(
+            "--adapter",
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="adapter to load (run dir or adapter folder); repeat for several",
+        )
+    p.add_argument("--base", help="base model (default: the one the adapters were trained on)")
+    add_flags(p, signature_params(api.load_adapters, ["dtype"]))
+    p.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "4", "8"],
+        help="load the base in 4/8 bit; auto = as the adapters were trained",
+    )
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters trained on another base model anyway (their outputs may be garbage)",
+    )
+
+
+def _sampling_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit.adapters.generation import SamplingOptions
+
+    add_flags(p, model_params(SamplingOptions, SAMPLING))
+    p.add_argument("--seed", type=int, help="sampling seed")
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    _loading_arguments(p)
+    _sampling_arguments(p)
+    p.add_argument("--use", help="adapter to answer with, 'base', or a comma list (each one)")
+    p.add_argument("--prompt", action="append", default=[], help="repeat for several")
+    p.add_argument(
+        "--prompts", help='file: one prompt per line (.txt), or .jsonl with "prompt" or "messages"'
+    )
+    p.add_argument("--system", help="system prompt (chat prompts)")
+    p.add_argument(
+        "--raw", action="store_true", help="continue prompts as plain text (no chat template)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+
+
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+    _loading_arguments(p)
+    _sampling_arguments(p)
+    p.add_argument("--use", help="adapter to start with ('base' = none)")
+    p.add_argument("--system", help="system prompt")
+
+
+SERVE_LIMITS = ("max_queue", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit import api
+    from peftkit.serving.app import ServeLimits
+
+    p.add_argument(
+        "--adapters-dir",
+        required=True,
+        help=signature_params(api.serve, ["adapters_dir"])[0].help,
+    )
+    _loading_arguments(p, adapters=False)
+    add_flags(p, signature_params(api.serve, ["host", "port", "served_base_name"]))
+    add_flags(p, model_params(ServeLimits, SERVE_LIMITS))
+    wait = ServeLimits.model_fields["batch_wait_s"]
+    p.add_argument(
+        "--batch-wait-ms",
+        type=number(float, 0.0),
+        default=wait.default * 1000,
+        help=f"{wait.description} (milliseconds)",
+    )
+
+
+def combine_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit.adapters.combine import combine
+
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--out", required=True)
+    add_flags(p, signature_params(combine, ["how"]))
+    p.add_argument("--weights", help="comma list, one per adapter (default: equal)")
+    add_flags(p, signature_params(combine, ["density", "svd_rank", "base"]))
+    p.add_argument(
+        "--no-eval",
+        dest="evaluate",
+        action="store_false",
+        help="skip the evaluation table",
+    )
+    add_flags(p, signature_params(combine, ["overwrite"]))
 
 
 def _named(items: list[str]) -> dict[str, str]:
     """NAME=PATH items (or PATH alone: named after its folder) as {name: path}."""
+    from peftkit.adapters.adapter_set import default_name
+
     named: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -33,6 +133,8 @@ def _quantization(value: str) -> str | dict[str, Any] | None:
 
 
 def _load(args: argparse.Namespace):
+    from peftkit import api
+
     aset = api.load_adapters(
         _named(args.adapter),
         base=args.base,
@@ -48,12 +150,7 @@ def _load(args: argparse.Namespace):
 def _options(args: argparse.Namespace):
     from peftkit.adapters.generation import SamplingOptions
 
-    return SamplingOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-    )
+    return SamplingOptions(**{k: getattr(args, k) for k in SAMPLING})
 
 
 def _default_adapter(aset, use: str | None) -> list[str]:
@@ -138,15 +235,11 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from peftkit import api
     from peftkit.serving.app import ServeLimits
 
     limits = ServeLimits(
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        batch_wait_s=args.batch_wait_ms / 1000,
-        max_body_bytes=args.max_body_bytes,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens,
+        **{k: getattr(args, k) for k in SERVE_LIMITS}, batch_wait_s=args.batch_wait_ms / 1000
     )
     api.serve(
         args.adapters_dir,
@@ -163,6 +256,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def combine(args: argparse.Namespace) -> int:
+    from peftkit import api
+
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     result = api.combine(
         _named(args.adapter),
@@ -172,11 +267,11 @@ def combine(args: argparse.Namespace) -> int:
         density=args.density,
         svd_rank=args.svd_rank,
         base=args.base,
-        evaluate=not args.no_eval,
+        evaluate=args.evaluate,
         overwrite=args.overwrite,
     )
     print(f"wrote {result.out} ({args.how} of {', '.join(_named(args.adapter))})")
-    if not args.no_eval:
+    if args.evaluate:
         print("eval loss per supervised token on each source's eval data:")
         print(result.table())
     return 0

@@ -1,0 +1,136 @@
+"""The recipe verbs of the command line (train, validate, plan, export, sweep): arguments in, api
+out, results printed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peftkit.cli.flags import POSITIVE, add_flags, model_params, signature_params
+
+
+def recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=8")
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    recipe_arguments(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output.dir from its last checkpoint",
+    )
+
+
+def train(args: argparse.Namespace) -> int:
+    from peftkit import api
+
+    api.train(args.recipe, args.overrides, resume=args.resume)
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    from peftkit import api
+
+    recipe = api.validate(args.recipe, args.overrides)
+    print(api.resolved_yaml(recipe), end="")
+    for note in api.environment_notes(recipe):
+        print(f"# note: {note}", file=sys.stderr)
+    print(f"# ok: {args.recipe} is valid", file=sys.stderr)
+    return 0
+
+
+def plan_arguments(p: argparse.ArgumentParser) -> None:
+    recipe_arguments(p)
+    p.add_argument(
+        "--gpu-memory",
+        help="plan for a GPU with this much memory, e.g. 24GB (default: this machine)",
+    )
+
+
+def plan(args: argparse.Namespace) -> int:
+    from peftkit import api
+    from peftkit.planner.plan import format_plan
+
+    result = api.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)
+    print(format_plan(result))
+    return 4 if result.fits is False else 0
+
+
+# export's flags: the recipe's export section (given: overrides it) and export's own options
+EXPORT_RECIPE_KEYS = ("dtype", "max_shard_size", "merge_base", "format", "quant")
+EXPORT_OPTIONS = ("allow_drift", "adapter_only", "target", "overwrite")
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit.export.run import export
+    from peftkit.recipe.schema import ExportSpec
+
+    p.add_argument(
+        "run", help="run directory, or a result folder inside one (RUN/adapter, RUN/best)"
+    )
+    p.add_argument(
+        "--out", required=True, help="folder to write (must not exist unless --overwrite)"
+    )
+    add_flags(
+        p,
+        model_params(ExportSpec, EXPORT_RECIPE_KEYS),
+        optional=True,
+        help_suffix=" (default: the recipe's export section)",
+    )
+    add_flags(p, signature_params(export, EXPORT_OPTIONS))
+
+
+def export(args: argparse.Namespace) -> int:
+    from peftkit import api
+
+    options = {k: getattr(args, k) for k in (*EXPORT_RECIPE_KEYS, *EXPORT_OPTIONS)}
+    api.export(args.run, args.out, **options)
+    return 0
+
+
+def sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file every trial starts from")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides for every trial, e.g. train.max_steps=200"
+    )
+    p.add_argument(
+        "--space", required=True, help="search space YAML (params, objective, pruner, seed)"
+    )
+    p.add_argument(
+        "--trials",
+        type=POSITIVE,
+        required=True,
+        help="trials in the sweep (with --storage: in total)",
+    )
+    p.add_argument("--out", help="sweep folder (default: the recipe's output.dir + '-sweep')")
+    p.add_argument(
+        "--storage", help="sqlite file that keeps the study: rerun the command to continue it"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a sweep folder that holds another sweep"
+    )
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from peftkit import api
+
+    result = api.sweep(
+        args.recipe,
+        args.space,
+        args.trials,
+        args.overrides,
+        out=args.out,
+        storage=args.storage,
+        overwrite=args.overwrite,
+    )
+    print(result.table)
+    if result.best_recipe is None:
+        print(f"peftkit sweep: no trial completed; see {result.results}", file=sys.stderr)
+        return 2
+    print(
+        f"results: {result.results}\nbest recipe: {result.best_recipe} "
+        f"(train it: peftkit train {result.best_recipe})"
+    )
+    return 0

@@ -1,0 +1,69 @@
+"""The workarounds in peftkit/_compat.py against the installed libraries: every private attribute
+they touch still exists, the version-gated fast paths are in their checked range, and each shim
+still does what it is for. A library upgrade that breaks one fails here, by name."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from peftkit import _compat
+
+
+def _resolve(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    try:
+        return importlib.import_module(dotted)
+    except ImportError:
+        return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize(
+    "library, owner, attr, checked", _compat.PRIVATE_API, ids=lambda v: str(v).split(".")[-1]
+)
+def test_every_private_attribute_still_exists(library, owner, attr, checked):
+    assert hasattr(_resolve(owner), attr), (
+        f"{library} {_compat.installed(library)} removed {owner}.{attr} (checked with {checked}): "
+        "revisit the workaround in peftkit/_compat.py"
+    )
+
+
+def test_a_missing_private_attribute_is_a_clear_error():
+    class Owner:
+        pass
+
+    with pytest.raises(
+        _compat.PrivateApiChanged, match=r"peft [\d.]+ has no Owner\._active_adapter"
+    ):
+        _compat._private(Owner, "_active_adapter", "peft")
+
+
+def test_the_installed_peft_is_in_the_fast_switch_range():
+    low, below = _compat.FAST_LORA_SWITCH_PEFT
+    assert _compat.fast_lora_switch_supported(), (
+        f"peft {_compat.installed('peft')} is outside [{low}, {below}): adapters switch through "
+        "peft's slow path; check switch_lora_adapter against it and widen the range"
+    )
+
+
+def test_bitsandbytes_types_are_recognised_without_class_names():
+    bnb = pytest.importorskip("bitsandbytes")
+    assert _compat.is_packed_4bit(bnb.nn.Params4bit(torch.zeros(4, 4), requires_grad=False))
+    assert not _compat.is_packed_4bit(torch.nn.Parameter(torch.zeros(4, 4)))
+    assert _compat.is_quantized_linear(bnb.nn.Linear8bitLt(4, 4, has_fp16_weights=False))
+    assert not _compat.is_quantized_linear(torch.nn.Linear(4, 4))
+
+
+def test_a_second_accelerator_may_change_mixed_precision():
+    from accelerate import Accelerator
+
+    Accelerator(mixed_precision="no", cpu=True)
+    _compat.allow_new_mixed_precision()
+    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
+    _compat.allow_new_mixed_precision()
+
+
+def test_gguf_architectures_come_from_transformers():
+    assert {"llama", "qwen2"} <= _compat.gguf_architectures()
