@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -11,3 +14,14 @@ class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, use_attribute_docstrings=True
     )
+
+
+def error_message(err: dict[str, Any]) -> str:
+    """A pydantic error's message, without the "Value error, " pydantic puts before our own."""
+    return err["msg"].removeprefix("Value error, ")
+
+
+def unknown_key_message(where: str, guess: str | None, valid: Iterable[str]) -> str:
+    """The message for a misspelt key: the closest valid one, and all of them."""
+    hint = f" Did you mean {guess!r}?" if guess else ""
+    return f"{where}: unknown key.{hint} Valid keys here: {', '.join(valid)}"

@@ -31,6 +31,7 @@ from peftkit.io import (
 )
 from peftkit.models.load import model_source
 from peftkit.recipe.schema import ExportDType, ExportFormat, ExportSpec, GgufQuant, MergeBase
+from peftkit.section import error_message
 
 Target = Literal["vllm"]
 TARGETS = typing.get_args(Target)
@@ -91,8 +92,7 @@ def export(
         spec = ExportSpec.model_validate(spec.model_dump())
     except ValidationError as e:
         problems = [
-            f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: "
-            + err["msg"].removeprefix("Value error, ")
+            f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: " + error_message(err)
             for err in e.errors()
         ]
         raise ExportError("; ".join(problems)) from None

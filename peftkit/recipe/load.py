@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from peftkit.errors import PeftkitError, RecipeError
 from peftkit.recipe import yaml_strict
 from peftkit.recipe.schema import Recipe
+from peftkit.section import error_message, unknown_key_message
 
 # Names users bring from transformers/peft/other toolkits, mapped to ours.
 ALIASES = {
@@ -127,8 +128,8 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
             if alias in valid
             else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         )
-        hint = f" Did you mean {'.'.join(map(str, [*loc[:-1], guess[0]]))!r}?" if guess else ""
-        return f"{where}: unknown key.{hint} Valid keys here: {', '.join(valid)}"
+        dotted = ".".join(map(str, [*loc[:-1], guess[0]])) if guess else None
+        return unknown_key_message(where, dotted, valid)
     if err["type"] == "missing":
         return f"{where}: required, missing"
     if err["type"] == "union_tag_invalid":
@@ -140,7 +141,7 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return (
             f"{where}.method: unknown method {got!r}.{hint} Available: {', '.join(method_names())}"
         )
-    message = err["msg"].removeprefix("Value error, ")
+    message = error_message(err)
     if "input" in err and err["type"] != "value_error":
         return f"{where}: {message} (got {err['input']!r})"
     return f"{where}: {message}"

@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, model_validator
 from peftkit.errors import RecipeError, SweepError
 from peftkit.recipe.load import load_recipe, read_yaml
 from peftkit.recipe.schema import Recipe
-from peftkit.section import Section
+from peftkit.section import Section, error_message, unknown_key_message
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -170,15 +170,14 @@ def _describe(err: dict[str, Any]) -> str:
     # Drop the union tag pydantic puts in the location (params.train.lr.float.low -> ...lr.low).
     loc = [str(p) for p in err["loc"] if p not in ("float", "int", "categorical")]
     where = ".".join(loc)
-    message = err["msg"].removeprefix("Value error, ")
+    message = error_message(err)
     if not where:  # a rule over the whole file names its keys itself
         return message
     if err["type"] == "extra_forbidden":
         parent = err["loc"][-2] if len(err["loc"]) > 1 else None
         valid = sorted(_SECTIONS.get(str(parent), SearchSpace).model_fields)
         guess = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f" Did you mean {guess[0]!r}?" if guess else ""
-        return f"{where}: unknown key.{hint} Valid keys here: {', '.join(valid)}"
+        return unknown_key_message(where, guess[0] if guess else None, valid)
     return f"{where}: {message}"
 
 
