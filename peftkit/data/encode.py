@@ -42,9 +42,11 @@ class Encoder:
         self.renderer = ChatRenderer(tokenizer)
         self.stop_tokens: set[str] = set()
 
-    def encode(self, example: Example) -> EncodedRow:
+    def encode(self, example: Example, first_turn: int = 0) -> EncodedRow:
+        """Token ids and labels of one example; for conversations, assistant turns before
+        `first_turn` (0-based among assistant turns) carry no loss (preference answers)."""
         if example.messages is not None:
-            return self._encode_chat(example)
+            return self._encode_chat(example, first_turn)
         if example.text is not None:
             return self._encode_plain("", example.text, example.origin, supervise_prompt=True)
         return self._encode_plain(
@@ -54,10 +56,12 @@ class Encoder:
             supervise_prompt=self.loss_on == "all",
         )
 
-    def _encode_chat(self, example: Example) -> EncodedRow:
+    def _encode_chat(self, example: Example, first_turn: int = 0) -> EncodedRow:
         chat = self.renderer.render(example.messages, example.origin)
         self.stop_tokens |= chat.stop_tokens
-        spans = [(0, len(chat.text))] if self.loss_on == "all" else chat.assistant_spans
+        spans = (
+            [(0, len(chat.text))] if self.loss_on == "all" else chat.assistant_spans[first_turn:]
+        )
         enc = self.tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         return EncodedRow(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -35,7 +36,7 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
     train_examples = _read_examples(spec.train, spec.system_prompt, lambda s: s.task_name)
     eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task)
     if not eval_examples and spec.eval_fraction > 0:
-        train_examples, eval_examples = _hold_out(train_examples, spec.eval_fraction, seed)
+        train_examples, eval_examples = hold_out(train_examples, spec.eval_fraction, seed)
     if spec.max_eval_rows is not None:
         eval_examples = eval_examples[: spec.max_eval_rows]
     encoder = Encoder(tokenizer, spec.loss_on)
@@ -56,6 +57,7 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
     return PreparedData(train, evals, audits, template, sorted(encoder.stop_tokens), reference)
 
 
+T = TypeVar("T")
 Tagged = tuple[str, Example]
 """An example with the task it belongs to."""
 
@@ -74,9 +76,8 @@ def _read_examples(
     return examples
 
 
-def _hold_out(
-    examples: list[Tagged], fraction: float, seed: int
-) -> tuple[list[Tagged], list[Tagged]]:
+def hold_out(examples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, eval): a seeded `fraction` of the examples held out, both in their original order."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(examples) * fraction))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, field_validator, model_validator
+from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_validator
 
 from peftkit.methods import AdapterSpec
+from peftkit.recipe.objective import ObjectiveSpec, SFTObjective, objective_from_shorthand
 from peftkit.recipe.section import Section
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -413,6 +414,8 @@ class Recipe(Section):
     adapter: AdapterSpec  # a union keyed on `method`, one member per method module
     data: DataSpec
     task: TaskSpec = TaskSpec()
+    objective: Annotated[ObjectiveSpec, BeforeValidator(objective_from_shorthand)] = SFTObjective()
+    """What the loss optimises: `sft` (default) or a preference objective (dpo, kto, orpo, simpo)."""
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
     eval: EvalSpec = EvalSpec()
@@ -437,6 +440,8 @@ class Recipe(Section):
             )
         if self.task.has_head:
             problems += self._head_rules()
+        if self.objective.preference:
+            problems += self._preference_rules()
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             problems.append(
                 "train.precision fp16 with model.dtype bfloat16 mixes two half formats: pick one"
@@ -473,6 +478,25 @@ class Recipe(Section):
             problems.append("task.labels names classes: a regression task has none")
         if self.task.labels is not None and len(self.task.labels) < 2:
             problems.append("task.labels: a classifier needs at least two labels")
+        return problems
+
+    def _preference_rules(self) -> list[str]:
+        kind = f"objective {self.objective.type}"
+        problems = []
+        if self.task.has_head:
+            problems.append(f"{kind} tunes a causal LM's answers; task.type must be causal_lm")
+        if self.train.packing:
+            problems.append(
+                f"train.packing: {kind} scores each answer as its own sequence; remove it"
+            )
+        if self.data.reference:
+            problems.append(
+                f"data.reference: the forgetting report is for sft runs, not {kind} yet; remove it"
+            )
+        if self.data.mixing.strategy != "concat":
+            problems.append(f"data.mixing: {kind} reads one preference set; remove data.mixing")
+        if self.data.loss_on != "completion":
+            problems.append(f"data.loss_on: {kind} always scores the answers only; remove it")
         return problems
 
     @property

@@ -21,23 +21,17 @@ from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.adapters.manifest import BaseIdentity, write_manifest
-from peftkit.data.audit import audit_lines
 from peftkit.data.encode import EncodedRow
-from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
-from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.attention import register_varlen_sdpa, set_attention
-from peftkit.training.batches import choose_batching, collate, collate_packed
 from peftkit.training.generated import AnswerEval
-from peftkit.training.heads import collate_labeled, head_loss_sum, head_metrics, head_outputs
-from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog, plot_losses
+from peftkit.training.objective import Objective, build_objective, prepare_run_data
 from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.reference import reference_metrics
@@ -45,7 +39,6 @@ from peftkit.training.report import count_parameters, format_summary, run_metada
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
 from peftkit.training.signals import StopRequest
-from peftkit.training.tasks import TaskLosses
 from peftkit.training.unfreeze import LayerSchedule
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -61,8 +54,6 @@ class FineTuneRun:
         self.resume = resume
         self.on_step = on_step
         self.last_eval: tuple[int, float] | None = None
-        self.head_metrics: dict[str, Any] | None = None
-        """Task heads: the last evaluation's accuracy / F1 / confusion matrix (or MSE, ...)."""
         self.run = RunDir(recipe.run_dir)
         self.recipe_dump = recipe.model_dump(mode="json")
 
@@ -86,25 +77,17 @@ class FineTuneRun:
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
         self.seed = r.data.shuffle_seed if r.data.shuffle_seed is not None else r.train.seed
-        self.class_names: list[str] | None = None  # classification: class id -> name
-        if r.task.has_head:
-            self.data, self.class_names = prepare_labeled_data(
-                r.data, r.task, self.tokenizer, self.seed
-            )
-        else:
-            self.data: PreparedData = prepare_data(r.data, self.tokenizer, self.seed)
+        # classification: class id -> name
+        self.data, self.class_names = prepare_run_data(r, self.tokenizer, self.seed)
         self.stop_ids = sorted(
             {self.tokenizer.convert_tokens_to_ids(t) for t in self.data.stop_tokens}
             | ({self.tokenizer.eos_token_id} - {None})
         )
-        for line in audit_lines(self.data, self.tokenizer, r.task.type, self.class_names):
-            self._print(line)
         self.input_prints = inputs.fingerprints(
             r.data, self.tokenizer, self.data.chat_template.template
         )
         if self.resume:
             inputs.check_unchanged(self.run, self.input_prints)
-        self.answers = AnswerEval.for_run(r.eval, self.data.eval, self.tokenizer, self.stop_ids)
         self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
@@ -141,7 +124,23 @@ class FineTuneRun:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.eos_token_id = self.stop_ids
         self.params = count_parameters(model)
-        self._choose_batching(model)
+        # What the run optimises, chosen once: collation, loss, metrics, audit (objective.py).
+        self.objective: Objective = build_objective(
+            r,
+            self.data,
+            model,
+            self.tokenizer,
+            self.precision,
+            self.class_names,
+            self.accelerator.device,
+            self.accelerator.unwrap_model,
+        )
+        for line in self.objective.audit_lines(self.data, self.tokenizer):
+            self._print(line)
+        self._print(self.objective.describe())
+        self.answers = AnswerEval.for_run(
+            r.eval, self.objective.answer_rows(self.data.eval), self.tokenizer, self.stop_ids
+        )
         self._print(
             f"{r.adapter.method}: {self.params['trainable']:,} trainable of {self.params['total']:,} "
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
@@ -156,7 +155,6 @@ class FineTuneRun:
             self.accelerator.num_processes,
             self.seed,
         )
-        self.task_losses = TaskLosses.for_data(self.data, self.accelerator.device)
         self.total_steps = r.train.max_steps or math.ceil(
             r.train.epochs * self.plan.steps_per_epoch
         )
@@ -201,43 +199,28 @@ class FineTuneRun:
         self.metrics = MetricsLog(
             self.run.metrics, self.main, self.state.step if resumed_from else None
         )
+        if getattr(r.objective, "precompute_ref", False):
+            self._precompute_reference()
         self.samples_before = self._samples() if not resumed_from else None
 
-    def _choose_batching(self, model: torch.nn.Module) -> None:
-        """Packing, length grouping and supervised-only logits, as far as the method allows."""
-        b = choose_batching(
-            self.recipe.train,
-            self.recipe.adapter,
-            model,
-            self.recipe.task.has_head,
-            self.precision,
-            self.data.train,
+    def _precompute_reference(self) -> None:
+        """Reference log-probs of every preference row, once (kept in the run for resumes)."""
+        from peftkit.training.preference import load_or_compute_reference
+
+        computed = load_or_compute_reference(
+            self.objective,
+            self.model,
+            {"train": self.data.train, "eval": self.data.eval},
+            self.recipe.train.micro_batch_size,
+            self.accelerator,
+            self.run.reference_logps,
         )
-        self.packing, self.supervised_only, self.varlen = b.packing, b.supervised_only, b.varlen
-        self.pack_multiple, self.lengths = b.pack_multiple, b.lengths
-        if self.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
-            set_attention(model, register_varlen_sdpa())
-        self._print(b.describe())
-
-    def _collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
-        if self.recipe.task.has_head:
-            return collate_labeled(rows, self.tokenizer.pad_token_id)
-        if self.packing:
-            batch = collate_packed(
-                rows, self.varlen, self.pack_multiple, self.tokenizer.pad_token_id
-            )
-        else:
-            batch = collate(rows, self.tokenizer.pad_token_id)
-        if self.task_losses is not None:
-            self.task_losses.tag(rows, batch)
-        return batch
-
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.recipe.task.has_head:
-            return head_loss_sum(self.model, batch)
-        if "task_ids" in batch:  # a multitask run: also sum the loss per task
-            return self.task_losses.loss_sum(self.model, batch, self.supervised_only)
-        return causal_lm_loss_sum(self.model, batch, self.supervised_only)
+        self.accelerator.wait_for_everyone()
+        self._print(
+            ("computed" if computed else "read")
+            + f" reference log-probs of {len(self.data.train) + len(self.data.eval)} rows "
+            f"({self.run.reference_logps.name})"
+        )
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -274,7 +257,7 @@ class FineTuneRun:
                     rows = [
                         [self.data.train[i] for i in mb]
                         for mb in self.plan.micro_batches(
-                            order, step_in_epoch, acc.process_index, self.lengths
+                            order, step_in_epoch, acc.process_index, self.objective.lengths
                         )
                     ]
                     started = time.perf_counter()
@@ -349,17 +332,19 @@ class FineTuneRun:
         self, micro_batches: list[list[EncodedRow]], epoch: float
     ) -> dict[str, Any]:
         acc, r = self.accelerator, self.recipe
-        batches = [self._collate(rows) for rows in micro_batches]
+        objective = self.objective
+        batches = [objective.collate(rows) for rows in micro_batches]
         self.state.largest_micro_batch_tokens = max(
             self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
         )
         local = torch.tensor(
             [
-                float(sum(supervised_tokens(b["labels"]) for b in batches)),
-                float(sum(len(row.input_ids) for rows in micro_batches for row in rows)),
+                float(sum(objective.units(b) for b in batches)),
+                float(sum(objective.tokens(rows) for rows in micro_batches)),
             ],
             device=acc.device,
         )
+        # n_supervised: the units the step's loss is a mean over (tokens, rows or pairs)
         n_supervised, n_tokens = (int(x) for x in acc.reduce(local, "sum").tolist())
         loss_sum = torch.zeros((), device=acc.device)
         try:
@@ -367,7 +352,7 @@ class FineTuneRun:
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 last = i == len(batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    token_loss_sum = self._loss_sum(batch)
+                    token_loss_sum = objective.loss_sum(self.model, batch)
                     # DDP averages gradients over processes, hence the factor num_processes.
                     acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
                 loss_sum += token_loss_sum.detach()
@@ -414,8 +399,7 @@ class FineTuneRun:
         }
         if r.train.max_grad_norm is not None:
             record["grad_norm"] = grad_norm
-        if self.task_losses is not None:
-            record.update(self.task_losses.take(acc, "loss"))
+        record.update(objective.step_metrics(acc))
         return record
 
     def _stop_at_boundary(self, signal_name: str | None) -> str:
@@ -447,29 +431,20 @@ class FineTuneRun:
         )
 
     @torch.no_grad()
-    def evaluate(self, rows: list[EncodedRow] | None = None) -> float:
-        """Mean loss per supervised token over the eval rows, or `rows` (sharded over processes)."""
-        acc, mbs = self.accelerator, self.recipe.train.micro_batch_size
-        rows = sorted(
-            (self.data.eval if rows is None else rows)[acc.process_index :: acc.num_processes],
-            key=lambda x: len(x.input_ids),
-        )
+    def evaluate(self, rows: list[Any] | None = None) -> float:
+        """Mean loss per unit (supervised token, row, pair) over the eval rows, or `rows`
+        (sharded over processes). The objective keeps what else it measured for `eval_metrics`."""
+        acc, mbs, objective = self.accelerator, self.recipe.train.micro_batch_size, self.objective
+        rows = (self.data.eval if rows is None else rows)[acc.process_index :: acc.num_processes]
+        if objective.sort_eval_by_length:
+            rows = sorted(rows, key=lambda x: len(x.input_ids))
         self.model.eval()
         totals = torch.zeros(2, device=acc.device)
-        predicted, true = [], []  # task heads: for accuracy / F1 / correlation
         for i in range(0, len(rows), mbs):
-            batch = {k: v.to(acc.device) for k, v in self._collate(rows[i : i + mbs]).items()}
-            if self.recipe.task.has_head:
-                out = head_outputs(self.model, batch)
-                predicted.append(out if out.dim() == 1 else out.argmax(-1))
-                true.append(batch["labels"])
-            totals[0] += self._loss_sum(batch)
-            totals[1] += supervised_tokens(batch["labels"])
+            batch = {k: v.to(acc.device) for k, v in objective.collate(rows[i : i + mbs]).items()}
+            totals[0] += objective.eval_loss_sum(self.model, batch)
+            totals[1] += objective.units(batch).to(acc.device)
         self.model.train()
-        if predicted:
-            self.head_metrics = head_metrics(
-                acc, torch.cat(predicted), torch.cat(true), self.class_names
-            )
         loss_sum, n = acc.reduce(totals, "sum").tolist()
         return loss_sum / max(n, 1)
 
@@ -496,14 +471,8 @@ class FineTuneRun:
         shown = {"eval_loss": "eval loss", "reference_loss": "reference loss"}
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
-            if self.recipe.task.has_head:  # perplexity means nothing for a head; its metrics do
-                metrics = {k: v for k, v in self.head_metrics.items() if isinstance(v, float)}
-                record |= {f"eval_{k}": v for k, v in metrics.items()}
-                shown |= {f"eval_{k}": k for k in metrics}
-            else:
-                record["eval_ppl"] = math.exp(min(eval_loss, 50))
-            if self.task_losses is not None:
-                record |= self.task_losses.take(self.accelerator, "eval_loss")
+            record |= self.objective.eval_metrics(self.accelerator, eval_loss)
+            shown |= self.objective.shown()
         if self.data.reference:
             record |= reference_metrics(self)
         if self.answers is not None and self.main:

@@ -12,6 +12,7 @@ from torch import nn
 import peftkit
 from peftkit.training import generated, reference, tasks
 from peftkit.training.metrics import peak_memory_bytes
+from peftkit.training.objective import Multitask
 
 if TYPE_CHECKING:
     from peftkit.training.loop import FineTuneRun
@@ -57,12 +58,13 @@ def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
         "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
         "best_eval_loss": state.best_eval_loss,
         "best_step": state.best_step,
-        "eval_metrics": run.head_metrics,
+        "eval_metrics": None,
         "final": str(final),
         "best": str(run.run.best) if run.run.best.exists() else None,
         **run.layers.summary(run.total_steps),
     }
-    if run.task_losses is not None:
+    summary |= run.objective.summary()
+    if isinstance(run.objective, Multitask):
         summary["tasks"] = tasks.task_summary(r.data, run.data, run.plan, state.step, metrics)
     if run.answers is not None:
         summary["answers"] = generated.answer_summary(

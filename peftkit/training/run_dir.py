@@ -62,6 +62,8 @@ class RunDir:
         """One line per --resume: when, and the recipe changes it made."""
         self.inputs = self.path / "inputs.json"
         """Fingerprints of the data files, tokenizer and chat template the run started with."""
+        self.reference_logps = self.path / "reference_logps.safetensors"
+        """Preference runs with objective.precompute_ref: the reference's log-prob of each answer."""
         self.checkpoints = self.path / "checkpoints"
         self.best = self.path / "best"
         self.work = self.path / "state"
@@ -213,6 +215,17 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_with(path: Path, write: Any) -> None:
+    """`write(tmp_path)` writes the file; it then replaces `path` in one rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
