@@ -497,6 +497,23 @@ class Recipe(Section):
             problems.append(f"data.mixing: {kind} reads one preference set; remove data.mixing")
         if self.data.loss_on != "completion":
             problems.append(f"data.loss_on: {kind} always scores the answers only; remove it")
+        precomputed = getattr(self.objective, "precompute_ref", False)
+        if (
+            self.objective.needs_reference
+            and not precomputed
+            and not self.adapter.full_weights
+            and not self.adapter.off_is_start
+        ):
+            fix = (
+                "set objective.precompute_ref: true"
+                if self.objective.type == "dpo"
+                else "use lora/dora/ia3 with their default init"
+            )
+            problems.append(
+                f"{kind}: the reference is the model as training starts, and adapter.method "
+                f"{self.adapter.method!r} (this init) does not start as the base, so switching the "
+                f"adapter off would score against another model: {fix}"
+            )
         return problems
 
     @property

@@ -181,7 +181,7 @@ class Preference(Objective):
             nll = -logps.chunk(2)[0].sum() / n.chunk(2)[0].sum().clamp(min=1)
             loss_sum = losses.sum() + self.spec.sft_weight * pairs * nll
             extra = {"nll_loss": nll.detach() * pairs}
-        self._add_pair_metrics(r_c, r_r, *logps.detach().chunk(2), extra=extra)
+        self._add_pair_metrics(r_c, r_r, chosen, rejected, extra=extra)  # TRL: mean log-probs
         return loss_sum
 
     def _kto(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -249,7 +249,9 @@ class Preference(Objective):
                 part = rows[i : i + batch_rows]
                 seqs = [r.chosen for r in part] + [r.rejected for r in part if r.rejected]
                 batch = {k: v.to(device) for k, v in collate(seqs, self.pad_id).items()}
-                logps = self._run_reference(model, batch).float().cpu()
+                # the model as training starts (adapter on): the reference whatever the method
+                logps = sequence_logps(self.unwrap(model), batch, self.supervised_only)[0]
+                logps = logps.float().cpu()
                 chosen = logps[: len(part)]
                 rejected = logps[len(part) :] if not self.kto else torch.zeros(len(part))
                 values.append(torch.stack([chosen, rejected], 1))
