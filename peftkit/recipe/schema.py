@@ -261,7 +261,22 @@ class EarlyStoppingSpec(Section):
     patience: int = Field(default=3, ge=1)
     """Stop after this many evaluations without improvement."""
     min_delta: float = Field(default=0.0, ge=0.0)
-    """An eval loss must beat the best by more than this to count as an improvement."""
+    """The watched metric must beat the best by more than this to count as an improvement."""
+    metric: str = "eval_loss"
+    """Any metric logged at evaluations: eval_loss, eval_accuracy, eval_macro_f1 (task heads),
+    eval_rewards/accuracies, eval_rewards/margins (preference), answer_score (eval.metric), ...
+    It also picks the `best/` adapter."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """auto: higher is better for accuracies, F1, scores, margins, rewards and correlations."""
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return any(
+            word in self.metric
+            for word in ("accurac", "f1", "score", "margin", "rewards", "pearson", "exact")
+        )
 
 
 class TrainSpec(Section):

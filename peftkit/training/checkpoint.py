@@ -33,6 +33,8 @@ class TrainerState:
     supervised_tokens_seen: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None
+    best_value: float | None = None
+    """Best value so far of the watched metric (train.early_stopping.metric; eval_loss)."""
     evals_without_improvement: int = 0
     train_seconds: float = 0.0
     largest_micro_batch_tokens: int = 0

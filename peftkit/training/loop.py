@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.adapters.manifest import BaseIdentity, write_manifest
 from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
-from peftkit.errors import RunDirError, TrainingStopped
+from peftkit.errors import RecipeError, RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
@@ -452,12 +453,16 @@ class FineTuneRun:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""
         loss = self.evaluate()
         self.last_eval = (self.state.step, loss)
-        self._log_evaluation(loss)
+        record = self._log_evaluation(loss)
         stopping = self.recipe.train.early_stopping
         min_delta = stopping.min_delta if stopping else 0.0
-        best = self.state.best_eval_loss
-        if best is None or loss < best - min_delta:
-            self.state.best_eval_loss, self.state.best_step = loss, self.state.step
+        value = self._watched(record)  # lower is better
+        best = self.state.best_value
+        if best is None and self.state.best_eval_loss is not None and value == loss:
+            best = self.state.best_eval_loss  # a checkpoint from before best_value existed
+        if best is None or value < best - min_delta:
+            self.state.best_value, self.state.best_step = value, self.state.step
+            self.state.best_eval_loss = loss
             self.state.evals_without_improvement = 0
             if self.recipe.output.save_best:
                 self._save_result(self.run.best)
@@ -465,7 +470,26 @@ class FineTuneRun:
             self.state.evals_without_improvement += 1
         return stopping is not None and self.state.evals_without_improvement >= stopping.patience
 
-    def _log_evaluation(self, eval_loss: float | None) -> None:
+    def _watched(self, record: dict[str, Any]) -> float:
+        """The early-stopping metric of an evaluation's record, signed so that lower is better."""
+        stopping = self.recipe.train.early_stopping
+        if stopping is None:
+            return record["eval_loss"]
+        if stopping.metric.startswith("answer_") and self.accelerator.num_processes > 1:
+            # generated answers are scored on the main process: every rank takes its verdict
+            shared = [record.get(stopping.metric)]
+            broadcast_object_list(shared)
+            record = {**record, stopping.metric: shared[0]}
+        if stopping.metric not in record:
+            known = ", ".join(k for k in record if k != "step")
+            raise RecipeError(
+                f"train.early_stopping.metric {stopping.metric!r} is not measured by this run's "
+                f"evaluations; they log: {known}"
+            )
+        value = record[stopping.metric]
+        return -value if stopping.higher_is_better else value
+
+    def _log_evaluation(self, eval_loss: float | None) -> dict[str, Any]:
         """Log an evaluation: eval loss (overall and per task) and the reference loss, if any."""
         record: dict[str, Any] = {"step": self.state.step}
         shown = {"eval_loss": "eval loss", "reference_loss": "reference loss"}
@@ -485,10 +509,13 @@ class FineTuneRun:
             shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
         self.accelerator.wait_for_everyone()
         self.metrics.log(record)
+        if eval_loss is not None and self.state.step == 0:
+            self._watched(record)  # a metric no evaluation measures: say so now, not at step N
         self._print(
             f"step {self.state.step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
         )
+        return record
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:

@@ -79,14 +79,30 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     train, evals = log.train_losses(), log.eval_losses()
-    answers = log.series("answer_score")
-    if answers:  # the task metric on generated answers, in a panel of its own below the losses
-        fig, (ax, lower) = plt.subplots(
-            2, 1, figsize=(8, 6.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    # panels below the losses: the task metric on generated answers; preference rewards
+    panels = [
+        draw
+        for draw, present in (
+            (_plot_answers, bool(log.series("answer_score"))),
+            (_plot_preference, bool(log.series("rewards/margins"))),
         )
-        _plot_answers(log, lower)
+        if present
+    ]
+    if panels:
+        fig, axes = plt.subplots(
+            1 + len(panels),
+            1,
+            figsize=(8, 4.5 + 2 * len(panels)),
+            dpi=110,
+            sharex=True,
+            gridspec_kw={"height_ratios": [3] + [2] * len(panels)},
+        )
+        ax = axes[0]
+        for draw, lower in zip(panels, axes[1:]):
+            draw(log, lower)
     else:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    answers = panels
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train loss")
@@ -124,6 +140,36 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_preference(log: MetricsLog, ax) -> None:
+    """Reward margins (train per step, eval per evaluation) and held-out preference accuracy."""
+    steps, margins = zip(*log.series("rewards/margins"))
+    ax.plot(steps, margins, color="tab:purple", alpha=0.5, label="reward margin (train)")
+    evals = log.series("eval_rewards/margins")
+    if evals:
+        steps, margins = zip(*evals)
+        ax.plot(steps, margins, "o-", color="tab:purple", label="reward margin (eval)")
+    ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    accuracy = log.series("eval_rewards/accuracies")
+    if accuracy:
+        right = ax.twinx()
+        steps, values = zip(*accuracy)
+        right.plot(
+            steps,
+            [100 * v for v in values],
+            "s-",
+            color="tab:green",
+            label="preference accuracy (eval)",
+        )
+        right.set_ylabel("accuracy %", color="tab:green")
+        right.set_ylim(-5, 105)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize="small", loc="upper left")
+    ax.set_xlabel("optimizer step")
 
 
 def _plot_answers(log: MetricsLog, ax) -> None:

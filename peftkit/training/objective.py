@@ -30,6 +30,7 @@ from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
 from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
+from peftkit.training.metrics import MetricsLog
 from peftkit.training.tasks import TaskLosses
 
 
@@ -79,7 +80,7 @@ class Objective:
         """Held-out rows whose supervised answer generation-based evaluation asks for."""
         return rows
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, metrics: MetricsLog) -> dict[str, Any]:
         """Entries of summary.json that only this objective has."""
         return {}
 
@@ -180,7 +181,7 @@ class TaskHead(Objective):
     def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return audit_lines(data, tokenizer, self.task_type, self.class_names)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, metrics: MetricsLog) -> dict[str, Any]:
         return {"eval_metrics": self.last_metrics}
 
     def describe(self) -> str:

@@ -34,6 +34,7 @@ from peftkit.data.preference import PreferenceRow, preference_audit_lines
 from peftkit.recipe.objective import DPOObjective, KTOObjective, ORPOObjective, SimPOObjective
 from peftkit.training.batches import collate
 from peftkit.training.loss import causal_lm_token_losses
+from peftkit.training.metrics import MetricsLog
 from peftkit.training.objective import Objective
 from peftkit.training.preference_losses import dpo_losses, kto_losses, orpo_terms, simpo_losses
 from peftkit.training.run_dir import atomic_write_with
@@ -317,6 +318,16 @@ class Preference(Objective):
         return {"eval_rewards/accuracies": "preference accuracy", "eval_rewards/margins": "margin"}
 
     # ----------------------------------------------------------------- the rest
+    def summary(self, metrics: MetricsLog) -> dict[str, Any]:
+        """First and last evaluation's preference figures (and the step-0 ones, on held-out rows)."""
+        out: dict[str, Any] = {"objective": self.spec.type}
+        for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            curve = metrics.series(f"eval_{key}")
+            if curve:
+                name = key.split("/")[1]
+                out[f"eval_{name}_before"], out[f"eval_{name}_after"] = curve[0][1], curve[-1][1]
+        return {"preference": out}
+
     def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return preference_audit_lines(data, tokenizer)
 

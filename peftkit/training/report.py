@@ -57,13 +57,15 @@ def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
         "first_eval_loss": eval_losses[0][1] if eval_losses else None,
         "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
         "best_eval_loss": state.best_eval_loss,
+        **_best_metric(r, state),
         "best_step": state.best_step,
         "eval_metrics": None,
         "final": str(final),
         "best": str(run.run.best) if run.run.best.exists() else None,
         **run.layers.summary(run.total_steps),
     }
-    summary |= run.objective.summary()
+    summary["loss_unit"] = run.objective.unit
+    summary |= run.objective.summary(metrics)
     if isinstance(run.objective, Multitask):
         summary["tasks"] = tasks.task_summary(r.data, run.data, run.plan, state.step, metrics)
     if run.answers is not None:
@@ -127,6 +129,28 @@ def _head_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
     ]
 
 
+def _best_metric(r, state) -> dict[str, Any]:
+    """The metric that picked best/ (train.early_stopping.metric) and its best value."""
+    stopping = r.train.early_stopping
+    if stopping is None or stopping.metric == "eval_loss" or state.best_value is None:
+        return {"best_metric": "eval_loss"}
+    value = -state.best_value if stopping.higher_is_better else state.best_value
+    return {"best_metric": stopping.metric, "best_metric_value": value}
+
+
+def _preference_rows(p: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Held-out preference accuracy and reward margin, before -> after."""
+    if not p or "eval_margins_before" not in p:
+        return []
+    line = f"margin {p['eval_margins_before']:+.4f} -> {p['eval_margins_after']:+.4f}"
+    if "eval_accuracies_before" in p:
+        line = (
+            f"accuracy {p['eval_accuracies_before']:.1%} -> {p['eval_accuracies_after']:.1%}, "
+            + line
+        )
+    return [(f"preference ({p['objective']})", line + " (held-out rows)")]
+
+
 def format_summary(
     s: dict[str, Any], prompts: list[str], before: list[str] | None, after: list[str] | None
 ) -> str:
@@ -145,7 +169,15 @@ def format_summary(
             f"{s['steps']} ({s['epochs']} epochs, {s['global_batch_rows']} rows per step, "
             f"{s['processes']} process{'es' if s['processes'] > 1 else ''}); {s['stop_reason']}",
         ),
-        ("tokens", f"{s['tokens']:,} real (non-pad), {s['supervised_tokens']:,} with loss"),
+        (
+            "tokens",
+            f"{s['tokens']:,} real (non-pad), {s['supervised_tokens']:,} "
+            + (
+                "with loss"
+                if s.get("loss_unit", "supervised tokens") == "supervised tokens"
+                else f"{s['loss_unit']} in the loss"
+            ),
+        ),
         (
             "throughput",
             f"{s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps",
@@ -157,11 +189,15 @@ def format_summary(
             loss_line(s["first_eval_loss"], s["final_eval_loss"])
             + (
                 f" (best {s['best_eval_loss']:.4f} at step {s['best_step']})"
-                if s["best_eval_loss"] is not None
+                if s["best_eval_loss"] is not None and s.get("best_metric_value") is None
+                else f" (best {s['best_metric']} {s['best_metric_value']:.4f} at step "
+                f"{s['best_step']})"
+                if s.get("best_metric_value") is not None
                 else ""
             ),
         ),
         *_head_rows(s.get("eval_metrics")),
+        *_preference_rows(s.get("preference")),
         *tasks.summary_rows(s),
         *generated.summary_rows(s),
         *reference.summary_rows(s),
