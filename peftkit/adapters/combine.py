@@ -26,7 +26,7 @@ import yaml
 from peftkit.adapters.adapter_set import AdapterSet, resolve_adapter_dir
 from peftkit.adapters.manifest import read_manifest, write_manifest
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import prepare_data
+from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import PeftkitError, ServingError
 from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import Recipe
@@ -201,7 +201,7 @@ def _eval_rows(adapter_dir: Path, aset: AdapterSet, limit: int) -> list[EncodedR
     if recipe is None:
         return None
     seed = recipe.data.shuffle_seed if recipe.data.shuffle_seed is not None else recipe.train.seed
-    data = prepare_data(recipe.data, aset.tokenizer, seed)
+    data = prepare_scored_rows(recipe, aset.tokenizer, seed)
     if not data.eval:
         raise ServingError("its run had no eval data (set data.eval or data.eval_fraction)")
     return data.eval[:limit]

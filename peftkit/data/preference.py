@@ -25,10 +25,10 @@ from peftkit.data.audit import SplitAudit, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
-from peftkit.data.pipeline import PreparedData, hold_out
+from peftkit.data.pipeline import PreparedData, hold_out, prepare_data
 from peftkit.data.sources import RawRow, read_source
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSource, DataSpec
+from peftkit.recipe.schema import DataSource, DataSpec, Recipe
 
 
 @dataclass
@@ -274,3 +274,22 @@ def preference_audit_lines(data: PreparedData, tokenizer: PreTrainedTokenizerBas
 def desirable_counts(rows: list[PreferenceRow]) -> tuple[int, int]:
     flags = np.array([bool(r.desirable) for r in rows])
     return int(flags.sum()), int((~flags).sum())
+
+
+def prepare_scored_rows(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreparedData:
+    """The rows a causal LM trained by `recipe` is scored on outside training (export's fidelity
+    check, combine's evaluation): the recipe's own rows, or for a preference recipe the preferred
+    answers (chosen, or KTO's desirable ones) as supervised rows."""
+    if not recipe.objective.preference:
+        return prepare_data(recipe.data, tokenizer, seed)
+    data = prepare_preference_data(
+        recipe.data, tokenizer, seed, unpaired=recipe.objective.type == "kto"
+    )
+    return replace(data, train=preferred_answers(data.train), eval=preferred_answers(data.eval))
+
+
+def preferred_answers(rows: list[PreferenceRow]) -> list[EncodedRow]:
+    """The chosen answers of pairs and the desirable KTO rows, as supervised rows."""
+    return [r.chosen for r in rows if r.rejected is not None or r.desirable]

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import prepare_data
+from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import ExportError, FidelityGateFailed
 from peftkit.export import build
 from peftkit.export.fidelity import Fidelity, Reference, compare, reference_outputs, sample_rows
@@ -177,7 +177,7 @@ def _held_out_rows(
         if source.recipe.data.shuffle_seed is not None
         else source.recipe.train.seed
     )
-    data = prepare_data(source.recipe.data, tokenizer, seed)
+    data = prepare_scored_rows(source.recipe, tokenizer, seed)
     rows, where = (
         (data.eval, "eval data")
         if data.eval

@@ -83,6 +83,14 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
             f"peftkit plan models causal-LM training; task.type {recipe.task.type!r} (a task head: "
             "one prediction per row, no vocabulary-sized logits) is not modelled yet"
         )
+    if recipe.objective.preference:
+        from peftkit.errors import RecipeError
+
+        raise RecipeError(
+            f"peftkit plan models supervised fine-tuning; objective {recipe.objective.type!r} "
+            "(chosen and rejected answers in one micro-batch, reference forwards) is not "
+            "modelled yet"
+        )
     on_gpu = gpu_memory is not None or torch.cuda.is_available()
     if (
         gpu_memory is not None

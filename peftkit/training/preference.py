@@ -30,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.encode import IGNORE, EncodedRow
-from peftkit.data.preference import PreferenceRow, preference_audit_lines
+from peftkit.data.preference import PreferenceRow, preference_audit_lines, preferred_answers
 from peftkit.recipe.objective import DPOObjective, KTOObjective, ORPOObjective, SimPOObjective
 from peftkit.training.batches import collate
 from peftkit.training.loss import causal_lm_token_losses
@@ -333,7 +333,7 @@ class Preference(Objective):
 
     def answer_rows(self, rows: list[PreferenceRow]) -> list[EncodedRow]:
         # generated answers are scored against the preferred (desirable) answer
-        return [r.chosen for r in rows if r.rejected is not None or r.desirable]
+        return preferred_answers(rows)
 
     def describe(self) -> str:
         ref = (
