@@ -4,6 +4,7 @@ signals act at step boundaries, resume refuses changed inputs and survives damag
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -304,3 +305,77 @@ def test_a_resumed_run_reports_what_the_whole_run_did(reference_run, tmp_path):
     for key in ("largest_micro_batch_tokens", "tokens", "steps", "final_train_loss"):
         assert summary[key] == expected[key], key
     assert not (crashed / ".best.tmp").exists()
+
+
+# ------------------------------------------------------------------ 6. results written atomically
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it and no cleanup of the write in progress runs."""
+
+
+BEST_TRAIN = {**RESUME_TRAIN, "max_steps": 5, "eval_every": 2}  # evaluations at 2, 4 and 5
+
+
+@pytest.fixture(scope="module")
+def best_reference(tiny_model, tmp_path_factory):
+    """An uninterrupted run whose final evaluation (step 5) is its best, and how many times it
+    moved a new best/ into place."""
+    root = tmp_path_factory.mktemp("best")
+    data = write_jsonl(root / "d.jsonl", chat_rows(10, seed=1))
+    write_jsonl(root / "e.jsonl", chat_rows(6, seed=2))
+    recipe = write_recipe(
+        root / "r.yaml",
+        tiny_model,
+        data,
+        data={"train": str(data), "eval": str(root / "e.jsonl"), "max_length": 128},
+        train=BEST_TRAIN,
+    )
+    real, moves = os.replace, []
+
+    def counting(src, dst, *args, **kwargs):
+        moves.append(Path(src).name)
+        return real(src, dst, *args, **kwargs)
+
+    os.replace = counting
+    try:
+        assert main(["train", str(recipe)]) == 0
+    finally:
+        os.replace = real
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["best_step"] == 5, summary  # else the kill below is not in the final one
+    return recipe, root / "run", moves.count(".best.tmp")
+
+
+def test_a_kill_while_best_is_replaced_keeps_the_previous_best_and_resume_completes_it(
+    best_reference, tmp_path, monkeypatch
+):
+    """Killed between moving the previous best/ aside and moving the new one into place, during
+    the final evaluation: the resumed run ends with the best/ and summary of an uninterrupted one."""
+    recipe, reference, best_moves = best_reference
+    real, seen = os.replace, []
+
+    def killed_on_last_best(src, dst, *args, **kwargs):
+        if Path(src).name == ".best.tmp":
+            seen.append(1)
+            if len(seen) == best_moves:
+                raise _Killed
+        return real(src, dst, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(os, "replace", killed_on_last_best)
+    with pytest.raises(_Killed):
+        main(["train", str(recipe), f"output.dir={run}"])
+    monkeypatch.setattr(os, "replace", real)
+    assert not (run / "best").exists() and (run / ".best.old").is_dir()  # where the kill struck
+
+    assert main(["train", str(recipe), f"output.dir={run}", "--resume"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    expected = json.loads((reference / "summary.json").read_text())
+    assert (summary["best_eval_loss"], summary["best_step"]) == (
+        expected["best_eval_loss"],
+        expected["best_step"],
+    )
+    a = load_file(run / "best" / "adapter_model.safetensors")
+    b = load_file(reference / "best" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert _losses(run) == _losses(reference)
+    assert not list(run.glob(".best*"))
