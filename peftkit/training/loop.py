@@ -177,9 +177,7 @@ class FineTuneRun:
         if self.resume:
             if self.main:
                 ckpt.clean_leftovers(self.run.checkpoints)
-            saved, damaged = ckpt.newest_intact(
-                self.run.checkpoints, self.accelerator.process_index
-            )
+            saved, damaged = ckpt.newest_intact(self.run.checkpoints, self.accelerator)
             for bad in damaged:
                 self._print(f"warning: {bad}; set aside as {ckpt.set_aside(bad.path, self.main)}")
             if saved is None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,6 +240,54 @@ def test_resume_names_a_damaged_checkpoint_and_falls_back_to_the_newest_intact_o
     a = load_file(crashed / "adapter" / "adapter_model.safetensors")
     b = load_file(reference_run / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+AGREE = """
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+from peftkit.training import checkpoint as ckpt
+
+accelerator = Accelerator(cpu=True)
+saved, damaged = ckpt.newest_intact(Path(sys.argv[1]), accelerator)
+Path(sys.argv[2], f"rank-{accelerator.process_index}.json").write_text(
+    json.dumps({"chosen": saved.path.name, "damaged": [str(d) for d in damaged]})
+)
+"""
+
+
+def test_every_process_resumes_from_the_same_checkpoint(reference_run, tmp_path):
+    """The newest checkpoint is damaged for process 1 only (its RNG file): both processes fall
+    back to the one before, and the reason names the process."""
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints", checkpoints)
+    (checkpoints / "step-0000008" / "rng-1.pt").write_bytes(b"garbage")
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    command = [sys.executable, str(script), str(checkpoints), str(tmp_path)]
+    ranks = [  # what torchrun would start, without its own process
+        subprocess.Popen(
+            command,
+            env={**env, "RANK": str(i), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "2"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    for rank in ranks:
+        assert rank.wait(300) == 0, rank.stderr.read()[-3000:]
+    answers = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert [a["chosen"] for a in answers] == ["step-0000006", "step-0000006"]
+    for a in answers:
+        assert a["damaged"] == [
+            f"checkpoint {checkpoints / 'step-0000008'} is damaged: process 1: rng-1.pt cannot be "
+            "read (UnpicklingError)"
+        ]
 
 
 def test_pruning_is_atomic_and_its_leftovers_are_cleaned(
