@@ -176,9 +176,7 @@ class FineTuneRun:
         if self.resume:
             if self.main:
                 ckpt.clean_leftovers(self.run.checkpoints)
-            saved, damaged = ckpt.newest_intact(
-                self.run.checkpoints, self.accelerator.process_index
-            )
+            saved, damaged = ckpt.newest_intact(self.run.checkpoints, self.accelerator)
             for bad in damaged:
                 self._print(f"warning: {bad}; set aside as {ckpt.set_aside(bad.path, self.main)}")
             if saved is None:
@@ -323,11 +321,6 @@ class FineTuneRun:
                 raise
             finally:
                 bar.close()
-        if (
-            r.train.save_every is not None
-            and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
-        ):
-            self._save_checkpoint(ckpt.rng_state())  # lets a finished run be extended with --resume
 
     def _optimizer_step(
         self, micro_batches: list[list[EncodedRow]], epoch: float
@@ -527,6 +520,13 @@ class FineTuneRun:
         scored = [step for step, _ in self.metrics.series("reference_loss")]
         if self.data.reference and scored[-1:] != [self.state.step]:
             self._log_evaluation(None)
+        # After the final evaluation (and best/), so a resume from it neither redoes nor loses it;
+        # lets a finished run be extended with --resume.
+        if (
+            r.train.save_every is not None
+            and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
+        ):
+            self._save_checkpoint(ckpt.rng_state())
         final = run.final(r.adapter.final_dir_name)
         self._save_result(final)
         samples_after = self._samples()
