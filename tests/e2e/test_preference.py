@@ -91,8 +91,10 @@ BAD_ROWS = {
         "dpo",
         {
             "chosen": CONVERSATION["chosen"],
-            "rejected": [{"role": "user", "content": "Something else?"}]
-            + CONVERSATION["rejected"][1:],
+            "rejected": [
+                {"role": "user", "content": "Something else?"},
+                *CONVERSATION["rejected"][1:],
+            ],
         },
         r"prefs\.jsonl line 2: prompt mismatch: .* differ at turn 0",
     ),
