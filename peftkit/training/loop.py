@@ -491,7 +491,14 @@ class FineTuneRun:
             record |= self.objective.eval_metrics(self.accelerator, eval_loss)
             shown |= self.objective.shown()
         if self.data.reference:
-            record |= reference_metrics(self)
+            # the base function at step 0: virtual tokens are not the identity, so switched off
+            base = (
+                self.accelerator.unwrap_model(self.model).disable_adapter()
+                if self.state.step == 0 and self.recipe.adapter.virtual_tokens
+                else contextlib.nullcontext()
+            )
+            with base:
+                record |= reference_metrics(self.evaluate(self.data.reference))
         if self.answers is not None and self.main:
             self._print(
                 f"step {self.state.step}: answering {len(self.answers.items)} held-out rows ..."
@@ -532,9 +539,34 @@ class FineTuneRun:
         samples_after = self._samples()
         if not self.main:
             return {}
-        summary = run_summary(self, final)
+        summary = run_summary(
+            recipe=r,
+            state=self.state,
+            metrics=self.metrics,
+            objective=self.objective,
+            data=self.data,
+            plan=self.plan,
+            params=self.params,
+            layers=self.layers.summary(self.total_steps),
+            stop_reason=self.stop_reason,
+            processes=self.accelerator.num_processes,
+            answer_rows=len(self.answers.items) if self.answers is not None else None,
+            run_dir=run,
+            final=final,
+        )
         atomic_write_json(run.summary, summary)
-        atomic_write_json(run.meta, run_metadata(self))
+        metadata = run_metadata(
+            recipe=r,
+            data=self.data,
+            params=self.params,
+            precision=self.precision,
+            weights_dtype=self.weights_dtype,
+            processes=self.accelerator.num_processes,
+            stop_ids=self.stop_ids,
+            class_names=self.class_names,
+            base_model_path=str(self.ctx.tokenizer_path),
+        )
+        atomic_write_json(run.meta, metadata)
         if samples_after is not None and self.samples_before is not None:
             rows = zip(r.output.sample_prompts, self.samples_before, samples_after)
             atomic_write_json(run.samples, [dict(prompt=p, before=b, after=a) for p, b, a in rows])

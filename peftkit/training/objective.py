@@ -25,13 +25,19 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.data.preference import prepare_preference_data
-from peftkit.recipe.schema import Recipe
+from peftkit.recipe.schema import DataSpec, Recipe
 from peftkit.training.attention import register_varlen_sdpa, set_attention
-from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
+from peftkit.training.batches import (
+    Batching,
+    StepPlan,
+    choose_batching,
+    collate,
+    collate_packed,
+)
 from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog
-from peftkit.training.tasks import TaskLosses
+from peftkit.training.tasks import TaskLosses, task_summary
 
 
 class Objective:
@@ -80,7 +86,7 @@ class Objective:
         """Held-out rows whose supervised answer generation-based evaluation asks for."""
         return rows
 
-    def summary(self, metrics: MetricsLog) -> dict[str, Any]:
+    def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
         """Entries of summary.json that only this objective has."""
         return {}
 
@@ -114,9 +120,20 @@ class CausalLM(Objective):
 class Multitask(CausalLM):
     """A causal LM over several tasks: also `loss/<task>` per step and `eval_loss/<task>`."""
 
-    def __init__(self, batching: Batching, pad_id: int, task_losses: TaskLosses) -> None:
+    def __init__(
+        self,
+        batching: Batching,
+        pad_id: int,
+        task_losses: TaskLosses,
+        spec: DataSpec,
+        data: PreparedData,
+    ) -> None:
         super().__init__(batching, pad_id)
-        self.task_losses = task_losses
+        self.task_losses, self.spec, self.data = task_losses, spec, data
+
+    def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
+        """Per task: rows, drawn share against the expected one, first/final eval loss."""
+        return {"tasks": task_summary(self.spec, self.data, plan, steps, metrics)}
 
     def collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
         batch = super().collate(rows)
@@ -181,7 +198,7 @@ class TaskHead(Objective):
     def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return audit_lines(data, tokenizer, self.task_type, self.class_names)
 
-    def summary(self, metrics: MetricsLog) -> dict[str, Any]:
+    def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
         return {"eval_metrics": self.last_metrics}
 
     def describe(self) -> str:
@@ -232,5 +249,5 @@ def build_objective(
         set_attention(model, register_varlen_sdpa())
     task_losses = TaskLosses.for_data(data, device)
     if task_losses is not None:
-        return Multitask(batching, pad_id, task_losses)
+        return Multitask(batching, pad_id, task_losses, recipe.data, data)
     return CausalLM(batching, pad_id)

@@ -318,7 +318,7 @@ class Preference(Objective):
         return {"eval_rewards/accuracies": "preference accuracy", "eval_rewards/margins": "margin"}
 
     # ----------------------------------------------------------------- the rest
-    def summary(self, metrics: MetricsLog) -> dict[str, Any]:
+    def summary(self, metrics: MetricsLog, plan: Any, steps: int) -> dict[str, Any]:
         """First and last evaluation's preference figures (and the step-0 ones, on held-out rows)."""
         out: dict[str, Any] = {"objective": self.spec.type}
         for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):

@@ -12,10 +12,15 @@ from torch import nn
 import peftkit
 from peftkit.training import generated, reference, tasks
 from peftkit.training.metrics import peak_memory_bytes
-from peftkit.training.objective import Multitask
 
 if TYPE_CHECKING:
-    from peftkit.training.loop import FineTuneRun
+    from peftkit.data.pipeline import PreparedData
+    from peftkit.recipe.schema import Recipe
+    from peftkit.training.batches import StepPlan
+    from peftkit.training.checkpoint import TrainerState
+    from peftkit.training.metrics import MetricsLog
+    from peftkit.training.objective import Objective
+    from peftkit.training.run_dir import RunDir
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -30,28 +35,44 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
+def run_summary(
+    *,
+    recipe: Recipe,
+    state: TrainerState,
+    metrics: MetricsLog,
+    objective: Objective,
+    data: PreparedData,
+    plan: StepPlan,
+    params: dict[str, int],
+    layers: dict[str, Any],
+    stop_reason: str,
+    processes: int,
+    answer_rows: int | None,
+    run_dir: RunDir,
+    final: Path,
+) -> dict[str, Any]:
     """summary.json: what the run did and reached (the figures the end-of-run printout shows)."""
-    r, state, metrics = run.recipe, run.state, run.metrics
+    r = recipe
     train_losses, eval_losses = metrics.train_losses(), metrics.eval_losses()
     peak, peak_kind = peak_memory_bytes()
     summary = {
-        "run_dir": str(run.run.path),
+        "run_dir": str(run_dir.path),
         "method": r.adapter.method,
-        "stop_reason": run.stop_reason,
+        "stop_reason": stop_reason,
         "steps": state.step,
-        "epochs": round(state.step / run.plan.steps_per_epoch, 3),
-        "global_batch_rows": run.plan.global_batch,
-        "processes": run.accelerator.num_processes,
+        "epochs": round(state.step / plan.steps_per_epoch, 3),
+        "global_batch_rows": plan.global_batch,
+        "processes": processes,
         "tokens": state.tokens_seen,
         "supervised_tokens": state.supervised_tokens_seen,
+        "loss_unit": objective.unit,
         "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "largest_micro_batch_tokens": run.state.largest_micro_batch_tokens,
-        "trainable_params": run.params["trainable"],
-        "total_params": run.params["total"],
+        "largest_micro_batch_tokens": state.largest_micro_batch_tokens,
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
         "first_train_loss": train_losses[0][1] if train_losses else None,
         "final_train_loss": train_losses[-1][1] if train_losses else None,
         "first_eval_loss": eval_losses[0][1] if eval_losses else None,
@@ -61,25 +82,31 @@ def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
         "best_step": state.best_step,
         "eval_metrics": None,
         "final": str(final),
-        "best": str(run.run.best) if run.run.best.exists() else None,
-        **run.layers.summary(run.total_steps),
+        "best": str(run_dir.best) if run_dir.best.exists() else None,
+        **layers,
     }
-    summary["loss_unit"] = run.objective.unit
-    summary |= run.objective.summary(metrics)
-    if isinstance(run.objective, Multitask):
-        summary["tasks"] = tasks.task_summary(r.data, run.data, run.plan, state.step, metrics)
-    if run.answers is not None:
-        summary["answers"] = generated.answer_summary(
-            metrics, r.eval.metric, len(run.answers.items)
-        )
-    if run.data.reference:
+    summary |= objective.summary(metrics, plan, state.step)
+    if answer_rows is not None:
+        summary["answers"] = generated.answer_summary(metrics, r.eval.metric, answer_rows)
+    if data.reference:
         summary["forgetting"] = reference.forgetting_summary(
-            metrics, len(run.data.reference), sum(row.n_supervised for row in run.data.reference)
+            metrics, len(data.reference), sum(row.n_supervised for row in data.reference)
         )
     return summary
 
 
-def run_metadata(run: FineTuneRun) -> dict[str, Any]:
+def run_metadata(
+    *,
+    recipe: Recipe,
+    data: PreparedData,
+    params: dict[str, int],
+    precision: str,
+    weights_dtype: torch.dtype,
+    processes: int,
+    stop_ids: list[int],
+    class_names: list[str] | None,
+    base_model_path: str,
+) -> dict[str, Any]:
     """peftkit.json: what produced this run, and what later stages (export, serving) must honour."""
     import accelerate
     import peft
@@ -94,21 +121,21 @@ def run_metadata(run: FineTuneRun) -> dict[str, Any]:
             "accelerate": accelerate.__version__,
             "python": platform.python_version(),
         },
-        "base_model": run.recipe.model.name,
-        "base_model_path": str(run.ctx.tokenizer_path),
-        "method": run.recipe.adapter.method,
-        "task": run.recipe.task.type,
-        "class_names": run.class_names,
-        "final_dir": run.recipe.adapter.final_dir_name,
-        "precision": run.precision,
-        "weights_dtype": str(run.weights_dtype).removeprefix("torch."),
-        "processes": run.accelerator.num_processes,
-        "chat_template_source": run.data.chat_template.source,
-        "stop_tokens": run.data.stop_tokens,
-        "stop_token_ids": run.stop_ids,
-        "trainable_params": run.params["trainable"],
-        "total_params": run.params["total"],
-        "data_audit": [a.to_dict() for a in run.data.audits],
+        "base_model": recipe.model.name,
+        "base_model_path": base_model_path,
+        "method": recipe.adapter.method,
+        "task": recipe.task.type,
+        "class_names": class_names,
+        "final_dir": recipe.adapter.final_dir_name,
+        "precision": precision,
+        "weights_dtype": str(weights_dtype).removeprefix("torch."),
+        "processes": processes,
+        "chat_template_source": data.chat_template.source,
+        "stop_tokens": data.stop_tokens,
+        "stop_token_ids": stop_ids,
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
+        "data_audit": [a.to_dict() for a in data.audits],
     }
 
 
