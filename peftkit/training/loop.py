@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.adapters.manifest import BaseIdentity, write_manifest
-from peftkit.data.audit import audit_lines
+from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
@@ -30,6 +30,7 @@ from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
+from peftkit.report import write_run_report
 from peftkit.training import advice, inputs
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
@@ -127,6 +128,10 @@ class FineTuneRun:
             self.run.begin(self.resume, r.output.overwrite, self.recipe_dump, self.resume_changes)
             if not self.resume:
                 inputs.record(self.run, self.input_prints)
+            atomic_write_json(
+                self.run.audit,
+                audit_record(self.data, self.tokenizer, r.task.type, self.class_names),
+            )
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
@@ -516,6 +521,8 @@ class FineTuneRun:
             shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
         self.accelerator.wait_for_everyone()
         self.metrics.log(record)
+        if self.main:
+            write_run_report(self.run.path)
         self._print(
             f"step {self.state.step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
@@ -546,6 +553,7 @@ class FineTuneRun:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
+        write_run_report(run.path)
         print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))
         return summary
 
