@@ -95,6 +95,25 @@ def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     return run_export(path, out, **options)
 
 
+def report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write an HTML page of runs; returns its path.
+
+    One run without `out`: (re)writes RUN/report.html. Several runs, or a folder of runs (a
+    sweep's): one page comparing them (their key figures and overlaid curves), written to `out`
+    (default: report.html inside the single folder given, else ./runs-compared.html).
+    """
+    from peftkit.report import compare_runs, write_run_report
+    from peftkit.report.compare import find_runs
+
+    paths = [Path(r) for r in runs]
+    if out is None and len(paths) == 1 and (paths[0] / "recipe.yaml").is_file():
+        return write_run_report(paths[0])
+    if out is None:
+        out = paths[0] / "report.html" if len(paths) == 1 else Path("runs-compared.html")
+    find_runs(paths)  # a bad path fails before anything is written
+    return compare_runs(paths, out)
+
+
 def load_adapters(
     adapters: dict[str, str | Path] | list[str | Path],
     base: str | None = None,

@@ -4,6 +4,7 @@ it against the trained model, and keep it only if it passes the fidelity gate.""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
 from peftkit.models.load import model_source
 from peftkit.recipe.schema import ExportSpec
+from peftkit.report import write_run_report
 from peftkit.training.run_dir import (
+    RunDir,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
@@ -32,7 +35,27 @@ from peftkit.training.run_dir import (
 TARGETS = ("vllm",)
 
 
-def export(
+def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
+
+    `format` "gguf" writes one GGUF file (weights as `quant`) and an Ollama Modelfile instead of
+    safetensors; the file is read back with transformers' GGUF loader for the gate. A kept export
+    is recorded in the run's exports.jsonl and its fidelity shown in the run's report.html.
+
+    Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
+    trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
+    or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
+    """
+    report = _export(path, out, **options)
+    run = RunDir(resolve_source(path).run_dir)
+    record = {"out": str(Path(out).resolve()), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with run.exports.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    write_run_report(run.path)
+    return report
+
+
+def _export(
     path: str | Path,
     out: str | Path,
     *,
@@ -47,15 +70,6 @@ def export(
     quant: str | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
-
-    `format` "gguf" writes one GGUF file (weights as `quant`) and an Ollama Modelfile instead of
-    safetensors; the file is read back with transformers' GGUF loader for the gate.
-
-    Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
-    trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
-    or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
-    """
     source = resolve_source(path)
     updates = {
         "dtype": dtype,

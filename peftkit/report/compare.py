@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.report.page import PALETTE, esc, flatten, loss_series, render_page, series, table
+from peftkit.report.page import (
+    PALETTE,
+    esc,
+    flatten,
+    is_report_page,
+    loss_series,
+    render_page,
+    series,
+    table,
+)
 from peftkit.report.run_page import read_json, read_jsonl, run_recipe
 from peftkit.training.run_dir import RunDir, atomic_write_text
 
@@ -35,14 +44,14 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunDir]:
     for given in paths:
         path = Path(given)
         if not path.is_dir():
-            raise PeftkitError(f"peftkit report: {path} is not a folder")
+            raise PeftkitError(f"{path} is not a folder")
         if (path / "recipe.yaml").is_file():
             runs.append(RunDir(path))
             continue
         inside = sorted(p for p in path.iterdir() if (p / "recipe.yaml").is_file())
         if not inside:
             raise PeftkitError(
-                f"peftkit report: {path} is neither a run directory (no recipe.yaml) nor a folder "
+                f"{path} is neither a run directory (no recipe.yaml) nor a folder "
                 "holding run directories"
             )
         runs += [RunDir(p) for p in inside]
@@ -57,12 +66,16 @@ def _label(run: RunDir, runs: list[RunDir]) -> str:
 def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
     """Write one HTML page comparing the runs at `paths` to `out` (atomically); returns `out`.
 
-    Refuses to write over anything but a previous comparison page (an .html file).
+    Refuses to write over anything but a page it wrote before.
     """
     runs = find_runs(paths)
     out = Path(out)
-    if out.exists() and (out.is_dir() or out.suffix != ".html"):
-        raise PeftkitError(f"peftkit report --out {out}: exists and is not an .html page")
+    if out.suffix != ".html":
+        raise PeftkitError(f"--out {out}: name the page FILE.html")
+    if out.exists() and not is_report_page(out):
+        raise PeftkitError(
+            f"--out {out}: exists and is not a page peftkit report wrote; choose another file"
+        )
     rows, loss, evals, answers, recipes = [], [], [], [], []
     for run in runs:
         label, summary = _label(run, runs), read_json(run.summary) or {}
@@ -86,9 +99,10 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
         charts.append(
             {
                 "id": "answers",
-                "title": "Task metric",
+                "title": "Task metric on generated answers",
                 "x": "optimizer step",
-                "y": "%",
+                "y": "held-out answers (%)",
+                "range": [-3, 103],
                 "series": answers,
             }
         )

@@ -7,6 +7,7 @@ import html
 import json
 from collections.abc import Iterable, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from peftkit.training.metrics import smooth
@@ -14,6 +15,18 @@ from peftkit.training.metrics import smooth
 
 def _asset(name: str) -> str:
     return resources.files("peftkit").joinpath("assets", "report", name).read_text()
+
+
+GENERATOR = "peftkit report"
+"""Marks a page as ours: `peftkit report --out` replaces no other HTML file."""
+
+
+def is_report_page(path: Path) -> bool:
+    try:
+        head = path.read_text(errors="replace")[:2000]
+    except OSError:
+        return False
+    return f"<meta name='generator' content='{GENERATOR}'>" in head
 
 
 def render_page(
@@ -28,6 +41,7 @@ def render_page(
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<meta name='generator' content='{GENERATOR}'>"
         f"<title>{esc(title)}</title><style>{_asset('report.css')}</style></head><body>"
         f"<h1>{esc(title)}</h1><p class='status'>{esc(status)}</p>"
         "<section><h2>Curves</h2><div id='charts'></div></section>"
