@@ -69,8 +69,11 @@ def train(
         recipe = load_recipe(recipe, overrides)
     run = FineTuneRun(recipe, resume=resume, on_step=on_step)
     run.setup()
-    run.train()
-    return run.finish()
+    try:
+        run.train()
+        return run.finish()
+    finally:
+        run.accelerator.end_training()  # closes the experiment trackers' runs (output.report_to)
 
 
 def plan(

@@ -31,7 +31,7 @@ from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
 from peftkit.report import write_run_report
-from peftkit.training import advice, inputs
+from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import choose_batching, collate, collate_packed
@@ -75,6 +75,7 @@ class FineTuneRun:
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             **_compat.accelerator_kwargs(),
+            **trackers.accelerator_kwargs(r.output.report_to, self.run),
         )
         self.main = self.accelerator.is_main_process
         input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
@@ -135,6 +136,7 @@ class FineTuneRun:
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
+            trackers.start(self.accelerator, r.output.report_to, self.run, r.name, self.recipe_dump)
         except BaseException:
             if fresh and self.main:  # leave no half-made run directory behind
                 shutil.rmtree(self.run.path, ignore_errors=True)
@@ -204,7 +206,10 @@ class FineTuneRun:
             )
             self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
-            self.run.metrics, self.main, self.state.step if resumed_from else None
+            self.run.metrics,
+            self.main,
+            self.state.step if resumed_from else None,
+            on_log=lambda record: trackers.log(self.accelerator, record),
         )
         self.samples_before = self._samples() if not resumed_from else None
 
@@ -544,6 +549,10 @@ class FineTuneRun:
         if not self.main:
             return {}
         summary = run_summary(self, final)
+        trackers.log(
+            self.accelerator,
+            {f"summary/{k}": v for k, v in summary.items()} | {"step": self.state.step},
+        )
         atomic_write_json(run.summary, summary)
         atomic_write_json(run.meta, run_metadata(self))
         if samples_after is not None and self.samples_before is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,17 @@ from peftkit.training.run_dir import atomic_write_text
 class MetricsLog:
     """Appends metric records to a JSONL file (main process only) and keeps them for the plot."""
 
-    def __init__(self, path: Path, enabled: bool, resume_from_step: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool,
+        resume_from_step: int | None,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`on_log(record)` is called with each record too (the experiment trackers)."""
         self.path = path
         self.enabled = enabled
+        self.on_log = on_log
         self.records: list[dict[str, Any]] = []
         if enabled and path.exists():
             if resume_from_step is None:
@@ -38,6 +46,8 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
 
     def train_losses(self) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in self.records if "loss" in r]

@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = (
     "train.supervised_logits_only",
     "train.early_stopping",
     "output.plot",
+    "output.report_to",
     "output.save_best",
     "output.overwrite",
     "output.sample_prompts",
@@ -64,6 +65,8 @@ class RunDir:
         """Curves, recipe, data audit, answers, forgetting, fidelity: one self-contained page."""
         self.exports = self.path / "exports.jsonl"
         """One line per `peftkit export` of this run: where it went (report.html links it)."""
+        self.trackers = self.path / "trackers.json"
+        """The experiment trackers' run ids, so that a resumed run appends to the same runs."""
         self.inputs = self.path / "inputs.json"
         """Fingerprints of the data files, tokenizer and chat template the run started with."""
         self.checkpoints = self.path / "checkpoints"
