@@ -81,7 +81,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "step" in record:
+        if isinstance(record, dict):
             records.append(record)
     return records
 

@@ -2,8 +2,8 @@
 hyper-parameters, then every record metrics.jsonl gets, at its step, from the main process only.
 
 Nothing leaves the machine by default: TensorBoard writes RUN/tensorboard/, W&B runs offline
-into RUN/wandb/ unless WANDB_MODE says otherwise, MLflow writes RUN/mlflow.db (sqlite, its local
-store) unless MLFLOW_TRACKING_URI points elsewhere, trackio keeps its local database. A resumed run
+into RUN/wandb/ unless WANDB_MODE says otherwise, MLflow writes a file store in RUN/mlruns/ unless
+MLFLOW_TRACKING_URI points elsewhere, trackio keeps its local database. A resumed run
 appends to the same W&B / MLflow / trackio run (their ids are kept in RUN/trackers.json) and
 TensorBoard's folder.
 """
@@ -19,6 +19,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from peftkit import _compat
 from peftkit.errors import RecipeError
 from peftkit.training.run_dir import RunDir, atomic_write_json
 
@@ -81,12 +82,18 @@ def start(accelerator: Accelerator, report_to: Sequence[str], run: RunDir, name:
         import mlflow
 
         init["mlflow"] = {"run_name": name, "run_id": ids.get("mlflow")}
-        if "MLFLOW_TRACKING_URI" not in os.environ:  # MLflow 3's local store is sqlite
-            mlflow.set_tracking_uri(f"sqlite:///{(run.path / 'mlflow.db').resolve()}")
-            init["mlflow"]["logging_dir"] = (run.path / "mlartifacts").resolve().as_uri()
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            _compat.allow_mlflow_file_store()
+            mlflow.set_tracking_uri((run.path / "mlruns").resolve().as_uri())
     if "trackio" in report_to:
         init["trackio"] = {"name": ids.get("trackio") or name, "resume": "allow"}
-    accelerator.init_trackers(name, config=_hyperparameters(recipe_dump), init_kwargs=init)
+    config = _hyperparameters(recipe_dump)
+    resumed = bool(ids)
+    accelerator.init_trackers(name, config=None if resumed else config, init_kwargs=init)
+    if resumed:  # the resume's recipe changes; MLflow's params are fixed once logged
+        for tracker in accelerator.trackers:
+            if tracker.name != "mlflow":
+                tracker.store_init_configuration(config)
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             ids["wandb"] = tracker.run.id
