@@ -9,6 +9,7 @@ import yaml
 
 from peftkit.recipe.load import load_recipe
 from peftkit.recipe.schema import Recipe
+from peftkit.training import trackers
 from peftkit.training.loop import FineTuneRun, StepCallback
 
 
@@ -73,7 +74,7 @@ def train(
         run.train()
         return run.finish()
     finally:
-        run.accelerator.end_training()  # closes the experiment trackers' runs (output.report_to)
+        trackers.finish(run.accelerator)
 
 
 def plan(

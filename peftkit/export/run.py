@@ -4,6 +4,7 @@ it against the trained model, and keep it only if it passes the fidelity gate.""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
 from peftkit.models.load import model_source
 from peftkit.recipe.schema import ExportSpec
-from peftkit.report import write_run_report
+from peftkit.report import refresh_run_report
 from peftkit.training.run_dir import (
     RunDir,
     atomic_dir,
@@ -35,27 +36,7 @@ from peftkit.training.run_dir import (
 TARGETS = ("vllm",)
 
 
-def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
-    """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
-
-    `format` "gguf" writes one GGUF file (weights as `quant`) and an Ollama Modelfile instead of
-    safetensors; the file is read back with transformers' GGUF loader for the gate. A kept export
-    is recorded in the run's exports.jsonl and its fidelity shown in the run's report.html.
-
-    Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
-    trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
-    or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
-    """
-    report = _export(path, out, **options)
-    run = RunDir(resolve_source(path).run_dir)
-    record = {"out": str(Path(out).resolve()), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with run.exports.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    write_run_report(run.path)
-    return report
-
-
-def _export(
+def export(
     path: str | Path,
     out: str | Path,
     *,
@@ -70,6 +51,16 @@ def _export(
     quant: str | None = None,
     log=print,
 ) -> dict[str, Any]:
+    """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
+
+    `format` "gguf" writes one GGUF file (weights as `quant`) and an Ollama Modelfile instead of
+    safetensors; the file is read back with transformers' GGUF loader for the gate. A kept export
+    is recorded in the run's exports.jsonl and its fidelity shown in the run's report.html.
+
+    Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
+    trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
+    or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
+    """
     source = resolve_source(path)
     updates = {
         "dtype": dtype,
@@ -122,7 +113,9 @@ def _export(
             raise ExportError("task-head models export as merged weights only (no --adapter-only)")
         from peftkit.export.head import export_head_model
 
-        return export_head_model(source, out, spec, allow_drift, log)
+        report = export_head_model(source, out, spec, allow_drift, log)
+        _record_export(source.run_dir, out)
+        return report
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
@@ -180,7 +173,21 @@ def _export(
     if failures:
         log(f"warning: fidelity gate failed ({'; '.join(failures)}) but --allow-drift kept {out}")
     log(f"exported to {out}")
+    _record_export(source.run_dir, out)
     return report
+
+
+def _record_export(run_dir: Path, out: Path) -> None:
+    """A line in the run's exports.jsonl, and its report.html rewritten to show the fidelity."""
+    run = RunDir(run_dir)
+    record = {"out": str(out.resolve()), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        with run.exports.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a read-only run directory: the export itself is done and fine
+        logging.getLogger(__name__).warning("could not record the export in %s: %s", run.exports, e)
+        return
+    refresh_run_report(run.path)
 
 
 def _held_out_rows(

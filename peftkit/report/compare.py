@@ -81,7 +81,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
         label, summary = _label(run, runs), read_json(run.summary) or {}
         cells = [summary.get(key) if isinstance(key, str) else key(summary) for _, key in _COLUMNS]
         if not summary:
-            cells[2] = "running (no summary.json yet)"
+            cells[[name for name, _ in _COLUMNS].index("stop")] = "running (no summary.json yet)"
         rows.append([label, *cells])
         recipes.append(flatten(run_recipe(run)))
         records = read_jsonl(run.metrics)
@@ -115,7 +115,12 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
     for row, recipe in zip(rows, recipes):
         row.append(", ".join(f"{k}={recipe.get(k)}" for k in differ))
     header = ["run", *(name for name, _ in _COLUMNS), "recipe differences"]
-    paths_list = "".join(f"<li>{esc(r.path)}</li>" for r in runs)
+    paths_list = "".join(
+        f"<li><a href='{esc(r.report.resolve().as_uri())}'>{esc(r.path)}</a></li>"
+        if r.report.is_file()
+        else f"<li>{esc(r.path)}</li>"
+        for r in runs
+    )
     sections = [("Runs", table(header, rows) + f"<ul>{paths_list}</ul>")]
     html = render_page(f"{len(runs)} runs compared", "", sections, charts)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -252,3 +252,13 @@ def write_run_report(run_dir: str | Path) -> Path:
     atomic_write_text(run.report, html)
     log.debug("wrote %s", run.report)
     return run.report
+
+
+def refresh_run_report(run_dir: str | Path) -> Path | None:
+    """`write_run_report` for training and export: a page that cannot be written (a full disk, a
+    hand-edited file) is logged as a warning and never stops the run or the export."""
+    try:
+        return write_run_report(run_dir)
+    except Exception as e:  # the report is a view; the run's own files are what counts
+        log.warning("could not write %s: %s", RunDir(run_dir).report, e)
+        return None

@@ -30,7 +30,7 @@ from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.report import write_run_report
+from peftkit.report import refresh_run_report
 from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
@@ -527,7 +527,7 @@ class FineTuneRun:
         self.accelerator.wait_for_everyone()
         self.metrics.log(record)
         if self.main:
-            write_run_report(self.run.path)
+            refresh_run_report(self.run.path)
         self._print(
             f"step {self.state.step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
@@ -562,7 +562,7 @@ class FineTuneRun:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
-        write_run_report(run.path)
+        refresh_run_report(run.path)
         print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))
         return summary
 

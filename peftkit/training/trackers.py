@@ -114,3 +114,11 @@ def log(accelerator: Accelerator, record: dict[str, Any]) -> None:
     }
     if values and accelerator.trackers:
         accelerator.log(values, step=record["step"])
+
+
+def finish(accelerator: Accelerator) -> None:
+    """Close the trackers' runs (flush TensorBoard, end the W&B and MLflow runs). Not
+    `accelerator.end_training()`: that also destroys the process group."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []

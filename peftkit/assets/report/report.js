@@ -5,7 +5,7 @@
   "use strict";
   var NS = "http://www.w3.org/2000/svg";
   var PALETTE = [];  // from the page's data
-  var W = 760, H = 280, M = { l: 64, r: 64, t: 14, b: 40 };
+  var M = { l: 64, r: 64, t: 14, b: 40 };
 
   function el(name, attrs, parent) {
     var node = document.createElementNS(NS, name);
@@ -47,6 +47,9 @@
   function draw(box, spec) {
     var svg = box.querySelector("svg");
     if (svg) svg.remove();
+    // drawn at the box's own width, so the text keeps its size in narrow and wide charts
+    var W = Math.max(320, Math.round(box.getBoundingClientRect().width) || 760);
+    var H = W > 700 ? 300 : 240;
     svg = el("svg", { viewBox: "0 0 " + W + " " + H, class: "chart" });
     box.insertBefore(svg, box.firstChild);
     var shown = spec.series.filter(function (s) { return !s.hidden && s.points.length; });
