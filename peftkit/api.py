@@ -38,6 +38,11 @@ def environment_notes(recipe: Recipe) -> list[str]:
         notes.append(
             "bitsandbytes is not installed but the recipe needs it (quantization / 8-bit optimizer)"
         )
+    for name in recipe.output.report_to:
+        if importlib.util.find_spec(trackers.PACKAGES[name]) is None:
+            notes.append(
+                f"output.report_to: {name} is not installed (pip install 'peftkit[{name}]')"
+            )
     for source in [*recipe.data.train, *recipe.data.eval]:
         if (
             source.path.lower().endswith((".jsonl", ".json", ".csv", ".parquet"))

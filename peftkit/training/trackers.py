@@ -21,6 +21,7 @@ from accelerate.utils import ProjectConfiguration
 
 from peftkit import _compat
 from peftkit.errors import RecipeError
+from peftkit.report.page import flatten
 from peftkit.training.run_dir import RunDir, atomic_write_json
 
 PACKAGES = {
@@ -50,20 +51,24 @@ def accelerator_kwargs(report_to: Sequence[str], run: RunDir) -> dict[str, Any]:
     }
 
 
-def _hyperparameters(recipe_dump: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The recipe flattened to dotted keys with values every tracker accepts."""
-    out: dict[str, Any] = {}
-    for key, value in recipe_dump.items():
-        if isinstance(value, dict):
-            out |= _hyperparameters(value, f"{prefix}{key}.")
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            out[f"{prefix}{key}"] = "none" if value is None else value
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value)
-    return out
+def _hyperparameters(recipe_dump: dict[str, Any]) -> dict[str, Any]:
+    """The recipe as dotted keys (`train.lr`) with values every tracker accepts."""
+    return {key: _scalar(value) for key, value in flatten(recipe_dump).items()}
 
 
-def start(accelerator: Accelerator, report_to: Sequence[str], run: RunDir, name: str, recipe_dump):
+def _scalar(value: Any) -> bool | int | float | str:
+    if value is None:
+        return "none"
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def start(
+    accelerator: Accelerator,
+    report_to: Sequence[str],
+    run: RunDir,
+    name: str,
+    recipe_dump: dict[str, Any],
+) -> None:
     """Open the trackers' runs (main process only), continuing those of RUN/trackers.json."""
     if not report_to or not accelerator.is_main_process:
         return
@@ -87,13 +92,12 @@ def start(accelerator: Accelerator, report_to: Sequence[str], run: RunDir, name:
             mlflow.set_tracking_uri((run.path / "mlruns").resolve().as_uri())
     if "trackio" in report_to:
         init["trackio"] = {"name": ids.get("trackio") or name, "resume": "allow"}
+    accelerator.init_trackers(name, init_kwargs=init)
     config = _hyperparameters(recipe_dump)
-    resumed = bool(ids)
-    accelerator.init_trackers(name, config=None if resumed else config, init_kwargs=init)
-    if resumed:  # the resume's recipe changes; MLflow's params are fixed once logged
-        for tracker in accelerator.trackers:
-            if tracker.name != "mlflow":
-                tracker.store_init_configuration(config)
+    for tracker in accelerator.trackers:
+        # a resume records its recipe changes, except in MLflow: a run's params never change
+        if not (tracker.name == "mlflow" and "mlflow" in ids):
+            tracker.store_init_configuration(config)
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             ids["wandb"] = tracker.run.id

@@ -239,7 +239,9 @@ def test_mlflow_store_holds_the_recipe_and_every_metric(tracked_run):
         assert history == pytest.approx(_steps(run, key), rel=1e-6), key
 
 
-def test_a_missing_tracker_package_is_named_with_its_install_command(monkeypatch, tmp_path):
+def test_a_missing_tracker_package_is_named_with_its_install_command(
+    monkeypatch, tiny_model, chat_file, tmp_path
+):
     from peftkit.training import trackers
     from peftkit.training.run_dir import RunDir
 
@@ -252,6 +254,10 @@ def test_a_missing_tracker_package_is_named_with_its_install_command(monkeypatch
     ):
         trackers.accelerator_kwargs(["wandb"], RunDir(tmp_path))
     assert trackers.accelerator_kwargs([], RunDir(tmp_path)) == {}
+    recipe = api.validate(
+        write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, output={"report_to": ["wandb"]})
+    )
+    assert any("pip install 'peftkit[wandb]'" in note for note in api.environment_notes(recipe))
 
 
 def test_report_to_rejects_an_unknown_tracker(tiny_model, chat_file, tmp_path):
