@@ -81,7 +81,9 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
         label, summary = _label(run, runs), read_json(run.summary) or {}
         cells = [summary.get(key) if isinstance(key, str) else key(summary) for _, key in _COLUMNS]
         if not summary:
-            cells[[name for name, _ in _COLUMNS].index("stop")] = "running (no summary.json yet)"
+            cells[[name for name, _ in _COLUMNS].index("stop")] = (
+                "no summary.json (running, or stopped)"
+            )
         rows.append([label, *cells])
         recipes.append(flatten(run_recipe(run)))
         records = read_jsonl(run.metrics)

@@ -241,10 +241,12 @@ def write_run_report(run_dir: str | Path) -> Path:
     run = RunDir(run_dir)
     records = read_jsonl(run.metrics)
     summary = read_json(run.summary)
+    last = max((r.get("step", 0) for r in records), default=0)
+    if summary is not None and summary.get("steps", -1) < last:
+        summary = None  # the summary of the run before a --resume that is training now
     if summary is not None:
         status = f"finished: {summary.get('stop_reason')} at step {summary.get('steps')}"
     else:
-        last = records[-1]["step"] if records else 0
         status = f"training: last logged step {last} (reload to update)"
     title = run_title(run)
     charts = run_charts(records)
