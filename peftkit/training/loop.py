@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.adapters.manifest import BaseIdentity, write_manifest
-from peftkit.data.audit import audit_lines
+from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
@@ -30,7 +30,8 @@ from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.training import advice, inputs
+from peftkit.report import refresh_run_report
+from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import choose_batching, collate, collate_packed
@@ -74,6 +75,7 @@ class FineTuneRun:
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             **_compat.accelerator_kwargs(),
+            **trackers.accelerator_kwargs(r.output.report_to, self.run),
         )
         self.main = self.accelerator.is_main_process
         input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
@@ -127,9 +129,14 @@ class FineTuneRun:
             self.run.begin(self.resume, r.output.overwrite, self.recipe_dump, self.resume_changes)
             if not self.resume:
                 inputs.record(self.run, self.input_prints)
+            atomic_write_json(
+                self.run.audit,
+                audit_record(self.data, self.tokenizer, r.task.type, self.class_names),
+            )
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
+            trackers.start(self.accelerator, r.output.report_to, self.run, r.name, self.recipe_dump)
         except BaseException:
             if fresh and self.main:  # leave no half-made run directory behind
                 shutil.rmtree(self.run.path, ignore_errors=True)
@@ -197,7 +204,10 @@ class FineTuneRun:
             )
             self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
-            self.run.metrics, self.main, self.state.step if resumed_from else None
+            self.run.metrics,
+            self.main,
+            self.state.step if resumed_from else None,
+            on_log=lambda record: trackers.log(self.accelerator, record),
         )
         self.samples_before = self._samples() if not resumed_from else None
 
@@ -509,6 +519,8 @@ class FineTuneRun:
             shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
         self.accelerator.wait_for_everyone()
         self.metrics.log(record)
+        if self.main:
+            refresh_run_report(self.run.path)
         self._print(
             f"step {self.state.step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
@@ -537,6 +549,10 @@ class FineTuneRun:
         if not self.main:
             return {}
         summary = run_summary(self, final)
+        trackers.log(
+            self.accelerator,
+            {f"summary/{k}": v for k, v in summary.items()} | {"step": self.state.step},
+        )
         atomic_write_json(run.summary, summary)
         atomic_write_json(run.meta, run_metadata(self))
         if samples_after is not None and self.samples_before is not None:
@@ -546,6 +562,7 @@ class FineTuneRun:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
+        refresh_run_report(run.path)
         print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))
         return summary
 
