@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.data.audit import SplitAudit, render_mask
+from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
@@ -269,6 +269,28 @@ def preference_audit_lines(data: PreparedData, tokenizer: PreTrainedTokenizerBas
         if row is not None:
             lines.append(f"  first {name} row: " + render_mask(row.chosen, tokenizer))
     return lines
+
+
+def preference_audit_record(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """data_audit.json of a preference run: counts, and the first pair's (or KTO rows') answers
+    as (text, scored) stretches, labelled chosen / rejected."""
+    first = data.train[0]
+    rows = (
+        [("chosen", first.chosen), ("rejected", first.rejected)]
+        if first.rejected is not None
+        else [("desirable" if r.desirable else "undesirable", r.chosen) for r in data.train[:2]]
+    )
+    return {
+        "splits": [a.to_dict() for a in data.audits],
+        "task_type": "causal_lm",
+        "class_names": None,
+        "chat_template_source": data.chat_template.source,
+        "stop_tokens": data.stop_tokens,
+        "rows": [
+            {"origin": f"{row.origin} ({kind})", "segments": mask_segments(row, tokenizer)}
+            for kind, row in rows
+        ],
+    }
 
 
 def desirable_counts(rows: list[PreferenceRow]) -> tuple[int, int]:

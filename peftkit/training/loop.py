@@ -28,7 +28,8 @@ from peftkit.errors import RecipeError, RunDirError, TrainingStopped
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.training import advice, inputs
+from peftkit.report import refresh_run_report
+from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.generated import AnswerEval
 from peftkit.training.metrics import MetricsLog, plot_losses
@@ -66,6 +67,7 @@ class FineTuneRun:
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             **_compat.accelerator_kwargs(),
+            **trackers.accelerator_kwargs(r.output.report_to, self.run),
         )
         self.main = self.accelerator.is_main_process
         input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
@@ -114,6 +116,7 @@ class FineTuneRun:
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
+            trackers.start(self.accelerator, r.output.report_to, self.run, r.name, self.recipe_dump)
         except BaseException:
             if fresh and self.main:  # leave no half-made run directory behind
                 shutil.rmtree(self.run.path, ignore_errors=True)
@@ -138,6 +141,10 @@ class FineTuneRun:
         )
         for line in self.objective.audit_lines(self.data, self.tokenizer):
             self._print(line)
+        if self.main:
+            atomic_write_json(
+                self.run.audit, self.objective.audit_record(self.data, self.tokenizer)
+            )
         self._print(self.objective.describe())
         self.answers = AnswerEval.for_run(
             r.eval, self.objective.answer_rows(self.data.eval), self.tokenizer, self.stop_ids
@@ -196,7 +203,10 @@ class FineTuneRun:
             )
             self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
-            self.run.metrics, self.main, self.state.step if resumed_from else None
+            self.run.metrics,
+            self.main,
+            self.state.step if resumed_from else None,
+            on_log=lambda record: trackers.log(self.accelerator, record),
         )
         if getattr(r.objective, "precompute_ref", False):
             self._precompute_reference()
@@ -511,6 +521,8 @@ class FineTuneRun:
         self.metrics.log(record)
         if eval_loss is not None and self.state.step == 0:
             self._watched(record)  # a metric no evaluation measures: say so now, not at step N
+        if self.main:
+            refresh_run_report(self.run.path)
         self._print(
             f"step {self.state.step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
@@ -554,6 +566,10 @@ class FineTuneRun:
             run_dir=run,
             final=final,
         )
+        trackers.log(
+            self.accelerator,
+            {f"summary/{k}": v for k, v in summary.items()} | {"step": self.state.step},
+        )
         atomic_write_json(run.summary, summary)
         metadata = run_metadata(
             recipe=r,
@@ -565,6 +581,7 @@ class FineTuneRun:
             stop_ids=self.stop_ids,
             class_names=self.class_names,
             base_model_path=str(self.ctx.tokenizer_path),
+            device=self.accelerator.device,
         )
         atomic_write_json(run.meta, metadata)
         if samples_after is not None and self.samples_before is not None:
@@ -574,6 +591,7 @@ class FineTuneRun:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
+        refresh_run_report(run.path)
         print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))
         return summary
 

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.data.audit import audit_lines
+from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
@@ -81,6 +81,10 @@ class Objective:
 
     def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return audit_lines(data, tokenizer, "causal_lm", None)
+
+    def audit_record(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """data_audit.json (what report.html shows of the data)."""
+        return audit_record(data, tokenizer, "causal_lm", None)
 
     def answer_rows(self, rows: list[Any]) -> list[EncodedRow]:
         """Held-out rows whose supervised answer generation-based evaluation asks for."""
@@ -197,6 +201,9 @@ class TaskHead(Objective):
 
     def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return audit_lines(data, tokenizer, self.task_type, self.class_names)
+
+    def audit_record(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        return audit_record(data, tokenizer, self.task_type, self.class_names)
 
     def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
         return {"eval_metrics": self.last_metrics}

@@ -30,7 +30,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.encode import IGNORE, EncodedRow
-from peftkit.data.preference import PreferenceRow, preference_audit_lines, preferred_answers
+from peftkit.data.preference import (
+    PreferenceRow,
+    preference_audit_lines,
+    preference_audit_record,
+    preferred_answers,
+)
 from peftkit.recipe.objective import DPOObjective, KTOObjective, ORPOObjective, SimPOObjective
 from peftkit.training.batches import collate
 from peftkit.training.loss import causal_lm_token_losses
@@ -330,6 +335,9 @@ class Preference(Objective):
 
     def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return preference_audit_lines(data, tokenizer)
+
+    def audit_record(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        return preference_audit_record(data, tokenizer)
 
     def answer_rows(self, rows: list[PreferenceRow]) -> list[EncodedRow]:
         # generated answers are scored against the preferred (desirable) answer

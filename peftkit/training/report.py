@@ -95,6 +95,13 @@ def run_summary(
     return summary
 
 
+def device_name(device: torch.device) -> str:
+    """The device as report.html shows it: `cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu`, `mps`."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def run_metadata(
     *,
     recipe: Recipe,
@@ -106,6 +113,7 @@ def run_metadata(
     stop_ids: list[int],
     class_names: list[str] | None,
     base_model_path: str,
+    device: torch.device,
 ) -> dict[str, Any]:
     """peftkit.json: what produced this run, and what later stages (export, serving) must honour."""
     import accelerate
@@ -128,6 +136,7 @@ def run_metadata(
         "class_names": class_names,
         "final_dir": recipe.adapter.final_dir_name,
         "precision": precision,
+        "device": device_name(device),
         "weights_dtype": str(weights_dtype).removeprefix("torch."),
         "processes": processes,
         "chat_template_source": data.chat_template.source,

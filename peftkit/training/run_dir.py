@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = (
     "train.supervised_logits_only",
     "train.early_stopping",
     "output.plot",
+    "output.report_to",
     "output.save_best",
     "output.overwrite",
     "output.sample_prompts",
@@ -60,6 +61,12 @@ class RunDir:
         self.answers = self.path / "answers.json"
         self.resumes = self.path / "resumes.jsonl"
         """One line per --resume: when, and the recipe changes it made."""
+        self.report = self.path / "report.html"
+        """Curves, recipe, data audit, answers, forgetting, fidelity: one self-contained page."""
+        self.exports = self.path / "exports.jsonl"
+        """One line per `peftkit export` of this run: where it went (report.html links it)."""
+        self.trackers = self.path / "trackers.json"
+        """The experiment trackers' run ids, so that a resumed run appends to the same runs."""
         self.inputs = self.path / "inputs.json"
         """Fingerprints of the data files, tokenizer and chat template the run started with."""
         self.reference_logps = self.path / "reference_logps.safetensors"
