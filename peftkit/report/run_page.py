@@ -86,6 +86,17 @@ def run_charts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ],
             }
         )
+    rewards = [k for k in keys if k.startswith(("rewards/", "logps/"))]
+    if rewards:  # preference objectives: per step, beside their eval_ counterparts below
+        charts.append(
+            {
+                "id": "preference",
+                "title": "Preference rewards (training steps)",
+                "x": "optimizer step",
+                "y": "value",
+                "series": [curve(k) for k in rewards if not k.startswith("logps/")],
+            }
+        )
     heads = [k for k in keys if k.startswith("eval_") and not k.startswith(_SKIP_EVAL)]
     if heads:
         charts.append(
