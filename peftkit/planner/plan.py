@@ -71,6 +71,7 @@ def _runtime_bytes(device: str) -> float:
 
 def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
     """Predict the peak memory of training `recipe`; on a GPU of `gpu_memory` bytes if given."""
+    from peftkit.data.encode import row_lengths
     from peftkit.data.pipeline import prepare_data
     from peftkit.models.load import load_tokenizer
     from peftkit.training.batches import pack_multiple, resolve_packing
@@ -95,7 +96,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
     tokenizer = load_tokenizer(recipe.model)
     seed = recipe.data.shuffle_seed if recipe.data.shuffle_seed is not None else recipe.train.seed
     data = prepare_data(recipe.data, tokenizer, seed)
-    lengths = np.array([len(r.input_ids) for r in data.train])
+    lengths = row_lengths(data.train)
     supervised = np.array([r.n_supervised for r in data.train])
     packing = resolve_packing(recipe.train, recipe.adapter, recipe.model.attn_implementation)
     multiple = pack_multiple(precision, on_gpu)

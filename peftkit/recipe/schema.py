@@ -154,6 +154,12 @@ class DataSpec(Section):
     at the end, to report forgetting; empty = no forgetting report."""
     max_reference_rows: int | None = Field(default=None, gt=0)
     """Cap the reference set (its evaluation cost grows with it)."""
+    cache: bool = True
+    """Encode into memory-mapped Arrow files in peftkit's cache ($PEFTKIT_CACHE/data), keyed by
+    the data files' contents, tokenizer, chat template and this section, so a second run or a
+    resume starts in seconds (`peftkit prepare`); false = encode in memory, in one process."""
+    num_proc: int | None = Field(default=None, gt=0)
+    """Processes that encode a cached data set; null = one per 2,000 rows, up to the CPUs."""
 
     _coerce = field_validator("train", "eval", "reference", mode="before")(
         lambda cls, v: _as_list(v)

@@ -87,12 +87,14 @@ class FineTuneRun:
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
         self.seed = r.data.shuffle_seed if r.data.shuffle_seed is not None else r.train.seed
         self.class_names: list[str] | None = None  # classification: class id -> name
-        if r.task.has_head:
-            self.data, self.class_names = prepare_labeled_data(
-                r.data, r.task, self.tokenizer, self.seed
-            )
-        else:
-            self.data: PreparedData = prepare_data(r.data, self.tokenizer, self.seed)
+        # The first process builds the data cache (if no earlier run did); the others map it.
+        with self.accelerator.main_process_first():
+            if r.task.has_head:
+                self.data, self.class_names = prepare_labeled_data(
+                    r.data, r.task, self.tokenizer, self.seed
+                )
+            else:
+                self.data: PreparedData = prepare_data(r.data, self.tokenizer, self.seed)
         self.stop_ids = sorted(
             {self.tokenizer.convert_tokens_to_ids(t) for t in self.data.stop_tokens}
             | ({self.tokenizer.eos_token_id} - {None})
