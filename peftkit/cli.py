@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in output.dir from its last checkpoint",
     )
+    prepare = sub.add_parser(
+        "prepare", help="encode a recipe's data into the data cache ahead of training"
+    )
+    prepare.add_argument("recipe")
+    prepare.add_argument("overrides", nargs="*")
     validate = sub.add_parser(
         "validate", help="check a recipe and print it with every default resolved"
     )
@@ -217,12 +222,13 @@ def _add_adapter_verbs(sub) -> None:
 
 def _show_library_progress() -> None:
     """The library logs long one-off work (e.g. materialising a GGUF base) at INFO; show it."""
-    logger = logging.getLogger("peftkit.models")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    for name in ("peftkit.models", "peftkit.data"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             for note in api.environment_notes(recipe):
                 print(f"# note: {note}", file=sys.stderr)
             print(f"# ok: {args.recipe} is valid", file=sys.stderr)
+        elif args.verb == "prepare":
+            data = api.prepare(args.recipe, args.overrides)
+            for audit in data.audits:
+                print("\n".join(audit.lines()))
+            print(f"encoded data: {data.cache_dir}")
         elif args.verb == "train":
             api.train(args.recipe, args.overrides, resume=args.resume)
         elif args.verb == "plan":

@@ -48,15 +48,15 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
         if spec.cache:
             log.info("data not cached: a hub dataset without a revision cannot be fingerprinted")
         return _prepare_in_memory(spec, tokenizer, seed, template)
-    rows, audits, stop_tokens, _ = cache.prepare_cached(spec, tokenizer, key, seed)
+    rows, audits, meta = cache.prepare_cached(spec, tokenizer, key, seed)
     return PreparedData(
         rows["train"],
         rows.get("eval", []),
-        [a for a in audits if a.split != "reference"]
-        + [a for a in audits if a.split == "reference"],
+        audits,
         template,
-        stop_tokens,
+        meta["stop_tokens"],
         rows.get("reference", []),
+        cache_dir=meta["folder"],
     )
 
 
