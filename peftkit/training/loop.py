@@ -27,6 +27,7 @@ from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RunDirError, TrainingStopped
+from peftkit.launch import check_launch
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
@@ -44,6 +45,7 @@ from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
+from peftkit.training.sharded import gathered_trainable
 from peftkit.training.signals import StopRequest
 from peftkit.training.tasks import TaskLosses
 from peftkit.training.unfreeze import LayerSchedule
@@ -69,12 +71,14 @@ class FineTuneRun:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         r = self.recipe
+        self.launch = check_launch(r)  # FSDP / DeepSpeed: refuse what cannot work, before loading
         self.precision = resolve_precision(r.train, torch.cuda.is_available())
         _compat.allow_new_mixed_precision()
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             **_compat.accelerator_kwargs(),
         )
+        _compat.fsdp_on_cpu(self.accelerator)
         self.main = self.accelerator.is_main_process
         input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
         self.resume_changes = self.run.check_can_start(
@@ -452,21 +456,28 @@ class FineTuneRun:
     def evaluate(self, rows: list[EncodedRow] | None = None) -> float:
         """Mean loss per supervised token over the eval rows, or `rows` (sharded over processes)."""
         acc, mbs = self.accelerator, self.recipe.train.micro_batch_size
-        rows = sorted(
-            (self.data.eval if rows is None else rows)[acc.process_index :: acc.num_processes],
-            key=lambda x: len(x.input_ids),
-        )
+        every = self.data.eval if rows is None else rows
+        rows = sorted(every[acc.process_index :: acc.num_processes], key=lambda x: len(x.input_ids))
         self.model.eval()
         totals = torch.zeros(2, device=acc.device)
         predicted, true = [], []  # task heads: for accuracy / F1 / correlation
-        for i in range(0, len(rows), mbs):
-            batch = {k: v.to(acc.device) for k, v in self._collate(rows[i : i + mbs]).items()}
+        # Sharded weights are gathered by all processes together: each runs as many forwards.
+        per_process = -(-len(every) // acc.num_processes) if self.launch.shards_state else 0
+        for i in range(0, max(len(rows), per_process), mbs):
+            real = i < len(rows)  # else a forward that only joins the others' gathering
+            chunk = rows[i : i + mbs] if real else [every[0]]
+            batch = {k: v.to(acc.device) for k, v in self._collate(chunk).items()}
+            if not real:
+                batch.pop("task_ids", None)  # counts toward no task's loss
             if self.recipe.task.has_head:
                 out = head_outputs(self.model, batch)
-                predicted.append(out if out.dim() == 1 else out.argmax(-1))
-                true.append(batch["labels"])
-            totals[0] += self._loss_sum(batch)
-            totals[1] += supervised_tokens(batch["labels"])
+                if real:
+                    predicted.append(out if out.dim() == 1 else out.argmax(-1))
+                    true.append(batch["labels"])
+            loss_sum = self._loss_sum(batch)
+            if real:
+                totals[0] += loss_sum
+                totals[1] += supervised_tokens(batch["labels"])
         self.model.train()
         if predicted:
             self.head_metrics = head_metrics(
@@ -554,19 +565,22 @@ class FineTuneRun:
     # ------------------------------------------------------------------ helpers
     def _save_result(self, target) -> None:
         self.accelerator.wait_for_everyone()
-        if self.main:
-            with atomic_dir(target) as tmp:
-                self.recipe.adapter.save(self.accelerator.unwrap_model(self.model), tmp, self.ctx)
-                self.tokenizer.save_pretrained(str(tmp))
-                write_manifest(
-                    tmp,
-                    self.base_identity,
-                    method=self.recipe.adapter.method,
-                    chat_template=self.data.chat_template.template,
-                    stop_tokens=self.data.stop_tokens,
-                    recipe=self.recipe_dump,
-                    quantization=self.recipe_dump["model"]["quantization"],
-                )
+        model = self.accelerator.unwrap_model(self.model)
+        # Sharded (FSDP): the trainable weights are gathered into the main process, nothing else.
+        with gathered_trainable(model, keep=self.main):
+            if self.main:
+                with atomic_dir(target) as tmp:
+                    self.recipe.adapter.save(model, tmp, self.ctx)
+                    self.tokenizer.save_pretrained(str(tmp))
+                    write_manifest(
+                        tmp,
+                        self.base_identity,
+                        method=self.recipe.adapter.method,
+                        chat_template=self.data.chat_template.template,
+                        stop_tokens=self.data.stop_tokens,
+                        recipe=self.recipe_dump,
+                        quantization=self.recipe_dump["model"]["quantization"],
+                    )
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, rng: dict[str, Any]):
