@@ -102,18 +102,25 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None):
 
 
 def plan(
-    recipe: str | Path | Recipe, overrides: list[str] | None = None, gpu_memory: str | None = None
+    recipe: str | Path | Recipe,
+    overrides: list[str] | None = None,
+    gpu_memory: str | None = None,
+    launch: str | Path | None = None,
 ):
     """Predict peak training memory of a recipe (loads no weights); see `peftkit.planner.plan`.
 
     Args:
         gpu_memory: plan for a GPU of this size ("24GB"); default: this machine.
+        launch: the accelerate config file the run will be launched with (processes, FSDP or
+            DeepSpeed sharding): the prediction is then per process.
     """
+    from peftkit.launch import Launch, check_launch
     from peftkit.planner.plan import make_plan, parse_size
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None)
+    how = check_launch(recipe, Launch.from_accelerate_config(launch)) if launch else None
+    return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None, how)
 
 
 def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:

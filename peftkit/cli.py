@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         "--gpu-memory",
         help="plan for a GPU with this much memory, e.g. 24GB (default: this machine)",
     )
+    plan.add_argument(
+        "--launch", help="accelerate config the run will use, e.g. recipes/accelerate/fsdp2.yaml"
+    )
     export = sub.add_parser(
         "export", help="merge a run's result into deployable weights and verify them"
     )
@@ -253,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "plan":
             from peftkit.planner.plan import format_plan
 
-            result = api.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)
+            result = api.plan(
+                args.recipe, args.overrides, gpu_memory=args.gpu_memory, launch=args.launch
+            )
             print(format_plan(result))
             if result.fits is False:
                 return 4

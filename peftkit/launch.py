@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+import yaml
 
 from peftkit.errors import RecipeError
 from peftkit.recipe.schema import Recipe
@@ -36,6 +39,43 @@ class Launch:
     def shards_state(self) -> bool:
         """Optimizer state (and with FSDP or ZeRO-3 the parameters) split over the processes."""
         return self.kind in ("fsdp", "deepspeed")
+
+    @property
+    def shards_weights(self) -> bool:
+        """Parameters split too: FSDP resharding after forward, or ZeRO-3."""
+        return (self.kind == "fsdp" and self.reshard_after_forward) or self.zero_stage == 3
+
+    def describe(self) -> str:
+        how = {
+            "single": "one process",
+            "ddp": "DDP (nothing sharded)",
+            "fsdp": "FSDP, "
+            + (
+                "weights, gradients and optimizer state sharded"
+                if self.shards_weights
+                else "gradients and optimizer state sharded"
+            ),
+            "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}",
+        }[self.kind]
+        return f"{self.processes} process(es), {how}"
+
+    @classmethod
+    def from_accelerate_config(cls, path: str | Path) -> Launch:
+        """The launch an `accelerate launch --config_file` file describes."""
+        try:
+            config = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RecipeError(f"cannot read the accelerate config {path}: {e}") from None
+        processes = int(config.get("num_processes") or 1)
+        kind = config.get("distributed_type", "NO")
+        if kind == "FSDP":
+            fsdp = config.get("fsdp_config") or {}
+            reshard = fsdp.get("fsdp_reshard_after_forward", True)
+            return cls("fsdp", processes, reshard_after_forward=str(reshard).lower() != "false")
+        if kind == "DEEPSPEED":
+            stage = (config.get("deepspeed_config") or {}).get("zero_stage")
+            return cls("deepspeed", processes, zero_stage=int(stage) if stage else None)
+        return cls("ddp" if processes > 1 else "single", processes)
 
     @classmethod
     def from_env(cls) -> Launch:

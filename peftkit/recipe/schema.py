@@ -24,6 +24,9 @@ class QuantizationSpec(Section):
     """Quantize the quantization constants too (saves ~0.4 bits per parameter)."""
     compute_dtype: DType = "auto"
     """dtype the 4-bit weights are dequantized to for matmuls; auto = the training precision."""
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the packed 4-bit weights are stored in; auto = uint8, except under an FSDP launch:
+    the compute dtype, so that FSDP can shard them like every other parameter (QLoRA + FSDP)."""
 
 
 class ModelSpec(Section):
