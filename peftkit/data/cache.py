@@ -18,11 +18,13 @@ is reported as the first bad row in order, named by file and line, however many 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pickle
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,21 @@ def tokenizer_sha(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _building(folder: Path) -> Iterator[Path]:
+    """A temporary folder that becomes `folder` when the block succeeds (nothing otherwise).
+    Built under a name of this process's own, then renamed: two runs that build the same key at
+    once each finish their own, and the first rename wins."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    mine = folder.with_name(f".{folder.name}.{os.getpid()}")
+    with atomic_dir(mine) as tmp:
+        yield tmp
+    try:
+        mine.rename(folder)
+    except OSError:  # another process built the same data first: keep its folder
+        shutil.rmtree(mine, ignore_errors=True)
+
+
 def cache_dir(key: str) -> Path:
     return cache_root() / "data" / f"{key[:32]}-v{LAYOUT}"
 
@@ -183,8 +200,7 @@ def write_rows(
     **meta: Any,
 ) -> None:
     """Store rows encoded in memory (task-head data) as a cache folder, atomically."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(folder) as tmp:
+    with _building(folder) as tmp:
         start, rows = 0, []
         for split, split_rows in splits.items():
             np.save(tmp / f"{split}.npy", np.arange(start, start + len(split_rows)))
@@ -234,8 +250,7 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, folder:
 
     from peftkit.data.pipeline import check_supervised, hold_out_indices
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(folder) as tmp:
+    with _building(folder) as tmp:
         counts = _write_raw(spec, tmp / "raw.arrow")
         n_train, n_eval, n_ref = counts
         train_idx, eval_idx = list(range(n_train)), list(range(n_train, n_train + n_eval))
