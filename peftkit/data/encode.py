@@ -83,19 +83,37 @@ class Encoder:
             which = [i for i, t in enumerate(texts) if t.chat == chat]
             if not which:
                 continue
-            enc = self.tokenizer(
-                [texts[i].text for i in which],
-                add_special_tokens=not chat,
-                return_offsets_mapping=True,
-            )
-            for k, i in enumerate(which):
-                ids, offsets = enc["input_ids"][k], enc["offset_mapping"][k]
+            encoded = self._ids_and_offsets([texts[i].text for i in which], not chat)
+            for (ids, offsets), i in zip(encoded, which):
                 if not chat:
                     ids, offsets = self._with_eos(ids, offsets, len(texts[i].text))
                 ids_arr = np.asarray(ids, dtype=np.int64)
                 labels = _labels_from_spans(ids_arr, offsets, texts[i].spans)
                 rows[i] = EncodedRow(ids_arr, labels, texts[i].origin)
         return rows  # type: ignore[return-value]
+
+    def _ids_and_offsets(
+        self, texts: list[str], add_special_tokens: bool
+    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids and character offsets of each text, as `tokenizer(texts, ...)` gives them.
+        A fast tokenizer without truncation or padding set is called directly (the same call
+        transformers makes, without its per-row conversion of every output field)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if (
+            backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens
+            == getattr(self.tokenizer, "split_special_tokens", False)
+        ):
+            return [
+                (e.ids, e.offsets)
+                for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            ]
+        enc = self.tokenizer(
+            texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True
+        )
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
     def _with_eos(
         self, ids: list[int], offsets: list[tuple[int, int]], n_chars: int
@@ -114,8 +132,8 @@ def _labels_from_spans(
     labels = np.full_like(ids, IGNORE)
     if not spans:
         return labels
-    starts = np.asarray([s for s, _ in offsets])
-    ends = np.asarray([e for _, e in offsets])
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (seq, 2): [start, end)
+    starts, ends = bounds[:, 0], bounds[:, 1]
     mask = np.zeros(len(ids), dtype=bool)
     for lo, hi in spans:
         mask |= (starts < hi) & (ends > lo)

@@ -172,3 +172,19 @@ def test_bad_rows_are_named_by_file_and_line_with_two_processes(tmp_path, tokeni
         prepare_data(spec, tokenizer, seed=0)
     # Nothing half-built is left to be found by the next run.
     assert not [p for p in (tmp_path / "cache" / "data").iterdir()]
+
+
+def test_batched_tokenization_equals_the_tokenizers_own_call(tokenizers_by_template):
+    """The encoder calls a fast tokenizer's backend directly; ids and offsets are those of
+    `tokenizer(text, return_offsets_mapping=True)`, with and without special tokens."""
+    from peftkit.data.encode import Encoder
+
+    texts = ["Q: hi\nA: hello<|im_end|>", "", "the quick brown fox " * 9, "<|im_start|>user x"]
+    for name in ("chatml", "llama3"):
+        tok = AutoTokenizer.from_pretrained(tokenizers_by_template[name])
+        for special in (True, False):
+            got = Encoder(tok, "all")._ids_and_offsets(texts, special)
+            for text, (ids, offsets) in zip(texts, got):
+                enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+                assert list(ids) == enc["input_ids"]
+                assert [tuple(o) for o in offsets] == [tuple(o) for o in enc["offset_mapping"]]
