@@ -174,3 +174,13 @@ def fsdp_on_cpu(accelerator) -> bool:
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return True
+
+
+def allow_mlflow_file_store() -> None:
+    """MLflow 3 (checked with 3.17) keeps its local file store (`file:` tracking URIs) in
+    maintenance mode and raises on it unless MLFLOW_ALLOW_FILE_STORE=true. peftkit's default MLflow
+    store is a file store inside the run directory (readable offline, no database to create), so
+    it opts in; a user's own setting of the variable wins."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -9,6 +9,7 @@ import yaml
 
 from peftkit.recipe.load import load_recipe
 from peftkit.recipe.schema import Recipe
+from peftkit.training import trackers
 from peftkit.training.loop import FineTuneRun, StepCallback
 
 
@@ -37,6 +38,11 @@ def environment_notes(recipe: Recipe) -> list[str]:
         notes.append(
             "bitsandbytes is not installed but the recipe needs it (quantization / 8-bit optimizer)"
         )
+    for name in recipe.output.report_to:
+        if importlib.util.find_spec(trackers.PACKAGES[name]) is None:
+            notes.append(
+                f"output.report_to: {name} is not installed (pip install 'peftkit[{name}]')"
+            )
     for source in [*recipe.data.train, *recipe.data.eval]:
         if (
             source.path.lower().endswith((".jsonl", ".json", ".csv", ".parquet"))
@@ -69,8 +75,11 @@ def train(
         recipe = load_recipe(recipe, overrides)
     run = FineTuneRun(recipe, resume=resume, on_step=on_step)
     run.setup()
-    run.train()
-    return run.finish()
+    try:
+        run.train()
+        return run.finish()
+    finally:
+        trackers.finish(run.accelerator)
 
 
 def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None):
@@ -128,6 +137,25 @@ def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     from peftkit.export.run import export as run_export
 
     return run_export(path, out, **options)
+
+
+def report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write an HTML page of runs; returns its path.
+
+    One run without `out`: (re)writes RUN/report.html. Several runs, or a folder of runs (a
+    sweep's): one page comparing them (their key figures and overlaid curves), written to `out`
+    (default: report.html inside the single folder given, else ./runs-compared.html).
+    """
+    from peftkit.report import compare_runs, write_run_report
+    from peftkit.report.compare import find_runs
+
+    paths = [Path(r) for r in runs]
+    if out is None and len(paths) == 1 and (paths[0] / "recipe.yaml").is_file():
+        return write_run_report(paths[0])
+    if out is None:
+        out = paths[0] / "report.html" if len(paths) == 1 else Path("runs-compared.html")
+    find_runs(paths)  # a bad path fails before anything is written
+    return compare_runs(paths, out)
 
 
 def load_adapters(

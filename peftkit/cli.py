@@ -84,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=["f32", "f16", "bf16", "q8_0"],
         help="GGUF weight type (recipe export.quant)",
     )
+    report = sub.add_parser(
+        "report", help="write a run's report.html, or one page comparing runs (or a sweep's)"
+    )
+    report.add_argument("runs", nargs="+", help="run directories, or folders of them (a sweep)")
+    report.add_argument(
+        "--out",
+        help="the page to write (default: RUN/report.html for one run, report.html inside a "
+        "folder of runs, ./runs-compared.html for several)",
+    )
     sweep = sub.add_parser(
         "sweep", help="search a recipe's hyperparameters with Optuna, pruning on eval loss"
     )
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 format=args.format,
                 quant=args.quant,
             )
+        elif args.verb == "report":
+            print(f"wrote {api.report(args.runs, args.out)}")
         elif args.verb == "sweep":
             result = api.sweep(
                 args.recipe,

@@ -4,6 +4,8 @@ it against the trained model, and keep it only if it passes the fidelity gate.""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
 from peftkit.models.load import model_source
 from peftkit.recipe.schema import ExportSpec
+from peftkit.report import refresh_run_report
 from peftkit.training.run_dir import (
+    RunDir,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
@@ -50,7 +54,8 @@ def export(
     """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
 
     `format` "gguf" writes one GGUF file (weights as `quant`) and an Ollama Modelfile instead of
-    safetensors; the file is read back with transformers' GGUF loader for the gate.
+    safetensors; the file is read back with transformers' GGUF loader for the gate. A kept export
+    is recorded in the run's exports.jsonl and its fidelity shown in the run's report.html.
 
     Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
     trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
@@ -108,7 +113,9 @@ def export(
             raise ExportError("task-head models export as merged weights only (no --adapter-only)")
         from peftkit.export.head import export_head_model
 
-        return export_head_model(source, out, spec, allow_drift, log)
+        report = export_head_model(source, out, spec, allow_drift, log)
+        _record_export(source.run_dir, out)
+        return report
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
@@ -166,7 +173,21 @@ def export(
     if failures:
         log(f"warning: fidelity gate failed ({'; '.join(failures)}) but --allow-drift kept {out}")
     log(f"exported to {out}")
+    _record_export(source.run_dir, out)
     return report
+
+
+def _record_export(run_dir: Path, out: Path) -> None:
+    """A line in the run's exports.jsonl, and its report.html rewritten to show the fidelity."""
+    run = RunDir(run_dir)
+    record = {"out": str(out.resolve()), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        with run.exports.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a read-only run directory: the export itself is done and fine
+        logging.getLogger(__name__).warning("could not record the export in %s: %s", run.exports, e)
+        return
+    refresh_run_report(run.path)
 
 
 def _held_out_rows(

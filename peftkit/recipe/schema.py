@@ -334,6 +334,11 @@ class OutputSpec(Section):
     sample_prompts: list[str] = []
     """User messages answered (greedy) before and after training, saved in samples.json."""
     sample_max_new_tokens: int = Field(default=48, gt=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    """Experiment trackers that also get the recipe (as hyper-parameters) and every metric, through
+    accelerate's tracker integration; each needs its extra (`pip install 'peftkit[wandb]'`). All
+    write under the run directory by default: W&B offline (unless WANDB_MODE is set), MLflow to a
+    file store in RUN/mlruns (unless MLFLOW_TRACKING_URI is set), trackio to its local database."""
 
 
 class EvalSpec(Section):

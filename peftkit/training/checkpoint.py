@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -209,15 +210,29 @@ def read_checkpoint(path: Path, process_index: int = 0) -> SavedCheckpoint:
 
 
 def newest_intact(
-    checkpoints: Path, process_index: int = 0
+    checkpoints: Path, accelerator: Accelerator | None = None
 ) -> tuple[SavedCheckpoint | None, list[DamagedCheckpoint]]:
-    """The newest checkpoint that reads back whole, and the damaged ones newer than it."""
+    """The newest checkpoint that reads back whole, and the damaged ones newer than it.
+
+    With `accelerator` (a collective: every process must call it), each process reads the
+    checkpoint with its own RNG file and the processes agree: a checkpoint that any process cannot
+    read is damaged for all, so every process resumes from the same step. Without, this process
+    alone judges (enough to name a checkpoint in a message).
+    """
     damaged = []
     for path in reversed(complete_checkpoints(checkpoints)):
+        saved, problem = None, None
         try:
-            return read_checkpoint(path, process_index), damaged
+            saved = read_checkpoint(path, accelerator.process_index if accelerator else 0)
         except DamagedCheckpoint as e:
-            damaged.append(e)
+            problem = e.reason
+        # one entry per process, the same list on every process
+        problems = gather_object([problem]) if accelerator else [problem]
+        if not any(problems):
+            return saved, damaged
+        many = len(problems) > 1
+        reasons = [f"process {i}: {p}" if many else p for i, p in enumerate(problems) if p]
+        damaged.append(DamagedCheckpoint(path, "; ".join(reasons)))
     return None, damaged
 
 

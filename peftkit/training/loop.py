@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.adapters.manifest import BaseIdentity, write_manifest
-from peftkit.data.audit import audit_lines
+from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
@@ -31,7 +31,8 @@ from peftkit.launch import check_launch
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.training import advice, inputs
+from peftkit.report import refresh_run_report
+from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import choose_batching, collate, collate_packed
@@ -77,6 +78,7 @@ class FineTuneRun:
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             **_compat.accelerator_kwargs(),
+            **trackers.accelerator_kwargs(r.output.report_to, self.run),
         )
         _compat.fsdp_on_cpu(self.accelerator)
         self.main = self.accelerator.is_main_process
@@ -133,9 +135,14 @@ class FineTuneRun:
             self.run.begin(self.resume, r.output.overwrite, self.recipe_dump, self.resume_changes)
             if not self.resume:
                 inputs.record(self.run, self.input_prints)
+            atomic_write_json(
+                self.run.audit,
+                audit_record(self.data, self.tokenizer, r.task.type, self.class_names),
+            )
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
+            trackers.start(self.accelerator, r.output.report_to, self.run, r.name, self.recipe_dump)
         except BaseException:
             if fresh and self.main:  # leave no half-made run directory behind
                 shutil.rmtree(self.run.path, ignore_errors=True)
@@ -183,9 +190,7 @@ class FineTuneRun:
         if self.resume:
             if self.main:
                 ckpt.clean_leftovers(self.run.checkpoints)
-            saved, damaged = ckpt.newest_intact(
-                self.run.checkpoints, self.accelerator.process_index
-            )
+            saved, damaged = ckpt.newest_intact(self.run.checkpoints, self.accelerator)
             for bad in damaged:
                 self._print(f"warning: {bad}; set aside as {ckpt.set_aside(bad.path, self.main)}")
             if saved is None:
@@ -205,7 +210,10 @@ class FineTuneRun:
             )
             self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
-            self.run.metrics, self.main, self.state.step if resumed_from else None
+            self.run.metrics,
+            self.main,
+            self.state.step if resumed_from else None,
+            on_log=lambda record: trackers.log(self.accelerator, record),
         )
         self.samples_before = self._samples() if not resumed_from else None
 
@@ -345,11 +353,6 @@ class FineTuneRun:
                 raise
             finally:
                 bar.close()
-        if (
-            r.train.save_every is not None
-            and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
-        ):
-            self._save_checkpoint(ckpt.rng_state())  # lets a finished run be extended with --resume
 
     def _optimizer_step(
         self, micro_batches: list[list[EncodedRow]], epoch: float
@@ -529,6 +532,8 @@ class FineTuneRun:
             shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
         self.accelerator.wait_for_everyone()
         self.metrics.log(record)
+        if self.main:
+            refresh_run_report(self.run.path)
         self._print(
             f"step {self.state.step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
@@ -544,12 +549,23 @@ class FineTuneRun:
         scored = [step for step, _ in self.metrics.series("reference_loss")]
         if self.data.reference and scored[-1:] != [self.state.step]:
             self._log_evaluation(None)
+        # After the final evaluation (and best/), so a resume from it neither redoes nor loses it;
+        # lets a finished run be extended with --resume.
+        if (
+            r.train.save_every is not None
+            and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
+        ):
+            self._save_checkpoint(ckpt.rng_state())
         final = run.final(r.adapter.final_dir_name)
         self._save_result(final)
         samples_after = self._samples()
         if not self.main:
             return {}
         summary = run_summary(self, final)
+        trackers.log(
+            self.accelerator,
+            {f"summary/{k}": v for k, v in summary.items()} | {"step": self.state.step},
+        )
         atomic_write_json(run.summary, summary)
         atomic_write_json(run.meta, run_metadata(self))
         if samples_after is not None and self.samples_before is not None:
@@ -559,6 +575,7 @@ class FineTuneRun:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
+        refresh_run_report(run.path)
         print(format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after))
         return summary
 

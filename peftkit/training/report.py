@@ -75,6 +75,13 @@ def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
     return summary
 
 
+def device_name(device: torch.device) -> str:
+    """The device as report.html shows it: `cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu`, `mps`."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def run_metadata(run: FineTuneRun) -> dict[str, Any]:
     """peftkit.json: what produced this run, and what later stages (export, serving) must honour."""
     import accelerate
@@ -97,6 +104,7 @@ def run_metadata(run: FineTuneRun) -> dict[str, Any]:
         "class_names": run.class_names,
         "final_dir": run.recipe.adapter.final_dir_name,
         "precision": run.precision,
+        "device": device_name(run.accelerator.device),
         "weights_dtype": str(run.weights_dtype).removeprefix("torch."),
         "processes": run.accelerator.num_processes,
         "chat_template_source": run.data.chat_template.source,

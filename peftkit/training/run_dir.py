@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = (
     "train.supervised_logits_only",
     "train.early_stopping",
     "output.plot",
+    "output.report_to",
     "output.save_best",
     "output.overwrite",
     "output.sample_prompts",
@@ -60,6 +61,12 @@ class RunDir:
         self.answers = self.path / "answers.json"
         self.resumes = self.path / "resumes.jsonl"
         """One line per --resume: when, and the recipe changes it made."""
+        self.report = self.path / "report.html"
+        """Curves, recipe, data audit, answers, forgetting, fidelity: one self-contained page."""
+        self.exports = self.path / "exports.jsonl"
+        """One line per `peftkit export` of this run: where it went (report.html links it)."""
+        self.trackers = self.path / "trackers.json"
+        """The experiment trackers' run ids, so that a resumed run appends to the same runs."""
         self.inputs = self.path / "inputs.json"
         """Fingerprints of the data files, tokenizer and chat template the run started with."""
         self.checkpoints = self.path / "checkpoints"
@@ -120,9 +127,8 @@ class RunDir:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
-        if resume:  # what a kill while writing a result left behind (see atomic_dir)
-            for leftover in self.path.glob(".*.tmp"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if resume:
+            recover_atomic_dirs(self.path)  # a kill while a result (best/, adapter/) was written
             record = {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changes or {}}
             with self.resumes.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -220,14 +226,20 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _tmp_and_old(target: Path) -> tuple[Path, Path]:
+    return target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+    """Yield a temporary sibling folder; on success it replaces `target`.
 
-    An interruption at any point leaves either the old `target` or the new one, never a mix; the
-    temporary folder's name starts with '.' and ends in '.tmp', so it never looks like a result.
+    The new folder is written as `.NAME.tmp`; the old `target` is renamed to `.NAME.old`, the new
+    one to `target`, then the old one removed. A kill at any point leaves the old `target` or the
+    new one complete, under its own name or, between the two renames, as `.NAME.old`:
+    `recover_atomic_dirs` puts that back. Hidden names never look like a result.
     """
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp, old = _tmp_and_old(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -235,9 +247,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(f".{target.name}.old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_atomic_dirs(folder: Path) -> None:
+    """Undo what a kill inside `atomic_dir` left in `folder`: an unfinished `.NAME.tmp` is
+    removed; an old `.NAME.old` is renamed back to NAME if NAME is missing, else removed."""
+    for old in folder.glob(".*.old"):
+        target = old.with_name(old.name[1 : -len(".old")])
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+    for tmp in folder.glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
