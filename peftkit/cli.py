@@ -232,12 +232,25 @@ def _add_adapter_verbs(sub) -> None:
     combine.add_argument("--overwrite", action="store_true")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (main() may run many times in one
+    process, each time with its stderr redirected elsewhere)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _show_library_progress() -> None:
     """The library logs long one-off work (e.g. materialising a GGUF base) at INFO; show it."""
     for name in ("peftkit.models", "peftkit.data"):
         logger = logging.getLogger(name)
         if not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)

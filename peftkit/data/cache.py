@@ -38,7 +38,7 @@ from peftkit.data.audit import SplitAudit
 from peftkit.data.encode import KEPT, TOO_LONG, UNSUPERVISED, EncodedRow, Encoder, settle
 from peftkit.data.fingerprint import source_sha
 from peftkit.data.formats import detect_format, to_example
-from peftkit.data.sources import RawRow, iter_source, parse_json_line
+from peftkit.data.sources import RawRow, iter_source, looks_like_local_path, parse_json_line
 from peftkit.errors import DataError
 from peftkit.models.gguf import cache_root
 from peftkit.recipe.schema import DataSource, DataSpec
@@ -81,6 +81,8 @@ def data_key(
     for source in spec.sources:
         sha = source_sha(Path(source.path).expanduser())
         if sha is None and source.revision is None:
+            if not looks_like_local_path(source.path):  # (a missing file is reported by reading)
+                log.info("data not cached: hub dataset %s has no revision to pin", source.path)
             return None
         shas.append(sha)
     payload = {

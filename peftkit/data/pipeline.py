@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +16,6 @@ from peftkit.data.formats import Example, detect_format, to_example
 from peftkit.data.sources import read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,8 +42,6 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
     template = resolve_chat_template(tokenizer, spec.chat_template)
     key = cache.data_key(spec, tokenizer, template.template, seed) if spec.cache else None
     if key is None:
-        if spec.cache:
-            log.info("data not cached: a hub dataset without a revision cannot be fingerprinted")
         return _prepare_in_memory(spec, tokenizer, seed, template)
     rows, audits, meta = cache.prepare_cached(spec, tokenizer, key, seed)
     return PreparedData(

@@ -62,13 +62,13 @@ def _iter_source(source: DataSource, streaming: bool = False) -> Iterator:
         yield from readers[suffix](path)
     elif path.is_dir():
         yield from _read_saved_dataset(path, source.split)
-    elif _looks_like_local_path(source.path):
+    elif looks_like_local_path(source.path):
         raise DataError(f"data file not found: {source.path}")
     else:
         yield from _read_hub_dataset(source)
 
 
-def _looks_like_local_path(text: str) -> bool:
+def looks_like_local_path(text: str) -> bool:
     return (
         text.startswith((".", "/", "~"))
         or text.lower().endswith(FILE_SUFFIXES)
