@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,21 @@ def test_batched_tokenization_equals_the_tokenizers_own_call(tokenizers_by_templ
                 enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
                 assert list(ids) == enc["input_ids"]
                 assert [tuple(o) for o in offsets] == [tuple(o) for o in enc["offset_mapping"]]
+
+
+def test_prepare_verb_fills_the_cache_that_training_then_finds(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
+    from peftkit.cli import main
+    from tests.conftest import write_recipe
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(12))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, data)
+    assert main(["prepare", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "train: 12 rows kept of 12 read" in out
+    folder = out.strip().splitlines()[-1].removeprefix("encoded data: ")
+    assert (Path(folder) / "meta.json").is_file()
+    monkeypatch.setattr(cache, "build", lambda *a: pytest.fail("encoded twice"))
+    assert main(["prepare", str(recipe), "data.num_proc=2"]) == 0  # not part of the key
+    assert main(["prepare", str(recipe), "data.cache=false"]) == 2  # nothing to prepare
