@@ -151,6 +151,31 @@ def restore_gguf_pre_tokenizer(tokenizer, pre: str | None) -> bool:
     return True
 
 
+def fsdp_on_cpu(accelerator) -> bool:
+    """accelerate <= 1.15 (checked up to 1.15.0) forms FSDP only on GPU-like devices: on CPU an
+    FSDP launch (ACCELERATE_USE_FSDP, gloo) silently becomes DDP. torch's FSDP2 (`fully_shard`)
+    itself runs on CPU, so the accelerator state is switched to FSDP with the launch's plugin;
+    accelerate's FSDP2 preparation then shards the model as it would on GPUs. Returns whether it
+    switched. (The test of a 2-process FSDP run fails loudly when accelerate changes this.)"""
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    if getattr(state, "fsdp_plugin", None) is None:
+        plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* variables
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
 def allow_mlflow_file_store() -> None:
     """MLflow 3 (checked with 3.17) keeps its local file store (`file:` tracking URIs) in
     maintenance mode and raises on it unless MLFLOW_ALLOW_FILE_STORE=true. peftkit's default MLflow

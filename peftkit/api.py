@@ -82,19 +82,54 @@ def train(
         trackers.finish(run.accelerator)
 
 
+def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None):
+    """Encode a recipe's data into peftkit's data cache ahead of training (as Axolotl's
+    `preprocess` does), so that `train` and every `--resume` map it in seconds. Loads the
+    tokenizer, no model. Returns the `PreparedData` (its `cache_dir` says where the rows are).
+    """
+    from peftkit.data.labeled import prepare_labeled_data
+    from peftkit.data.pipeline import prepare_data
+    from peftkit.errors import RecipeError
+    from peftkit.models.load import load_tokenizer
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    if not recipe.data.cache:
+        raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
+    tokenizer = load_tokenizer(recipe.model, needs_eos=not recipe.task.has_head)
+    seed = recipe.data.shuffle_seed if recipe.data.shuffle_seed is not None else recipe.train.seed
+    if recipe.task.has_head:
+        data, _ = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
+    else:
+        data = prepare_data(recipe.data, tokenizer, seed)
+    if data.cache_dir is None:
+        raise RecipeError(
+            "this data cannot be cached: a hub dataset without data.train[...].revision may "
+            "change under the same name; pin a revision"
+        )
+    return data
+
+
 def plan(
-    recipe: str | Path | Recipe, overrides: list[str] | None = None, gpu_memory: str | None = None
+    recipe: str | Path | Recipe,
+    overrides: list[str] | None = None,
+    gpu_memory: str | None = None,
+    launch: str | Path | None = None,
 ):
     """Predict peak training memory of a recipe (loads no weights); see `peftkit.planner.plan`.
 
     Args:
         gpu_memory: plan for a GPU of this size ("24GB"); default: this machine.
+        launch: the accelerate config file the run will be launched with (processes, FSDP or
+            DeepSpeed sharding): the prediction is then per process.
     """
+    from peftkit.launch import Launch, check_launch
     from peftkit.planner.plan import make_plan, parse_size
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None)
+    how = check_launch(recipe, Launch.from_accelerate_config(launch)) if launch else None
+    return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None, how)
 
 
 def export(path: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:

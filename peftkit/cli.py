@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in output.dir from its last checkpoint",
     )
+    prepare = sub.add_parser(
+        "prepare", help="encode a recipe's data into the data cache ahead of training"
+    )
+    prepare.add_argument("recipe")
+    prepare.add_argument("overrides", nargs="*")
     validate = sub.add_parser(
         "validate", help="check a recipe and print it with every default resolved"
     )
@@ -37,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--gpu-memory",
         help="plan for a GPU with this much memory, e.g. 24GB (default: this machine)",
+    )
+    plan.add_argument(
+        "--launch", help="accelerate config the run will use, e.g. recipes/accelerate/fsdp2.yaml"
     )
     export = sub.add_parser(
         "export", help="merge a run's result into deployable weights and verify them"
@@ -224,14 +232,28 @@ def _add_adapter_verbs(sub) -> None:
     combine.add_argument("--overwrite", action="store_true")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (main() may run many times in one
+    process, each time with its stderr redirected elsewhere)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _show_library_progress() -> None:
     """The library logs long one-off work (e.g. materialising a GGUF base) at INFO; show it."""
-    logger = logging.getLogger("peftkit.models")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    for name in ("peftkit.models", "peftkit.data"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,12 +268,19 @@ def main(argv: list[str] | None = None) -> int:
             for note in api.environment_notes(recipe):
                 print(f"# note: {note}", file=sys.stderr)
             print(f"# ok: {args.recipe} is valid", file=sys.stderr)
+        elif args.verb == "prepare":
+            data = api.prepare(args.recipe, args.overrides)
+            for audit in data.audits:
+                print("\n".join(audit.lines()))
+            print(f"encoded data: {data.cache_dir}")
         elif args.verb == "train":
             api.train(args.recipe, args.overrides, resume=args.resume)
         elif args.verb == "plan":
             from peftkit.planner.plan import format_plan
 
-            result = api.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)
+            result = api.plan(
+                args.recipe, args.overrides, gpu_memory=args.gpu_memory, launch=args.launch
+            )
             print(format_plan(result))
             if result.fits is False:
                 return 4

@@ -25,6 +25,9 @@ class QuantizationSpec(Section):
     """Quantize the quantization constants too (saves ~0.4 bits per parameter)."""
     compute_dtype: DType = "auto"
     """dtype the 4-bit weights are dequantized to for matmuls; auto = the training precision."""
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the packed 4-bit weights are stored in; auto = uint8, except under an FSDP launch:
+    the compute dtype, so that FSDP can shard them like every other parameter (QLoRA + FSDP)."""
 
 
 class ModelSpec(Section):
@@ -155,6 +158,12 @@ class DataSpec(Section):
     at the end, to report forgetting; empty = no forgetting report."""
     max_reference_rows: int | None = Field(default=None, gt=0)
     """Cap the reference set (its evaluation cost grows with it)."""
+    cache: bool = True
+    """Encode into memory-mapped Arrow files in peftkit's cache ($PEFTKIT_CACHE/data), keyed by
+    the data files' contents, tokenizer, chat template and this section, so a second run or a
+    resume starts in seconds (`peftkit prepare`); false = encode in memory, in one process."""
+    num_proc: int | None = Field(default=None, gt=0)
+    """Processes that encode a cached data set; null = one per 2,000 rows, up to the CPUs."""
 
     _coerce = field_validator("train", "eval", "reference", mode="before")(
         lambda cls, v: _as_list(v)

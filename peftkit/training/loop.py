@@ -25,6 +25,7 @@ from peftkit.adapters.manifest import BaseIdentity, write_manifest
 from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.errors import RecipeError, RunDirError, TrainingStopped
+from peftkit.launch import check_launch
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.recipe.schema import Recipe
@@ -40,6 +41,7 @@ from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir, atomic_dir, atomic_write_json
 from peftkit.training.samples import generate_answers
+from peftkit.training.sharded import gathered_trainable
 from peftkit.training.signals import StopRequest
 from peftkit.training.unfreeze import LayerSchedule
 
@@ -62,6 +64,7 @@ class FineTuneRun:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         r = self.recipe
+        self.launch = check_launch(r)  # FSDP / DeepSpeed: refuse what cannot work, before loading
         self.precision = resolve_precision(r.train, torch.cuda.is_available())
         _compat.allow_new_mixed_precision()
         self.accelerator = Accelerator(
@@ -69,6 +72,7 @@ class FineTuneRun:
             **_compat.accelerator_kwargs(),
             **trackers.accelerator_kwargs(r.output.report_to, self.run),
         )
+        _compat.fsdp_on_cpu(self.accelerator)
         self.main = self.accelerator.is_main_process
         input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
         self.resume_changes = self.run.check_can_start(
@@ -80,8 +84,10 @@ class FineTuneRun:
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
         self.seed = r.data.shuffle_seed if r.data.shuffle_seed is not None else r.train.seed
-        # classification: class id -> name
-        self.data, self.class_names = prepare_run_data(r, self.tokenizer, self.seed)
+        # The first process builds the data cache (if no earlier run did); the others map it.
+        with self.accelerator.main_process_first():
+            # classification: class id -> name
+            self.data, self.class_names = prepare_run_data(r, self.tokenizer, self.seed)
         self.stop_ids = sorted(
             {self.tokenizer.convert_tokens_to_ids(t) for t in self.data.stop_tokens}
             | ({self.tokenizer.eos_token_id} - {None})
@@ -439,12 +445,18 @@ class FineTuneRun:
         """Mean loss per unit (supervised token, row, pair) over the eval rows, or `rows`
         (sharded over processes). The objective keeps what else it measured for `eval_metrics`."""
         acc, mbs, objective = self.accelerator, self.recipe.train.micro_batch_size, self.objective
-        rows = (self.data.eval if rows is None else rows)[acc.process_index :: acc.num_processes]
+        every = self.data.eval if rows is None else rows
+        rows = every[acc.process_index :: acc.num_processes]
         if objective.sort_eval_by_length:
             rows = sorted(rows, key=lambda x: len(x.input_ids))
         self.model.eval()
         totals = torch.zeros(2, device=acc.device)
-        for i in range(0, len(rows), mbs):
+        # Sharded weights are gathered by all processes together: each runs as many forwards.
+        per_process = -(-len(every) // acc.num_processes) if self.launch.shards_state else 0
+        for i in range(0, max(len(rows), per_process), mbs):
+            if i >= len(rows):  # a forward that only joins the others' gathering
+                self.model(input_ids=objective.collate([every[0]])["input_ids"].to(acc.device))
+                continue
             batch = {k: v.to(acc.device) for k, v in objective.collate(rows[i : i + mbs]).items()}
             totals[0] += objective.eval_loss_sum(self.model, batch)
             totals[1] += objective.units(batch).to(acc.device)
@@ -598,19 +610,22 @@ class FineTuneRun:
     # ------------------------------------------------------------------ helpers
     def _save_result(self, target) -> None:
         self.accelerator.wait_for_everyone()
-        if self.main:
-            with atomic_dir(target) as tmp:
-                self.recipe.adapter.save(self.accelerator.unwrap_model(self.model), tmp, self.ctx)
-                self.tokenizer.save_pretrained(str(tmp))
-                write_manifest(
-                    tmp,
-                    self.base_identity,
-                    method=self.recipe.adapter.method,
-                    chat_template=self.data.chat_template.template,
-                    stop_tokens=self.data.stop_tokens,
-                    recipe=self.recipe_dump,
-                    quantization=self.recipe_dump["model"]["quantization"],
-                )
+        model = self.accelerator.unwrap_model(self.model)
+        # Sharded (FSDP): the trainable weights are gathered into the main process, nothing else.
+        with gathered_trainable(model, keep=self.main):
+            if self.main:
+                with atomic_dir(target) as tmp:
+                    self.recipe.adapter.save(model, tmp, self.ctx)
+                    self.tokenizer.save_pretrained(str(tmp))
+                    write_manifest(
+                        tmp,
+                        self.base_identity,
+                        method=self.recipe.adapter.method,
+                        chat_template=self.data.chat_template.template,
+                        stop_tokens=self.data.stop_tokens,
+                        recipe=self.recipe_dump,
+                        quantization=self.recipe_dump["model"]["quantization"],
+                    )
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, rng: dict[str, Any]):
