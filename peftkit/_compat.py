@@ -20,6 +20,7 @@ from packaging.version import Version
 PRIVATE_API = (
     ("accelerate", "accelerate.state.AcceleratorState", "_reset_state", "1.6-1.15"),
     ("accelerate", "accelerate.state.GradientState", "_reset_state", "1.6-1.15"),
+    ("accelerate", "accelerate.state.PartialState", "_shared_state", "1.6-1.15"),
     ("peft", "peft.tuners.tuners_utils.BaseTunerLayer", "_active_adapter", "0.17-0.21"),
     ("peft", "peft.tuners.tuners_utils.BaseTunerLayer", "_disable_adapters", "0.17-0.21"),
     (
@@ -227,3 +228,38 @@ def restore_gguf_pre_tokenizer(tokenizer, pre: str | None) -> bool:
         [pre_tokenizers.Digits(individual_digits=True), current]
     )
     return True
+
+
+def fsdp_on_cpu(accelerator) -> bool:
+    """accelerate <= 1.15 (checked up to 1.15.0) forms FSDP only on GPU-like devices: on CPU an
+    FSDP launch (ACCELERATE_USE_FSDP, gloo) silently becomes DDP. torch's FSDP2 (`fully_shard`)
+    itself runs on CPU, so the accelerator state is switched to FSDP with the launch's plugin;
+    accelerate's FSDP2 preparation then shards the model as it would on GPUs. Returns whether it
+    switched. (The test of a 2-process FSDP run fails loudly when accelerate changes this.)"""
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    if getattr(state, "fsdp_plugin", None) is None:
+        plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* variables
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    _private(PartialState, "_shared_state", "accelerate")["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def allow_mlflow_file_store() -> None:
+    """MLflow 3 (checked with 3.17) keeps its local file store (`file:` tracking URIs) in
+    maintenance mode and raises on it unless MLFLOW_ALLOW_FILE_STORE=true. peftkit's default MLflow
+    store is a file store inside the run directory (readable offline, no database to create), so
+    it opts in; a user's own setting of the variable wins."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -17,15 +17,23 @@ from annotated_types import Ge, Le
 
 from peftkit.adapters.adapter_set import AdapterSet, default_name
 from peftkit.adapters.combine import combine
+from peftkit.data.labeled import prepare_labeled_data
+from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RecipeError
 from peftkit.export.run import export
+from peftkit.io import RunLayout
+from peftkit.launch import Launch, check_launch
+from peftkit.models.load import load_tokenizer
 from peftkit.planner.plan import Plan, make_plan, parse_size
 from peftkit.recipe.load import load_recipe
 from peftkit.recipe.schema import DType, Recipe
+from peftkit.report import compare_runs, refresh_run_report, write_run_report
+from peftkit.report.compare import find_runs
 from peftkit.serving.app import ServeLimits
 from peftkit.serving.server import Server, load_for_serving
 from peftkit.sweep import SweepResult
 from peftkit.sweep import sweep as run_sweep
+from peftkit.training import trackers
 from peftkit.training.loop import StepCallback
 from peftkit.training.precision import resolve_precision
 from peftkit.training.run import train as train_recipe
@@ -51,6 +59,11 @@ def environment_notes(recipe: Recipe) -> list[str]:
         notes.append(
             "bitsandbytes is not installed but the recipe needs it (quantization / 8-bit optimizer)"
         )
+    for name in recipe.output.report_to:
+        if importlib.util.find_spec(trackers.PACKAGES[name]) is None:
+            notes.append(
+                f"output.report_to: {name} is not installed (pip install 'peftkit[{name}]')"
+            )
     for source in [*recipe.data.train, *recipe.data.eval]:
         if (
             source.path.lower().endswith((".jsonl", ".json", ".csv", ".parquet"))
@@ -81,20 +94,70 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    return train_recipe(recipe, resume=resume, on_step=on_step)
+    return train_recipe(recipe, resume=resume, on_step=on_step, refresh_report=refresh_run_report)
+
+
+def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> PreparedData:
+    """Encode a recipe's data into peftkit's data cache ahead of training (as Axolotl's
+    `preprocess` does), so that `train` and every `--resume` map it in seconds. Loads the
+    tokenizer, no model. Returns the `PreparedData` (its `cache_dir` says where the rows are).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    if not recipe.data.cache:
+        raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
+    tokenizer = load_tokenizer(recipe.model, needs_eos=not recipe.task.has_head)
+    seed = recipe.data_seed
+    if recipe.task.has_head:
+        data, _ = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
+    else:
+        data = prepare_data(recipe.data, tokenizer, seed)
+    if data.cache_dir is None:
+        raise RecipeError(
+            "this data cannot be cached: a hub dataset without data.train[...].revision may "
+            "change under the same name; pin a revision"
+        )
+    return data
 
 
 def plan(
-    recipe: str | Path | Recipe, overrides: list[str] | None = None, gpu_memory: str | None = None
+    recipe: str | Path | Recipe,
+    overrides: list[str] | None = None,
+    gpu_memory: str | None = None,
+    launch: str | Path | None = None,
 ) -> Plan:
     """Predict peak training memory of a recipe (loads no weights); see `peftkit.planner.plan`.
 
     Args:
         gpu_memory: plan for a GPU of this size ("24GB"); default: this machine.
+        launch: the accelerate config file the run will be launched with, e.g.
+            recipes/accelerate/fsdp2.yaml (processes, FSDP or DeepSpeed sharding): the
+            prediction is then per process.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None)
+    how = check_launch(recipe, Launch.from_accelerate_config(launch)) if launch else None
+    return make_plan(recipe, parse_size(gpu_memory) if gpu_memory else None, how)
+
+
+def report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write an HTML page of runs; returns its path.
+
+    One run without `out`: (re)writes RUN/report.html. Several runs, or a folder of runs (a
+    sweep's): one page comparing them (their key figures and overlaid curves).
+
+    Args:
+        runs: run directories, or folders of them (a sweep).
+        out: the page to write (default: RUN/report.html for one run, report.html inside a
+            folder of runs, ./runs-compared.html for several).
+    """
+    paths = [Path(r) for r in runs]
+    if out is None and len(paths) == 1 and RunLayout(paths[0]).recipe.is_file():
+        return write_run_report(paths[0])
+    if out is None:
+        out = paths[0] / "report.html" if len(paths) == 1 else Path("runs-compared.html")
+    find_runs(paths)  # a bad path fails before anything is written
+    return compare_runs(paths, out)
 
 
 def load_adapters(

@@ -41,8 +41,16 @@ class RunLayout:
         self.answers = self.path / "answers.json"
         self.resumes = self.path / "resumes.jsonl"
         """One line per --resume: when, and the recipe changes it made."""
+        self.report = self.path / "report.html"
+        """Curves, recipe, data audit, answers, forgetting, fidelity: one self-contained page."""
+        self.exports = self.path / "exports.jsonl"
+        """One line per `peftkit export` of this run: where it went (report.html links it)."""
+        self.trackers = self.path / "trackers.json"
+        """The experiment trackers' run ids, so that a resumed run appends to the same runs."""
         self.inputs = self.path / "inputs.json"
         """Fingerprints of the data files, tokenizer and chat template the run started with."""
+        self.reference_logps = self.path / "reference_logps.safetensors"
+        """Preference runs with objective.precompute_ref: the reference's log-prob of each answer."""
         self.checkpoints = self.path / "checkpoints"
         self.best = self.path / "best"
         self.work = self.path / "state"
@@ -127,18 +135,35 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_with(path: Path, write: Any) -> None:
+    """`write(tmp_path)` writes the file; it then replaces `path` in one rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _tmp_and_old(target: Path) -> tuple[Path, Path]:
+    return target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+    """Yield a temporary sibling folder; on success it replaces `target`.
 
-    An interruption at any point leaves either the old `target` or the new one, never a mix; the
-    temporary folder's name starts with '.' and ends in '.tmp', so it never looks like a result.
+    The new folder is written as `.NAME.tmp`; the old `target` is renamed to `.NAME.old`, the new
+    one to `target`, then the old one removed. A kill at any point leaves the old `target` or the
+    new one complete, under its own name or, between the two renames, as `.NAME.old`:
+    `recover_atomic_dirs` puts that back. Hidden names never look like a result.
     """
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp, old = _tmp_and_old(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -146,9 +171,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(f".{target.name}.old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_atomic_dirs(folder: Path) -> None:
+    """Undo what a kill inside `atomic_dir` left in `folder`: an unfinished `.NAME.tmp` is
+    removed; an old `.NAME.old` is renamed back to NAME if NAME is missing, else removed."""
+    for old in folder.glob(".*.old"):
+        target = old.with_name(old.name[1 : -len(".old")])
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+    for tmp in folder.glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)

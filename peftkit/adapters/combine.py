@@ -27,7 +27,7 @@ from annotated_types import Gt, Le
 
 from peftkit.adapters.adapter_set import AdapterSet, resolve_adapter_dir
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import prepare_data
+from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import PeftkitError, ServingError
 from peftkit.io import MANIFEST, RunLayout, atomic_dir, atomic_write_text, guard_output
 from peftkit.models.manifest import read_manifest, write_manifest
@@ -208,7 +208,7 @@ def _eval_rows(adapter_dir: Path, aset: AdapterSet, limit: int) -> list[EncodedR
     if recipe is None:
         return None
     seed = recipe.data_seed
-    data = prepare_data(recipe.data, aset.tokenizer, seed)
+    data = prepare_scored_rows(recipe, aset.tokenizer, seed)
     if not data.eval:
         raise ServingError("its run had no eval data (set data.eval or data.eval_fraction)")
     return data.eval[:limit]

@@ -3,9 +3,8 @@
 One `model.generate` call serves a batch of rows: prompts are left-padded, rows whose adapters
 differ go through peft's mixed-adapter path (`adapter_names=[...]`: each LoRA layer applies each
 row's own low-rank update to that row only), and a streamer hands every new token to its row.
-A row stops at its own token limit or at a stop token; `generate` itself runs until every row
-is done (finished rows are padded), so rows with short limits cost the batch nothing extra in
-correctness, only in the steps the longest row needs.
+A row stops at its own token limit, at a stop token, or when its `cancelled()` says its client is
+gone; finished rows are padded, and `generate` ends as soon as every row is finished.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -53,6 +53,8 @@ class Row:
     """Token ids that end this row's answer (a batch stops each row on any row's stop ids)."""
     on_text: Callable[[str], None] | None = None
     """Called with each new piece of text as it is generated (streaming)."""
+    cancelled: Callable[[], bool] | None = None
+    """True once nobody wants the answer any more (the client went away): the row stops."""
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str
-    """'stop' (a stop token) or 'length' (the token limit)."""
+    """'stop' (a stop token), 'length' (the token limit) or 'cancelled' (see `Row.cancelled`)."""
 
 
 @dataclass
@@ -71,6 +73,11 @@ class _RowState:
     emitted: str = ""
     done: bool = False
     stopped: bool = False
+    cancelled: bool = False
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.stopped else "cancelled" if self.cancelled else "length"
 
 
 class _RowStreamer(BaseStreamer):
@@ -112,6 +119,20 @@ class _RowStreamer(BaseStreamer):
         if len(text) > len(state.emitted) and text.startswith(state.emitted):
             state.row.on_text(text[len(state.emitted) :])
             state.emitted = text
+
+
+class _RowsFinished(StoppingCriteria):
+    """Marks each row finished once it is done or cancelled, so `generate` stops feeding a row
+    whose client has gone, and ends when no row is left."""
+
+    def __init__(self, states: list[_RowState]) -> None:
+        self.states = states
+
+    def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
+        for state in self.states:
+            if not state.done and state.row.cancelled is not None and state.row.cancelled():
+                state.done = state.cancelled = True
+        return torch.tensor([s.done for s in self.states], device=input_ids.device)
 
 
 @torch.no_grad()
@@ -159,6 +180,7 @@ def generate_rows(
             attention_mask=attention_mask.to(device),
             generation_config=config,
             streamer=_RowStreamer(states, tokenizer, set(stop_ids)),
+            stopping_criteria=StoppingCriteriaList([_RowsFinished(states)]),
             **extra,
         )
     finally:
@@ -168,7 +190,7 @@ def generate_rows(
             text=tokenizer.decode(s.tokens, skip_special_tokens=True),
             token_ids=s.tokens,
             prompt_tokens=len(s.row.input_ids),
-            finish_reason="stop" if s.stopped else "length",
+            finish_reason=s.finish_reason,
         )
         for s in states
     ]

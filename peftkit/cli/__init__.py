@@ -34,6 +34,11 @@ def _verbs() -> dict[str, Verb]:
             core.recipe_arguments,
             core.validate,
         ),
+        "prepare": Verb(
+            "encode a recipe's data into the data cache ahead of training",
+            core.recipe_arguments,
+            core.prepare,
+        ),
         "plan": Verb(
             "predict a recipe's peak training memory and whether it fits",
             core.plan_arguments,
@@ -43,6 +48,11 @@ def _verbs() -> dict[str, Verb]:
             "merge a run's result into deployable weights and verify them",
             core.export_arguments,
             core.export,
+        ),
+        "report": Verb(
+            "write a run's report.html, or one page comparing runs (or a sweep's)",
+            core.report_arguments,
+            core.report,
         ),
         "sweep": Verb(
             "search a recipe's hyperparameters with Optuna, pruning on eval loss",
@@ -90,11 +100,16 @@ def _parser(verbs: Collection[str] | None = None) -> argparse.ArgumentParser:
 
 class _Console(logging.Handler):
     """The library's log on the terminal: information to stdout (above any progress bar), warnings
-    and errors to stderr. The streams are looked up per line, so redirection is honoured."""
+    and errors to stderr; with `progress`, everything to stderr. The streams are looked up per
+    line, so redirection is honoured (main() may run many times in one process)."""
+
+    def __init__(self, progress: bool = False) -> None:
+        super().__init__()
+        self.progress = progress
 
     def emit(self, record: logging.LogRecord) -> None:
         text = self.format(record)
-        if record.levelno >= logging.WARNING:
+        if self.progress or record.levelno >= logging.WARNING:
             print(text, file=sys.stderr, flush=True)
         else:
             from tqdm import tqdm
@@ -105,19 +120,21 @@ class _Console(logging.Handler):
 
 def _show_library_log() -> None:
     """The library logs its progress and results (logger `peftkit`); the CLI shows them. Long
-    one-off work while loading a model (e.g. materialising a GGUF base) goes to stderr."""
+    one-off work while loading a model (e.g. materialising a GGUF base) or encoding data into
+    the cache goes to stderr."""
     logger = logging.getLogger("peftkit")
     if not any(isinstance(h, _Console) for h in logger.handlers):
         handler = _Console()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    models = logging.getLogger("peftkit.models")
-    if not models.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        models.addHandler(handler)
-        models.propagate = False
+    for name in ("peftkit.models", "peftkit.data"):
+        progress = logging.getLogger(name)
+        if not progress.handlers:
+            handler = _Console(progress=True)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            progress.addHandler(handler)
+            progress.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""The recipe verbs of the command line (train, validate, plan, export, sweep): arguments in, api
-out, results printed."""
+"""The recipe and run verbs of the command line (train, validate, prepare, plan, export, report,
+sweep): arguments in, api out, results printed."""
 
 from __future__ import annotations
 
@@ -41,19 +41,28 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(args: argparse.Namespace) -> int:
+    from peftkit import api
+
+    data = api.prepare(args.recipe, args.overrides)
+    for audit in data.audits:
+        print("\n".join(audit.lines()))
+    print(f"encoded data: {data.cache_dir}")
+    return 0
+
+
 def plan_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit import api
+
     recipe_arguments(p)
-    p.add_argument(
-        "--gpu-memory",
-        help="plan for a GPU with this much memory, e.g. 24GB (default: this machine)",
-    )
+    add_flags(p, signature_params(api.plan, ("gpu_memory", "launch")))
 
 
 def plan(args: argparse.Namespace) -> int:
     from peftkit import api
     from peftkit.planner.plan import format_plan
 
-    result = api.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)
+    result = api.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory, launch=args.launch)
     print(format_plan(result))
     return 4 if result.fits is False else 0
 
@@ -87,6 +96,20 @@ def export(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in (*EXPORT_RECIPE_KEYS, *EXPORT_OPTIONS)}
     api.export(args.run, args.out, **options)
+    return 0
+
+
+def report_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit import api
+
+    p.add_argument("runs", nargs="+", help="run directories, or folders of them (a sweep)")
+    add_flags(p, signature_params(api.report, ("out",)))
+
+
+def report(args: argparse.Namespace) -> int:
+    from peftkit import api
+
+    print(f"wrote {api.report(args.runs, args.out)}")
     return 0
 
 

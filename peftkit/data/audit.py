@@ -54,19 +54,24 @@ class SplitAudit:
         return lines
 
 
-def render_mask(row: EncodedRow, tokenizer: PreTrainedTokenizerBase, limit: int = 400) -> str:
-    """The row's text with supervised stretches in ⟦brackets⟧, to check the mask by eye."""
-    parts, current, supervised = [], [], None
+def mask_segments(row: EncodedRow, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """The row's text as (text, supervised) stretches: where the loss mask switches on and off."""
+    segments, current, supervised = [], [], None
     for token, label in zip(row.input_ids.tolist(), row.labels.tolist()):
         flag = label != IGNORE
         if flag != supervised and current:
-            parts.append(_wrap(tokenizer.decode(current), supervised))
+            segments.append((tokenizer.decode(current), bool(supervised)))
             current = []
         supervised = flag
         current.append(token)
     if current:
-        parts.append(_wrap(tokenizer.decode(current), supervised))
-    text = "".join(parts)
+        segments.append((tokenizer.decode(current), bool(supervised)))
+    return segments
+
+
+def render_mask(row: EncodedRow, tokenizer: PreTrainedTokenizerBase, limit: int = 400) -> str:
+    """The row's text with supervised stretches in ⟦brackets⟧, to check the mask by eye."""
+    text = "".join(_wrap(t, s) for t, s in mask_segments(row, tokenizer))
     return text if len(text) <= limit else text[:limit] + " …"
 
 
@@ -89,3 +94,23 @@ def audit_lines(data, tokenizer: PreTrainedTokenizerBase, task_type: str, class_
         f"{', '.join(data.stop_tokens)}",
         "  first row, supervised tokens in ⟦⟧: " + render_mask(data.train[0], tokenizer),
     ]
+
+
+def audit_record(
+    data, tokenizer: PreTrainedTokenizerBase, task_type: str, class_names, rows: int = 3
+) -> dict:
+    """data_audit.json: every split's counts and, for causal LMs, the first train rows as
+    (text, supervised) stretches (what report.html highlights). `data` is a `PreparedData`."""
+    record = {
+        "splits": [a.to_dict() for a in data.audits],
+        "task_type": task_type,
+        "class_names": class_names,
+    }
+    if task_type == "causal_lm":
+        record["chat_template_source"] = data.chat_template.source
+        record["stop_tokens"] = data.stop_tokens
+        record["rows"] = [
+            {"origin": row.origin, "segments": mask_segments(row, tokenizer)}
+            for row in data.train[:rows]
+        ]
+    return record

@@ -91,7 +91,8 @@ class ChatRenderer:
             if message["role"] != "assistant":
                 continue
             before = self._apply(messages[:i], origin, add_generation_prompt=True) if i else ""
-            through = self._apply(messages[: i + 1], origin)
+            last = i == len(messages) - 1
+            through = full if last else self._apply(messages[: i + 1], origin)
             if not (through.startswith(before) and full.startswith(through)):
                 raise DataError(
                     f"{origin}: the chat template renders earlier turns differently once later turns "

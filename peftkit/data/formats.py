@@ -79,6 +79,16 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def text_of(value: Any, what: str) -> str:
+    """A string field, or OpenAI text content parts joined; TypeError otherwise."""
+    return _text(value, what)
+
+
+def messages_of(items: Any, roles: dict[str, str]) -> list[dict[str, str]]:
+    """A list of {"role", "content"} turns, checked (ValueError/TypeError/KeyError otherwise)."""
+    return _messages(items, "role", "content", roles)
+
+
 def _messages(
     items: Any, role_key: str, content_key: str, roles: dict[str, str]
 ) -> list[dict[str, str]]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
 from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
@@ -51,7 +52,31 @@ def class_names(task: TaskSpec, train: list[RawRow]) -> list[str]:
 def prepare_labeled_data(
     spec: DataSpec, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> tuple[PreparedData, list[str] | None]:
-    """Read, split and encode a classification/regression dataset; returns it and the class names."""
+    """Read, split and encode a classification/regression dataset; returns it and the class names.
+
+    With `data.cache`, the encoded rows are kept in peftkit's data cache (encoded here, in one
+    process, the first time) and memory-mapped from there afterwards."""
+    no_template = ChatTemplate("", "none (task head)")
+    task_key = task.model_dump(mode="json")
+    key = cache.data_key(spec, tokenizer, "", seed, task_key) if spec.cache else None
+    if key is None:
+        return _prepare_in_memory(spec, task, tokenizer, seed)
+    folder = cache.cache_dir(key)
+    if not (folder / "meta.json").is_file():
+        data, names = _prepare_in_memory(spec, task, tokenizer, seed)
+        splits = {"train": data.train} | ({"eval": data.eval} if data.eval else {})
+        labels = "float32" if names is None else "int64"
+        cache.write_rows(folder, splits, data.audits, labels, class_names=names)
+    rows, audits, meta = cache.load(folder, LabeledRow)
+    data = PreparedData(
+        rows["train"], rows.get("eval", []), audits, no_template, [], cache_dir=str(folder)
+    )
+    return data, meta["class_names"]
+
+
+def _prepare_in_memory(
+    spec: DataSpec, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> tuple[PreparedData, list[str] | None]:
     train_raw = _read(spec.train)
     eval_raw = _read(spec.eval)
     if not eval_raw and spec.eval_fraction > 0:

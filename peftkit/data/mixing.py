@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peftkit.data.encode import EncodedRow
+from peftkit.data.encode import EncodedRow, row_tasks
 from peftkit.data.step_plan import StepPlan
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSpec
@@ -93,7 +93,7 @@ def step_plan(
     """The run's step plan: plain `StepPlan` for concat, else one that mixes tasks by share."""
     if spec.mixing.strategy == "concat":
         return StepPlan(len(rows), micro_batch_size, grad_accum, world_size, seed)
-    tasks = np.array([r.task for r in rows])
+    tasks = row_tasks(rows)
     task_rows = {t: np.flatnonzero(tasks == t) for t in spec.train_tasks}
     empty = [t for t, idx in task_rows.items() if len(idx) == 0]
     if empty:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
 from peftkit.data.chat import ChatTemplate, resolve_chat_template
-from peftkit.data.encode import EncodedRow, Encoder, truncate
+from peftkit.data.encode import TOO_LONG, UNSUPERVISED, EncodedRow, Encoder, encode_kept
 from peftkit.data.formats import Example, detect_format, to_example
 from peftkit.data.sources import read_source
 from peftkit.errors import DataError
@@ -19,19 +20,44 @@ from peftkit.recipe.schema import DataSource, DataSpec
 
 @dataclass
 class PreparedData:
-    train: list[EncodedRow]
-    eval: list[EncodedRow]
+    train: Sequence[EncodedRow]
+    """A list, or (from the data cache) a memory-mapped `EncodedRows` view."""
+    eval: Sequence[EncodedRow]
     audits: list[SplitAudit]
     chat_template: ChatTemplate
     stop_tokens: list[str]
     """End-of-turn tokens that training supervised; generation must stop on them."""
-    reference: list[EncodedRow] = field(default_factory=list)
+    reference: Sequence[EncodedRow] = field(default_factory=list)
     """General-text rows scored on every token for the forgetting report (`data.reference`)."""
+    cache_dir: str | None = None
+    """The data cache folder the rows are mapped from (None: encoded in memory)."""
 
 
 def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
-    """Read, normalise, split, encode and audit the data. Raises `DataError` on anything unusable."""
+    """Read, normalise, split, encode and audit the data. Raises `DataError` on anything unusable.
+
+    With `data.cache` (default) the rows come from memory-mapped Arrow files in peftkit's cache,
+    built by several processes on first use (`peftkit.data.cache`); otherwise they are encoded
+    in memory here. Both give the same rows, in the same order, with the same masks and audit."""
     template = resolve_chat_template(tokenizer, spec.chat_template)
+    key = cache.data_key(spec, tokenizer, template.template, seed) if spec.cache else None
+    if key is None:
+        return _prepare_in_memory(spec, tokenizer, seed, template)
+    rows, audits, meta = cache.prepare_cached(spec, tokenizer, key, seed)
+    return PreparedData(
+        rows["train"],
+        rows.get("eval", []),
+        audits,
+        template,
+        meta["stop_tokens"],
+        rows.get("reference", []),
+        cache_dir=meta["folder"],
+    )
+
+
+def _prepare_in_memory(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, template: ChatTemplate
+) -> PreparedData:
     train_examples = _read_examples(spec.train, spec.system_prompt, lambda s: s.task_name)
     eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task)
     if not eval_examples and spec.eval_fraction > 0:
@@ -77,15 +103,20 @@ def _read_examples(
 def _hold_out(
     examples: list[Tagged], fraction: float, seed: int
 ) -> tuple[list[Tagged], list[Tagged]]:
-    order = list(range(len(examples)))
+    kept, held = hold_out_indices(len(examples), fraction, seed)
+    return [examples[i] for i in kept], [examples[i] for i in held]
+
+
+def hold_out_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """`data.eval_fraction`: (train, eval) row indices, each in the original order; the eval rows
+    are the first of a seeded permutation."""
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(examples) * fraction))
-    if n_eval >= len(examples):
-        raise DataError(
-            f"data.eval_fraction {fraction} leaves no training rows out of {len(examples)}"
-        )
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise DataError(f"data.eval_fraction {fraction} leaves no training rows out of {n}")
     held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+    return [i for i in range(n) if i not in held], sorted(held)
 
 
 def _encode_split(
@@ -94,18 +125,21 @@ def _encode_split(
     audit = SplitAudit(split, rows_read=len(examples))
     rows = []
     for task, example in examples:
-        row = encoder.encode(example)
-        row.task = task
-        if len(row.input_ids) > spec.max_length and spec.truncation == "drop":
+        status, row = encode_kept(encoder, example, task, spec.max_length, spec.truncation)
+        if status == TOO_LONG:
             audit.rows_dropped_too_long += 1
-            continue
-        row = truncate(row, spec.max_length)
-        if row.n_supervised == 0:
+        elif status == UNSUPERVISED:
             audit.add_unsupervised(row)
-            continue
-        audit.add_kept(row)
-        rows.append(row)
-    if not rows:
+        else:
+            audit.add_kept(row)
+            rows.append(row)
+    check_supervised(split, audit)
+    return rows, audit
+
+
+def check_supervised(split: str, audit: SplitAudit) -> None:
+    """A split in which no row carries loss is a `DataError` saying what to change."""
+    if not audit.rows_kept:
         raise DataError(
             f"no {split} row has any supervised token ({audit.rows_read} read, "
             f"{audit.rows_without_supervised_tokens} without supervised tokens, "
@@ -113,4 +147,3 @@ def _encode_split(
             "Check that rows contain assistant turns or completions, raise data.max_length, "
             "or set data.loss_on: all"
         )
-    return rows, audit

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,18 +29,26 @@ class RawRow:
 
 def read_source(source: DataSource) -> list[RawRow]:
     """All rows of one source (up to `source.limit`), each with its origin."""
-    rows: list[RawRow] = []
-    for row in _iter_source(source):
-        rows.append(row)
-        if source.limit is not None and len(rows) >= source.limit:
-            break
-    return rows
+    return list(_limited(_iter_source(source), source.limit))
 
 
-def _iter_source(source: DataSource) -> Iterator[RawRow]:
+def iter_source(source: DataSource) -> Iterator[RawRow | tuple[str, str]]:
+    """The rows of one source (up to `source.limit`) one at a time: `RawRow`s, except that a
+    .jsonl file gives its unparsed `(line, origin)` pairs (see `iter_jsonl_lines`)."""
+    return _limited(_iter_source(source, streaming=True), source.limit)
+
+
+def _limited(rows: Iterator, limit: int | None) -> Iterator:
+    return rows if limit is None else itertools.islice(rows, limit)
+
+
+def _iter_source(source: DataSource, streaming: bool = False) -> Iterator:
     path = Path(source.path).expanduser()
     if path.is_file():
         suffix = "".join(path.suffixes[-1:]).lower()
+        if streaming and suffix == ".jsonl":
+            yield from iter_jsonl_lines(path)
+            return
         readers = {
             ".jsonl": _read_jsonl,
             ".json": _read_json,
@@ -53,13 +62,13 @@ def _iter_source(source: DataSource) -> Iterator[RawRow]:
         yield from readers[suffix](path)
     elif path.is_dir():
         yield from _read_saved_dataset(path, source.split)
-    elif _looks_like_local_path(source.path):
+    elif looks_like_local_path(source.path):
         raise DataError(f"data file not found: {source.path}")
     else:
         yield from _read_hub_dataset(source)
 
 
-def _looks_like_local_path(text: str) -> bool:
+def looks_like_local_path(text: str) -> bool:
     return (
         text.startswith((".", "/", "~"))
         or text.lower().endswith(FILE_SUFFIXES)
@@ -85,19 +94,34 @@ def _read_text(path: Path) -> str:
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
     with io.StringIO(_read_text(path), newline=None) as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
-                ) from None
-            if not isinstance(data, dict):
-                raise DataError(
-                    f"{path} line {lineno}: expected a JSON object, got {type(data).__name__}"
-                )
-            yield RawRow(data, f"{path} line {lineno}")
+            if line.strip():
+                origin = f"{path} line {lineno}"
+                yield RawRow(parse_json_line(line, origin), origin)
+
+
+def parse_json_line(line: str, origin: str) -> dict[str, Any]:
+    """One JSON Lines row; anything but a JSON object is a `DataError` naming `origin`."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def iter_jsonl_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """(line, origin) for every non-blank line of a .jsonl file, read as a stream (constant
+    memory); the lines are parsed later by `parse_json_line`. Same line numbers and UTF-8 errors
+    as `_read_jsonl`."""
+    try:
+        with path.open(encoding="utf-8", newline=None) as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    yield line, f"{path} line {lineno}"
+    except UnicodeDecodeError:
+        _read_text(path)  # raises the DataError that names the line and column
+        raise
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
@@ -127,12 +151,14 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
 def _read_parquet(path: Path) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(path)
+    i = 0
+    try:  # batch by batch: a file larger than memory streams
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for item in batch.to_pylist():
+                yield RawRow(item, f"{path} row {i}")
+                i += 1
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: cannot read as Parquet ({e})") from None
-    for i, item in enumerate(table.to_pylist()):
-        yield RawRow(item, f"{path} row {i}")
 
 
 def _read_saved_dataset(path: Path, split: str) -> Iterator[RawRow]:

@@ -3,7 +3,9 @@ it against the trained model, and keep it only if it passes the fidelity gate.""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import prepare_data
+from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import ExportError, FidelityGateFailed
 from peftkit.export import build
 from peftkit.export.fidelity import Fidelity, Reference, compare, reference_outputs, sample_rows
@@ -24,6 +26,7 @@ from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
 from peftkit.io import (
     FIDELITY,
+    RunLayout,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
@@ -31,6 +34,7 @@ from peftkit.io import (
 )
 from peftkit.models.load import model_source
 from peftkit.recipe.schema import ExportDType, ExportFormat, ExportSpec, GgufQuant, MergeBase
+from peftkit.report import refresh_run_report
 from peftkit.section import error_message
 
 Target = Literal["vllm"]
@@ -58,7 +62,8 @@ def export(
     """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
 
     `format` "gguf" writes one GGUF file (weights as `quant`) and an Ollama Modelfile instead of
-    safetensors; the file is read back with transformers' GGUF loader for the gate.
+    safetensors; the file is read back with transformers' GGUF loader for the gate. A kept export
+    is recorded in the run's exports.jsonl and its fidelity shown in the run's report.html.
 
     Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
     trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
@@ -128,7 +133,9 @@ def export(
             raise ExportError("task-head models export as merged weights only (no --adapter-only)")
         from peftkit.export.head import export_head_model
 
-        return export_head_model(source, out, spec, allow_drift, log)
+        report = export_head_model(source, out, spec, allow_drift, log)
+        _record_export(source.run_dir, out)
+        return report
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
@@ -186,13 +193,27 @@ def export(
     if failures:
         log(f"warning: fidelity gate failed ({'; '.join(failures)}) but --allow-drift kept {out}")
     log(f"exported to {out}")
+    _record_export(source.run_dir, out)
     return report
+
+
+def _record_export(run_dir: Path, out: Path) -> None:
+    """A line in the run's exports.jsonl, and its report.html rewritten to show the fidelity."""
+    run = RunLayout(run_dir)
+    record = {"out": str(out.resolve()), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        with run.exports.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a read-only run directory: the export itself is done and fine
+        _logger.warning("could not record the export in %s: %s", run.exports, e)
+        return
+    refresh_run_report(run.path)
 
 
 def _held_out_rows(
     source: ExportSource, tokenizer, spec: ExportSpec
 ) -> tuple[list[EncodedRow], str]:
-    data = prepare_data(source.recipe.data, tokenizer, source.recipe.data_seed)
+    data = prepare_scored_rows(source.recipe, tokenizer, source.recipe.data_seed)
     rows, where = (
         (data.eval, "eval data")
         if data.eval

@@ -76,6 +76,13 @@ class MethodSpec(Section):
                     )
         return value
 
+    @property
+    def off_is_start(self) -> bool:
+        """True when the fresh adapter leaves the model's function unchanged (LoRA's B = 0, IA3's
+        ones), so the base with the adapter switched off *is* the model training starts from (the
+        preference objectives' reference). Not so for virtual tokens or PiSSA/OLoRA."""
+        return not self.virtual_tokens
+
     def check_recipe(self, recipe: Recipe) -> list[str]:
         """Cross-field problems of this method with the rest of the recipe, as messages."""
         problems = []

@@ -53,6 +53,10 @@ class LoraSpec(PeftMethod):
     """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
     layers_to_transform: list[int] | None = None
 
+    @property
+    def off_is_start(self) -> bool:
+        return self.init in ("default", "gaussian")  # PiSSA/OLoRA move the base's weights
+
     def check_recipe(self, recipe: Recipe) -> list[str]:
         problems = super().check_recipe(recipe)
         if self.init in ("pissa", "olora") and recipe.model.quantization is not None:

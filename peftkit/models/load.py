@@ -73,11 +73,17 @@ def bnb_config(quant: QuantizationSpec, compute_dtype: torch.dtype) -> Any:
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    from peftkit.launch import Launch  # the recipe schema imports this module
+
+    storage = quant.quant_storage
+    if storage == "auto":  # FSDP shards parameters of one dtype: store the 4-bit data in it
+        storage = "uint8" if Launch.from_env().kind != "fsdp" else str(compute_dtype)[6:]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, storage),
     )
 
 

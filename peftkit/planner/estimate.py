@@ -20,6 +20,9 @@ largest micro-batch and compute dtype of b bytes:
   cpu slack    CPU only: glibc and oneDNN keep freed and scratch memory resident; measured on the
                benchmark workload (torch 2.13, glibc) as ~45% of the step's transient tensors
                (activations + logits + backward). Not a law of nature: see benchmarks/README.md.
+  sharding     per process, with N processes: FSDP and DeepSpeed ZeRO-2/3 divide gradients and
+               optimizer state by N; FSDP (reshard after forward) and ZeRO-3 also the weights and
+               adapter, plus one decoder layer's weights gathered at a time; DDP divides nothing
   runtime      CPU: the resident size of a process that has imported torch and transformers
                (measured by the planner itself); GPU: nothing (CUDA context is not allocated
                memory, and `torch.cuda.max_memory_allocated` is what peftkit reports)
@@ -71,6 +74,8 @@ def estimate(
     work: Workload,
     runtime_bytes: float,
     cpu: bool,
+    shards: int = 1,
+    shard_weights: bool = False,
 ) -> Estimate:
     c, b = counts, BYTES[precision]
     store = STORAGE[storage_dtype]
@@ -109,5 +114,13 @@ def estimate(
     if cpu:
         transient = e.parts["activations"] + e.parts["logits"] + e.parts["backward"]
         e.parts["cpu slack"] = CPU_SLACK * transient
+    if shards > 1:  # per process: each holds 1/N of what is sharded
+        e.parts["gradients"] /= shards
+        e.parts["optimizer"] /= shards
+        if shard_weights:
+            quantized = (0.5 + 1 / 64) if quant_bits == 4 else 1.0 if quant_bits == 8 else store
+            gathered = c.quantizable_params * quantized / max(c.layers, 1)  # one layer at a time
+            e.parts["weights"] = e.parts["weights"] / shards + gathered
+            e.parts["adapter"] /= shards
     e.parts["runtime"] = runtime_bytes
     return e

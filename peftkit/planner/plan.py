@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from peftkit.launch import Launch
 from peftkit.planner.counts import ModelCounts, count
 from peftkit.planner.estimate import Estimate, Workload, estimate
 from peftkit.recipe.schema import Recipe
@@ -30,6 +31,8 @@ class Plan:
     estimate: Estimate
     budget: float | None
     advice: list[str]
+    launch: Launch | None = None
+    """The launch planned for (processes, sharding); None = one process."""
 
     @property
     def fits(self) -> bool | None:
@@ -69,8 +72,12 @@ def _runtime_bytes(device: str) -> float:
     return float(psutil.Process().memory_info().rss)
 
 
-def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
-    """Predict the peak memory of training `recipe`; on a GPU of `gpu_memory` bytes if given."""
+def make_plan(
+    recipe: Recipe, gpu_memory: float | None = None, launch: Launch | None = None
+) -> Plan:
+    """Predict the peak memory of training `recipe` (per process under `launch`, which says how
+    state is sharded); on a GPU of `gpu_memory` bytes if given."""
+    from peftkit.data.encode import row_lengths
     from peftkit.data.pipeline import prepare_data
     from peftkit.models.load import load_tokenizer
     from peftkit.training.batches import pack_multiple, resolve_packing
@@ -82,6 +89,14 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
         raise RecipeError(
             f"peftkit plan models causal-LM training; task.type {recipe.task.type!r} (a task head: "
             "one prediction per row, no vocabulary-sized logits) is not modelled yet"
+        )
+    if recipe.objective.preference:
+        from peftkit.errors import RecipeError
+
+        raise RecipeError(
+            f"peftkit plan models supervised fine-tuning; objective {recipe.objective.type!r} "
+            "(chosen and rejected answers in one micro-batch, reference forwards) is not "
+            "modelled yet"
         )
     on_gpu = gpu_memory is not None or torch.cuda.is_available()
     if (
@@ -95,7 +110,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
     tokenizer = load_tokenizer(recipe.model)
     seed = recipe.data_seed
     data = prepare_data(recipe.data, tokenizer, seed)
-    lengths = np.array([len(r.input_ids) for r in data.train])
+    lengths = row_lengths(data.train)
     supervised = np.array([r.n_supervised for r in data.train])
     packing = resolve_packing(recipe.train, recipe.adapter, recipe.model.attn_implementation)
     multiple = pack_multiple(precision, on_gpu)
@@ -121,6 +136,8 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
             work=work_,
             runtime_bytes=runtime,
             cpu=device == "cpu",
+            shards=launch.processes if launch and launch.shards_state else 1,
+            shard_weights=launch is not None and launch.shards_weights,
         )
 
     est = predict(recipe, work, quant.bits if quant else None)
@@ -132,7 +149,7 @@ def make_plan(recipe: Recipe, gpu_memory: float | None = None) -> Plan:
     advice = []
     if budget is not None and est.total > budget:
         advice = _advice(recipe, work, quant.bits if quant else None, predict, budget)
-    return Plan(device, precision, packing, work, counts, est, budget, advice)
+    return Plan(device, precision, packing, work, counts, est, budget, advice, launch)
 
 
 def _advice(recipe, work, bits, predict, budget) -> list[str]:
@@ -177,6 +194,7 @@ def format_plan(plan: Plan) -> str:
         f"device: {plan.device}, precision {plan.precision}, "
         + ("packed rows" if plan.packing else "padded rows")
         + f"; largest micro-batch: {w.tokens:,} tokens, {w.supervised:,} supervised",
+        *([f"launch: {plan.launch.describe()}; figures are per process"] if plan.launch else []),
         "",
         f"{'component':<16}{'GiB':>9}",
     ]

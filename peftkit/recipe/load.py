@@ -4,6 +4,7 @@ that names the field path and suggests the closest valid key."""
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from e
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys, as overrides name them ({"train": {"lr": 1}} -> {"train.lr": 1})."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make relative local paths absolute (data sources, a .gguf model file, a metric's .py
     file): the recipe's folder first, then the cwd. Anything else (hub ids) stays as written."""
@@ -133,14 +145,13 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{where}: required, missing"
     if err["type"] == "union_tag_invalid":
-        from peftkit.methods import method_names
-
-        got = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
-        guess = difflib.get_close_matches(str(got), method_names(), n=1)
+        key = str(err.get("ctx", {}).get("discriminator", "'method'")).strip("'")
+        names = re.findall(r"'([^']+)'", str(err.get("ctx", {}).get("expected_tags", "")))
+        got = err.get("input", {}).get(key) if isinstance(err.get("input"), dict) else None
+        guess = difflib.get_close_matches(str(got), names, n=1)
         hint = f" Did you mean {guess[0]!r}?" if guess else ""
-        return (
-            f"{where}.method: unknown method {got!r}.{hint} Available: {', '.join(method_names())}"
-        )
+        what = "method" if key == "method" else where.rsplit(".", 1)[-1]
+        return f"{where}.{key}: unknown {what} {got!r}.{hint} Available: {', '.join(names)}"
     message = error_message(err)
     if "input" in err and err["type"] != "value_error":
         return f"{where}: {message} (got {err['input']!r})"
@@ -161,7 +172,7 @@ def _clean_loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[Any]:
             part.startswith("function-") or "[" in part or part == "str"
         ):
             continue  # validator wrappers such as function-before[...]
-        elif isinstance(node, dict) and "method" in node and part == node.get("method"):
+        elif isinstance(node, dict) and part in (node.get("method"), node.get("type")):
             continue  # discriminated-union tag
         else:
             out.append(part)
@@ -186,17 +197,20 @@ def _fields_at(loc: list[Any], raw: dict[str, Any]) -> list[str]:
 
 
 def _section_type(annotation: Any, node: Any) -> type[BaseModel] | None:
-    """The BaseModel class a field holds (unwrapping Optional/list/Annotated/union by `method`)."""
+    """The BaseModel class a field holds (unwrapping Optional/list/Annotated/union by `method` or
+    `type`)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
         found = _section_type(arg, node)
         if found is None:
             continue
-        method_field = found.model_fields.get("method")
-        if method_field is not None and isinstance(node, dict):
-            if node.get("method") in typing.get_args(method_field.annotation):
-                return found
-            continue
-        return found
+        for tag in ("method", "type"):
+            tag_field = found.model_fields.get(tag)
+            if tag_field is not None and isinstance(node, dict):
+                break
+        else:
+            return found
+        if node.get(tag) in typing.get_args(tag_field.annotation):
+            return found
     return None

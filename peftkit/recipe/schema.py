@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, field_validator, model_validator
+from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_validator
 
 from peftkit.methods import AdapterSpec
 from peftkit.methods.registry import registered_methods
+from peftkit.recipe.objective import ObjectiveSpec, SFTObjective, objective_from_shorthand
 from peftkit.section import Section
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -29,6 +30,9 @@ class QuantizationSpec(Section):
     """Quantize the quantization constants too (saves ~0.4 bits per parameter)."""
     compute_dtype: DType = "auto"
     """dtype the 4-bit weights are dequantized to for matmuls; auto = the training precision."""
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the packed 4-bit weights are stored in; auto = uint8, except under an FSDP launch:
+    the compute dtype, so that FSDP can shard them like every other parameter (QLoRA + FSDP)."""
 
 
 class ModelSpec(Section):
@@ -159,6 +163,12 @@ class DataSpec(Section):
     at the end, to report forgetting; empty = no forgetting report."""
     max_reference_rows: int | None = Field(default=None, gt=0)
     """Cap the reference set (its evaluation cost grows with it)."""
+    cache: bool = True
+    """Encode into memory-mapped Arrow files in peftkit's cache ($PEFTKIT_CACHE/data), keyed by
+    the data files' contents, tokenizer, chat template and this section, so a second run or a
+    resume starts in seconds (`peftkit prepare`); false = encode in memory, in one process."""
+    num_proc: int | None = Field(default=None, gt=0)
+    """Processes that encode a cached data set; null = one per 2,000 rows, up to the CPUs."""
 
     _coerce = field_validator("train", "eval", "reference", mode="before")(
         lambda cls, v: _as_list(v)
@@ -265,7 +275,22 @@ class EarlyStoppingSpec(Section):
     patience: int = Field(default=3, ge=1)
     """Stop after this many evaluations without improvement."""
     min_delta: float = Field(default=0.0, ge=0.0)
-    """An eval loss must beat the best by more than this to count as an improvement."""
+    """The watched metric must beat the best by more than this to count as an improvement."""
+    metric: str = "eval_loss"
+    """Any metric logged at evaluations: eval_loss, eval_accuracy, eval_macro_f1 (task heads),
+    eval_rewards/accuracies, eval_rewards/margins (preference), answer_score (eval.metric), ...
+    It also picks the `best/` adapter."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """auto: higher is better for accuracies, F1, scores, margins, rewards and correlations."""
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return any(
+            word in self.metric
+            for word in ("accurac", "f1", "score", "margin", "rewards", "pearson", "exact")
+        )
 
 
 class TrainSpec(Section):
@@ -330,6 +355,11 @@ class OutputSpec(Section):
     sample_prompts: list[str] = []
     """User messages answered (greedy) before and after training, saved in samples.json."""
     sample_max_new_tokens: int = Field(default=48, gt=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    """Experiment trackers that also get the recipe (as hyper-parameters) and every metric, through
+    accelerate's tracker integration; each needs its extra (`pip install 'peftkit[wandb]'`). All
+    write under the run directory by default: W&B offline (unless WANDB_MODE is set), MLflow to a
+    file store in RUN/mlruns (unless MLFLOW_TRACKING_URI is set), trackio to its local database."""
 
 
 class EvalSpec(Section):
@@ -431,6 +461,7 @@ RESUMABLE_CHANGES = (
     "train.supervised_logits_only",
     "train.early_stopping",
     "output.plot",
+    "output.report_to",
     "output.save_best",
     "output.overwrite",
     "output.sample_prompts",
@@ -448,6 +479,8 @@ class Recipe(Section):
     adapter: AdapterSpec  # a union keyed on `method`, one member per method module
     data: DataSpec
     task: TaskSpec = TaskSpec()
+    objective: Annotated[ObjectiveSpec, BeforeValidator(objective_from_shorthand)] = SFTObjective()
+    """What the loss optimises: `sft` (default) or a preference objective (dpo, kto, orpo, simpo)."""
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
     eval: EvalSpec = EvalSpec()
@@ -472,6 +505,8 @@ class Recipe(Section):
             )
         if self.task.has_head:
             problems += self._head_rules()
+        if self.objective.preference:
+            problems += self._preference_rules()
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             problems.append(
                 "train.precision fp16 with model.dtype bfloat16 mixes two half formats: pick one"
@@ -509,6 +544,42 @@ class Recipe(Section):
             problems.append("task.labels names classes: a regression task has none")
         if self.task.labels is not None and len(self.task.labels) < 2:
             problems.append("task.labels: a classifier needs at least two labels")
+        return problems
+
+    def _preference_rules(self) -> list[str]:
+        kind = f"objective {self.objective.type}"
+        problems = []
+        if self.task.has_head:
+            problems.append(f"{kind} tunes a causal LM's answers; task.type must be causal_lm")
+        if self.train.packing:
+            problems.append(
+                f"train.packing: {kind} scores each answer as its own sequence; remove it"
+            )
+        if self.data.reference:
+            problems.append(
+                f"data.reference: the forgetting report is for sft runs, not {kind} yet; remove it"
+            )
+        if self.data.mixing.strategy != "concat":
+            problems.append(f"data.mixing: {kind} reads one preference set; remove data.mixing")
+        if self.data.loss_on != "completion":
+            problems.append(f"data.loss_on: {kind} always scores the answers only; remove it")
+        precomputed = getattr(self.objective, "precompute_ref", False)
+        if (
+            self.objective.needs_reference
+            and not precomputed
+            and not self.adapter.full_weights
+            and not self.adapter.off_is_start
+        ):
+            fix = (
+                "set objective.precompute_ref: true"
+                if self.objective.type == "dpo"
+                else "use lora/dora/ia3 with their default init"
+            )
+            problems.append(
+                f"{kind}: the reference is the model as training starts, and adapter.method "
+                f"{self.adapter.method!r} (this init) does not start as the base, so switching the "
+                f"adapter off would score against another model: {fix}"
+            )
         return problems
 
     @property

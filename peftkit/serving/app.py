@@ -3,7 +3,9 @@
 The request's `model` picks the adapter (its name) or the base model (its served name), as in
 vLLM's multi-LoRA serving. Adapters are loaded at start-up from one configured directory only; a
 client can name an adapter but never a path. Unknown names get a 404, an oversized body a 413, a
-full queue a 503 with Retry-After, and invalid fields a 400 naming the field.
+full queue a 503 with Retry-After, and invalid fields a 400 naming the field. Every check runs, and
+every prompt of a request is admitted to the queue, before any of it generates; a client that
+disconnects has its rows cancelled (dropped from the queue, or stopped at the next token).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from peftkit.adapters.adapter_set import BASE, AdapterSet
 from peftkit.adapters.generation import Completion, SamplingOptions
 from peftkit.serving import protocol as p
-from peftkit.serving.engine import Engine, EngineBusy, EngineClosed
+from peftkit.serving.engine import Engine, EngineBusy, EngineClosed, RequestTooLarge
 from peftkit.serving.engine import Request as EngineRequest
 
 
@@ -127,11 +130,11 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
             raise p.ApiError(400, str(e), "invalid_request_error") from None
         opts = options(req, len(ids))
         rid = p.new_id("chatcmpl")
+        # submitted before the response starts, so a full queue is still a 503
+        pending = _submit(engine, [ids], adapter, opts, req.stream, req.seed)
         if req.stream:
-            # submitted before the response starts, so a full queue is still a 503
-            events = _submit(engine, ids, adapter, opts, stream=True, seed=req.seed)
-            return _sse(_stream_chat(events, rid, req))
-        completion = await _complete(engine, ids, adapter, opts, req.seed)
+            return _sse(_stream_chat(pending.events[0], rid, req), pending)
+        (completion,) = await _results(pending, request)
         return p.chat_response(rid, req.model, completion)
 
     @app.post("/v1/completions")
@@ -144,17 +147,14 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
             raise p.ApiError(400, str(e), "invalid_request_error") from None
         opts = options(req, max(len(ids) for ids in encoded))
         rid = p.new_id("cmpl")
+        if req.stream and len(encoded) != 1:
+            raise p.ApiError(
+                400, "stream: only one prompt per streamed request", "invalid_request_error"
+            )
+        pending = _submit(engine, encoded, adapter, opts, req.stream, req.seed)
         if req.stream:
-            if len(encoded) != 1:
-                raise p.ApiError(
-                    400, "stream: only one prompt per streamed request", "invalid_request_error"
-                )
-            events = _submit(engine, encoded[0], adapter, opts, stream=True, seed=req.seed)
-            return _sse(_stream_completion(events, rid, req))
-        results = await asyncio.gather(
-            *(_complete(engine, ids, adapter, opts, req.seed) for ids in encoded)
-        )
-        return p.completion_response(rid, req.model, list(results))
+            return _sse(_stream_completion(pending.events[0], rid, req), pending)
+        return p.completion_response(rid, req.model, await _results(pending, request))
 
     return app
 
@@ -193,35 +193,73 @@ def _parse(model: type[BaseModel], body: Any):
         raise p.ApiError(400, problems, "invalid_request_error") from None
 
 
+@dataclass
+class _Pending:
+    """The engine requests of one HTTP request (one per prompt) and their event queues."""
+
+    requests: list[EngineRequest]
+    events: list[asyncio.Queue]
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancel()
+
+
 def _submit(
     engine: Engine,
-    ids: list[int],
+    prompts: list[list[int]],
     adapter: str | None,
     opts: SamplingOptions,
     stream: bool,
     seed: int | None = None,
-) -> asyncio.Queue:
+) -> _Pending:
+    """Queue every prompt of a request, or none (then raise the 503 or 400)."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
+    pending = _Pending([], [])
+    for ids in prompts:
+        events: asyncio.Queue = asyncio.Queue()
 
-    def emit(kind: str, value: Any) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        def emit(kind: str, value: Any, events: asyncio.Queue = events) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
+        pending.requests.append(EngineRequest(ids, adapter, opts, emit, stream, seed))
+        pending.events.append(events)
     try:
-        engine.submit(EngineRequest(ids, adapter, opts, emit, stream, seed))
+        engine.submit(*pending.requests)
     except (EngineBusy, EngineClosed) as e:
         raise p.ApiError(503, str(e), "server_busy", "server_busy") from None
-    return events
+    except RequestTooLarge as e:
+        raise p.ApiError(400, str(e), "invalid_request_error") from None
+    return pending
 
 
-async def _complete(
-    engine: Engine, ids: list[int], adapter: str | None, opts: SamplingOptions, seed: int | None
-) -> Completion:
-    events = _submit(engine, ids, adapter, opts, stream=False, seed=seed)
-    kind, value = await events.get()
-    if kind == "error":
-        raise p.ApiError(500, value, "internal_error")
-    return value
+async def _results(pending: _Pending, request: Request) -> list[Completion]:
+    """Every prompt's completion, in order; cancels them all if the client disconnects first."""
+
+    async def first(events: asyncio.Queue) -> Completion:
+        kind, value = await events.get()
+        if kind == "error":
+            raise p.ApiError(500, value, "internal_error")
+        return value
+
+    answers = asyncio.ensure_future(asyncio.gather(*(first(e) for e in pending.events)))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answers, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answers.done():  # the client went away (or the handler was cancelled)
+            pending.cancel()
+            answers.cancel()
+    if answers.cancelled():
+        raise p.ApiError(499, "the client closed the connection", "client_closed_request")
+    return answers.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _events(events: asyncio.Queue) -> AsyncIterator[tuple[str, Any]]:
@@ -261,12 +299,16 @@ async def _stream_completion(
                 yield p.usage_chunk(rid, req.model, "text_completion", value)
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`."""
+def _sse(chunks: AsyncIterator[dict[str, Any]], pending: _Pending) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. A client that goes away
+    mid-stream (the response is cancelled) has its rows cancelled."""
 
     async def body() -> AsyncIterator[str]:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            pending.cancel()  # a no-op once the rows are done
 
     return StreamingResponse(body(), media_type="text/event-stream")

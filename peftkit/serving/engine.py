@@ -6,6 +6,10 @@ generate call must share them) and runs each part as one batch — rows on diffe
 together, through peft's mixed-adapter path. Results and streamed text go back through each
 request's `emit` callback. This is request-level (static) batching: a request that arrives while
 a batch runs waits for it to finish; there is no per-token scheduling as in vLLM.
+
+The rows of one HTTP request are admitted together or not at all, before any of them runs. A
+request whose client has gone (`Request.cancel`) is dropped from the queue, or stops generating
+at the next token if its batch is running.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class EngineClosed(Exception):
     """The engine is shutting down and takes no new requests."""
 
 
+class RequestTooLarge(Exception):
+    """More rows in one submission than the queue can ever hold: retrying cannot help."""
+
+
 @dataclass
 class Request:
     """One prompt to complete. `emit` receives ("text", str), then ("done", Completion) or ("error", str)."""
@@ -46,6 +54,12 @@ class Request:
     seed: int | None = None
     """Seed for sampling; a seeded request runs in a batch of its own, so it is reproducible."""
     created: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set by `cancel`: nobody waits for the answer any more."""
+
+    def cancel(self) -> None:
+        """The client has gone: drop the request if queued, stop its row if generating."""
+        self.cancelled.set()
 
 
 @dataclass
@@ -57,6 +71,9 @@ class EngineStats:
     largest_batch: int = 0
     busy_rejections: int = 0
     errors: int = 0
+    cancelled: int = 0
+    """Requests whose client went away: dropped from the queue or stopped while generating."""
+    generated_tokens: int = 0
 
 
 _STOP = object()
@@ -78,6 +95,7 @@ class Engine:
         self.stats = EngineStats()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._closing = threading.Event()
+        self._admission = threading.Lock()  # so the rows of one submission enter together
         self._worker = threading.Thread(target=self._run, name="peftkit-engine", daemon=True)
         self._worker.start()
 
@@ -85,26 +103,36 @@ class Engine:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, request: Request) -> None:
-        """Queue a request.
+    def submit(self, *requests: Request) -> None:
+        """Queue the rows of one client request: all of them, or (raising) none.
 
         Raises:
-            EngineBusy: the queue is full.
+            RequestTooLarge: more rows than the queue holds at all.
+            EngineBusy: not enough room in the queue now.
             EngineClosed: the engine is shutting down.
         """
-        if self._closing.is_set():
-            raise EngineClosed("the server is shutting down")
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            self.stats.busy_rejections += 1
-            raise EngineBusy(
-                f"server busy: {self._queue.maxsize} requests already waiting"
-            ) from None
+        capacity = self._queue.maxsize
+        with self._admission:  # only the worker takes items out meanwhile: room only grows
+            if self._closing.is_set():
+                raise EngineClosed("the server is shutting down")
+            if len(requests) > capacity:
+                raise RequestTooLarge(
+                    f"{len(requests)} prompts in one request; this server queues at most "
+                    f"{capacity}: send them in smaller requests"
+                )
+            if capacity - self._queue.qsize() < len(requests):
+                self.stats.busy_rejections += 1
+                raise EngineBusy(
+                    f"server busy: {self._queue.qsize()} of {capacity} queue places taken, "
+                    f"this request needs {len(requests)}"
+                )
+            for request in requests:
+                self._queue.put_nowait(request)
 
     def close(self, timeout: float | None = None) -> None:
         """Take no new requests, finish every queued one, stop the worker."""
-        self._closing.set()
+        with self._admission:
+            self._closing.set()
         self._queue.put(
             _STOP
         )  # blocks only while the queue is full, i.e. until the worker drains it
@@ -143,6 +171,11 @@ class Engine:
                 self._execute(group)
 
     def _execute(self, group: list[Request]) -> None:
+        live = [r for r in group if not r.cancelled.is_set()]
+        self.stats.cancelled += len(group) - len(live)
+        if not live:
+            return
+        group = live
         rows = [
             Row(
                 r.input_ids,
@@ -150,6 +183,7 @@ class Engine:
                 r.options,
                 self.adapters.stop_ids(r.adapter),
                 on_text=(lambda text, r=r: r.emit("text", text)) if r.stream else None,
+                cancelled=r.cancelled.is_set,
             )
             for r in group
         ]
@@ -168,7 +202,11 @@ class Engine:
                 r.emit("error", f"generation failed: {type(e).__name__}: {e}")
             return
         for r, completion in zip(group, completions):
-            r.emit("done", completion)
+            self.stats.generated_tokens += len(completion.token_ids)
+            if completion.finish_reason == "cancelled":
+                self.stats.cancelled += 1  # nobody is listening
+            else:
+                r.emit("done", completion)
 
 
 def _by_sampling(batch: list[Request]) -> list[list[Request]]:

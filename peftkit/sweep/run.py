@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import SweepError
 from peftkit.recipe.schema import Recipe
+from peftkit.report import compare_runs
 from peftkit.sweep.report import (
     TrialRecord,
     format_value,
@@ -205,6 +206,9 @@ def _write_outputs(
         write_best_recipe(best_recipe, recipe_path, overrides, best, spec.objective)
     write_trials(sweep_dir / "trials.jsonl", records)
     table = write_results(sweep_dir / "results.md", records, spec.objective, title, best_recipe)
+    runs = [r.run_dir for r in records if r.run_dir and (Path(r.run_dir) / "recipe.yaml").is_file()]
+    if runs:  # the trials side by side, best first: report.html
+        compare_runs(runs, sweep_dir / "report.html")
     return SweepResult(
         sweep_dir=sweep_dir,
         trials=records,

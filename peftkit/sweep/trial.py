@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from peftkit.errors import PeftkitError
 from peftkit.recipe.load import load_recipe
+from peftkit.report import refresh_run_report
 from peftkit.sweep.space import override
 from peftkit.training.run import train
 
@@ -72,7 +73,7 @@ def run_trial(
                         f"eval loss {loss:.4f} at step {step}, worse than earlier trials"
                     )
 
-        summary = train(recipe, on_step=on_step)
+        summary = train(recipe, on_step=on_step, refresh_report=refresh_run_report)
         outcome.steps = summary["steps"]
         outcome.value = summary[objective]
         if outcome.value is None or not math.isfinite(outcome.value):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.data.encode import IGNORE, EncodedRow, row_lengths
 from peftkit.training.loss import accepts_logits_to_keep
 
 if TYPE_CHECKING:
@@ -120,11 +120,7 @@ def choose_batching(
         and not method.virtual_tokens
         and accepts_logits_to_keep(model)
     )
-    lengths = (
-        None
-        if packing or not train.group_by_length
-        else np.array([len(row.input_ids) for row in rows])
-    )
+    lengths = None if packing or not train.group_by_length else row_lengths(rows)
     # On CPU under bf16, packed lengths are rounded up to few distinct shapes (see collate_packed).
     multiple = pack_multiple(precision, torch.cuda.is_available())
     return Batching(packing, supervised_only, packing and attn == "sdpa", multiple, lengths)

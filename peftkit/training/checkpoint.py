@@ -1,7 +1,8 @@
 """Resumable checkpoints: trainable weights, optimizer, scheduler, every rank's RNG, data position.
 
 Layout: checkpoints/step-000120/{trainable.safetensors, optimizer.pt, scheduler.pt, rng-<rank>.pt,
-state.json}. A checkpoint is written to a hidden temporary folder and renamed into place, with
+state.json}; a sharded (FSDP) run has trainable-<rank>.safetensors and optimizer-<rank>.pt instead,
+each process's own shards, resumed by as many processes. A checkpoint is written to a hidden temporary folder and renamed into place, with
 state.json written last, so only complete checkpoints are ever found. Tensors are loaded back with
 `torch.load(weights_only=True)` (no arbitrary unpickling).
 """
@@ -17,11 +18,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_write_json
+from peftkit.training import sharded as shards
 
 
 @dataclass
@@ -33,6 +36,8 @@ class TrainerState:
     supervised_tokens_seen: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None
+    best_value: float | None = None
+    """Best value so far of the watched metric (train.early_stopping.metric; eval_loss)."""
     evals_without_improvement: int = 0
     train_seconds: float = 0.0
     largest_micro_batch_tokens: int = 0
@@ -87,6 +92,8 @@ class SavedCheckpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any] | None
+    shards: int = 0
+    """Processes whose shards the checkpoint holds (0: not sharded, whole tensors)."""
 
 
 def save_checkpoint(
@@ -111,13 +118,18 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
+        rank = accelerator.process_index
+        torch.save(rng, tmp / f"rng-{rank}.pt")
+        unwrapped = accelerator.unwrap_model(model)
+        if shards.is_sharded(unwrapped):  # every process writes its own shards
             save_file(
-                trainable_state(accelerator.unwrap_model(model)),
-                str(tmp / "trainable.safetensors"),
+                shards.local_trainable_state(unwrapped), str(tmp / f"trainable-{rank}.safetensors")
             )
+            torch.save(shards.local_optimizer_state(optimizer), tmp / f"optimizer-{rank}.pt")
+        elif accelerator.is_main_process:
+            save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.is_main_process:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -185,27 +197,44 @@ def read_checkpoint(path: Path, process_index: int = 0) -> SavedCheckpoint:
         int(state.step)
     except (TypeError, ValueError):
         raise DamagedCheckpoint(path, "state.json does not hold a trainer state") from None
-    weights = read("trainable.safetensors", lambda f: load_file(str(f)))
+    n_shards = len(list(path.glob("trainable-*.safetensors")))
+    suffix = f"-{process_index}" if n_shards else ""
+    weights_file = f"trainable{suffix}.safetensors"
+    weights = read(weights_file, lambda f: load_file(str(f)))
     bad = [n for n, t in weights.items() if not bool(torch.isfinite(t).all())][:3]
     if bad:
-        raise DamagedCheckpoint(path, f"trainable.safetensors holds NaN or inf ({', '.join(bad)})")
-    optimizer = read("optimizer.pt", tensors)
+        raise DamagedCheckpoint(path, f"{weights_file} holds NaN or inf ({', '.join(bad)})")
+    optimizer = read(f"optimizer{suffix}.pt", tensors)
     scheduler = read("scheduler.pt", tensors)
     rng_file = f"rng-{process_index}.pt"
     rng = read(rng_file, tensors) if (path / rng_file).exists() else None
-    return SavedCheckpoint(path, state, weights, optimizer, scheduler, rng)
+    return SavedCheckpoint(path, state, weights, optimizer, scheduler, rng, n_shards)
 
 
 def newest_intact(
-    checkpoints: Path, process_index: int = 0
+    checkpoints: Path, accelerator: Accelerator | None = None
 ) -> tuple[SavedCheckpoint | None, list[DamagedCheckpoint]]:
-    """The newest checkpoint that reads back whole, and the damaged ones newer than it."""
+    """The newest checkpoint that reads back whole, and the damaged ones newer than it.
+
+    With `accelerator` (a collective: every process must call it), each process reads the
+    checkpoint with its own RNG file and the processes agree: a checkpoint that any process cannot
+    read is damaged for all, so every process resumes from the same step. Without, this process
+    alone judges (enough to name a checkpoint in a message).
+    """
     damaged = []
     for path in reversed(complete_checkpoints(checkpoints)):
+        saved, problem = None, None
         try:
-            return read_checkpoint(path, process_index), damaged
+            saved = read_checkpoint(path, accelerator.process_index if accelerator else 0)
         except DamagedCheckpoint as e:
-            damaged.append(e)
+            problem = e.reason
+        # one entry per process, the same list on every process
+        problems = gather_object([problem]) if accelerator else [problem]
+        if not any(problems):
+            return saved, damaged
+        many = len(problems) > 1
+        reasons = [f"process {i}: {p}" if many else p for i, p in enumerate(problems) if p]
+        damaged.append(DamagedCheckpoint(path, "; ".join(reasons)))
     return None, damaged
 
 
@@ -234,13 +263,25 @@ def apply_checkpoint(
         raise RunDirError(
             f"checkpoint {saved.path} does not match the model (missing {missing}, unexpected {extra})"
         )
+    sharded = shards.is_sharded(unwrapped)
+    if (saved.shards or (1 if sharded else 0)) != (accelerator.num_processes if sharded else 0):
+        raise RunDirError(
+            f"checkpoint {saved.path} holds "
+            + (f"the shards of {saved.shards} processes" if saved.shards else "unsharded weights")
+            + f" but this run is {'sharded over ' if sharded else 'not sharded, '}"
+            f"{accelerator.num_processes} process(es): resume with the launch that wrote it"
+        )
     params = dict(unwrapped.named_parameters())
     with torch.no_grad():
         for name, value in saved.weights.items():
-            params[name].copy_(value.to(params[name].device))
+            target = shards.local(params[name])
+            target.copy_(value.to(target.device))
     # The recipe's lr (and schedule) now, which a resume may change: the saved state holds the old.
     recipe_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved.optimizer)
+    if sharded:
+        shards.load_local_optimizer_state(optimizer, saved.optimizer)
+    else:
+        optimizer.load_state_dict(saved.optimizer)
     schedule = saved.scheduler
     lrs = [base * f(schedule["last_epoch"]) for base, f in zip(recipe_lrs, scheduler.lr_lambdas)]
     scheduler.load_state_dict({**schedule, "base_lrs": recipe_lrs, "_last_lr": lrs})

@@ -37,12 +37,12 @@ def head_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     return logits.squeeze(-1) if batch["labels"].is_floating_point() else logits
 
 
-def head_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = head_outputs(model, batch)
-    labels = batch["labels"].to(out.device)
+def head_row_losses(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch,) cross-entropy per row, or squared error for regression, from `head_outputs`."""
+    labels = labels.to(out.device)
     if labels.is_floating_point():
-        return F.mse_loss(out, labels, reduction="sum")
-    return F.cross_entropy(out, labels, reduction="sum")
+        return F.mse_loss(out, labels, reduction="none")
+    return F.cross_entropy(out, labels, reduction="none")
 
 
 def classification_metrics(

@@ -7,38 +7,16 @@ its start (RUN/inputs.json) and compared on every resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from peftkit.data.fingerprint import source_sha
 from peftkit.errors import RunDirError
 from peftkit.io import RunLayout, atomic_write_json
 from peftkit.models.manifest import chat_template_fingerprint, tokenizer_fingerprint
 from peftkit.recipe.schema import DataSpec
-
-
-def _file_sha(path: Path, digest: Any = None) -> Any:
-    digest = digest or hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest
-
-
-def _source_sha(path: Path) -> str | None:
-    """sha256 of a local data file, or of every file (with its name) of a local data folder."""
-    if path.is_file():
-        return _file_sha(path).hexdigest()
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
-            _file_sha(f, digest)
-        return digest.hexdigest()
-    return None  # a hub dataset: its name and revision are in the recipe
 
 
 def fingerprints(
@@ -46,7 +24,7 @@ def fingerprints(
 ) -> dict[str, str | None]:
     """{what: fingerprint} of every local data source, the tokenizer and the chat template."""
     out: dict[str, str | None] = {
-        f"data file {s.path}": _source_sha(Path(s.path)) for s in data.sources
+        f"data file {s.path}": source_sha(Path(s.path)) for s in data.sources
     }
     out["tokenizer"] = tokenizer_fingerprint(tokenizer)
     out["chat template"] = chat_template_fingerprint(chat_template)

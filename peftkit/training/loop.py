@@ -14,71 +14,78 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from peftkit import _compat
-from peftkit.data.audit import audit_lines
 from peftkit.data.encode import EncodedRow
-from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.mixing import step_plan
-from peftkit.data.pipeline import PreparedData, prepare_data
-from peftkit.errors import RunDirError, TrainingStopped
+from peftkit.errors import RecipeError, RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
+from peftkit.launch import check_launch
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity, write_manifest
 from peftkit.recipe.schema import Recipe
-from peftkit.training import advice, inputs
+from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.attention import register_varlen_sdpa, set_attention
-from peftkit.training.batches import choose_batching, collate, collate_packed
 from peftkit.training.generated import AnswerEval
-from peftkit.training.heads import collate_labeled, head_loss_sum, head_metrics, head_outputs
-from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog, plot_losses
+from peftkit.training.objective import Objective, build_objective, prepare_run_data
 from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
+from peftkit.training.sharded import gathered_trainable
 from peftkit.training.signals import StopRequest
-from peftkit.training.tasks import TaskLosses
 from peftkit.training.unfreeze import LayerSchedule
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, Any]], None]
+ReportWriter = Callable[[Path], Any]
 
 
 class FineTuneRun:
     """One fine-tuning run of a recipe. `setup()` loads everything, `train()` runs, `finish()` saves."""
 
     def __init__(
-        self, recipe: Recipe, resume: bool = False, on_step: StepCallback | None = None
+        self,
+        recipe: Recipe,
+        resume: bool = False,
+        on_step: StepCallback | None = None,
+        refresh_report: ReportWriter | None = None,
     ) -> None:
+        """`refresh_report(run_dir)` is called on the main process after every evaluation and at
+        the end (`peftkit.report.refresh_run_report`: report.html; the report package sits above
+        training, so whoever trains hands it in)."""
         self.recipe = recipe
         self.resume = resume
         self.on_step = on_step
+        self.refresh_report = refresh_report
         self.last_eval: tuple[int, float] | None = None
-        self.head_metrics: dict[str, Any] | None = None
-        """Task heads: the last evaluation's accuracy / F1 / confusion matrix (or MSE, ...)."""
         self.run = RunDir(recipe.run_dir)
         self.recipe_dump = recipe.model_dump(mode="json")
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         r = self.recipe
+        self.launch = check_launch(r)  # FSDP / DeepSpeed: refuse what cannot work, before loading
         self.precision = resolve_precision(r.train, torch.cuda.is_available())
         _compat.allow_new_mixed_precision()
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             **_compat.accelerator_kwargs(),
+            **trackers.accelerator_kwargs(r.output.report_to, self.run),
         )
+        _compat.fsdp_on_cpu(self.accelerator)
         self.main = self.accelerator.is_main_process
         input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
         self.resume_changes = self.run.check_can_start(
@@ -90,25 +97,19 @@ class FineTuneRun:
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
         self.seed = r.data_seed
-        self.class_names: list[str] | None = None  # classification: class id -> name
-        if r.task.has_head:
-            self.data, self.class_names = prepare_labeled_data(
-                r.data, r.task, self.tokenizer, self.seed
-            )
-        else:
-            self.data: PreparedData = prepare_data(r.data, self.tokenizer, self.seed)
+        # The first process builds the data cache (if no earlier run did); the others map it.
+        with self.accelerator.main_process_first():
+            # classification: class id -> name
+            self.data, self.class_names = prepare_run_data(r, self.tokenizer, self.seed)
         self.stop_ids = sorted(
             {self.tokenizer.convert_tokens_to_ids(t) for t in self.data.stop_tokens}
             | ({self.tokenizer.eos_token_id} - {None})
         )
-        for line in audit_lines(self.data, self.tokenizer, r.task.type, self.class_names):
-            self._print(line)
         self.input_prints = inputs.fingerprints(
             r.data, self.tokenizer, self.data.chat_template.template
         )
         if self.resume:
             inputs.check_unchanged(self.run, self.input_prints)
-        self.answers = AnswerEval.for_run(r.eval, self.data.eval, self.tokenizer, self.stop_ids)
         self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
@@ -134,6 +135,7 @@ class FineTuneRun:
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
+            trackers.start(self.accelerator, r.output.report_to, self.run, r.name, self.recipe_dump)
         except BaseException:
             if fresh and self.main:  # leave no half-made run directory behind
                 shutil.rmtree(self.run.path, ignore_errors=True)
@@ -145,7 +147,27 @@ class FineTuneRun:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.eos_token_id = self.stop_ids
         self.params = count_parameters(model)
-        self._choose_batching(model)
+        # What the run optimises, chosen once: collation, loss, metrics, audit (objective.py).
+        self.objective: Objective = build_objective(
+            r,
+            self.data,
+            model,
+            self.tokenizer,
+            self.precision,
+            self.class_names,
+            self.accelerator.device,
+            self.accelerator.unwrap_model,
+        )
+        for line in self.objective.audit_lines(self.data, self.tokenizer):
+            self._print(line)
+        if self.main:
+            atomic_write_json(
+                self.run.audit, self.objective.audit_record(self.data, self.tokenizer)
+            )
+        self._print(self.objective.describe())
+        self.answers = AnswerEval.for_run(
+            r.eval, self.objective.answer_rows(self.data.eval), self.tokenizer, self.stop_ids
+        )
         self._print(
             f"{r.adapter.method}: {self.params['trainable']:,} trainable of {self.params['total']:,} "
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
@@ -160,7 +182,6 @@ class FineTuneRun:
             self.accelerator.num_processes,
             self.seed,
         )
-        self.task_losses = TaskLosses.for_data(self.data, self.accelerator.device)
         self.total_steps = r.train.max_steps or math.ceil(
             r.train.epochs * self.plan.steps_per_epoch
         )
@@ -181,9 +202,7 @@ class FineTuneRun:
         if self.resume:
             if self.main:
                 ckpt.clean_leftovers(self.run.checkpoints)
-            saved, damaged = ckpt.newest_intact(
-                self.run.checkpoints, self.accelerator.process_index
-            )
+            saved, damaged = ckpt.newest_intact(self.run.checkpoints, self.accelerator)
             for bad in damaged:
                 self._print(f"warning: {bad}; set aside as {ckpt.set_aside(bad.path, self.main)}")
             if saved is None:
@@ -203,45 +222,33 @@ class FineTuneRun:
             )
             self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
-            self.run.metrics, self.main, self.state.step if resumed_from else None
+            self.run.metrics,
+            self.main,
+            self.state.step if resumed_from else None,
+            on_log=lambda record: trackers.log(self.accelerator, record),
         )
+        if getattr(r.objective, "precompute_ref", False):
+            self._precompute_reference()
         self.samples_before = self._samples() if not resumed_from else None
 
-    def _choose_batching(self, model: torch.nn.Module) -> None:
-        """Packing, length grouping and supervised-only logits, as far as the method allows."""
-        b = choose_batching(
-            self.recipe.train,
-            self.recipe.adapter,
-            model,
-            self.recipe.task.has_head,
-            self.precision,
-            self.data.train,
+    def _precompute_reference(self) -> None:
+        """Reference log-probs of every preference row, once (kept in the run for resumes)."""
+        from peftkit.training.preference import load_or_compute_reference
+
+        computed = load_or_compute_reference(
+            self.objective,
+            self.model,
+            {"train": self.data.train, "eval": self.data.eval},
+            self.recipe.train.micro_batch_size,
+            self.accelerator,
+            self.run.reference_logps,
         )
-        self.packing, self.supervised_only, self.varlen = b.packing, b.supervised_only, b.varlen
-        self.pack_multiple, self.lengths = b.pack_multiple, b.lengths
-        if self.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
-            set_attention(model, register_varlen_sdpa())
-        self._print(b.describe())
-
-    def _collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
-        if self.recipe.task.has_head:
-            return collate_labeled(rows, self.tokenizer.pad_token_id)
-        if self.packing:
-            batch = collate_packed(
-                rows, self.varlen, self.pack_multiple, self.tokenizer.pad_token_id
-            )
-        else:
-            batch = collate(rows, self.tokenizer.pad_token_id)
-        if self.task_losses is not None:
-            self.task_losses.tag(rows, batch)
-        return batch
-
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.recipe.task.has_head:
-            return head_loss_sum(self.model, batch)
-        if "task_ids" in batch:  # a multitask run: also sum the loss per task
-            return self.task_losses.loss_sum(self.model, batch, self.supervised_only)
-        return causal_lm_loss_sum(self.model, batch, self.supervised_only)
+        self.accelerator.wait_for_everyone()
+        self._print(
+            ("computed" if computed else "read")
+            + f" reference log-probs of {len(self.data.train) + len(self.data.eval)} rows "
+            f"({self.run.reference_logps.name})"
+        )
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -278,7 +285,7 @@ class FineTuneRun:
                     rows = [
                         [self.data.train[i] for i in mb]
                         for mb in self.plan.micro_batches(
-                            order, step_in_epoch, acc.process_index, self.lengths
+                            order, step_in_epoch, acc.process_index, self.objective.lengths
                         )
                     ]
                     started = time.perf_counter()
@@ -343,27 +350,24 @@ class FineTuneRun:
                 raise
             finally:
                 bar.close()
-        if (
-            r.train.save_every is not None
-            and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
-        ):
-            self._save_checkpoint(ckpt.rng_state())  # lets a finished run be extended with --resume
 
     def _optimizer_step(
         self, micro_batches: list[list[EncodedRow]], epoch: float
     ) -> dict[str, Any]:
         acc, r = self.accelerator, self.recipe
-        batches = [self._collate(rows) for rows in micro_batches]
+        objective = self.objective
+        batches = [objective.collate(rows) for rows in micro_batches]
         self.state.largest_micro_batch_tokens = max(
             self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
         )
         local = torch.tensor(
             [
-                float(sum(supervised_tokens(b["labels"]) for b in batches)),
-                float(sum(len(row.input_ids) for rows in micro_batches for row in rows)),
+                float(sum(objective.units(b) for b in batches)),
+                float(sum(objective.tokens(rows) for rows in micro_batches)),
             ],
             device=acc.device,
         )
+        # n_supervised: the units the step's loss is a mean over (tokens, rows or pairs)
         n_supervised, n_tokens = (int(x) for x in acc.reduce(local, "sum").tolist())
         loss_sum = torch.zeros((), device=acc.device)
         try:
@@ -371,7 +375,7 @@ class FineTuneRun:
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 last = i == len(batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    token_loss_sum = self._loss_sum(batch)
+                    token_loss_sum = objective.loss_sum(self.model, batch)
                     # DDP averages gradients over processes, hence the factor num_processes.
                     acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
                 loss_sum += token_loss_sum.detach()
@@ -418,8 +422,7 @@ class FineTuneRun:
         }
         if r.train.max_grad_norm is not None:
             record["grad_norm"] = grad_norm
-        if self.task_losses is not None:
-            record.update(self.task_losses.take(acc, "loss"))
+        record.update(objective.step_metrics(acc))
         return record
 
     def _stop_at_boundary(self, signal_name: str | None) -> str:
@@ -451,29 +454,26 @@ class FineTuneRun:
         )
 
     @torch.no_grad()
-    def evaluate(self, rows: list[EncodedRow] | None = None) -> float:
-        """Mean loss per supervised token over the eval rows, or `rows` (sharded over processes)."""
-        acc, mbs = self.accelerator, self.recipe.train.micro_batch_size
-        rows = sorted(
-            (self.data.eval if rows is None else rows)[acc.process_index :: acc.num_processes],
-            key=lambda x: len(x.input_ids),
-        )
+    def evaluate(self, rows: list[Any] | None = None) -> float:
+        """Mean loss per unit (supervised token, row, pair) over the eval rows, or `rows`
+        (sharded over processes). The objective keeps what else it measured for `eval_metrics`."""
+        acc, mbs, objective = self.accelerator, self.recipe.train.micro_batch_size, self.objective
+        every = self.data.eval if rows is None else rows
+        rows = every[acc.process_index :: acc.num_processes]
+        if objective.sort_eval_by_length:
+            rows = sorted(rows, key=lambda x: len(x.input_ids))
         self.model.eval()
         totals = torch.zeros(2, device=acc.device)
-        predicted, true = [], []  # task heads: for accuracy / F1 / correlation
-        for i in range(0, len(rows), mbs):
-            batch = {k: v.to(acc.device) for k, v in self._collate(rows[i : i + mbs]).items()}
-            if self.recipe.task.has_head:
-                out = head_outputs(self.model, batch)
-                predicted.append(out if out.dim() == 1 else out.argmax(-1))
-                true.append(batch["labels"])
-            totals[0] += self._loss_sum(batch)
-            totals[1] += supervised_tokens(batch["labels"])
+        # Sharded weights are gathered by all processes together: each runs as many forwards.
+        per_process = -(-len(every) // acc.num_processes) if self.launch.shards_state else 0
+        for i in range(0, max(len(rows), per_process), mbs):
+            if i >= len(rows):  # a forward that only joins the others' gathering
+                self.model(input_ids=objective.collate([every[0]])["input_ids"].to(acc.device))
+                continue
+            batch = {k: v.to(acc.device) for k, v in objective.collate(rows[i : i + mbs]).items()}
+            totals[0] += objective.eval_loss_sum(self.model, batch)
+            totals[1] += objective.units(batch).to(acc.device)
         self.model.train()
-        if predicted:
-            self.head_metrics = head_metrics(
-                acc, torch.cat(predicted), torch.cat(true), self.class_names
-            )
         loss_sum, n = acc.reduce(totals, "sum").tolist()
         return loss_sum / max(n, 1)
 
@@ -481,12 +481,16 @@ class FineTuneRun:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""
         loss = self.evaluate()
         self.last_eval = (self.state.step, loss)
-        self._log_evaluation(loss)
+        record = self._log_evaluation(loss)
         stopping = self.recipe.train.early_stopping
         min_delta = stopping.min_delta if stopping else 0.0
-        best = self.state.best_eval_loss
-        if best is None or loss < best - min_delta:
-            self.state.best_eval_loss, self.state.best_step = loss, self.state.step
+        value = self._watched(record)  # lower is better
+        best = self.state.best_value
+        if best is None and self.state.best_eval_loss is not None and value == loss:
+            best = self.state.best_eval_loss  # a checkpoint from before best_value existed
+        if best is None or value < best - min_delta:
+            self.state.best_value, self.state.best_step = value, self.state.step
+            self.state.best_eval_loss = loss
             self.state.evals_without_improvement = 0
             if self.recipe.output.save_best:
                 self._save_result(self.run.best)
@@ -494,22 +498,42 @@ class FineTuneRun:
             self.state.evals_without_improvement += 1
         return stopping is not None and self.state.evals_without_improvement >= stopping.patience
 
-    def _log_evaluation(self, eval_loss: float | None) -> None:
+    def _watched(self, record: dict[str, Any]) -> float:
+        """The early-stopping metric of an evaluation's record, signed so that lower is better."""
+        stopping = self.recipe.train.early_stopping
+        if stopping is None:
+            return record["eval_loss"]
+        if stopping.metric.startswith("answer_") and self.accelerator.num_processes > 1:
+            # generated answers are scored on the main process: every rank takes its verdict
+            shared = [record.get(stopping.metric)]
+            broadcast_object_list(shared)
+            record = {**record, stopping.metric: shared[0]}
+        if stopping.metric not in record:
+            known = ", ".join(k for k in record if k != "step")
+            raise RecipeError(
+                f"train.early_stopping.metric {stopping.metric!r} is not measured by this run's "
+                f"evaluations; they log: {known}"
+            )
+        value = record[stopping.metric]
+        return -value if stopping.higher_is_better else value
+
+    def _log_evaluation(self, eval_loss: float | None) -> dict[str, Any]:
         """Log an evaluation: eval loss (overall and per task) and the reference loss, if any."""
         record: dict[str, Any] = {"step": self.state.step}
         shown = {"eval_loss": "eval loss", "reference_loss": "reference loss"}
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
-            if self.recipe.task.has_head:  # perplexity means nothing for a head; its metrics do
-                metrics = {k: v for k, v in self.head_metrics.items() if isinstance(v, float)}
-                record |= {f"eval_{k}": v for k, v in metrics.items()}
-                shown |= {f"eval_{k}": k for k in metrics}
-            else:
-                record["eval_ppl"] = math.exp(min(eval_loss, 50))
-            if self.task_losses is not None:
-                record |= self.task_losses.take(self.accelerator, "eval_loss")
+            record |= self.objective.eval_metrics(self.accelerator, eval_loss)
+            shown |= self.objective.shown()
         if self.data.reference:
-            record |= reference_metrics(self)
+            # the base function at step 0: virtual tokens are not the identity, so switched off
+            base = (
+                self.accelerator.unwrap_model(self.model).disable_adapter()
+                if self.state.step == 0 and self.recipe.adapter.virtual_tokens
+                else contextlib.nullcontext()
+            )
+            with base:
+                record |= reference_metrics(self.evaluate(self.data.reference))
         if self.answers is not None and self.main:
             self._print(
                 f"step {self.state.step}: answering {len(self.answers.items)} held-out rows ..."
@@ -520,10 +544,15 @@ class FineTuneRun:
             shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
         self.accelerator.wait_for_everyone()
         self.metrics.log(record)
+        if eval_loss is not None and self.state.step == 0:
+            self._watched(record)  # a metric no evaluation measures: say so now, not at step N
+        if self.main and self.refresh_report is not None:
+            self.refresh_report(self.run.path)
         self._print(
             f"step {self.state.step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
         )
+        return record
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
@@ -535,14 +564,51 @@ class FineTuneRun:
         scored = [step for step, _ in self.metrics.series("reference_loss")]
         if self.data.reference and scored[-1:] != [self.state.step]:
             self._log_evaluation(None)
+        # After the final evaluation (and best/), so a resume from it neither redoes nor loses it;
+        # lets a finished run be extended with --resume.
+        if (
+            r.train.save_every is not None
+            and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
+        ):
+            self._save_checkpoint(ckpt.rng_state())
         final = run.final(r.adapter.final_dir_name)
         self._save_result(final)
         samples_after = self._samples()
         if not self.main:
             return {}
-        summary = run_summary(self, final)
+        summary = run_summary(
+            recipe=r,
+            state=self.state,
+            metrics=self.metrics,
+            objective=self.objective,
+            data=self.data,
+            plan=self.plan,
+            params=self.params,
+            layers=self.layers.summary(self.total_steps),
+            stop_reason=self.stop_reason,
+            processes=self.accelerator.num_processes,
+            answer_rows=len(self.answers.items) if self.answers is not None else None,
+            run_dir=run,
+            final=final,
+        )
+        trackers.log(
+            self.accelerator,
+            {f"summary/{k}": v for k, v in summary.items()} | {"step": self.state.step},
+        )
         atomic_write_json(run.summary, summary)
-        atomic_write_json(run.meta, run_metadata(self))
+        metadata = run_metadata(
+            recipe=r,
+            data=self.data,
+            params=self.params,
+            precision=self.precision,
+            weights_dtype=self.weights_dtype,
+            processes=self.accelerator.num_processes,
+            stop_ids=self.stop_ids,
+            class_names=self.class_names,
+            base_model_path=str(self.ctx.tokenizer_path),
+            device=self.accelerator.device,
+        )
+        atomic_write_json(run.meta, metadata)
         if samples_after is not None and self.samples_before is not None:
             rows = zip(r.output.sample_prompts, self.samples_before, samples_after)
             atomic_write_json(run.samples, [dict(prompt=p, before=b, after=a) for p, b, a in rows])
@@ -550,6 +616,8 @@ class FineTuneRun:
             atomic_write_json(run.answers, self.answers.report(self.answers_before))
         if r.output.plot:
             plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
+        if self.refresh_report is not None:
+            self.refresh_report(run.path)
         log.info(
             format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after)
         )
@@ -558,19 +626,22 @@ class FineTuneRun:
     # ------------------------------------------------------------------ helpers
     def _save_result(self, target) -> None:
         self.accelerator.wait_for_everyone()
-        if self.main:
-            with atomic_dir(target) as tmp:
-                self.recipe.adapter.save(self.accelerator.unwrap_model(self.model), tmp, self.ctx)
-                self.tokenizer.save_pretrained(str(tmp))
-                write_manifest(
-                    tmp,
-                    self.base_identity,
-                    method=self.recipe.adapter.method,
-                    chat_template=self.data.chat_template.template,
-                    stop_tokens=self.data.stop_tokens,
-                    recipe=self.recipe_dump,
-                    quantization=self.recipe_dump["model"]["quantization"],
-                )
+        model = self.accelerator.unwrap_model(self.model)
+        # Sharded (FSDP): the trainable weights are gathered into the main process, nothing else.
+        with gathered_trainable(model, keep=self.main):
+            if self.main:
+                with atomic_dir(target) as tmp:
+                    self.recipe.adapter.save(model, tmp, self.ctx)
+                    self.tokenizer.save_pretrained(str(tmp))
+                    write_manifest(
+                        tmp,
+                        self.base_identity,
+                        method=self.recipe.adapter.method,
+                        chat_template=self.data.chat_template.template,
+                        stop_tokens=self.data.stop_tokens,
+                        recipe=self.recipe_dump,
+                        quantization=self.recipe_dump["model"]["quantization"],
+                    )
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, rng: dict[str, Any]):

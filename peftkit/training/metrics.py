@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,17 @@ from peftkit.io import atomic_write_text
 class MetricsLog:
     """Appends metric records to a JSONL file (main process only) and keeps them for the plot."""
 
-    def __init__(self, path: Path, enabled: bool, resume_from_step: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool,
+        resume_from_step: int | None,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`on_log(record)` is called with each record too (the experiment trackers)."""
         self.path = path
         self.enabled = enabled
+        self.on_log = on_log
         self.records: list[dict[str, Any]] = []
         if enabled and path.exists():
             if resume_from_step is None:
@@ -30,22 +39,15 @@ class MetricsLog:
                 self.records = kept
 
     def _read(self) -> list[dict[str, Any]]:
-        """The records; a line a kill cut short (or garbage) is dropped, not fatal."""
-        records = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        return read_records(self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
 
     def train_losses(self) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in self.records if "loss" in r]
@@ -71,6 +73,29 @@ class MetricsLog:
         return [k.removeprefix(prefix) for k in dict.fromkeys(keys)]
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line a kill cut short (or garbage) is dropped, not fatal."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def smooth(values: Sequence[float]) -> tuple[int, list[float]] | None:
+    """Trailing mean over k = len/20 points (at least 2): the smoothed train-loss curve drawn in
+    loss.png and report.html. None below 10 points, where smoothing would hide the curve."""
+    if len(values) < 10:
+        return None
+    k = max(2, len(values) // 20)
+    windows = (values[max(0, i - k + 1) : i + 1] for i in range(len(values)))
+    return k, [sum(w) / len(w) for w in windows]
+
+
 def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     """Train loss (raw and smoothed) and eval loss against optimizer step, saved as a PNG."""
     import matplotlib
@@ -79,24 +104,37 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     train, evals = log.train_losses(), log.eval_losses()
-    answers = log.series("answer_score")
-    if answers:  # the task metric on generated answers, in a panel of its own below the losses
-        fig, (ax, lower) = plt.subplots(
-            2, 1, figsize=(8, 6.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    # panels below the losses: the task metric on generated answers; preference rewards
+    panels = [
+        draw
+        for draw, present in (
+            (_plot_answers, bool(log.series("answer_score"))),
+            (_plot_preference, bool(log.series("rewards/margins"))),
         )
-        _plot_answers(log, lower)
+        if present
+    ]
+    if panels:
+        fig, axes = plt.subplots(
+            1 + len(panels),
+            1,
+            figsize=(8, 4.5 + 2 * len(panels)),
+            dpi=110,
+            sharex=True,
+            gridspec_kw={"height_ratios": [3] + [2] * len(panels)},
+        )
+        ax = axes[0]
+        for draw, lower in zip(panels, axes[1:]):
+            draw(log, lower)
     else:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    answers = panels
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train loss")
-        if len(losses) >= 10:
-            k = max(2, len(losses) // 20)
-            smooth = [
-                sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
-                for i in range(len(losses))
-            ]
-            ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss (mean of {k})")
+        smoothed = smooth(losses)
+        if smoothed is not None:
+            k, values = smoothed
+            ax.plot(steps, values, color="tab:blue", linewidth=2, label=f"train loss (mean of {k})")
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="eval loss")
@@ -124,6 +162,36 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_preference(log: MetricsLog, ax) -> None:
+    """Reward margins (train per step, eval per evaluation) and held-out preference accuracy."""
+    steps, margins = zip(*log.series("rewards/margins"))
+    ax.plot(steps, margins, color="tab:purple", alpha=0.5, label="reward margin (train)")
+    evals = log.series("eval_rewards/margins")
+    if evals:
+        steps, margins = zip(*evals)
+        ax.plot(steps, margins, "o-", color="tab:purple", label="reward margin (eval)")
+    ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    accuracy = log.series("eval_rewards/accuracies")
+    if accuracy:
+        right = ax.twinx()
+        steps, values = zip(*accuracy)
+        right.plot(
+            steps,
+            [100 * v for v in values],
+            "s-",
+            color="tab:green",
+            label="preference accuracy (eval)",
+        )
+        right.set_ylabel("accuracy %", color="tab:green")
+        right.set_ylim(-5, 105)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize="small", loc="upper left")
+    ax.set_xlabel("optimizer step")
 
 
 def _plot_answers(log: MetricsLog, ax) -> None:

@@ -11,12 +11,10 @@ falls is forgetting:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from peftkit.training.loop import FineTuneRun
     from peftkit.training.metrics import MetricsLog
 
 
@@ -24,13 +22,9 @@ def ppl(loss: float) -> float:
     return math.exp(min(loss, 50))
 
 
-def reference_metrics(run: FineTuneRun) -> dict[str, float]:
-    """{"reference_loss", "reference_ppl"} of the model as it is now (see the module docstring)."""
-    base_function = contextlib.nullcontext()
-    if run.state.step == 0 and run.recipe.adapter.virtual_tokens:
-        base_function = run.accelerator.unwrap_model(run.model).disable_adapter()
-    with base_function:
-        loss = run.evaluate(run.data.reference)
+def reference_metrics(loss: float) -> dict[str, float]:
+    """{"reference_loss", "reference_ppl"} from the reference set's mean loss per token, scored
+    with the model as it is now (at step 0: the base function, see the module docstring)."""
     return {"reference_loss": loss, "reference_ppl": ppl(loss)}
 
 

@@ -15,7 +15,13 @@ from peftkit.training import generated, reference, tasks
 from peftkit.training.metrics import peak_memory_bytes
 
 if TYPE_CHECKING:
-    from peftkit.training.loop import FineTuneRun
+    from peftkit.data.pipeline import PreparedData
+    from peftkit.data.step_plan import StepPlan
+    from peftkit.io import RunLayout
+    from peftkit.recipe.schema import Recipe
+    from peftkit.training.checkpoint import TrainerState
+    from peftkit.training.metrics import MetricsLog
+    from peftkit.training.objective import Objective
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -30,53 +36,86 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def run_summary(run: FineTuneRun, final: Path) -> dict[str, Any]:
+def run_summary(
+    *,
+    recipe: Recipe,
+    state: TrainerState,
+    metrics: MetricsLog,
+    objective: Objective,
+    data: PreparedData,
+    plan: StepPlan,
+    params: dict[str, int],
+    layers: dict[str, Any],
+    stop_reason: str,
+    processes: int,
+    answer_rows: int | None,
+    run_dir: RunLayout,
+    final: Path,
+) -> dict[str, Any]:
     """summary.json: what the run did and reached (the figures the end-of-run printout shows)."""
-    r, state, metrics = run.recipe, run.state, run.metrics
+    r = recipe
     train_losses, eval_losses = metrics.train_losses(), metrics.eval_losses()
     peak, peak_kind = peak_memory_bytes()
     summary = {
-        "run_dir": str(run.run.path),
+        "run_dir": str(run_dir.path),
         "method": r.adapter.method,
-        "stop_reason": run.stop_reason,
+        "stop_reason": stop_reason,
         "steps": state.step,
-        "epochs": round(state.step / run.plan.steps_per_epoch, 3),
-        "global_batch_rows": run.plan.global_batch,
-        "processes": run.accelerator.num_processes,
+        "epochs": round(state.step / plan.steps_per_epoch, 3),
+        "global_batch_rows": plan.global_batch,
+        "processes": processes,
         "tokens": state.tokens_seen,
         "supervised_tokens": state.supervised_tokens_seen,
+        "loss_unit": objective.unit,
         "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "largest_micro_batch_tokens": run.state.largest_micro_batch_tokens,
-        "trainable_params": run.params["trainable"],
-        "total_params": run.params["total"],
+        "largest_micro_batch_tokens": state.largest_micro_batch_tokens,
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
         "first_train_loss": train_losses[0][1] if train_losses else None,
         "final_train_loss": train_losses[-1][1] if train_losses else None,
         "first_eval_loss": eval_losses[0][1] if eval_losses else None,
         "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
         "best_eval_loss": state.best_eval_loss,
+        **_best_metric(r, state),
         "best_step": state.best_step,
-        "eval_metrics": run.head_metrics,
+        "eval_metrics": None,
         "final": str(final),
-        "best": str(run.run.best) if run.run.best.exists() else None,
-        **run.layers.summary(run.total_steps),
+        "best": str(run_dir.best) if run_dir.best.exists() else None,
+        **layers,
     }
-    if run.task_losses is not None:
-        summary["tasks"] = tasks.task_summary(r.data, run.data, run.plan, state.step, metrics)
-    if run.answers is not None:
-        summary["answers"] = generated.answer_summary(
-            metrics, r.eval.metric, len(run.answers.items)
-        )
-    if run.data.reference:
+    summary |= objective.summary(metrics, plan, state.step)
+    if answer_rows is not None:
+        summary["answers"] = generated.answer_summary(metrics, r.eval.metric, answer_rows)
+    if data.reference:
         summary["forgetting"] = reference.forgetting_summary(
-            metrics, len(run.data.reference), sum(row.n_supervised for row in run.data.reference)
+            metrics, len(data.reference), sum(row.n_supervised for row in data.reference)
         )
     return summary
 
 
-def run_metadata(run: FineTuneRun) -> dict[str, Any]:
+def device_name(device: torch.device) -> str:
+    """The device as report.html shows it: `cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu`, `mps`."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def run_metadata(
+    *,
+    recipe: Recipe,
+    data: PreparedData,
+    params: dict[str, int],
+    precision: str,
+    weights_dtype: torch.dtype,
+    processes: int,
+    stop_ids: list[int],
+    class_names: list[str] | None,
+    base_model_path: str,
+    device: torch.device,
+) -> dict[str, Any]:
     """peftkit.json: what produced this run, and what later stages (export, serving) must honour."""
     import accelerate
     import peft
@@ -91,21 +130,22 @@ def run_metadata(run: FineTuneRun) -> dict[str, Any]:
             "accelerate": accelerate.__version__,
             "python": platform.python_version(),
         },
-        "base_model": run.recipe.model.name,
-        "base_model_path": str(run.ctx.tokenizer_path),
-        "method": run.recipe.adapter.method,
-        "task": run.recipe.task.type,
-        "class_names": run.class_names,
-        "final_dir": run.recipe.adapter.final_dir_name,
-        "precision": run.precision,
-        "weights_dtype": str(run.weights_dtype).removeprefix("torch."),
-        "processes": run.accelerator.num_processes,
-        "chat_template_source": run.data.chat_template.source,
-        "stop_tokens": run.data.stop_tokens,
-        "stop_token_ids": run.stop_ids,
-        "trainable_params": run.params["trainable"],
-        "total_params": run.params["total"],
-        "data_audit": [a.to_dict() for a in run.data.audits],
+        "base_model": recipe.model.name,
+        "base_model_path": base_model_path,
+        "method": recipe.adapter.method,
+        "task": recipe.task.type,
+        "class_names": class_names,
+        "final_dir": recipe.adapter.final_dir_name,
+        "precision": precision,
+        "device": device_name(device),
+        "weights_dtype": str(weights_dtype).removeprefix("torch."),
+        "processes": processes,
+        "chat_template_source": data.chat_template.source,
+        "stop_tokens": data.stop_tokens,
+        "stop_token_ids": stop_ids,
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
+        "data_audit": [a.to_dict() for a in data.audits],
     }
 
 
@@ -126,6 +166,28 @@ def _head_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
     ]
 
 
+def _best_metric(r, state) -> dict[str, Any]:
+    """The metric that picked best/ (train.early_stopping.metric) and its best value."""
+    stopping = r.train.early_stopping
+    if stopping is None or stopping.metric == "eval_loss" or state.best_value is None:
+        return {"best_metric": "eval_loss"}
+    value = -state.best_value if stopping.higher_is_better else state.best_value
+    return {"best_metric": stopping.metric, "best_metric_value": value}
+
+
+def _preference_rows(p: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Held-out preference accuracy and reward margin, before -> after."""
+    if not p or "eval_margins_before" not in p:
+        return []
+    line = f"margin {p['eval_margins_before']:+.4f} -> {p['eval_margins_after']:+.4f}"
+    if "eval_accuracies_before" in p:
+        line = (
+            f"accuracy {p['eval_accuracies_before']:.1%} -> {p['eval_accuracies_after']:.1%}, "
+            + line
+        )
+    return [(f"preference ({p['objective']})", line + " (held-out rows)")]
+
+
 def format_summary(
     s: dict[str, Any], prompts: list[str], before: list[str] | None, after: list[str] | None
 ) -> str:
@@ -144,7 +206,15 @@ def format_summary(
             f"{s['steps']} ({s['epochs']} epochs, {s['global_batch_rows']} rows per step, "
             f"{s['processes']} process{'es' if s['processes'] > 1 else ''}); {s['stop_reason']}",
         ),
-        ("tokens", f"{s['tokens']:,} real (non-pad), {s['supervised_tokens']:,} with loss"),
+        (
+            "tokens",
+            f"{s['tokens']:,} real (non-pad), {s['supervised_tokens']:,} "
+            + (
+                "with loss"
+                if s.get("loss_unit", "supervised tokens") == "supervised tokens"
+                else f"{s['loss_unit']} in the loss"
+            ),
+        ),
         (
             "throughput",
             f"{s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps",
@@ -156,11 +226,15 @@ def format_summary(
             loss_line(s["first_eval_loss"], s["final_eval_loss"])
             + (
                 f" (best {s['best_eval_loss']:.4f} at step {s['best_step']})"
-                if s["best_eval_loss"] is not None
+                if s["best_eval_loss"] is not None and s.get("best_metric_value") is None
+                else f" (best {s['best_metric']} {s['best_metric_value']:.4f} at step "
+                f"{s['best_step']})"
+                if s.get("best_metric_value") is not None
                 else ""
             ),
         ),
         *_head_rows(s.get("eval_metrics")),
+        *_preference_rows(s.get("preference")),
         *tasks.summary_rows(s),
         *generated.summary_rows(s),
         *reference.summary_rows(s),

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from peftkit.errors import RunDirError
-from peftkit.io import RunLayout, atomic_write_text, guard_output
+from peftkit.io import RunLayout, atomic_write_text, guard_output, recover_atomic_dirs
 from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import RESUMABLE_CHANGES
 
@@ -68,9 +68,8 @@ class RunDir(RunLayout):
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
-        if resume:  # what a kill while writing a result left behind (see atomic_dir)
-            for leftover in self.path.glob(".*.tmp"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if resume:
+            recover_atomic_dirs(self.path)  # a kill while a result (best/, adapter/) was written
             record = {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changes or {}}
             with self.resumes.open("a") as f:
                 f.write(json.dumps(record) + "\n")

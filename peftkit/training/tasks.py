@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.data.encode import IGNORE, EncodedRow, row_tasks
 from peftkit.data.mixing import rows_drawn, task_shares
 from peftkit.training.loss import causal_lm_token_losses
 
@@ -41,7 +41,7 @@ class TaskLosses:
     @classmethod
     def for_data(cls, data: PreparedData, device: torch.device) -> TaskLosses | None:
         """A tracker when the train and eval rows span two tasks or more, else None."""
-        names = list(dict.fromkeys(row.task for row in [*data.train, *data.eval]))
+        names = list(dict.fromkeys([*row_tasks(data.train), *row_tasks(data.eval)]))
         return cls(names, device) if len(names) > 1 else None
 
     def tag(self, rows: list[EncodedRow], batch: dict[str, torch.Tensor]) -> None:
@@ -88,7 +88,7 @@ def task_summary(
     spec: DataSpec, data: PreparedData, plan: StepPlan, steps: int, metrics: MetricsLog
 ) -> dict[str, dict[str, Any]]:
     """Per task: rows, expected and actually drawn share of training rows, first/final eval loss."""
-    train_tasks = np.array([row.task for row in data.train])
+    train_tasks = row_tasks(data.train)
     drawn = rows_drawn(plan, steps)
     names = list(dict.fromkeys([*train_tasks, *(row.task for row in data.eval)]))
     counts = {t: int((train_tasks == t).sum()) for t in names if (train_tasks == t).any()}

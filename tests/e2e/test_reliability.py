@@ -4,7 +4,11 @@ signals act at step boundaries, resume refuses changed inputs and survives damag
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,6 +242,54 @@ def test_resume_names_a_damaged_checkpoint_and_falls_back_to_the_newest_intact_o
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+AGREE = """
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+from peftkit.training import checkpoint as ckpt
+
+accelerator = Accelerator(cpu=True)
+saved, damaged = ckpt.newest_intact(Path(sys.argv[1]), accelerator)
+Path(sys.argv[2], f"rank-{accelerator.process_index}.json").write_text(
+    json.dumps({"chosen": saved.path.name, "damaged": [str(d) for d in damaged]})
+)
+"""
+
+
+def test_every_process_resumes_from_the_same_checkpoint(reference_run, tmp_path):
+    """The newest checkpoint is damaged for process 1 only (its RNG file): both processes fall
+    back to the one before, and the reason names the process."""
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints", checkpoints)
+    (checkpoints / "step-0000008" / "rng-1.pt").write_bytes(b"garbage")
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    command = [sys.executable, str(script), str(checkpoints), str(tmp_path)]
+    ranks = [  # what torchrun would start, without its own process
+        subprocess.Popen(
+            command,
+            env={**env, "RANK": str(i), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "2"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    for rank in ranks:
+        assert rank.wait(300) == 0, rank.stderr.read()[-3000:]
+    answers = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert [a["chosen"] for a in answers] == ["step-0000006", "step-0000006"]
+    for a in answers:
+        assert a["damaged"] == [
+            f"checkpoint {checkpoints / 'step-0000008'} is damaged: process 1: rng-1.pt cannot be "
+            "read (UnpicklingError)"
+        ]
+
+
 def test_pruning_is_atomic_and_its_leftovers_are_cleaned(
     tmp_path, tiny_model, chat_file, monkeypatch
 ):
@@ -304,3 +356,77 @@ def test_a_resumed_run_reports_what_the_whole_run_did(reference_run, tmp_path):
     for key in ("largest_micro_batch_tokens", "tokens", "steps", "final_train_loss"):
         assert summary[key] == expected[key], key
     assert not (crashed / ".best.tmp").exists()
+
+
+# ------------------------------------------------------------------ 6. results written atomically
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it and no cleanup of the write in progress runs."""
+
+
+BEST_TRAIN = {**RESUME_TRAIN, "max_steps": 5, "eval_every": 2}  # evaluations at 2, 4 and 5
+
+
+@pytest.fixture(scope="module")
+def best_reference(tiny_model, tmp_path_factory):
+    """An uninterrupted run whose final evaluation (step 5) is its best, and how many times it
+    moved a new best/ into place."""
+    root = tmp_path_factory.mktemp("best")
+    data = write_jsonl(root / "d.jsonl", chat_rows(10, seed=1))
+    write_jsonl(root / "e.jsonl", chat_rows(6, seed=2))
+    recipe = write_recipe(
+        root / "r.yaml",
+        tiny_model,
+        data,
+        data={"train": str(data), "eval": str(root / "e.jsonl"), "max_length": 128},
+        train=BEST_TRAIN,
+    )
+    real, moves = os.replace, []
+
+    def counting(src, dst, *args, **kwargs):
+        moves.append(Path(src).name)
+        return real(src, dst, *args, **kwargs)
+
+    os.replace = counting
+    try:
+        assert main(["train", str(recipe)]) == 0
+    finally:
+        os.replace = real
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["best_step"] == 5, summary  # else the kill below is not in the final one
+    return recipe, root / "run", moves.count(".best.tmp")
+
+
+def test_a_kill_while_best_is_replaced_keeps_the_previous_best_and_resume_completes_it(
+    best_reference, tmp_path, monkeypatch
+):
+    """Killed between moving the previous best/ aside and moving the new one into place, during
+    the final evaluation: the resumed run ends with the best/ and summary of an uninterrupted one."""
+    recipe, reference, best_moves = best_reference
+    real, seen = os.replace, []
+
+    def killed_on_last_best(src, dst, *args, **kwargs):
+        if Path(src).name == ".best.tmp":
+            seen.append(1)
+            if len(seen) == best_moves:
+                raise _Killed
+        return real(src, dst, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(os, "replace", killed_on_last_best)
+    with pytest.raises(_Killed):
+        main(["train", str(recipe), f"output.dir={run}"])
+    monkeypatch.setattr(os, "replace", real)
+    assert not (run / "best").exists() and (run / ".best.old").is_dir()  # where the kill struck
+
+    assert main(["train", str(recipe), f"output.dir={run}", "--resume"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    expected = json.loads((reference / "summary.json").read_text())
+    assert (summary["best_eval_loss"], summary["best_step"]) == (
+        expected["best_eval_loss"],
+        expected["best_step"],
+    )
+    a = load_file(run / "best" / "adapter_model.safetensors")
+    b = load_file(reference / "best" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert _losses(run) == _losses(reference)
+    assert not list(run.glob(".best*"))

@@ -249,3 +249,60 @@ def test_cli_serve_shuts_down_gracefully_on_sigterm(adapters_dir, alone):
         assert answer == alone[("arithmetic", PROMPTS["arithmetic"])]
     finally:
         process.kill()
+
+
+def test_a_request_larger_than_the_queue_is_refused_before_anything_generates(server):
+    before = json.loads(call(server.url, "/health")[2])["stats"]
+    body = {"model": "tiny", "prompt": ["Q: 1 + 1?\nA:"] * 65, "max_tokens": 4}
+    got, _, text = call(server.url, "/v1/completions", body)
+    assert got == 400, text
+    assert "65 prompts in one request; this server queues at most 64" in text
+    after = json.loads(call(server.url, "/health")[2])["stats"]
+    assert after["requests"] == before["requests"]  # none of its prompts ran
+
+
+def _leave_mid_answer(url: str, body: dict) -> None:
+    """Send a request, read the start of the answer (streamed) or nothing, and hang up."""
+    import http.client
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    connection.request(
+        "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
+    if body["stream"]:
+        response = connection.getresponse()
+        while b'"text": ""' in (line := response.fp.readline()) or not line.strip():
+            pass  # until the first piece of generated text
+    else:
+        threading.Event().wait(0.5)
+    connection.sock.shutdown(2)
+    connection.close()
+
+
+def test_a_client_that_hangs_up_has_its_row_stopped(adapters_dir, monkeypatch):
+    from peftkit.adapters import generation
+    from peftkit.adapters.adapter_set import AdapterSet
+
+    # no stop token, ~20 ms a token: uncancelled, each answer runs to its 200 tokens (4 s)
+    monkeypatch.setattr(AdapterSet, "stop_ids", lambda self, adapter: set())
+    put = generation._RowStreamer.put
+    monkeypatch.setattr(
+        generation._RowStreamer, "put", lambda self, v: threading.Event().wait(0.02) or put(self, v)
+    )
+    server = api.serve(adapters_dir, port=0, limits=ServeLimits(batch_wait_s=0), block=False)
+    try:
+        for cancelled, stream in enumerate([True, False], start=1):
+            body = {"model": "sort", "prompt": "Sort: 3, 1", "max_tokens": 200, "stream": stream}
+            before = json.loads(call(server.url, "/health")[2])["stats"]
+            _leave_mid_answer(server.url, body | {"temperature": 0})
+            for _ in range(200):
+                stats = json.loads(call(server.url, "/health")[2])["stats"]
+                if stats["cancelled"] == cancelled:
+                    break
+                threading.Event().wait(0.05)
+            assert stats["cancelled"] == cancelled, (stream, stats)
+            assert stats["generated_tokens"] - before["generated_tokens"] < 100, (stream, stats)
+    finally:
+        server.stop()

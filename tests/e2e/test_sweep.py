@@ -76,6 +76,9 @@ def test_sweep_finds_a_better_lr_than_a_bad_start(tmp_path, toy):
     rows = [row for row in table.splitlines() if row.startswith("| ") and "complete" in row]
     assert len(rows) == 4 and rows[0].split(" | ")[1] == str(best.number)  # best first
     assert (tmp_path / "sweep" / "logs" / "trial-000.log").read_text().strip()
+    page = (tmp_path / "sweep" / "report.html").read_text()  # the trials compared, best first
+    names = [Path(line["run_dir"]).name for line in lines]
+    assert sorted(names, key=page.index) == [Path(r.run_dir).name for r in result.trials]
 
 
 def test_pruning_stops_a_trial_that_falls_behind(tmp_path, toy):

@@ -16,15 +16,17 @@ ROOT = Path(peftkit.__file__).resolve().parent
 
 # Bottom to top. A package is a subfolder of peftkit/ or a top-level module; "peftkit" is the root
 # package itself (__version__). The recipe composes the methods' own spec classes (its `adapter:`
-# section is their union), so recipe sits above methods and models.
+# section is their union), so recipe sits above methods and models. `launch` reads the process's
+# environment only (model loading asks it too); `report` draws pages from a run directory's files
+# (export and the sweep call it; the training loop is handed its writer by api and sweep).
 LAYERS = [
-    {"peftkit", "errors", "io", "_compat", "section"},
+    {"peftkit", "errors", "io", "_compat", "section", "launch"},
     {"models"},
     {"methods"},
     {"recipe"},
     {"data"},
     {"training"},
-    {"planner", "export", "adapters", "serving", "sweep"},
+    {"planner", "export", "adapters", "serving", "sweep", "report"},
     {"api"},
     {"cli", "__main__"},
 ]

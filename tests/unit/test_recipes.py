@@ -12,7 +12,7 @@ from peftkit.recipe.load import load_recipe, validate_recipe
 from peftkit.recipe.schema import Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 BASE = {"model": {"name": "m"}, "adapter": {"method": "lora"}, "data": {"train": "d.jsonl"}}
 
 

@@ -1,0 +1,318 @@
+"""Preference data: {prompt, chosen, rejected} pairs and KTO's {prompt, completion, label} rows.
+
+Accepted rows (one layout per file, told apart by its keys):
+  pairs, strings        {"prompt": "...", "chosen": "...", "rejected": "..."}
+  pairs, conversations  {"prompt": [messages], "chosen": [assistant turn(s)], "rejected": [...]}
+                        or whole conversations sharing the prompt turns (UltraFeedback style):
+                        {"chosen": [user, assistant], "rejected": [user, assistant]}
+  KTO                   {"prompt": ..., "completion": ..., "label": true|false}
+A KTO run also reads pairs (the chosen answer desirable, the rejected one not), as TRL's
+`unpair_preference_dataset` does.
+
+Each answer is encoded exactly as supervised fine-tuning encodes a row (same chat template, same
+end-of-turn/EOS token, `encode.Encoder`), with labels on the answer only: the last turn of a
+conversation, or the completion after a string prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.data.audit import SplitAudit, mask_segments, render_mask
+from peftkit.data.chat import resolve_chat_template
+from peftkit.data.encode import EncodedRow, Encoder, truncate
+from peftkit.data.formats import ROLES, Example, messages_of, text_of
+from peftkit.data.pipeline import PreparedData, hold_out_indices, prepare_data
+from peftkit.data.sources import RawRow, read_source
+from peftkit.errors import DataError
+from peftkit.recipe.schema import DataSource, DataSpec, Recipe
+
+
+@dataclass
+class PreferenceRow:
+    """One encoded preference example: a chosen and a rejected answer to the same prompt, or, for
+    KTO, one answer (`chosen`) with `desirable` telling whether it is a good one."""
+
+    chosen: EncodedRow
+    rejected: EncodedRow | None
+    origin: str
+    desirable: bool | None = None
+    task: str = ""
+    ref_logps: tuple[float, float] | None = None
+    """objective.precompute_ref: the reference's log-probs of (chosen, rejected) (KTO: (answer, 0))."""
+
+    @property
+    def sequences(self) -> list[EncodedRow]:
+        return [self.chosen] if self.rejected is None else [self.chosen, self.rejected]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.sequences)
+
+
+@dataclass
+class _Raw:
+    """A parsed row before encoding: the answers as `Example`s (prompt included)."""
+
+    chosen: Example
+    rejected: Example | None
+    first_answer_turn: int  # conversations: index of the first supervised assistant turn
+    desirable: bool | None
+    origin: str
+
+
+def prepare_preference_data(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, unpaired: bool
+) -> PreparedData:
+    """Read, check, split and encode preference rows. `unpaired` (KTO) turns pairs into two rows.
+    Raises `DataError` naming the file and line of a bad row."""
+    template = resolve_chat_template(tokenizer, spec.chat_template)
+    train = _read(spec.train, spec.system_prompt, unpaired)
+    evals = _read(spec.eval, spec.system_prompt, unpaired)
+    if not evals and spec.eval_fraction > 0:
+        kept, held = hold_out_indices(len(train), spec.eval_fraction, seed)
+        train, evals = [train[i] for i in kept], [train[i] for i in held]
+    if spec.max_eval_rows is not None:
+        evals = evals[: spec.max_eval_rows]
+    encoder = Encoder(tokenizer, "completion")
+    train_rows, train_audit = _encode_split("train", train, encoder, spec)
+    eval_rows, eval_audit = _encode_split("eval", evals, encoder, spec) if evals else ([], None)
+    audits = [train_audit] + ([eval_audit] if eval_audit else [])
+    return PreparedData(train_rows, eval_rows, audits, template, sorted(encoder.stop_tokens))
+
+
+def _read(sources: list[DataSource], system_prompt: str | None, unpaired: bool) -> list[_Raw]:
+    out: list[_Raw] = []
+    for source in sources:
+        rows = read_source(source)
+        if not rows:
+            raise DataError(f"{source.path}: the dataset is empty")
+        for row in rows:
+            raw = _parse(row, system_prompt)
+            if unpaired and raw.rejected is not None:
+                out.append(replace(raw, rejected=None, desirable=True))
+                out.append(replace(raw, chosen=raw.rejected, rejected=None, desirable=False))
+            elif not unpaired and raw.rejected is None:
+                raise DataError(
+                    f"{row.origin}: a KTO row (prompt, completion, label) in a paired objective; "
+                    "pairs need 'chosen' and 'rejected' (or use objective: kto)"
+                )
+            else:
+                out.append(raw)
+    return out
+
+
+def _parse(row: RawRow, system_prompt: str | None) -> _Raw:
+    data, origin = row.data, row.origin
+    try:
+        if "completion" in data or "label" in data:
+            return _parse_unpaired(data, origin, system_prompt)
+        missing = [k for k in ("chosen", "rejected") if k not in data]
+        if missing:
+            raise DataError(
+                f"{origin}: missing {' and '.join(repr(k) for k in missing)}; a preference row "
+                f"has prompt, chosen and rejected (got keys {sorted(data)})"
+            )
+        prompt, chosen, rejected = data.get("prompt"), data["chosen"], data["rejected"]
+        if isinstance(chosen, str) != isinstance(rejected, str):
+            raise DataError(f"{origin}: 'chosen' and 'rejected' must both be strings or both lists")
+        if isinstance(chosen, str):
+            if not isinstance(prompt, str):
+                raise DataError(
+                    f"{origin}: string answers need a string 'prompt' (got {type(prompt).__name__})"
+                )
+            if chosen == rejected:
+                raise DataError(f"{origin}: 'chosen' and 'rejected' are identical: {chosen[:60]!r}")
+            return _Raw(
+                Example(origin, prompt=prompt, completion=chosen),
+                Example(origin, prompt=prompt, completion=rejected),
+                0,
+                None,
+                origin,
+            )
+        prompt_turns, chosen_turns, rejected_turns = _conversation_parts(
+            prompt, chosen, rejected, origin
+        )
+        if chosen_turns == rejected_turns:
+            raise DataError(
+                f"{origin}: 'chosen' and 'rejected' are identical: "
+                f"{chosen_turns[-1]['content'][:60]!r}"
+            )
+        prompt_turns = _with_system(prompt_turns, system_prompt)
+        first = sum(m["role"] == "assistant" for m in prompt_turns)
+        return _Raw(
+            Example(origin, messages=prompt_turns + chosen_turns),
+            Example(origin, messages=prompt_turns + rejected_turns),
+            first,
+            None,
+            origin,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{origin}: not a valid preference row: {e}") from None
+
+
+def _conversation_parts(
+    prompt, chosen, rejected, origin: str
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt turns, chosen answer turns, rejected answer turns) of a conversational pair."""
+    roles = {r: r for r in ROLES}
+    chosen_msgs = messages_of(chosen, roles)
+    rejected_msgs = messages_of(rejected, roles)
+    if prompt is not None:  # TRL's layout: the answers are the turns after a separate prompt
+        prompt_msgs = messages_of(prompt, roles) if not isinstance(prompt, str) else None
+        if prompt_msgs is None:
+            raise DataError(f"{origin}: conversational answers need 'prompt' as a list of turns")
+        answers = (chosen_msgs, rejected_msgs)
+    else:  # whole conversations: the prompt is every turn before the last
+        prompt_msgs = chosen_msgs[:-1]
+        if rejected_msgs[:-1] != prompt_msgs:
+            turn = next(
+                (i for i, (a, b) in enumerate(zip(chosen_msgs[:-1], rejected_msgs[:-1])) if a != b),
+                min(len(chosen_msgs), len(rejected_msgs)) - 1,
+            )
+            raise DataError(
+                f"{origin}: prompt mismatch: the 'chosen' and 'rejected' conversations differ at "
+                f"turn {turn}, before their last (answer) turn; both must share the prompt turns"
+            )
+        answers = (chosen_msgs[-1:], rejected_msgs[-1:])
+    for name, turns in zip(("chosen", "rejected"), answers):
+        if not turns or turns[-1]["role"] != "assistant":
+            raise DataError(f"{origin}: the '{name}' answer must end with an assistant turn")
+    return prompt_msgs, *answers
+
+
+def _parse_unpaired(data: dict, origin: str, system_prompt: str | None) -> _Raw:
+    missing = [k for k in ("prompt", "completion", "label") if k not in data]
+    if missing:
+        raise DataError(
+            f"{origin}: missing {' and '.join(repr(k) for k in missing)}; a KTO row has prompt, "
+            "completion and label (true = desirable)"
+        )
+    label = data["label"]
+    if not isinstance(label, bool):
+        raise DataError(f"{origin}: 'label' must be true or false, got {label!r}")
+    prompt, completion = data["prompt"], data["completion"]
+    if isinstance(prompt, str):
+        example = Example(origin, prompt=prompt, completion=text_of(completion, "completion"))
+        return _Raw(example, None, 0, label, origin)
+    roles = {r: r for r in ROLES}
+    prompt_turns = _with_system(messages_of(prompt, roles), system_prompt)
+    answer = messages_of(completion, roles)
+    if answer[-1]["role"] != "assistant":
+        raise DataError(f"{origin}: the 'completion' must end with an assistant turn")
+    first = sum(m["role"] == "assistant" for m in prompt_turns)
+    return _Raw(Example(origin, messages=prompt_turns + answer), None, first, label, origin)
+
+
+def _with_system(turns: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and (not turns or turns[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}, *turns]
+    return turns
+
+
+def _encode_split(
+    split: str, raws: list[_Raw], encoder: Encoder, spec: DataSpec
+) -> tuple[list[PreferenceRow], SplitAudit]:
+    audit = SplitAudit(split, rows_read=len(raws))
+    rows: list[PreferenceRow] = []
+    for raw in raws:
+        answers = [raw.chosen] + ([raw.rejected] if raw.rejected is not None else [])
+        encoded = [encoder.encode(a, first_turn=raw.first_answer_turn) for a in answers]
+        if spec.truncation == "drop" and any(len(e.input_ids) > spec.max_length for e in encoded):
+            audit.rows_dropped_too_long += 1
+            continue
+        encoded = [truncate(e, spec.max_length) for e in encoded]
+        if any(e.n_supervised == 0 for e in encoded):
+            audit.add_unsupervised(encoded[0])
+            continue
+        row = PreferenceRow(
+            encoded[0], encoded[1] if len(encoded) > 1 else None, raw.origin, raw.desirable
+        )
+        _count(audit, row)
+        rows.append(row)
+    if not rows:
+        raise DataError(
+            f"no {split} preference row has answer tokens left ({audit.rows_read} read, "
+            f"{audit.rows_dropped_too_long} too long, {audit.rows_without_supervised_tokens} "
+            "cut before their answer); raise data.max_length"
+        )
+    return rows, audit
+
+
+def _count(audit: SplitAudit, row: PreferenceRow) -> None:
+    audit.rows_kept += 1
+    for seq in row.sequences:
+        audit.tokens += len(seq.input_ids)
+        audit.supervised_tokens += seq.n_supervised
+        audit.max_row_tokens = max(audit.max_row_tokens, len(seq.input_ids))
+    audit.rows_truncated += any(seq.truncated for seq in row.sequences)
+
+
+def preference_audit_lines(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The loss-mask audit of a preference run: counts, template, and the first pair (or a
+    desirable and an undesirable KTO row) with the scored answer tokens in ⟦⟧."""
+    lines = ["data (loss-mask audit; a row is a preference pair or a KTO answer):"]
+    lines += ["  " + line for audit in data.audits for line in audit.lines()]
+    lines.append(
+        f"  chat template: {data.chat_template.source}; turns end with: "
+        f"{', '.join(data.stop_tokens)}"
+    )
+    first = data.train[0]
+    if first.rejected is not None:
+        lines.append("  first pair, chosen:   " + render_mask(first.chosen, tokenizer))
+        lines.append("  first pair, rejected: " + render_mask(first.rejected, tokenizer))
+        return lines
+    for want, name in ((True, "desirable"), (False, "undesirable")):
+        row = next((r for r in data.train if r.desirable is want), None)
+        if row is not None:
+            lines.append(f"  first {name} row: " + render_mask(row.chosen, tokenizer))
+    return lines
+
+
+def preference_audit_record(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """data_audit.json of a preference run: counts, and the first pair's (or KTO rows') answers
+    as (text, scored) stretches, labelled chosen / rejected."""
+    first = data.train[0]
+    rows = (
+        [("chosen", first.chosen), ("rejected", first.rejected)]
+        if first.rejected is not None
+        else [("desirable" if r.desirable else "undesirable", r.chosen) for r in data.train[:2]]
+    )
+    return {
+        "splits": [a.to_dict() for a in data.audits],
+        "task_type": "causal_lm",
+        "class_names": None,
+        "chat_template_source": data.chat_template.source,
+        "stop_tokens": data.stop_tokens,
+        "rows": [
+            {"origin": f"{row.origin} ({kind})", "segments": mask_segments(row, tokenizer)}
+            for kind, row in rows
+        ],
+    }
+
+
+def desirable_counts(rows: list[PreferenceRow]) -> tuple[int, int]:
+    flags = np.array([bool(r.desirable) for r in rows])
+    return int(flags.sum()), int((~flags).sum())
+
+
+def prepare_scored_rows(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreparedData:
+    """The rows a causal LM trained by `recipe` is scored on outside training (export's fidelity
+    check, combine's evaluation): the recipe's own rows, or for a preference recipe the preferred
+    answers (chosen, or KTO's desirable ones) as supervised rows."""
+    if not recipe.objective.preference:
+        return prepare_data(recipe.data, tokenizer, seed)
+    data = prepare_preference_data(
+        recipe.data, tokenizer, seed, unpaired=recipe.objective.type == "kto"
+    )
+    return replace(data, train=preferred_answers(data.train), eval=preferred_answers(data.eval))
+
+
+def preferred_answers(rows: list[PreferenceRow]) -> list[EncodedRow]:
+    """The chosen answers of pairs and the desirable KTO rows, as supervised rows."""
+    return [r.chosen for r in rows if r.rejected is not None or r.desirable]

@@ -1,0 +1,117 @@
+"""The recipe's `objective:` section: what the loss optimises. A union keyed on `type`.
+
+    objective: sft                      # next-token cross-entropy on the supervised tokens (default)
+    objective: {type: dpo, beta: 0.1}   # preference tuning on {prompt, chosen, rejected} rows
+
+The preference losses and their knobs follow TRL's names and defaults (`DPOConfig`, `ORPOConfig`,
+`KTOConfig`, `CPOConfig` with `loss_type: simpo`), so a TRL recipe translates key for key.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from peftkit.section import Section
+
+
+class SFTObjective(Section):
+    """Supervised fine-tuning: cross-entropy on the supervised tokens (or a task head's loss)."""
+
+    type: Literal["sft"] = "sft"
+
+    @property
+    def preference(self) -> bool:
+        return False
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+
+class _PreferenceObjective(Section):
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the preference term (DPO/KTO: the KL penalty's inverse temperature)."""
+
+    @property
+    def preference(self) -> bool:
+        return True
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+
+class DPOObjective(_PreferenceObjective):
+    """Direct Preference Optimization (Rafailov et al. 2023) on {prompt, chosen, rejected} pairs.
+
+    With log-ratios rho_w = log pi(y_w|x) - log pi_ref(y_w|x) (summed over answer tokens) and rho_l:
+        sigmoid: -log sigmoid(beta (rho_w - rho_l))
+        ipo:     ((rho_w / |y_w| - rho_l / |y_l|) - 1 / (2 beta))^2   (TRL's length-normalised IPO)
+        hinge:   max(0, 1 - beta (rho_w - rho_l))
+    The reference pi_ref is the base: the adapter switched off (no second copy), a frozen copy of
+    the starting weights for full/partial fine-tuning, or log-probs computed once before training.
+    """
+
+    type: Literal["dpo"]
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    precompute_ref: bool = False
+    """Score every row with the reference once before training and keep the log-probs in the run
+    directory (resume reuses them): no reference forward per step, no frozen copy in memory."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+
+class KTOObjective(_PreferenceObjective):
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on {prompt, completion, label} rows
+    (pairs are split into a desirable and an undesirable row). With z = KL estimate of the batch
+    (mismatched prompt/completion pairs, as TRL builds it):
+        desirable:   w_d (1 - sigmoid(beta (rho - z)))
+        undesirable: w_u (1 - sigmoid(beta (z - rho)))
+    """
+
+    type: Literal["kto"]
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+
+class ORPOObjective(_PreferenceObjective):
+    """Odds Ratio Preference Optimization (Hong et al. 2024): no reference model. With mean
+    log-probs per answer token l_w, l_l and log odds(y) = l - log(1 - exp(l)):
+        loss = NLL(chosen) - beta * log sigmoid(log odds(y_w) - log odds(y_l))
+    (`beta` is the paper's lambda, as in TRL)."""
+
+    type: Literal["orpo"]
+
+
+class SimPOObjective(_PreferenceObjective):
+    """Simple Preference Optimization (Meng et al. 2024): no reference model; length-normalised
+    log-probs l_w, l_l and a target margin gamma:
+        loss = -log sigmoid(beta (l_w - l_l) - gamma) + sft_weight * NLL(chosen)
+    (TRL's CPO trainer with loss_type simpo; `simpo_gamma` and `cpo_alpha` there)."""
+
+    type: Literal["simpo"]
+    beta: float = Field(default=2.0, gt=0)
+    gamma: float = Field(default=0.5, ge=0)
+    """The target reward margin (TRL: simpo_gamma)."""
+    sft_weight: float = Field(default=0.0, ge=0)
+    """Weight of the chosen answers' NLL added to the loss (TRL: cpo_alpha; 0 = pure SimPO)."""
+
+
+ObjectiveSpec = Annotated[
+    SFTObjective | DPOObjective | KTOObjective | ORPOObjective | SimPOObjective,
+    Field(discriminator="type"),
+]
+OBJECTIVE_TYPES = ("sft", "dpo", "kto", "orpo", "simpo")
+
+
+def objective_from_shorthand(value: Any) -> Any:
+    """`objective: dpo` means `objective: {type: dpo}`."""
+    return {"type": value} if isinstance(value, str) else value

@@ -1,0 +1,255 @@
+"""What a run optimises, chosen once at setup: the objective owns its collation, loss, metrics and
+audit lines, so the training loop has no per-mode branches (as torchtune's recipes inject their
+loss).
+
+Every objective returns a loss *summed* over its units (supervised tokens for a causal LM, rows for
+a task head, preference pairs or KTO rows) and says how many units a batch holds; the loop divides
+the step's summed loss by the units of the whole step (every micro-batch, every process), so
+gradient accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.data.audit import audit_lines, audit_record
+from peftkit.data.encode import EncodedRow
+from peftkit.data.labeled import prepare_labeled_data
+from peftkit.data.pipeline import PreparedData, prepare_data
+from peftkit.data.preference import prepare_preference_data
+from peftkit.data.step_plan import StepPlan
+from peftkit.recipe.schema import DataSpec, Recipe
+from peftkit.training.attention import register_varlen_sdpa, set_attention
+from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
+from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
+from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
+from peftkit.training.metrics import MetricsLog
+from peftkit.training.tasks import TaskLosses, task_summary
+
+
+class Objective:
+    """The interface the loop calls. Subclasses override what differs."""
+
+    lengths: np.ndarray | None = None
+    """Token length per training row, for length-grouped micro-batches (None = no grouping)."""
+    unit = "supervised tokens"
+    sort_eval_by_length = True
+    """Evaluate rows sorted by length (less padding); off where batch composition matters."""
+
+    def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many units the batch's loss sums over."""
+        return supervised_tokens(batch["labels"])
+
+    def tokens(self, rows: list[Any]) -> int:
+        """Real (unpadded) tokens of the rows, for tokens/s."""
+        return sum(len(row.input_ids) for row in rows)
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss under `torch.no_grad()` during evaluation (may also collect predictions)."""
+        return self.loss_sum(model, batch)
+
+    def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
+        """Metrics accumulated by `loss_sum` since the last call (all processes), for the step."""
+        return {}
+
+    def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
+        """The evaluation's metrics beside eval_loss (collected by `eval_loss_sum`)."""
+        return {}
+
+    def shown(self) -> dict[str, str]:
+        """Evaluation metrics worth a word in the printed line: {metric key: label}."""
+        return {}
+
+    def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        return audit_lines(data, tokenizer, "causal_lm", None)
+
+    def audit_record(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """data_audit.json (what report.html shows of the data)."""
+        return audit_record(data, tokenizer, "causal_lm", None)
+
+    def answer_rows(self, rows: list[Any]) -> list[EncodedRow]:
+        """Held-out rows whose supervised answer generation-based evaluation asks for."""
+        return rows
+
+    def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
+        """Entries of summary.json that only this objective has."""
+        return {}
+
+    def describe(self) -> str | None:
+        return None
+
+
+class CausalLM(Objective):
+    """Next-token cross-entropy on supervised tokens; padded or packed micro-batches."""
+
+    def __init__(self, batching: Batching, pad_id: int) -> None:
+        self.batching, self.pad_id = batching, pad_id
+        self.lengths = batching.lengths
+
+    def collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
+        b = self.batching
+        if b.packing:
+            return collate_packed(rows, b.varlen, b.pack_multiple, self.pad_id)
+        return collate(rows, self.pad_id)
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss_sum(model, batch, self.batching.supervised_only)
+
+    def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
+        return {"eval_ppl": math.exp(min(eval_loss, 50))}
+
+    def describe(self) -> str:
+        return self.batching.describe()
+
+
+class Multitask(CausalLM):
+    """A causal LM over several tasks: also `loss/<task>` per step and `eval_loss/<task>`."""
+
+    def __init__(
+        self,
+        batching: Batching,
+        pad_id: int,
+        task_losses: TaskLosses,
+        spec: DataSpec,
+        data: PreparedData,
+    ) -> None:
+        super().__init__(batching, pad_id)
+        self.task_losses, self.spec, self.data = task_losses, spec, data
+
+    def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
+        """Per task: rows, drawn share against the expected one, first/final eval loss."""
+        return {"tasks": task_summary(self.spec, self.data, plan, steps, metrics)}
+
+    def collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
+        batch = super().collate(rows)
+        self.task_losses.tag(rows, batch)
+        return batch
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "task_ids" in batch:
+            return self.task_losses.loss_sum(model, batch, self.batching.supervised_only)
+        return super().loss_sum(model, batch)  # rows of no task: the reference set
+
+    def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
+        return self.task_losses.take(accelerator, "loss")
+
+    def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
+        return super().eval_metrics(accelerator, eval_loss) | self.task_losses.take(
+            accelerator, "eval_loss"
+        )
+
+
+class TaskHead(Objective):
+    """A classification or regression head: loss per row; accuracy / F1 / confusion (or MSE,
+    MAE, Pearson) per evaluation."""
+
+    unit = "rows"
+
+    def __init__(
+        self, pad_id: int, class_names: list[str] | None, task_type: str, batching: Batching
+    ) -> None:
+        self.pad_id, self.class_names, self.task_type = pad_id, class_names, task_type
+        self.lengths = batching.lengths
+        self._predicted: list[torch.Tensor] = []
+        self._true: list[torch.Tensor] = []
+        self.last_metrics: dict[str, Any] | None = None
+        """The last evaluation's metrics, confusion matrix included (for the summary)."""
+
+    def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
+        return collate_labeled(rows, self.pad_id)
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return head_row_losses(head_outputs(model, batch), batch["labels"]).sum()
+
+    def eval_loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = head_outputs(model, batch)  # one forward for the loss and the predictions
+        self._predicted.append(out if out.dim() == 1 else out.argmax(-1))
+        self._true.append(batch["labels"])
+        return head_row_losses(out, batch["labels"]).sum()
+
+    def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
+        if not self._predicted:
+            return {}
+        predicted, true = torch.cat(self._predicted), torch.cat(self._true)
+        self._predicted, self._true = [], []
+        self.last_metrics = head_metrics(accelerator, predicted, true, self.class_names)
+        # perplexity means nothing for a head; its metrics do
+        return {f"eval_{k}": v for k, v in self.last_metrics.items() if isinstance(v, float)}
+
+    def shown(self) -> dict[str, str]:
+        floats = [k for k, v in (self.last_metrics or {}).items() if isinstance(v, float)]
+        return {f"eval_{k}": k for k in floats}
+
+    def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        return audit_lines(data, tokenizer, self.task_type, self.class_names)
+
+    def audit_record(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        return audit_record(data, tokenizer, self.task_type, self.class_names)
+
+    def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
+        return {"eval_metrics": self.last_metrics}
+
+    def describe(self) -> str:
+        return "batching: padded" + (", grouped by length" if self.lengths is not None else "")
+
+
+def prepare_run_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int):
+    """(prepared data, class names or None) for the recipe's objective and task."""
+    if recipe.task.has_head:
+        return prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
+    if recipe.objective.preference:
+        unpaired = recipe.objective.type == "kto"
+        return prepare_preference_data(recipe.data, tokenizer, seed, unpaired), None
+    return prepare_data(recipe.data, tokenizer, seed), None
+
+
+def build_objective(
+    recipe: Recipe,
+    data: PreparedData,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    precision: str,
+    class_names: list[str] | None,
+    device: torch.device,
+    unwrap: Callable[[nn.Module], nn.Module],
+) -> Objective:
+    """The run's objective, with its batching chosen for this model (before accelerate wraps it)."""
+    from peftkit.training.preference import Preference, frozen_copy
+
+    batching = choose_batching(
+        recipe.train, recipe.adapter, model, recipe.task.has_head, precision, data.train
+    )
+    pad_id = tokenizer.pad_token_id
+    if recipe.task.has_head:
+        return TaskHead(pad_id, class_names, recipe.task.type, batching)
+    if recipe.objective.preference:
+        spec = recipe.objective
+        is_adapter = hasattr(model, "disable_adapter")
+        frozen = (
+            frozen_copy(model)
+            if spec.needs_reference
+            and not is_adapter
+            and not getattr(spec, "precompute_ref", False)
+            else None
+        )
+        return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen)
+    if batching.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
+        set_attention(model, register_varlen_sdpa())
+    task_losses = TaskLosses.for_data(data, device)
+    if task_losses is not None:
+        return Multitask(batching, pad_id, task_losses, recipe.data, data)
+    return CausalLM(batching, pad_id)

@@ -1,0 +1,414 @@
+"""The preference objective: DPO (sigmoid, ipo, hinge), KTO, ORPO and SimPO in peftkit's own loop.
+
+A pair micro-batch is one padded batch of the chosen answers followed by the rejected ones
+(`input_ids` (2 x pairs, seq)), as TRL builds it, so one forward scores both. The log-probability
+of an answer is the sum over its supervised tokens (the answer turn and its end-of-turn token).
+
+The reference pi_ref (DPO, KTO) is the model as it started: for adapter methods the same weights
+with the adapter switched off (no second copy), for full/partial fine-tuning a frozen copy taken
+before the first step, or, with `precompute_ref: true`, log-probs computed once before training
+and kept in the run directory (`reference_logps.safetensors`), so a resume does not recompute them.
+
+Per step and per evaluation the objective logs TRL's metrics: rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies (the preference accuracy), logps/chosen, logps/rejected, and
+nll_loss / log_odds_ratio / log_odds_chosen (ORPO) or kl (KTO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.data.preference import (
+    PreferenceRow,
+    preference_audit_lines,
+    preference_audit_record,
+    preferred_answers,
+)
+from peftkit.io import atomic_write_with
+from peftkit.recipe.objective import DPOObjective, KTOObjective, ORPOObjective, SimPOObjective
+from peftkit.training.batches import collate
+from peftkit.training.loss import causal_lm_token_losses
+from peftkit.training.metrics import MetricsLog
+from peftkit.training.objective import Objective
+from peftkit.training.preference_losses import dpo_losses, kto_losses, orpo_terms, simpo_losses
+
+PAIR_METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+]
+EXTRA_METRICS = {
+    "orpo": ["nll_loss", "log_odds_ratio", "log_odds_chosen"],
+    "simpo": ["nll_loss"],
+    "dpo": [],
+}
+KTO_METRICS = ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"]
+
+
+def sequence_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor], supervised_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs of each row's supervised tokens (rows,), their number (rows,))."""
+    losses, keep = causal_lm_token_losses(
+        model,
+        {k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
+        supervised_only,
+    )
+    targets = batch["labels"][:, 1:]
+    if keep is not None:
+        targets = targets[:, keep.to(targets.device)]
+    return -losses.sum(-1), (targets != IGNORE).sum(-1).to(losses.device)
+
+
+class Preference(Objective):
+    """DPO / KTO / ORPO / SimPO; chosen once from `recipe.objective`."""
+
+    sort_eval_by_length = False  # KTO's KL rows pair neighbours; keep the data order
+
+    def __init__(
+        self,
+        spec: DPOObjective | KTOObjective | ORPOObjective | SimPOObjective,
+        pad_id: int,
+        supervised_only: bool,
+        unwrap: Callable[[nn.Module], nn.Module],
+        frozen_reference: nn.Module | None,
+    ) -> None:
+        self.spec, self.pad_id, self.supervised_only, self.unwrap = (
+            spec,
+            pad_id,
+            supervised_only,
+            unwrap,
+        )
+        self.kto = spec.type == "kto"
+        self.unit = "rows" if self.kto else "pairs"
+        self.frozen = frozen_reference
+        """Full/partial fine-tuning: the starting weights, frozen. None: the adapter switched off."""
+        self.keys = KTO_METRICS if self.kto else PAIR_METRICS + EXTRA_METRICS.get(spec.type, [])
+        self._sums: torch.Tensor | None = None  # (2, metrics): sums and counts
+
+    # ----------------------------------------------------------------- batches
+    def collate(self, rows: list[PreferenceRow]) -> dict[str, torch.Tensor]:
+        if self.kto:
+            batch = collate([r.chosen for r in rows], self.pad_id)
+            batch["desirable"] = torch.tensor([bool(r.desirable) for r in rows])
+            kl = collate(_mismatched(rows), self.pad_id)
+            batch |= {f"kl_{k}": v for k, v in kl.items()}
+        else:
+            batch = collate([r.chosen for r in rows] + [r.rejected for r in rows], self.pad_id)
+        refs = [r.ref_logps for r in rows]
+        if all(ref is not None for ref in refs):
+            if self.kto:
+                batch["ref_logps"] = torch.tensor([ref[0] for ref in refs])
+            else:
+                batch["ref_logps"] = torch.tensor(
+                    [ref[0] for ref in refs] + [ref[1] for ref in refs]
+                )
+        return batch
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = batch["input_ids"].shape[0]
+        return torch.tensor(rows if self.kto else rows // 2)
+
+    def tokens(self, rows: list[PreferenceRow]) -> int:
+        return sum(r.n_tokens for r in rows)
+
+    # ----------------------------------------------------------------- loss
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kto:
+            return self._kto(model, batch)
+        if self.spec.type in ("orpo", "simpo"):
+            return self._reference_free(model, batch)
+        return self._dpo(model, batch)
+
+    def _dpo(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps, n = sequence_logps(model, batch, self.supervised_only)
+        ref = self._reference_logps(model, batch)
+        (chosen, rejected), (ref_c, ref_r), (n_c, n_r) = (
+            logps.chunk(2),
+            ref.chunk(2),
+            n.chunk(2),
+        )
+        losses, r_c, r_r = dpo_losses(
+            chosen, rejected, ref_c, ref_r, self.spec.beta, self.spec.loss_type, n_c, n_r
+        )
+        self._add_pair_metrics(r_c, r_r, chosen, rejected)
+        return losses.sum()
+
+    def _reference_free(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        orpo = self.spec.type == "orpo"
+        # ORPO's NLL term covers the prompt too (TRL and the paper's code); SimPO's the answer.
+        if orpo:
+            nll_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+            losses, _ = causal_lm_token_losses(
+                model,
+                {
+                    "input_ids": batch["input_ids"],
+                    "attention_mask": batch["attention_mask"],
+                    "labels": nll_labels,
+                },
+                False,
+            )
+            answer = batch["labels"][:, 1:] != IGNORE
+            logps = -(losses * answer.to(losses.device)).sum(-1)
+            n = answer.sum(-1).to(losses.device)
+            nll_mask = nll_labels[:, 1:] != IGNORE
+            token_losses, nll_mask = losses.chunk(2)[0], nll_mask.chunk(2)[0]
+        else:
+            logps, n = sequence_logps(model, batch, self.supervised_only)
+        mean = logps / n.clamp(min=1)
+        chosen, rejected = mean.chunk(2)
+        pairs = chosen.shape[0]
+        if orpo:
+            nll = token_losses.sum() / nll_mask.sum().clamp(min=1)
+            terms, r_c, r_r, log_odds = orpo_terms(chosen, rejected, self.spec.beta)
+            loss_sum = pairs * nll - terms.sum()
+            extra = {
+                "nll_loss": nll.detach() * pairs,
+                "log_odds_ratio": (terms.detach() / self.spec.beta).sum(),
+                "log_odds_chosen": log_odds.sum(),
+            }
+        else:
+            losses, r_c, r_r = simpo_losses(chosen, rejected, self.spec.beta, self.spec.gamma)
+            nll = -logps.chunk(2)[0].sum() / n.chunk(2)[0].sum().clamp(min=1)
+            loss_sum = losses.sum() + self.spec.sft_weight * pairs * nll
+            extra = {"nll_loss": nll.detach() * pairs}
+        self._add_pair_metrics(r_c, r_r, chosen, rejected, extra=extra)  # TRL: mean log-probs
+        return loss_sum
+
+    def _kto(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps, _ = sequence_logps(model, batch, self.supervised_only)
+        kl_batch = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
+        with torch.no_grad():
+            kl_policy, _ = sequence_logps(model, kl_batch, self.supervised_only)
+            kl_ref = self._run_reference(model, kl_batch)
+        ref = self._reference_logps(model, batch)
+        kl = (kl_policy - kl_ref).mean().clamp(min=0).detach()
+        desirable = batch["desirable"].to(logps.device)
+        losses, rewards = kto_losses(
+            logps,
+            ref,
+            desirable,
+            kl,
+            self.spec.beta,
+            self.spec.desirable_weight,
+            self.spec.undesirable_weight,
+        )
+        d, u = desirable, ~desirable
+        values = {
+            "rewards/chosen": (rewards[d].sum(), d.sum()),
+            "rewards/rejected": (rewards[u].sum(), u.sum()),
+            "logps/chosen": (logps.detach()[d].sum(), d.sum()),
+            "logps/rejected": (logps.detach()[u].sum(), u.sum()),
+            "kl": (kl, torch.ones(())),
+        }
+        self._accumulate(values)
+        return losses.sum()
+
+    # ----------------------------------------------------------------- reference
+    def _reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(torch.float32)
+        with torch.no_grad():
+            return self._run_reference(model, batch)
+
+    def _run_reference(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.frozen is not None:
+            return sequence_logps(self.frozen, batch, self.supervised_only)[0]
+        with self.reference_context(model):
+            return sequence_logps(self.unwrap(model), batch, self.supervised_only)[0]
+
+    def reference_context(self, model: nn.Module):
+        """The adapter switched off (peft), for the reference's forward."""
+        inner = self.unwrap(model)
+        return (
+            inner.disable_adapter()
+            if hasattr(inner, "disable_adapter")
+            else contextlib.nullcontext()
+        )
+
+    @torch.no_grad()
+    def precompute(
+        self, model: nn.Module, splits: dict[str, list[PreferenceRow]], batch_rows: int, device
+    ) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every row: {split: (rows, 2)} (KTO: second column unused)."""
+        was_training = model.training
+        model.eval()
+        out = {}
+        for name, rows in splits.items():
+            values = []
+            for i in range(0, len(rows), batch_rows):
+                part = rows[i : i + batch_rows]
+                seqs = [r.chosen for r in part] + [r.rejected for r in part if r.rejected]
+                batch = {k: v.to(device) for k, v in collate(seqs, self.pad_id).items()}
+                # the model as training starts (adapter on): the reference whatever the method
+                logps = sequence_logps(self.unwrap(model), batch, self.supervised_only)[0]
+                logps = logps.float().cpu()
+                chosen = logps[: len(part)]
+                rejected = logps[len(part) :] if not self.kto else torch.zeros(len(part))
+                values.append(torch.stack([chosen, rejected], 1))
+            out[name] = torch.cat(values) if values else torch.zeros(0, 2)
+        model.train(was_training)
+        return out
+
+    # ----------------------------------------------------------------- metrics
+    def _add_pair_metrics(
+        self,
+        r_chosen: torch.Tensor,
+        r_rejected: torch.Tensor,
+        chosen: torch.Tensor,
+        rejected: torch.Tensor,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        pairs = torch.tensor(float(r_chosen.shape[0]))
+        values = {
+            "rewards/chosen": (r_chosen.sum(), pairs),
+            "rewards/rejected": (r_rejected.sum(), pairs),
+            "rewards/margins": ((r_chosen - r_rejected).sum(), pairs),
+            "rewards/accuracies": ((r_chosen > r_rejected).float().sum(), pairs),
+            "logps/chosen": (chosen.detach().sum(), pairs),
+            "logps/rejected": (rejected.detach().sum(), pairs),
+        }
+        values |= {k: (v, pairs) for k, v in (extra or {}).items()}
+        self._accumulate(values)
+
+    def _accumulate(self, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        update = torch.tensor(
+            [
+                [float(values[k][0]) for k in self.keys],
+                [float(values[k][1]) for k in self.keys],
+            ],
+            dtype=torch.float64,
+        )
+        self._sums = update if self._sums is None else self._sums + update
+
+    def _take(self, accelerator: Accelerator, prefix: str) -> dict[str, float]:
+        sums = (
+            torch.zeros(2, len(self.keys), dtype=torch.float64)
+            if self._sums is None
+            else self._sums
+        )
+        self._sums = None
+        sums, counts = accelerator.reduce(sums.to(accelerator.device), "sum").cpu().tolist()
+        out = {f"{prefix}{k}": s / c for k, s, c in zip(self.keys, sums, counts) if c > 0}
+        if self.kto and f"{prefix}rewards/chosen" in out and f"{prefix}rewards/rejected" in out:
+            out[f"{prefix}rewards/margins"] = (
+                out[f"{prefix}rewards/chosen"] - out[f"{prefix}rewards/rejected"]
+            )
+        return out
+
+    def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
+        return self._take(accelerator, "")
+
+    def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
+        return self._take(accelerator, "eval_")
+
+    def shown(self) -> dict[str, str]:
+        if self.kto:
+            return {"eval_rewards/margins": "reward margin"}
+        return {"eval_rewards/accuracies": "preference accuracy", "eval_rewards/margins": "margin"}
+
+    # ----------------------------------------------------------------- the rest
+    def summary(self, metrics: MetricsLog, plan: Any, steps: int) -> dict[str, Any]:
+        """First and last evaluation's preference figures (and the step-0 ones, on held-out rows)."""
+        out: dict[str, Any] = {"objective": self.spec.type}
+        for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            curve = metrics.series(f"eval_{key}")
+            if curve:
+                name = key.split("/")[1]
+                out[f"eval_{name}_before"], out[f"eval_{name}_after"] = curve[0][1], curve[-1][1]
+        return {"preference": out}
+
+    def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        return preference_audit_lines(data, tokenizer)
+
+    def audit_record(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        return preference_audit_record(data, tokenizer)
+
+    def answer_rows(self, rows: list[PreferenceRow]) -> list[EncodedRow]:
+        # generated answers are scored against the preferred (desirable) answer
+        return preferred_answers(rows)
+
+    def describe(self) -> str:
+        ref = (
+            "none"
+            if self.spec.type in ("orpo", "simpo")
+            else "precomputed log-probs"
+            if getattr(self.spec, "precompute_ref", False)
+            else "frozen copy of the starting weights"
+            if self.frozen is not None
+            else "the base (adapter switched off)"
+        )
+        return (
+            f"objective: {self.spec.type} (beta {self.spec.beta}"
+            + (f", {self.spec.loss_type}" if self.spec.type == "dpo" else "")
+            + f"); reference: {ref}; batching: padded, one micro-batch = chosen + rejected"
+            if not self.kto
+            else f"objective: kto (beta {self.spec.beta}); reference: {ref}; batching: padded"
+        )
+
+
+def _mismatched(rows: list[PreferenceRow]) -> list[EncodedRow]:
+    """KTO's KL rows: prompt i with the answer of row i - 1 (rotated within the micro-batch, as TRL
+    does), labels on the borrowed answer."""
+    out = []
+    for i, row in enumerate(rows):
+        other = rows[i - 1].chosen
+        prompt_end = _answer_start(row.chosen)
+        answer_start = _answer_start(other)
+        ids = np.concatenate([row.chosen.input_ids[:prompt_end], other.input_ids[answer_start:]])
+        labels = np.concatenate(
+            [np.full(prompt_end, IGNORE, dtype=np.int64), other.labels[answer_start:]]
+        )
+        out.append(EncodedRow(ids, labels, row.origin))
+    return out
+
+
+def _answer_start(row: EncodedRow) -> int:
+    return int(np.argmax(row.labels != IGNORE))
+
+
+def load_or_compute_reference(
+    objective: Preference,
+    model: nn.Module,
+    splits: dict[str, list[PreferenceRow]],
+    batch_rows: int,
+    accelerator: Accelerator,
+    path: Path,
+) -> bool:
+    """Attach reference log-probs to every row (`row.ref_logps`), from `path` when it holds them
+    for these rows, else computed now and written there. Returns whether they were computed."""
+    saved = load_file(str(path)) if path.exists() else {}
+    fits = all(name in saved and saved[name].shape[0] == len(rows) for name, rows in splits.items())
+    values = saved if fits else objective.precompute(model, splits, batch_rows, accelerator.device)
+    if not fits and accelerator.is_main_process:
+        atomic_write_with(
+            path, lambda tmp: save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
+        )
+    for name, rows in splits.items():
+        for row, (c, r) in zip(rows, values[name].tolist()):
+            row.ref_logps = (c, r)
+    return not fits
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The starting weights as a frozen reference (full/partial fine-tuning)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
