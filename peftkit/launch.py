@@ -104,7 +104,7 @@ class Launch:
                 f"{name} model (its weights split over processes) cannot do: remove them, or "
                 "generate from the saved adapter afterwards (peftkit generate)"
             )
-        if recipe.adapter.method in ("full", "partial", "linear_probe"):
+        if recipe.adapter.full_weights:  # the registry's capability: its result is a whole model
             problems.append(
                 f"adapter.method {recipe.adapter.method} under {name}: saving the whole sharded "
                 "model is not supported yet; use an adapter method (lora, qlora, ia3, ...) or DDP"

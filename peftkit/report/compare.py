@@ -45,10 +45,10 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunLayout]:
         path = Path(given)
         if not path.is_dir():
             raise PeftkitError(f"{path} is not a folder")
-        if (path / "recipe.yaml").is_file():
+        if RunLayout(path).recipe.is_file():
             runs.append(RunLayout(path))
             continue
-        inside = sorted(p for p in path.iterdir() if (p / "recipe.yaml").is_file())
+        inside = sorted(p for p in path.iterdir() if RunLayout(p).recipe.is_file())
         if not inside:
             raise PeftkitError(
                 f"{path} is neither a run directory (no recipe.yaml) nor a folder "

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.io import RunLayout, atomic_write_text
+from peftkit.io import FIDELITY, RunLayout, atomic_write_text
 from peftkit.report.page import (
     REFERENCE,
     esc,
@@ -173,7 +173,7 @@ def _fidelity(run: RunLayout) -> str:
     parts = []
     for record in read_jsonl(run.exports):
         out = Path(record["out"])
-        report = read_json(out / "fidelity.json")
+        report = read_json(out / FIDELITY)
         if report is None:
             parts.append(f"<p class='muted'>{esc(out)}: no longer there</p>")
             continue

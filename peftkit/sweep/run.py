@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import SweepError
+from peftkit.io import RunLayout
 from peftkit.recipe.schema import Recipe
 from peftkit.report import compare_runs
 from peftkit.sweep.report import (
@@ -206,7 +207,7 @@ def _write_outputs(
         write_best_recipe(best_recipe, recipe_path, overrides, best, spec.objective)
     write_trials(sweep_dir / "trials.jsonl", records)
     table = write_results(sweep_dir / "results.md", records, spec.objective, title, best_recipe)
-    runs = [r.run_dir for r in records if r.run_dir and (Path(r.run_dir) / "recipe.yaml").is_file()]
+    runs = [r.run_dir for r in records if r.run_dir and RunLayout(r.run_dir).recipe.is_file()]
     if runs:  # the trials side by side, best first: report.html
         compare_runs(runs, sweep_dir / "report.html")
     return SweepResult(

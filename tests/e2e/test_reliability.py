@@ -96,16 +96,16 @@ class _InfiniteGradient(torch.autograd.Function):
 def test_non_finite_gradients_stop_before_the_step_and_resume_may_lower_the_lr(
     tmp_path, tiny_model, chat_file, monkeypatch, capsys
 ):
-    from peftkit.training import loop
+    from peftkit.training import objective
 
-    real, calls = loop.causal_lm_loss_sum, []
+    real, calls = objective.causal_lm_loss_sum, []
 
     def exploding(model, batch, *args):  # step 3's gradients are infinite, its loss is not
         calls.append(1)
         loss = real(model, batch, *args)
         return _InfiniteGradient.apply(loss) if len(calls) == 3 else loss
 
-    monkeypatch.setattr(loop, "causal_lm_loss_sum", exploding)
+    monkeypatch.setattr(objective, "causal_lm_loss_sum", exploding)
     train = {"max_steps": 5, "save_every": 1, "keep_last": 5, "scheduler": "constant"}
     train["warmup_steps"] = 0
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, train=train)
@@ -121,7 +121,7 @@ def test_non_finite_gradients_stop_before_the_step_and_resume_may_lower_the_lr(
         assert all(torch.isfinite(t).all() for t in load_file(c / "trainable.safetensors").values())
 
     # What the advice says to change may change on resume, and is recorded in the run.
-    monkeypatch.setattr(loop, "causal_lm_loss_sum", real)
+    monkeypatch.setattr(objective, "causal_lm_loss_sum", real)
     assert main(["train", str(recipe), "train.lr=5e-4", "train.max_grad_norm=0.5", "--resume"]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["lr"] for r in records if "loss" in r] == [1e-3, 1e-3, 5e-4, 5e-4, 5e-4]
