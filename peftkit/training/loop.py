@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
-from peftkit.errors import RecipeError, RunDirError, TrainingStopped
+from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.launch import check_launch
 from peftkit.methods.base import ApplyContext
@@ -34,12 +33,12 @@ from peftkit.models.manifest import BaseIdentity, write_manifest
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
+from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective, build_objective, prepare_run_data
 from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
 from peftkit.training.precision import resolve_precision, weights_dtype
-from peftkit.training.reference import reference_metrics
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
@@ -53,7 +52,7 @@ StepCallback = Callable[[int, dict[str, Any]], None]
 ReportWriter = Callable[[Path], Any]
 
 
-class FineTuneRun:
+class FineTuneRun(Evaluation):
     """One fine-tuning run of a recipe. `setup()` loads everything, `train()` runs, `finish()` saves."""
 
     def __init__(
@@ -227,28 +226,12 @@ class FineTuneRun:
             self.state.step if resumed_from else None,
             on_log=lambda record: trackers.log(self.accelerator, record),
         )
-        if getattr(r.objective, "precompute_ref", False):
-            self._precompute_reference()
+        note = self.objective.before_training(
+            self.model, self.data, r.train.micro_batch_size, self.accelerator, self.run
+        )
+        if note:
+            self._print(note)
         self.samples_before = self._samples() if not resumed_from else None
-
-    def _precompute_reference(self) -> None:
-        """Reference log-probs of every preference row, once (kept in the run for resumes)."""
-        from peftkit.training.preference import load_or_compute_reference
-
-        computed = load_or_compute_reference(
-            self.objective,
-            self.model,
-            {"train": self.data.train, "eval": self.data.eval},
-            self.recipe.train.micro_batch_size,
-            self.accelerator,
-            self.run.reference_logps,
-        )
-        self.accelerator.wait_for_everyone()
-        self._print(
-            ("computed" if computed else "read")
-            + f" reference log-probs of {len(self.data.train) + len(self.data.eval)} rows "
-            f"({self.run.reference_logps.name})"
-        )
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -452,107 +435,6 @@ class FineTuneRun:
             and self.state.step % every == 0
             and self.state.step < self.total_steps
         )
-
-    @torch.no_grad()
-    def evaluate(self, rows: list[Any] | None = None) -> float:
-        """Mean loss per unit (supervised token, row, pair) over the eval rows, or `rows`
-        (sharded over processes). The objective keeps what else it measured for `eval_metrics`."""
-        acc, mbs, objective = self.accelerator, self.recipe.train.micro_batch_size, self.objective
-        every = self.data.eval if rows is None else rows
-        rows = every[acc.process_index :: acc.num_processes]
-        if objective.sort_eval_by_length:
-            rows = sorted(rows, key=lambda x: len(x.input_ids))
-        self.model.eval()
-        totals = torch.zeros(2, device=acc.device)
-        # Sharded weights are gathered by all processes together: each runs as many forwards.
-        per_process = -(-len(every) // acc.num_processes) if self.launch.shards_state else 0
-        for i in range(0, max(len(rows), per_process), mbs):
-            if i >= len(rows):  # a forward that only joins the others' gathering
-                self.model(input_ids=objective.collate([every[0]])["input_ids"].to(acc.device))
-                continue
-            batch = {k: v.to(acc.device) for k, v in objective.collate(rows[i : i + mbs]).items()}
-            totals[0] += objective.eval_loss_sum(self.model, batch)
-            totals[1] += objective.units(batch).to(acc.device)
-        self.model.train()
-        loss_sum, n = acc.reduce(totals, "sum").tolist()
-        return loss_sum / max(n, 1)
-
-    def _evaluate_and_check_stop(self) -> bool:
-        """Evaluate, log, keep the best adapter; True when early stopping says stop."""
-        loss = self.evaluate()
-        self.last_eval = (self.state.step, loss)
-        record = self._log_evaluation(loss)
-        stopping = self.recipe.train.early_stopping
-        min_delta = stopping.min_delta if stopping else 0.0
-        value = self._watched(record)  # lower is better
-        best = self.state.best_value
-        if best is None and self.state.best_eval_loss is not None and value == loss:
-            best = self.state.best_eval_loss  # a checkpoint from before best_value existed
-        if best is None or value < best - min_delta:
-            self.state.best_value, self.state.best_step = value, self.state.step
-            self.state.best_eval_loss = loss
-            self.state.evals_without_improvement = 0
-            if self.recipe.output.save_best:
-                self._save_result(self.run.best)
-        else:
-            self.state.evals_without_improvement += 1
-        return stopping is not None and self.state.evals_without_improvement >= stopping.patience
-
-    def _watched(self, record: dict[str, Any]) -> float:
-        """The early-stopping metric of an evaluation's record, signed so that lower is better."""
-        stopping = self.recipe.train.early_stopping
-        if stopping is None:
-            return record["eval_loss"]
-        if stopping.metric.startswith("answer_") and self.accelerator.num_processes > 1:
-            # generated answers are scored on the main process: every rank takes its verdict
-            shared = [record.get(stopping.metric)]
-            broadcast_object_list(shared)
-            record = {**record, stopping.metric: shared[0]}
-        if stopping.metric not in record:
-            known = ", ".join(k for k in record if k != "step")
-            raise RecipeError(
-                f"train.early_stopping.metric {stopping.metric!r} is not measured by this run's "
-                f"evaluations; they log: {known}"
-            )
-        value = record[stopping.metric]
-        return -value if stopping.higher_is_better else value
-
-    def _log_evaluation(self, eval_loss: float | None) -> dict[str, Any]:
-        """Log an evaluation: eval loss (overall and per task) and the reference loss, if any."""
-        record: dict[str, Any] = {"step": self.state.step}
-        shown = {"eval_loss": "eval loss", "reference_loss": "reference loss"}
-        if eval_loss is not None:
-            record["eval_loss"] = eval_loss
-            record |= self.objective.eval_metrics(self.accelerator, eval_loss)
-            shown |= self.objective.shown()
-        if self.data.reference:
-            # the base function at step 0: virtual tokens are not the identity, so switched off
-            base = (
-                self.accelerator.unwrap_model(self.model).disable_adapter()
-                if self.state.step == 0 and self.recipe.adapter.virtual_tokens
-                else contextlib.nullcontext()
-            )
-            with base:
-                record |= reference_metrics(self.evaluate(self.data.reference))
-        if self.answers is not None and self.main:
-            self._print(
-                f"step {self.state.step}: answering {len(self.answers.items)} held-out rows ..."
-            )
-            record |= self.answers(self.accelerator.unwrap_model(self.model))
-            if self.state.step == 0:
-                self.answers_before = self.answers.last_rows
-            shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
-        self.accelerator.wait_for_everyone()
-        self.metrics.log(record)
-        if eval_loss is not None and self.state.step == 0:
-            self._watched(record)  # a metric no evaluation measures: say so now, not at step N
-        if self.main and self.refresh_report is not None:
-            self.refresh_report(self.run.path)
-        self._print(
-            f"step {self.state.step}: "
-            + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
-        )
-        return record
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:

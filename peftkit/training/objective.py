@@ -92,6 +92,13 @@ class Objective:
     def describe(self) -> str | None:
         return None
 
+    def before_training(
+        self, model: nn.Module, data: Any, batch_rows: int, accelerator: Accelerator, run: Any
+    ) -> str | None:
+        """Work the objective needs once the model is ready and before the first step (or the
+        first step after a resume); returns a line for the user, if any."""
+        return None
+
 
 class CausalLM(Objective):
     """Next-token cross-entropy on supervised tokens; padded or packed micro-batches."""

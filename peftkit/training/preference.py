@@ -265,6 +265,21 @@ class Preference(Objective):
         model.train(was_training)
         return out
 
+    def before_training(
+        self, model: nn.Module, data: Any, batch_rows: int, accelerator: Accelerator, run: Any
+    ) -> str | None:
+        """`precompute_ref`: the reference log-probs of every row, once, kept in the run (a
+        resume reads them)."""
+        if not getattr(self.spec, "precompute_ref", False):
+            return None
+        splits = {"train": data.train, "eval": data.eval}
+        path = run.reference_logps
+        computed = load_or_compute_reference(self, model, splits, batch_rows, accelerator, path)
+        accelerator.wait_for_everyone()
+        return (
+            "computed" if computed else "read"
+        ) + f" reference log-probs of {len(data.train) + len(data.eval)} rows ({path.name})"
+
     # ----------------------------------------------------------------- metrics
     def _add_pair_metrics(
         self,
