@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv with a torch that fits this machine, then peftkit and its test tools.
 #   - a machine with an NVIDIA GPU: torch's default (CUDA) build from PyPI;
-#   - otherwise the CPU build: a local torch 2.13.0 CPU wheel where the machine provides one,
-#     else PyTorch's CPU index. An unpinned `pip install torch` on a CPU-only
-#     Linux machine would download several GB of CUDA libraries it cannot use.
+#   - otherwise the CPU build: a CPU wheel that pip finds in its own configured find-links
+#     (nothing downloaded), else PyTorch's CPU index. An unpinned `pip install torch` on a
+#     CPU-only Linux machine would download several GB of CUDA libraries it cannot use.
 # Set PEFTKIT_TORCH to a pip requirement (e.g. "torch==2.9.1") to choose yourself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${pip[@]}" "$PEFTKIT_TORCH"
   elif command -v nvidia-smi >/dev/null 2>&1; then
     "${pip[@]}" "torch>=2.5"
-  elif ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
-    "${pip[@]}" "torch==2.13.0"
+  elif wheels=$(mktemp -d) && .venv/bin/python -m pip download --quiet --disable-pip-version-check \
+      --no-index --no-deps --only-binary=:all: torch -d "$wheels" >/dev/null 2>&1 \
+      && ls "$wheels"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+    "${pip[@]}" "$wheels"/torch-*+cpu-*.whl   # its dependencies come from the index as usual
   else
     "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
   fi
