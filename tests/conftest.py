@@ -154,6 +154,32 @@ def chat_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+def train_in_two_processes(recipe: Path, *args: str, launcher: list[str] | None = None) -> None:
+    """`peftkit train RECIPE ARGS` as 2 local processes (gloo on CPU, one thread each) on a free
+    loopback port: torch.distributed.run, or `launcher` (e.g. `accelerate launch --config_file
+    ...`) with `{port}` in it replaced."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    head = launcher or [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port={port}",
+    ]
+    cmd = [sys.executable, *(part.replace("{port}", port) for part in head)]
+    cmd += ["-m", "peftkit", "train", str(recipe), *args]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

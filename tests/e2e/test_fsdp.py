@@ -5,10 +5,6 @@ exactly, the adapter holds whole (gathered) trainable weights, and the run expor
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,25 +15,16 @@ from peftkit import api
 from peftkit.cli import main
 from peftkit.errors import RecipeError
 from peftkit.launch import Launch, check_launch
-from tests.conftest import chat_rows, write_jsonl, write_recipe
+from tests.conftest import chat_rows, train_in_two_processes, write_jsonl, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = {"micro_batch_size": 2, "lr": 1e-2, "save_every": 2}
 
 
 def _launch(recipe: Path, *args: str) -> None:
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        *(sys.executable, "-m", "accelerate.commands.launch"),
-        *("--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml")),
-        *("--main_process_port", str(port)),
-        *("-m", "peftkit", "train", str(recipe), *args),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml")
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", config]
+    train_in_two_processes(recipe, *args, launcher=[*launcher, "--main_process_port={port}"])
 
 
 def _losses(run: Path) -> dict[int, float]:

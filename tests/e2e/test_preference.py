@@ -6,13 +6,9 @@ adapter serving and combine like any other."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,7 @@ from peftkit import api
 from peftkit.adapters.adapter_set import AdapterSet
 from peftkit.adapters.generation import SamplingOptions
 from peftkit.cli import main
-from tests.conftest import write_jsonl, write_recipe
+from tests.conftest import train_in_two_processes, write_jsonl, write_recipe
 from tests.e2e.conftest import alone_greedy
 
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
@@ -200,18 +196,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model):
     double = _recipe(
         tmp_path, tiny_model, data, "double", {"type": "dpo"}, max_steps=3, grad_accum=1
     )
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    }
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(port), "-m", "peftkit", "train", str(double)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_two_processes(double)
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "double")
     assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
     records = [

@@ -7,9 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from peftkit import api
 from peftkit.cli import main
 from peftkit.errors import TrainingStopped
-from tests.conftest import RESUME_TRAIN, chat_rows, write_jsonl, write_recipe
+from tests.conftest import (
+    RESUME_TRAIN,
+    chat_rows,
+    train_in_two_processes,
+    write_jsonl,
+    write_recipe,
+)
 
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -213,29 +216,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
         train={"max_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2},
         output={"dir": str(tmp_path / "double"), "plot": False},
     )
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    }
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "-m",
-        "peftkit",
-        "train",
-        str(double),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_two_processes(double)
     summary = json.loads((tmp_path / "double" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch_rows"] == 4
     _assert_same_adapter(_adapter(tmp_path / "single"), _adapter(tmp_path / "double"), tol=1e-5)
