@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/adapters.py                  # ~3 minutes on 2 CPU cores
     .venv/bin/python benchmarks/adapters.py --layers 32      # an 8B-like depth (more LoRA layers)
     .venv/bin/python benchmarks/adapters.py --model builtin:smollm2-135m   # real weights (30 layers)
+    .venv/bin/python benchmarks/adapters.py --model builtin:smollm2-135m --quantize 4  # QLoRA base
 
 Model: a Llama-architecture config with random weights, `--layers` deep (16 = Llama-3.2-1B's
 depth, so as many LoRA layers: 16 x 7 = 112) but narrow (hidden 256), with random LoRA adapters
 (r 16, all linear layers, B not zero) saved with peftkit manifests and loaded through `AdapterSet`.
+`--quantize 4` loads the base in NF4 (bitsandbytes), as QLoRA adapters are served.
 
 1. Switch latency: median time to make another loaded adapter active, with 1, 2, 4, ... 32
    adapters loaded — peftkit's `AdapterSet.activate` vs peft's own `PeftModel.set_adapter`.
@@ -80,10 +82,17 @@ def build_adapters(base_dir: Path, out: Path, n: int) -> list[Path]:
     return paths
 
 
-def switch_latency(base_dir: Path, adapters: list[Path], counts: list[int], repeats: int):
+def _adapter_set(base_dir: Path, bits: int | None):
     from peftkit.adapters.adapter_set import AdapterSet
 
-    aset = AdapterSet(str(base_dir), dtype="float32")
+    quantization = {"bits": bits} if bits else None
+    return AdapterSet(str(base_dir), dtype="float32", quantization=quantization)
+
+
+def switch_latency(
+    base_dir: Path, adapters: list[Path], counts: list[int], repeats: int, bits: int | None
+):
+    aset = _adapter_set(base_dir, bits)
     rows = []
     for i, path in enumerate(adapters[: max(counts)]):
         aset.add(f"task{i:02d}", path)
@@ -116,10 +125,9 @@ def switch_latency(base_dir: Path, adapters: list[Path], counts: list[int], repe
 
 
 def throughput(base_dir: Path, adapters: list[Path], args) -> list[dict]:
-    from peftkit.adapters.adapter_set import AdapterSet
     from peftkit.adapters.generation import Row, SamplingOptions
 
-    aset = AdapterSet(str(base_dir), dtype="float32")
+    aset = _adapter_set(base_dir, args.quantize)
     for i, path in enumerate(adapters[: args.serving_adapters]):
         aset.add(f"task{i:02d}", path)
     gen = torch.Generator().manual_seed(0)
@@ -171,6 +179,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--quantize", type=int, choices=(4, 8), help="load the base in 4/8 bit")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.max_adapters]
@@ -188,11 +197,12 @@ def main() -> None:
         )
         adapters = build_adapters(base_dir, Path(tmp), args.max_adapters)
         print("switch latency (median):", flush=True)
-        switching = switch_latency(base_dir, adapters, counts, args.repeats)
+        switching = switch_latency(base_dir, adapters, counts, args.repeats, args.quantize)
         print(f"throughput ({args.requests} requests over {args.serving_adapters} adapters):")
         serving = throughput(base_dir, adapters, args)
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
+    stem = "adapters" + (f"-{args.quantize}bit" if args.quantize else "")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     report = {
         "settings": vars(args),
@@ -200,9 +210,10 @@ def main() -> None:
         "switching": switching,
         "throughput": serving,
     }
-    (out / "adapters.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"# Adapters per task ({device}, {args.model or 'random weights'}, {args.layers} layers)",
+        f"# Adapters per task ({device}, {args.model or 'random weights'}, {args.layers} layers"
+        + (f", {args.quantize}-bit base)" if args.quantize else ")"),
         "",
         "| adapters loaded | peftkit activate (ms) | peft set_adapter (ms) |",
         "|---|---|---|",
@@ -221,7 +232,7 @@ def main() -> None:
     ]
     lines += [f"| {r['mode']} | {r['batches']} | {r['tokens_per_s']:,.0f} | {r['x_switching']:.2f} |"
               for r in serving]  # fmt: skip
-    (out / "adapters.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -241,5 +241,7 @@ CONFIGS = {
     "peftkit-fp32": (peftkit_run, {"train": {"precision": "fp32"}}),
     "peftkit": (peftkit_run, {}),
     "peftkit-tuned": (peftkit_run, {"train": {"micro_batch_size": 16, "grad_accum": 1}}),
+    "peftkit-tokens": (peftkit_run, {"train": {"micro_batch_tokens": 1024}}),
+    "peftkit-checkpointing": (peftkit_run, {"train": {"gradient_checkpointing": True}}),
 }
 BASELINE = "hf-trainer"

@@ -43,18 +43,21 @@ def largest_micro_batch(
     recipe: Recipe, lengths: np.ndarray, supervised: np.ndarray, packing: bool, multiple: int = 1
 ) -> Workload:
     """Tokens (padding included) and supervised positions of the run's largest micro-batch."""
-    from peftkit.data.step_plan import StepPlan
+    from peftkit.data.step_plan import StepPlan, TokenBudget
 
     t = recipe.train
     seed = recipe.data_seed
     plan = StepPlan(len(lengths), t.micro_batch_size, t.grad_accum, 1, seed)
     steps = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
     group = None if packing or not t.group_by_length else lengths
+    budget = (
+        TokenBudget(lengths, t.micro_batch_tokens) if packing and t.micro_batch_tokens else None
+    )
     best = Workload(0, 0)
     for epoch in range(math.ceil(steps / plan.steps_per_epoch)):
         order = plan.epoch_order(epoch)
         for step in range(min(plan.steps_per_epoch, steps - epoch * plan.steps_per_epoch)):
-            for mb in plan.micro_batches(order, step, 0, group):
+            for mb in plan.micro_batches(order, step, 0, group, budget):
                 if packing:
                     tokens = -(-int(lengths[mb].sum()) // multiple) * multiple
                 else:
@@ -148,11 +151,11 @@ def make_plan(
         budget = float(psutil.virtual_memory().total)
     advice = []
     if budget is not None and est.total > budget:
-        advice = _advice(recipe, work, quant.bits if quant else None, predict, budget)
+        advice = _advice(recipe, work, quant.bits if quant else None, predict, budget, packing)
     return Plan(device, precision, packing, work, counts, est, budget, advice, launch)
 
 
-def _advice(recipe, work, bits, predict, budget) -> list[str]:
+def _advice(recipe, work, bits, predict, budget, packing: bool) -> list[str]:
     """Changes that bring the prediction under the budget, each with its predicted peak."""
     options = []
     t = recipe.train
@@ -170,6 +173,12 @@ def _advice(recipe, work, bits, predict, budget) -> list[str]:
                 f"train.micro_batch_size={half} train.grad_accum={t.grad_accum * 2} (same global batch)",
                 predict(recipe, w, bits),
             )
+        )
+    if packing and work.tokens > 1:
+        half = work.tokens // 2
+        w = Workload(half, work.supervised // 2)
+        options.append(
+            (f"train.micro_batch_tokens={half} (same global batch)", predict(recipe, w, bits))
         )
     variant = recipe.adapter.quantized_variant
     if bits is None and variant is not None:

@@ -303,6 +303,11 @@ class TrainSpec(Section):
     """Rows per forward pass per process (memory scales with it)."""
     grad_accum: int = Field(default=1, gt=0)
     """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x processes."""
+    micro_batch_tokens: int | None = Field(default=None, gt=0)
+    """Packed runs: cut each optimizer step's rows (still micro_batch_size x grad_accum per
+    process) into as few forward passes as hold at most this many tokens each (a longer row goes
+    alone). Bounds activation memory by tokens rather than rows; same loss per step. null = cut
+    every micro_batch_size rows."""
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -457,6 +462,7 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     # batching only changes float summation order, not the math (tests/e2e/test_training_math.py)
     "train.packing",
+    "train.micro_batch_tokens",
     "train.group_by_length",
     "train.supervised_logits_only",
     "train.early_stopping",
@@ -503,6 +509,8 @@ class Recipe(Section):
                 f"eval.metric {self.eval.metric} scores answers to held-out rows: set data.eval "
                 "or data.eval_fraction > 0"
             )
+        if self.train.micro_batch_tokens is not None:
+            problems += self._token_budget_rules()
         if self.task.has_head:
             problems += self._head_rules()
         if self.objective.preference:
@@ -514,6 +522,20 @@ class Recipe(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _token_budget_rules(self) -> list[str]:
+        why = None
+        if self.train.packing is False:
+            why = "train.packing is false"
+        elif self.task.has_head:
+            why = f"a task.type {self.task.type!r} model reads one row at a time"
+        elif self.objective.preference:
+            why = f"objective {self.objective.type} scores each answer as its own sequence"
+        elif self.adapter.virtual_tokens:
+            why = f"adapter.method {self.adapter.method!r} (virtual tokens) does not pack rows"
+        if why is None:
+            return []
+        return [f"train.micro_batch_tokens cuts packed micro-batches, but {why}: remove it"]
 
     def _head_rules(self) -> list[str]:
         problems = []

@@ -49,6 +49,7 @@ def out_of_memory(recipe: Recipe, step: int, run: RunLayout) -> str:
     return (
         f"out of memory at step {step + 1}. {last_checkpoint_note(run)}\n  Try: "
         f"train.micro_batch_size {max(1, t.micro_batch_size // 2)} with train.grad_accum "
-        f"{t.grad_accum * 2} (same global batch), train.gradient_checkpointing: true, a shorter "
+        f"{t.grad_accum * 2} (same global batch), train.micro_batch_tokens (packed runs: a "
+        f"token cap per forward pass), train.gradient_checkpointing: true, a shorter "
         f"data.max_length (now {recipe.data.max_length}), or QLoRA (model.quantization.bits: 4)"
     )

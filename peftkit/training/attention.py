@@ -37,12 +37,17 @@ def varlen_sdpa_forward(
     packed = cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    lengths = [b - a for a, b in itertools.pairwise(cu_seq_lens_q.tolist())]
+    # split, not slicing: the backward of a split is one concatenation, while each slice's
+    # backward fills a zero tensor the size of the whole micro-batch (time and memory per row).
     outs = [
-        sdpa_attention_forward(
-            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs
-        )[0]  # (1, len_i, heads, head_dim)
-        for a, b in itertools.pairwise(bounds)
+        sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]  # (1, len_i, heads, head_dim)
+        for q, k, v in zip(
+            query.split(lengths, dim=2),
+            key.split(lengths, dim=2),
+            value.split(lengths, dim=2),
+            strict=True,
+        )
     ]
     return torch.cat(outs, dim=1), None
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from peftkit.data.encode import IGNORE, EncodedRow, row_lengths
+from peftkit.data.step_plan import TokenBudget
+from peftkit.errors import RecipeError
 from peftkit.training.loss import accepts_logits_to_keep
 
 if TYPE_CHECKING:
@@ -92,12 +94,19 @@ class Batching:
     pack_multiple: int
     lengths: np.ndarray | None
     """Row lengths for length grouping of padded batches (None: no grouping)."""
+    budget: TokenBudget | None = None
+    """Packed micro-batches cut by tokens (`train.micro_batch_tokens`), else every N rows."""
 
     def describe(self) -> str:
         return (
             "batching: "
             + ("padding-free packing" if self.packing else "padded")
             + (", grouped by length" if self.lengths is not None else "")
+            + (
+                f", at most {self.budget.max_tokens:,} tokens per micro-batch"
+                if self.budget is not None
+                else ""
+            )
             + ("; logits at supervised positions only" if self.supervised_only else "")
         )
 
@@ -123,4 +132,12 @@ def choose_batching(
     lengths = None if packing or not train.group_by_length else row_lengths(rows)
     # On CPU under bf16, packed lengths are rounded up to few distinct shapes (see collate_packed).
     multiple = pack_multiple(precision, torch.cuda.is_available())
-    return Batching(packing, supervised_only, packing and attn == "sdpa", multiple, lengths)
+    budget = None
+    if train.micro_batch_tokens is not None:
+        if not packing:
+            raise RecipeError(
+                "train.micro_batch_tokens cuts packed micro-batches, but this model's attention "
+                f"({attn}) does not pack rows: remove it or set model.attn_implementation: sdpa"
+            )
+        budget = TokenBudget(row_lengths(rows), train.micro_batch_tokens)
+    return Batching(packing, supervised_only, packing and attn == "sdpa", multiple, lengths, budget)

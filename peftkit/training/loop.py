@@ -268,7 +268,11 @@ class FineTuneRun(Evaluation):
                     rows = [
                         [self.data.train[i] for i in mb]
                         for mb in self.plan.micro_batches(
-                            order, step_in_epoch, acc.process_index, self.objective.lengths
+                            order,
+                            step_in_epoch,
+                            acc.process_index,
+                            self.objective.lengths,
+                            self.objective.budget,
                         )
                     ]
                     started = time.perf_counter()
@@ -359,6 +363,8 @@ class FineTuneRun(Evaluation):
                 last = i == len(batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
                     token_loss_sum = objective.loss_sum(self.model, batch)
+                    if acc.device.type == "cpu":  # the forward's freed temporaries, before backward
+                        _compat.release_freed_cpu_memory()
                     # DDP averages gradients over processes, hence the factor num_processes.
                     acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
                 loss_sum += token_loss_sum.detach()
@@ -391,7 +397,7 @@ class FineTuneRun(Evaluation):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.cuda.is_available():
+        if acc.device.type == "cpu":
             _compat.release_freed_cpu_memory()
         self.state.tokens_seen += n_tokens
         self.state.supervised_tokens_seen += n_supervised

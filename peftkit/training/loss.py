@@ -111,11 +111,9 @@ def _chunked(
     instead of keeping all of them alive at once.
     """
     flat = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
-    flat_targets = targets.reshape(-1)
-    parts = []
-    for start in range(0, flat.shape[0], chunk_rows):
-        args = (flat[start : start + chunk_rows], flat_targets[start : start + chunk_rows])
-        parts.append(
-            checkpoint(fn, *args, use_reentrant=False) if flat.requires_grad else fn(*args)
-        )
-    return parts
+    # split, not slicing: a split's backward is one concatenation, while each slice's backward
+    # would fill a zero tensor the size of all the logits.
+    return [
+        checkpoint(fn, *args, use_reentrant=False) if flat.requires_grad else fn(*args)
+        for args in zip(flat.split(chunk_rows), targets.reshape(-1).split(chunk_rows), strict=True)
+    ]

@@ -25,7 +25,7 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.data.preference import prepare_preference_data
-from peftkit.data.step_plan import StepPlan
+from peftkit.data.step_plan import StepPlan, TokenBudget
 from peftkit.recipe.schema import DataSpec, Recipe
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
@@ -40,6 +40,8 @@ class Objective:
 
     lengths: np.ndarray | None = None
     """Token length per training row, for length-grouped micro-batches (None = no grouping)."""
+    budget: TokenBudget | None = None
+    """Packed micro-batches cut by tokens (`train.micro_batch_tokens`)."""
     unit = "supervised tokens"
     sort_eval_by_length = True
     """Evaluate rows sorted by length (less padding); off where batch composition matters."""
@@ -105,7 +107,7 @@ class CausalLM(Objective):
 
     def __init__(self, batching: Batching, pad_id: int) -> None:
         self.batching, self.pad_id = batching, pad_id
-        self.lengths = batching.lengths
+        self.lengths, self.budget = batching.lengths, batching.budget
 
     def collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
         b = self.batching

@@ -10,7 +10,7 @@ from tests.conftest import write_recipe
 def test_plan_sees_the_runs_trainable_parameters_and_largest_micro_batch(
     tmp_path, tiny_model, chat_file
 ):
-    for batching in ({}, {"packing": False}):
+    for batching in ({}, {"packing": False}, {"micro_batch_tokens": 48}):
         recipe = write_recipe(
             tmp_path / "r.yaml", tiny_model, chat_file,
             train={"max_steps": 5, "micro_batch_size": 3, "grad_accum": 2, **batching},
@@ -51,5 +51,6 @@ def test_plan_cli_says_what_to_change_when_it_does_not_fit(tmp_path, tiny_model,
     assert main(["plan", str(recipe), "--gpu-memory", "1MB"]) == 4
     out = capsys.readouterr().out
     assert "does NOT fit in" in out and "gradient_checkpointing=true" in out
+    assert "train.micro_batch_tokens=" in out  # packed by default: cut micro-batches by tokens
     assert main(["plan", str(recipe), "--gpu-memory", "80GB"]) == 0
     assert "fits in 80.0 GiB of GPU" in capsys.readouterr().out

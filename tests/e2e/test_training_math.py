@@ -60,6 +60,7 @@ def test_accumulation_and_batching_modes_match_one_big_padded_batch(tmp_path, ti
         ("big-packed", 4, 1, {}),  # the defaults: packing + supervised-only logits
         ("accum-packed", 1, 4, {}),
         ("grouped", 2, 2, {"packing": False}),
+        ("token-budget", 4, 1, {"micro_batch_tokens": 40}),  # 4 rows cut into several passes
     ]:
         recipe = write_recipe(
             tmp_path / f"{name}.yaml",
@@ -81,6 +82,9 @@ def test_accumulation_and_batching_modes_match_one_big_padded_batch(tmp_path, ti
         runs[name] = tmp_path / name
     lengths = {len(r["messages"]) for r in rows}
     assert len(lengths) > 1
+    summary = lambda name: json.loads((runs[name] / "summary.json").read_text())  # noqa: E731
+    budgeted = summary("token-budget")["largest_micro_batch_tokens"]
+    assert budgeted < summary("big-packed")["largest_micro_batch_tokens"]
     reference = _losses(runs["big-plain"])
     for name, run in runs.items():
         _assert_same_adapter(_adapter(runs["big-plain"]), _adapter(run), tol=1e-5)

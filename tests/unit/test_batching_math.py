@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peftkit.data.encode import IGNORE, EncodedRow
-from peftkit.data.step_plan import StepPlan
+from peftkit.data.step_plan import StepPlan, TokenBudget
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import collate, collate_packed
 from peftkit.training.loss import causal_lm_loss_sum, chunked_cross_entropy_sum
@@ -132,3 +132,36 @@ def test_length_grouping_keeps_the_steps_rows():
     assert list(lengths[flat]) == sorted(lengths[flat])
     waste = lambda mbs: sum(len(mb) * lengths[mb].max() - lengths[mb].sum() for mb in mbs)  # noqa: E731
     assert waste(grouped) < waste(plain)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_token_budget_keeps_the_steps_rows_within_the_budget_on_every_rank(world_size):
+    """micro_batch_tokens: each rank's micro-batches hold the same rows as without a budget,
+    none over the budget unless it is one longer row, as few as the budget allows, and the
+    same number on every rank (sharded runs gather weights once per micro-batch)."""
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(5, 500, size=96)
+    lengths[7] = 900  # one row longer than the budget
+    plan = StepPlan(n_rows=96, micro_batch_size=8, grad_accum=2, world_size=world_size, seed=0)
+    budget = TokenBudget(lengths, 600)
+    order = plan.epoch_order(0)
+    for step in range(plan.steps_per_epoch):
+        counts = set()
+        for rank in range(world_size):
+            plain = plan.micro_batches(order, step, rank)
+            cut = plan.micro_batches(order, step, rank, budget=budget)
+            assert sorted(np.concatenate(plain)) == sorted(np.concatenate(cut))
+            assert all(len(mb) > 0 for mb in cut)
+            for mb in cut:
+                assert lengths[mb].sum() <= 600 or len(mb) == 1, lengths[mb]
+            again = plan.micro_batches(order, step, rank, budget=budget)  # deterministic
+            assert [list(mb) for mb in cut] == [list(mb) for mb in again]
+            counts.add(len(cut))
+            if world_size == 1:  # few passes: long rows alone, the rest within one bin of ideal
+                step_lengths = lengths[np.concatenate(cut)]
+                short = step_lengths[step_lengths <= 600]
+                ideal = len(step_lengths) - len(short) + -(-int(short.sum()) // 600)
+                assert len(cut) <= ideal + 1, (len(cut), ideal)
+        assert len(counts) == 1
+    # a budget larger than the step packs the whole step into one forward pass
+    assert len(plan.micro_batches(order, 0, 0, budget=TokenBudget(lengths, 10**6))) == 1

@@ -89,6 +89,18 @@ def test_dotted_overrides_are_typed_and_applied(tmp_path):
             {"adapter": {"method": "prompt_tuning"}, "train": {"packing": True}},
             r"virtual tokens, so rows cannot be packed",
         ),
+        (
+            {"train": {"packing": False, "micro_batch_tokens": 1024}},
+            r"train\.micro_batch_tokens cuts packed micro-batches, but train\.packing is false",
+        ),
+        (
+            {"adapter": {"method": "prompt_tuning"}, "train": {"micro_batch_tokens": 1024}},
+            r"micro_batch_tokens .* \(virtual tokens\) does not pack rows",
+        ),
+        (
+            {"objective": "dpo", "train": {"micro_batch_tokens": 1024}},
+            r"micro_batch_tokens .* objective dpo scores each answer as its own sequence",
+        ),
     ],
 )
 def test_invalid_recipes_name_the_field_and_what_to_do(change, message):
