@@ -211,13 +211,33 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from peftkit.adapters.chat import chat_loop
+    from peftkit.adapters.chat import HELP, ChatSession
 
     aset = _load(args)
     start = _default_adapter(aset, args.use)[0]
     aset.activate(start)
-    chat_loop(aset, None if start == "base" else start, _options(args), args.system)
-    return 0
+    session = ChatSession(aset, None if start == "base" else start, _options(args), args.system)
+
+    def write(text: str) -> None:
+        print(text, end="", flush=True)
+
+    write(f"{HELP}\n")
+    while True:  # user turns until /quit or end of input; each answer streamed as generated
+        try:
+            line = input(session.prompt).strip()
+        except EOFError:
+            write("\n")
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            reply = session.command(line)
+            if reply is None:
+                return 0
+            write(f"{reply}\n")
+            continue
+        session.answer(line, on_text=write)
+        write("\n")
 
 
 def serve(args: argparse.Namespace) -> int:
