@@ -22,9 +22,10 @@ from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RecipeError
 from peftkit.export.run import export
 from peftkit.io import RunLayout
-from peftkit.launch import Launch, check_launch
+from peftkit.launch import Launch
 from peftkit.models.load import load_tokenizer
 from peftkit.planner.plan import Plan, make_plan, parse_size
+from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.load import load_recipe
 from peftkit.recipe.schema import DType, Recipe
 from peftkit.report import compare_runs, refresh_run_report, write_run_report
