@@ -76,7 +76,8 @@ def in_unit(p: Param, name: str, factor: float, unit: str) -> Param:
             if isinstance(c, kind):
                 c = kind(getattr(c, field) * factor)
         scaled.append(c)
-    return Param(name, p.annotation, p.default * factor, f"{p.help} ({unit})", tuple(scaled))
+    text = f"{p.help} ({unit})" if p.help else f"in {unit}"
+    return Param(name, p.annotation, p.default * factor, text, tuple(scaled))
 
 
 def signature_params(func: Callable[..., Any], names: Iterable[str]) -> list[Param]:
