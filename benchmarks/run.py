@@ -87,25 +87,17 @@ def evaluate(workdir: Path, outs: list[Path]) -> None:
 
     from peftkit.data.pipeline import prepare_data
     from peftkit.recipe.schema import DataSpec
-    from peftkit.training.batches import collate
-    from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
+    from peftkit.training.evaluation import held_out_loss
+    from peftkit.training.objective import CausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "model"))
     spec = DataSpec(train=[str(workdir / "eval.jsonl")], max_length=runners.HP["max_length"])
     rows = prepare_data(spec, tokenizer, 0).train
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    objective = CausalLM.padded(tokenizer.pad_token_id)
 
     def loss_of(model) -> float:
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(rows), 8):
-                batch = {
-                    k: v.to(device)
-                    for k, v in collate(rows[i : i + 8], tokenizer.pad_token_id).items()
-                }
-                total += float(causal_lm_loss_sum(model, batch))
-                n += int(supervised_tokens(batch["labels"]))
-        return total / n
+        return held_out_loss(model, rows, objective, batch_size=8, device=device)
 
     base = AutoModelForCausalLM.from_pretrained(str(workdir / "model"), dtype=torch.float32).to(
         device

@@ -29,6 +29,7 @@ PRIVATE_API = (
         "GGUF_SUPPORTED_ARCHITECTURES",
         "4.4x-5.24",
     ),
+    ("transformers", "transformers.PretrainedConfig", "_attn_implementation", "5.0-5.24"),
 )
 
 FAST_LORA_SWITCH_PEFT = (Version("0.17"), Version("0.22"))
@@ -175,6 +176,14 @@ def gguf_architectures() -> set[str]:
     return set(
         _private(modeling_gguf_pytorch_utils, "GGUF_SUPPORTED_ARCHITECTURES", "transformers")
     )
+
+
+def attention_implementation(model) -> str | None:
+    """The attention kernel a transformers model runs ("sdpa", "eager", "flash_attention_2", ...):
+    `config._attn_implementation`, which transformers (checked 5.0-5.24) sets from
+    `from_pretrained(attn_implementation=...)` and has no public getter for. None for a model
+    whose config has none (then nothing is assumed about how it masks packed rows)."""
+    return getattr(model.config, "_attn_implementation", None)
 
 
 def gguf_dequantize_config():

@@ -13,18 +13,19 @@ from typing import Annotated, Any
 
 import torch
 import yaml
-from annotated_types import Ge, Le
+from annotated_types import Ge, Gt, Le
 
-from peftkit.adapters.adapter_set import AdapterSet, default_name
+from peftkit.adapters.adapter_set import AdapterSet, Quantize, default_name
 from peftkit.adapters.combine import combine
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RecipeError
 from peftkit.export.run import export
 from peftkit.io import RunLayout
-from peftkit.launch import Launch, check_launch
+from peftkit.launch import Launch
 from peftkit.models.load import load_tokenizer
 from peftkit.planner.plan import Plan, make_plan, parse_size
+from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.load import load_recipe
 from peftkit.recipe.schema import DType, Recipe
 from peftkit.report import compare_runs, refresh_run_report, write_run_report
@@ -164,7 +165,7 @@ def load_adapters(
     adapters: dict[str, str | Path] | list[str | Path],
     base: str | None = None,
     dtype: DType = "auto",
-    quantization: str | dict[str, Any] | None = "auto",
+    quantization: Quantize | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
 ) -> AdapterSet:
     """Load a base model once and attach adapters to it; returns an `AdapterSet`.
@@ -174,7 +175,8 @@ def load_adapters(
             a run directory's name, not "adapter").
         base: the base model; default: the one the adapters' manifests name.
         dtype: dtype of the base weights (auto: bf16 on a GPU that has it, else fp32).
-        quantization: "auto" = as the adapters were trained (QLoRA: 4-bit), None, or {"bits": 4}.
+        quantization: load the base in 4/8 bit; auto = as the adapters were trained (QLoRA:
+            4-bit), none = unquantized (from Python also None, or a section such as {"bits": 4}).
         allow_mismatch: load adapters trained on another base (warn instead of refusing).
     """
     if not isinstance(adapters, dict):
@@ -189,7 +191,7 @@ def serve(
     port: Annotated[int, Ge(0), Le(65535)] = 8000,
     served_base_name: str | None = None,
     dtype: DType = "auto",
-    quantization: str | dict[str, Any] | None = "auto",
+    quantization: Quantize | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
     limits: ServeLimits | None = None,
     block: bool = True,
@@ -218,7 +220,7 @@ def serve(
 def sweep(
     recipe: str | Path,
     space: str | Path,
-    trials: int,
+    trials: Annotated[int, Gt(0)],
     overrides: list[str] | None = None,
     out: str | Path | None = None,
     storage: str | Path | None = None,
@@ -227,6 +229,15 @@ def sweep(
     """Search a recipe's hyperparameters with Optuna; see `peftkit.sweep.run.sweep`.
 
     Returns a `SweepResult`: trials best first, results.md, best_recipe.yaml.
+
+    Args:
+        recipe: recipe YAML file every trial starts from.
+        space: search space YAML (params, objective, pruner, seed).
+        trials: trials in the sweep (with --storage: in total).
+        overrides: dotted overrides for every trial, e.g. train.max_steps=200.
+        out: sweep folder (default: the recipe's output.dir + '-sweep').
+        storage: sqlite file that keeps the study: rerun the command to continue it.
+        overwrite: replace a sweep folder that holds another sweep.
     """
     return run_sweep(
         recipe, space, trials, overrides, out_dir=out, storage=storage, overwrite=overwrite

@@ -1,9 +1,9 @@
-"""How this process was launched (one process, DDP, FSDP, DeepSpeed), and what each launch refuses.
+"""How this process was launched (one process, DDP, FSDP, DeepSpeed).
 
 `accelerate launch --config_file recipes/accelerate/<name>.yaml` passes its choice to every
 process in environment variables (ACCELERATE_USE_FSDP, FSDP_*, ACCELERATE_USE_DEEPSPEED, ...);
-peftkit reads them here, before any model loads, so that a combination that cannot work is
-refused with its reason instead of failing (or hanging) in the middle of training.
+peftkit reads them here, before any model loads. What each launch refuses of a recipe is
+`peftkit.recipe.launch_rules` (the recipe sits above this module; model loading asks it too).
 """
 
 from __future__ import annotations
@@ -11,14 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import yaml
 
 from peftkit.errors import RecipeError
-
-if TYPE_CHECKING:  # read only: the launch sits below the recipe (models/load.py asks it too)
-    from peftkit.recipe.schema import Recipe
 
 Kind = Literal["single", "ddp", "fsdp", "deepspeed"]
 
@@ -91,59 +88,3 @@ class Launch:
             stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
             return cls("deepspeed", processes, zero_stage=int(stage) if stage else None)
         return cls("ddp" if processes > 1 else "single", processes)
-
-    def problems(self, recipe: Recipe) -> list[str]:
-        """What the recipe asks for that this launch cannot do, each with what to change."""
-        if not self.shards_state:
-            return []
-        name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[self.kind]
-        problems = []
-        if recipe.output.sample_prompts or recipe.eval.metric != "none":
-            problems.append(
-                f"output.sample_prompts / eval.metric generate text on one process, which a "
-                f"{name} model (its weights split over processes) cannot do: remove them, or "
-                "generate from the saved adapter afterwards (peftkit generate)"
-            )
-        if recipe.adapter.full_weights:  # the registry's capability: its result is a whole model
-            problems.append(
-                f"adapter.method {recipe.adapter.method} under {name}: saving the whole sharded "
-                "model is not supported yet; use an adapter method (lora, qlora, ia3, ...) or DDP"
-            )
-        if self.kind == "deepspeed":
-            problems += _deepspeed_problems(recipe)
-        return problems
-
-
-def _deepspeed_problems(recipe: Recipe) -> list[str]:
-    t = recipe.train
-    problems = []
-    if t.grad_accum > 1:
-        problems.append(
-            "train.grad_accum > 1 under DeepSpeed: its engine steps the optimizer after every "
-            "backward, so peftkit's accumulation would take several steps; set train.grad_accum: 1 "
-            "and a larger train.micro_batch_size, or use FSDP (recipes/accelerate/fsdp2.yaml)"
-        )
-    if t.save_every is not None:
-        problems.append(
-            "train.save_every under DeepSpeed: peftkit's checkpoints do not hold ZeRO's "
-            "partitioned optimizer state, so a resume would not continue exactly; set "
-            "train.save_every: null, or use FSDP, whose sharded checkpoints resume exactly"
-        )
-    if t.max_grad_norm is not None:
-        problems.append(
-            "train.max_grad_norm under DeepSpeed: clipping is DeepSpeed's (gradient_clipping in "
-            "its config); set train.max_grad_norm: null"
-        )
-    return problems
-
-
-def check_launch(recipe: Recipe, launch: Launch | None = None) -> Launch:
-    """The launch, after refusing (`RecipeError`) what it cannot run. Loads nothing."""
-    launch = launch or Launch.from_env()
-    problems = launch.problems(recipe)
-    if problems:
-        raise RecipeError(
-            f"this recipe cannot run under {launch.kind} ({launch.processes} processes):\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
-    return launch

@@ -40,6 +40,9 @@ BASE = "base"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 Prompt = str | list[dict[str, str]]
 """Raw text (continued as is) or chat messages (rendered with the adapter's chat template)."""
+Quantize = Literal["auto", "none", "4", "8"]
+"""How to load the base, in a word (the command line's --quantize): "auto" = as the adapters were
+trained (QLoRA adapters: the same 4-bit base), "none" = unquantized, "4" / "8" = in 4 / 8 bit."""
 
 
 @dataclass
@@ -97,6 +100,14 @@ def base_of(paths: list[str | Path]) -> tuple[str, dict[str, Any] | None]:
     return names.pop(), json.loads(quantizations.pop()) if len(quantizations) == 1 else None
 
 
+def _quantization(
+    value: Quantize | QuantizationSpec | dict[str, Any] | None, recorded: dict[str, Any] | None
+) -> QuantizationSpec | dict[str, Any] | None:
+    """A `Quantize` word as a quantization section ("auto": the one the adapters recorded)."""
+    words: dict[str, Any] = {"auto": recorded, "none": None, "4": {"bits": 4}, "8": {"bits": 8}}
+    return words[value] if isinstance(value, str) and value in words else value
+
+
 class AdapterSet:
     """A base model loaded once with any number of named LoRA adapters attached."""
 
@@ -141,16 +152,16 @@ class AdapterSet:
     def from_adapters(
         cls,
         adapters: dict[str, str | Path],
-        base: str | None = None,
-        dtype: str = "auto",
-        quantization: str | QuantizationSpec | dict[str, Any] | None = "auto",
+        base: str | None,
+        dtype: str,
+        quantization: Quantize | QuantizationSpec | dict[str, Any] | None,
         allow_mismatch: bool = False,
     ) -> AdapterSet:
         """Load the base (given, or the one the adapters' manifests name) and every adapter.
 
         Args:
-            quantization: "auto" = as the adapters were trained (QLoRA adapters: the same 4-bit
-                base), None = unquantized, or a quantization section ({"bits": 4}).
+            quantization: a `Quantize` word ("auto" = as the adapters were trained), None =
+                unquantized, or a quantization section ({"bits": 4}).
         """
         recorded_base, recorded_quant = (
             base_of(list(adapters.values())) if adapters else (None, None)
@@ -160,7 +171,7 @@ class AdapterSet:
         aset = cls(
             base or recorded_base,
             dtype=dtype,
-            quantization=recorded_quant if quantization == "auto" else quantization,
+            quantization=_quantization(quantization, recorded_quant),
             allow_mismatch=allow_mismatch,
         )
         for name, path in adapters.items():

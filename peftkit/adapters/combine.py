@@ -33,8 +33,8 @@ from peftkit.io import MANIFEST, RunLayout, atomic_dir, atomic_write_text, guard
 from peftkit.models.manifest import read_manifest, write_manifest
 from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import Recipe
-from peftkit.training.batches import collate
-from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
+from peftkit.training.evaluation import held_out_loss
+from peftkit.training.objective import CausalLM
 
 HOW = (
     "linear",
@@ -214,14 +214,9 @@ def _eval_rows(adapter_dir: Path, aset: AdapterSet, limit: int) -> list[EncodedR
     return data.eval[:limit]
 
 
-@torch.no_grad()
 def _mean_loss(aset: AdapterSet, adapter: str | None, rows: list[EncodedRow]) -> float:
     aset.activate(adapter)
-    total, count = 0.0, 0
-    for i in range(0, len(rows), 8):
-        batch = collate(rows[i : i + 8], aset.tokenizer.pad_token_id)
-        batch = {k: v.to(aset.device) for k, v in batch.items()}
-        total += float(causal_lm_loss_sum(aset.model, batch))
-        count += int(supervised_tokens(batch["labels"]))
+    objective = CausalLM.padded(aset.tokenizer.pad_token_id)
+    loss = held_out_loss(aset.model, rows, objective, batch_size=8, device=aset.device)
     aset.activate(None)
-    return total / max(count, 1)
+    return loss

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli.flags import add_flags, model_params, number, signature_params
+from peftkit.cli.flags import add_flags, in_unit, model_params, signature_params
 from peftkit.errors import ServingError
 
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k")
@@ -27,13 +28,8 @@ def _loading_arguments(p: argparse.ArgumentParser, adapters: bool = True) -> Non
             help="adapter to load (run dir or adapter folder); repeat for several",
         )
     p.add_argument("--base", help="base model (default: the one the adapters were trained on)")
-    add_flags(p, signature_params(api.load_adapters, ["dtype"]))
-    p.add_argument(
-        "--quantize",
-        default="auto",
-        choices=["auto", "none", "4", "8"],
-        help="load the base in 4/8 bit; auto = as the adapters were trained",
-    )
+    dtype, quantization = signature_params(api.load_adapters, ["dtype", "quantization"])
+    add_flags(p, [dtype, replace(quantization, name="quantize")])
     p.add_argument(
         "--allow-base-mismatch",
         action="store_true",
@@ -71,6 +67,7 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SERVE_LIMITS = ("max_queue", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+MS = 1000  # --batch-wait-ms is ServeLimits.batch_wait_s in milliseconds
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,13 +82,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     _loading_arguments(p, adapters=False)
     add_flags(p, signature_params(api.serve, ["host", "port", "served_base_name"]))
     add_flags(p, model_params(ServeLimits, SERVE_LIMITS))
-    wait = ServeLimits.model_fields["batch_wait_s"]
-    p.add_argument(
-        "--batch-wait-ms",
-        type=number(float, 0.0),
-        default=wait.default * 1000,
-        help=f"{wait.description} (milliseconds)",
-    )
+    (wait,) = model_params(ServeLimits, ["batch_wait_s"])
+    add_flags(p, [in_unit(wait, "batch_wait_ms", MS, "milliseconds")])
 
 
 def combine_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,12 +118,6 @@ def _named(items: list[str]) -> dict[str, str]:
     return named
 
 
-def _quantization(value: str) -> str | dict[str, Any] | None:
-    return {"auto": "auto", "none": None}.get(
-        value, {"bits": int(value)} if value.isdigit() else None
-    )
-
-
 def _load(args: argparse.Namespace):
     from peftkit import api
 
@@ -139,7 +125,7 @@ def _load(args: argparse.Namespace):
         _named(args.adapter),
         base=args.base,
         dtype=args.dtype,
-        quantization=_quantization(args.quantize),
+        quantization=args.quantize,
         allow_mismatch=args.allow_base_mismatch,
     )
     for warning in aset.warnings:
@@ -225,13 +211,33 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from peftkit.adapters.chat import chat_loop
+    from peftkit.adapters.chat import HELP, ChatSession
 
     aset = _load(args)
     start = _default_adapter(aset, args.use)[0]
     aset.activate(start)
-    chat_loop(aset, None if start == "base" else start, _options(args), args.system)
-    return 0
+    session = ChatSession(aset, None if start == "base" else start, _options(args), args.system)
+
+    def write(text: str) -> None:
+        print(text, end="", flush=True)
+
+    write(f"{HELP}\n")
+    while True:  # user turns until /quit or end of input; each answer streamed as generated
+        try:
+            line = input(session.prompt).strip()
+        except EOFError:
+            write("\n")
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            reply = session.command(line)
+            if reply is None:
+                return 0
+            write(f"{reply}\n")
+            continue
+        session.answer(line, on_text=write)
+        write("\n")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -239,7 +245,7 @@ def serve(args: argparse.Namespace) -> int:
     from peftkit.serving.app import ServeLimits
 
     limits = ServeLimits(
-        **{k: getattr(args, k) for k in SERVE_LIMITS}, batch_wait_s=args.batch_wait_ms / 1000
+        **{k: getattr(args, k) for k in SERVE_LIMITS}, batch_wait_s=args.batch_wait_ms / MS
     )
     api.serve(
         args.adapters_dir,
@@ -248,7 +254,7 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         served_base_name=args.served_base_name,
         dtype=args.dtype,
-        quantization=_quantization(args.quantize),
+        quantization=args.quantize,
         allow_mismatch=args.allow_base_mismatch,
         limits=limits,
     )

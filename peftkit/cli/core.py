@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peftkit.cli.flags import POSITIVE, add_flags, model_params, signature_params
+from peftkit.cli.flags import add_flags, model_params, signature_params
 
 
 def recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,26 +114,12 @@ def report(args: argparse.Namespace) -> int:
 
 
 def sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML file every trial starts from")
-    p.add_argument(
-        "overrides", nargs="*", help="dotted overrides for every trial, e.g. train.max_steps=200"
-    )
-    p.add_argument(
-        "--space", required=True, help="search space YAML (params, objective, pruner, seed)"
-    )
-    p.add_argument(
-        "--trials",
-        type=POSITIVE,
-        required=True,
-        help="trials in the sweep (with --storage: in total)",
-    )
-    p.add_argument("--out", help="sweep folder (default: the recipe's output.dir + '-sweep')")
-    p.add_argument(
-        "--storage", help="sqlite file that keeps the study: rerun the command to continue it"
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a sweep folder that holds another sweep"
-    )
+    from peftkit import api
+
+    recipe, overrides = signature_params(api.sweep, ("recipe", "overrides"))
+    p.add_argument("recipe", help=recipe.help)
+    p.add_argument("overrides", nargs="*", help=overrides.help)
+    add_flags(p, signature_params(api.sweep, ("space", "trials", "out", "storage", "overwrite")))
 
 
 def sweep(args: argparse.Namespace) -> int:

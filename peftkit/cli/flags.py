@@ -3,8 +3,9 @@ signature, so each default, choice and bound is typed once, where the library de
 
 A field or parameter `max_new_tokens: int = Field(default=128, gt=0)` (or
 `Annotated[int, Gt(0)] = 128`) becomes `--max-new-tokens` with default 128, refusing 0 with
-"must be >= 1"; a Literal becomes `choices`; a bool False becomes a switch, a bool True `--no-X`.
-Help comes from the field's docstring or the function's "Args:" section.
+"must be >= 1"; a Literal becomes `choices` (in a union, its Literal member: the words a command
+line can give); a bool False becomes a switch, a bool True `--no-X`; a parameter without a default
+becomes a required flag. Help comes from the field's docstring or the function's "Args:" section.
 """
 
 from __future__ import annotations
@@ -51,9 +52,6 @@ def number(kind: type, low: float, inclusive: bool = True, high: float | None = 
     return parse
 
 
-POSITIVE = number(int, 1)
-
-
 def model_params(model: type[BaseModel], names: Iterable[str] | None = None) -> list[Param]:
     """The fields of a pydantic option class (all, or `names` in that order)."""
     fields = model.model_fields
@@ -67,6 +65,19 @@ def model_params(model: type[BaseModel], names: Iterable[str] | None = None) -> 
         )
         for n in (names or fields)
     ]
+
+
+def in_unit(p: Param, name: str, factor: float, unit: str) -> Param:
+    """`p` as a flag `name` in another unit (a seconds field as milliseconds: factor 1000), its
+    default and bounds multiplied by `factor`; the caller divides the flag's value by it."""
+    scaled = []
+    for c in p.constraints:
+        for kind, field in ((at.Gt, "gt"), (at.Ge, "ge"), (at.Lt, "lt"), (at.Le, "le")):
+            if isinstance(c, kind):
+                c = kind(getattr(c, field) * factor)
+        scaled.append(c)
+    text = f"{p.help} ({unit})" if p.help else f"in {unit}"
+    return Param(name, p.annotation, p.default * factor, text, tuple(scaled))
 
 
 def signature_params(func: Callable[..., Any], names: Iterable[str]) -> list[Param]:
@@ -100,6 +111,8 @@ def add_flags(
                 parser.add_argument(flag, action="store_true", help=text)
             continue
         kwargs: dict[str, Any] = {"default": None if optional else p.default, "help": text or None}
+        if p.default is inspect.Parameter.empty:
+            kwargs = {"required": True, "help": text or None}
         if typing.get_origin(kind) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(kind))
         elif kind in (int, float):
@@ -115,8 +128,9 @@ def _unwrap(annotation: Any) -> tuple[Any, tuple[Any, ...]]:
         constraints = tuple(extra)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         rest = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(rest) == 1:
-            inner, more = _unwrap(rest[0])
+        words = [a for a in rest if typing.get_origin(a) is typing.Literal]
+        if len(rest) == 1 or len(words) == 1:  # the other members are for Python callers
+            inner, more = _unwrap(rest[0] if len(rest) == 1 else words[0])
             return inner, (*constraints, *more)
     return annotation, constraints
 

@@ -8,7 +8,6 @@ outside the class list, is a `DataError` naming its file and line.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
 from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import PreparedData
+from peftkit.data.pipeline import PreparedData, hold_out
 from peftkit.data.sources import RawRow, read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, TaskSpec
@@ -80,12 +79,7 @@ def _prepare_in_memory(
     train_raw = _read(spec.train)
     eval_raw = _read(spec.eval)
     if not eval_raw and spec.eval_fraction > 0:
-        rng = random.Random(seed)
-        order = list(range(len(train_raw)))
-        rng.shuffle(order)
-        held = set(order[: max(1, round(len(train_raw) * spec.eval_fraction))])
-        eval_raw = [r for i, r in enumerate(train_raw) if i in held]
-        train_raw = [r for i, r in enumerate(train_raw) if i not in held]
+        train_raw, eval_raw = hold_out(train_raw, spec.eval_fraction, seed)
     if spec.max_eval_rows is not None:
         eval_raw = eval_raw[: spec.max_eval_rows]
     names = class_names(task, train_raw) if task.type == "classification" else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -61,7 +62,7 @@ def _prepare_in_memory(
     train_examples = _read_examples(spec.train, spec.system_prompt, lambda s: s.task_name)
     eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task)
     if not eval_examples and spec.eval_fraction > 0:
-        train_examples, eval_examples = _hold_out(train_examples, spec.eval_fraction, seed)
+        train_examples, eval_examples = hold_out(train_examples, spec.eval_fraction, seed)
     if spec.max_eval_rows is not None:
         eval_examples = eval_examples[: spec.max_eval_rows]
     encoder = Encoder(tokenizer, spec.loss_on)
@@ -100,11 +101,14 @@ def _read_examples(
     return examples
 
 
-def _hold_out(
-    examples: list[Tagged], fraction: float, seed: int
-) -> tuple[list[Tagged], list[Tagged]]:
-    kept, held = hold_out_indices(len(examples), fraction, seed)
-    return [examples[i] for i in kept], [examples[i] for i in held]
+T = TypeVar("T")
+
+
+def hold_out(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """`data.eval_fraction` of `items` held out: (train, eval), each in the original order (the
+    split of every kind of data: causal-LM examples, preference pairs, task-head rows)."""
+    kept, held = hold_out_indices(len(items), fraction, seed)
+    return [items[i] for i in kept], [items[i] for i in held]
 
 
 def hold_out_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -25,7 +25,7 @@ from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
-from peftkit.data.pipeline import PreparedData, hold_out_indices, prepare_data
+from peftkit.data.pipeline import PreparedData, hold_out, prepare_data
 from peftkit.data.sources import RawRow, read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, Recipe
@@ -73,8 +73,7 @@ def prepare_preference_data(
     train = _read(spec.train, spec.system_prompt, unpaired)
     evals = _read(spec.eval, spec.system_prompt, unpaired)
     if not evals and spec.eval_fraction > 0:
-        kept, held = hold_out_indices(len(train), spec.eval_fraction, seed)
-        train, evals = [train[i] for i in kept], [train[i] for i in held]
+        train, evals = hold_out(train, spec.eval_fraction, seed)
     if spec.max_eval_rows is not None:
         evals = evals[: spec.max_eval_rows]
     encoder = Encoder(tokenizer, "completion")

@@ -1,4 +1,5 @@
-"""How closely a candidate model reproduces the trained model on held-out rows.
+"""How closely a candidate model reproduces the trained model on held-out rows, and the gate
+every export passes (`gate_failures`, `enforce_gate`: causal LMs, GGUF files and task heads alike).
 
 Per row, both models score the same tokens; over all positions we report the largest and mean
 absolute logit error, the relative error ||Δ|| / ||trained|| (Frobenius, all rows together), and
@@ -9,7 +10,9 @@ of each. Then both generate greedily from the row's prompt and we count the toke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.errors import FidelityGateFailed
 from peftkit.recipe.schema import FidelityThresholds
 
 
@@ -38,16 +42,45 @@ class Fidelity:
         return asdict(self)
 
     def failures(self, limits: FidelityThresholds) -> list[str]:
-        out = []
-        if self.relative_error > limits.max_relative_error:
-            out.append(f"relative error {self.relative_error:.3g} > {limits.max_relative_error:g}")
-        if self.mean_kl > limits.max_mean_kl:
-            out.append(f"mean KL {self.mean_kl:.3g} > {limits.max_mean_kl:g}")
-        if self.greedy_agreement < limits.min_greedy_agreement:
-            out.append(
-                f"greedy agreement {self.greedy_agreement:.3f} < {limits.min_greedy_agreement:g}"
-            )
-        return out
+        return gate_failures(limits, self.relative_error, self.greedy_agreement, self.mean_kl)
+
+
+def gate_failures(
+    limits: FidelityThresholds,
+    relative_error: float,
+    agreement: float,
+    mean_kl: float | None = None,
+    agreement_name: str = "greedy agreement",
+) -> list[str]:
+    """The thresholds a candidate misses, each as a line; [] = it passes. `agreement` is greedy
+    token agreement for a causal LM, predicted-class agreement for a task head (which has no
+    per-token distribution: `mean_kl` None)."""
+    out = []
+    if relative_error > limits.max_relative_error:
+        out.append(f"relative error {relative_error:.3g} > {limits.max_relative_error:g}")
+    if mean_kl is not None and mean_kl > limits.max_mean_kl:
+        out.append(f"mean KL {mean_kl:.3g} > {limits.max_mean_kl:g}")
+    if agreement < limits.min_greedy_agreement:
+        out.append(f"{agreement_name} {agreement:.3f} < {limits.min_greedy_agreement:g}")
+    return out
+
+
+def enforce_gate(failures: list[str], allow_drift: bool) -> None:
+    """Raise `FidelityGateFailed` when the candidate missed a threshold, unless `allow_drift`.
+    Called inside the export's `atomic_dir`, so a failed export leaves nothing behind."""
+    if failures and not allow_drift:
+        raise FidelityGateFailed(
+            f"the export differs from the trained model: {'; '.join(failures)}. Nothing was "
+            "written. Inspect the figures above; pass --allow-drift to keep it anyway, or raise "
+            "export.thresholds"
+        )
+
+
+def log_kept(failures: list[str], out: Path, log: Callable[[str], None]) -> None:
+    """The last lines of a kept export; one that failed the gate (kept by allow_drift) says so."""
+    if failures:
+        log(f"warning: fidelity gate failed ({'; '.join(failures)}) but --allow-drift kept {out}")
+    log(f"exported to {out}")
 
 
 @dataclass

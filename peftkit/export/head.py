@@ -4,8 +4,9 @@ The trained model — the base with its new head, plus the adapter (LoRA's `modu
 the trained head) or the whole trained model — is merged, written as safetensors, reloaded with
 plain `AutoModelForSequenceClassification.from_pretrained`, and compared with the trained model on
 held-out rows, both in fp32: relative error of the outputs, and the share of rows on which the
-predicted class agrees (regression: always 1, the relative error is the test). Thresholds:
-`export.thresholds.max_relative_error` and `min_greedy_agreement` (read as prediction agreement).
+predicted class agrees (regression: always 1, the relative error is the test). The gate is the
+causal LM's (`export.fidelity`): `export.thresholds.max_relative_error` and
+`min_greedy_agreement` (read as prediction agreement; a head has no per-token KL).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from peftkit.data.labeled import prepare_labeled_data
-from peftkit.errors import ExportError, FidelityGateFailed
+from peftkit.errors import ExportError
 from peftkit.export.build import to_fp32
+from peftkit.export.fidelity import enforce_gate, gate_failures, log_kept
 from peftkit.export.source import ExportSource
 from peftkit.export.write import model_card, write_model
 from peftkit.io import FIDELITY, atomic_dir, atomic_write_json, atomic_write_text
@@ -51,6 +53,7 @@ def export_head_model(
         "dtype": spec.dtype,
         "samples_from": "eval data" if data.eval else "training data (the run had no eval data)",
         "thresholds": spec.thresholds.model_dump(),
+        "allow_drift": allow_drift,
         "what": f"merged {spec.dtype} weights of AutoModelForSequenceClassification",
     }
     with atomic_dir(out) as tmp:
@@ -66,13 +69,9 @@ def export_head_model(
             if reference.dim() == 2
             else 1.0
         )
-        failures = []
-        if relative > spec.thresholds.max_relative_error:
-            failures.append(f"relative error {relative:.3g} > {spec.thresholds.max_relative_error}")
-        if agreement < spec.thresholds.min_greedy_agreement:
-            failures.append(
-                f"prediction agreement {agreement:.3f} < {spec.thresholds.min_greedy_agreement}"
-            )
+        failures = gate_failures(
+            spec.thresholds, relative, agreement, agreement_name="prediction agreement"
+        )
         report.update(
             fidelity={
                 "relative_error": relative,
@@ -89,11 +88,8 @@ def export_head_model(
             f"fidelity on {len(rows)} rows: relative error {relative:.3g}, prediction agreement "
             f"{agreement:.3f}" + ("" if not failures else f" — FAILED: {'; '.join(failures)}")
         )
-        if failures and not allow_drift:
-            raise FidelityGateFailed(
-                f"the export differs from the trained model: {'; '.join(failures)}"
-            )
-    log(f"exported to {out}")
+        enforce_gate(failures, allow_drift)
+    log_kept(failures, out, log)
     return report
 
 

@@ -17,9 +17,17 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from peftkit.data.encode import EncodedRow
 from peftkit.data.preference import prepare_scored_rows
-from peftkit.errors import ExportError, FidelityGateFailed
+from peftkit.errors import ExportError
 from peftkit.export import build
-from peftkit.export.fidelity import Fidelity, Reference, compare, reference_outputs, sample_rows
+from peftkit.export.fidelity import (
+    Fidelity,
+    Reference,
+    compare,
+    enforce_gate,
+    log_kept,
+    reference_outputs,
+    sample_rows,
+)
 from peftkit.export.gguf_export import export_gguf, gguf_thresholds
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
@@ -185,14 +193,8 @@ def export(
             ),
         )
         log(format_fidelity(report))
-        if failures and not allow_drift:
-            raise FidelityGateFailed(
-                f"the export differs from the trained model: {'; '.join(failures)}. Nothing was written. "
-                "Inspect the figures above; pass --allow-drift to keep it anyway, or raise export.thresholds"
-            )
-    if failures:
-        log(f"warning: fidelity gate failed ({'; '.join(failures)}) but --allow-drift kept {out}")
-    log(f"exported to {out}")
+        enforce_gate(failures, allow_drift)
+    log_kept(failures, out, log)
     _record_export(source.run_dir, out)
     return report
 

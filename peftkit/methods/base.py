@@ -4,17 +4,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import model_validator
 from torch import nn
 
+from peftkit.models.spec import ModelSpec
 from peftkit.section import Section
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from peftkit.recipe.schema import Recipe
+
+class _TrainValues(Protocol):
+    @property
+    def packing(self) -> bool | None: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def gradient_checkpointing(self) -> bool: ...
+
+
+class _TaskValues(Protocol):
+    @property
+    def has_head(self) -> bool: ...
+
+
+class RecipeView(Protocol):
+    """What a method's `check_recipe` reads of the recipe that composes it: the model section and
+    a few train and task values. The recipe (`peftkit.recipe.schema.Recipe`, a layer up) passes
+    itself; methods never import it."""
+
+    @property
+    def model(self) -> ModelSpec: ...
+    @property
+    def train(self) -> _TrainValues: ...
+    @property
+    def task(self) -> _TaskValues: ...
 
 
 @dataclass
@@ -83,7 +109,7 @@ class MethodSpec(Section):
         preference objectives' reference). Not so for virtual tokens or PiSSA/OLoRA."""
         return not self.virtual_tokens
 
-    def check_recipe(self, recipe: Recipe) -> list[str]:
+    def check_recipe(self, recipe: RecipeView) -> list[str]:
         """Cross-field problems of this method with the rest of the recipe, as messages."""
         problems = []
         if self.full_weights and recipe.model.quantization is not None:

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftkit.methods.base import ApplyContext, MethodSpec
+from peftkit.methods.base import ApplyContext, MethodSpec, RecipeView
 from peftkit.methods.registry import register
 from peftkit.models.layers import TASK_HEADS, decoder_layers
 from peftkit.models.load import enable_gradient_checkpointing
 from peftkit.section import Section
-
-if TYPE_CHECKING:
-    from peftkit.recipe.schema import Recipe
 
 
 class UnfreezeSpec(Section):
@@ -61,7 +58,7 @@ class _WholeModelMethod(MethodSpec):
     """Discriminative / layer-wise lr decay: layer group g (0 = head) trains at lr x decay^g.
     1.0 = off. Typical: 0.8-0.95 (ELECTRA/BEiT fine-tuning)."""
 
-    def check_recipe(self, recipe: Recipe) -> list[str]:
+    def check_recipe(self, recipe: RecipeView) -> list[str]:
         problems = super().check_recipe(recipe)
         if recipe.model.dtype == "float16" and recipe.train.precision != "fp32":
             problems.append(

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from peft import LoraConfig
 from pydantic import Field
 from torch import nn
 
-from peftkit.methods.base import ApplyContext
+from peftkit.methods.base import ApplyContext, RecipeView
 from peftkit.methods.peft_method import PeftMethod
 from peftkit.methods.registry import register
-
-if TYPE_CHECKING:
-    from peftkit.recipe.schema import Recipe
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 _INIT_DIR = "lora-init"  # the adapter at step 0, needed to convert PiSSA/OLoRA back to plain LoRA
@@ -57,7 +54,7 @@ class LoraSpec(PeftMethod):
     def off_is_start(self) -> bool:
         return self.init in ("default", "gaussian")  # PiSSA/OLoRA move the base's weights
 
-    def check_recipe(self, recipe: Recipe) -> list[str]:
+    def check_recipe(self, recipe: RecipeView) -> list[str]:
         problems = super().check_recipe(recipe)
         if self.init in ("pissa", "olora") and recipe.model.quantization is not None:
             problems.append(
@@ -115,7 +112,7 @@ class QLoraSpec(LoraSpec):
     method: Literal["qlora"] = "qlora"
     quantized_variant: ClassVar[str | None] = None
 
-    def check_recipe(self, recipe: Recipe) -> list[str]:
+    def check_recipe(self, recipe: RecipeView) -> list[str]:
         problems = super().check_recipe(recipe)
         if recipe.model.quantization is None:
             problems.append(

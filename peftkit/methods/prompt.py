@@ -8,18 +8,15 @@ can be merged into them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from peft import PrefixTuningConfig, PromptTuningConfig
 from pydantic import Field
 from torch import nn
 
-from peftkit.methods.base import ApplyContext
+from peftkit.methods.base import ApplyContext, RecipeView
 from peftkit.methods.peft_method import PeftMethod
 from peftkit.methods.registry import register
-
-if TYPE_CHECKING:
-    from peftkit.recipe.schema import Recipe
 
 
 @register
@@ -60,7 +57,7 @@ class PrefixTuningSpec(PeftMethod):
     """Reparametrise the prefix through a 2-layer MLP (more stable, more parameters while training)."""
     projection_hidden: int = Field(default=512, gt=0)
 
-    def check_recipe(self, recipe: Recipe) -> list[str]:
+    def check_recipe(self, recipe: RecipeView) -> list[str]:
         problems = super().check_recipe(recipe)
         if recipe.train.gradient_checkpointing:
             problems.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,9 +20,7 @@ from transformers import (
 from peftkit import _compat
 from peftkit.errors import ModelLoadError
 from peftkit.models import builtin, gguf
-
-if TYPE_CHECKING:
-    from peftkit.recipe.schema import ModelSpec, QuantizationSpec
+from peftkit.models.spec import ModelSpec, QuantizationSpec
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

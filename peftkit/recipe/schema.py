@@ -1,4 +1,6 @@
-"""The recipe: typed sections that everything downstream receives. Defaults live here and nowhere else."""
+"""The recipe: typed sections that everything downstream receives. Defaults live in the sections
+and nowhere else; the `model:` section (`peftkit.models.spec`) and each method's `adapter:` spec
+(`peftkit.methods`) are defined below the recipe, with what uses them, and composed here."""
 
 from __future__ import annotations
 
@@ -9,77 +11,16 @@ from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_
 
 from peftkit.methods import AdapterSpec
 from peftkit.methods.registry import registered_methods
+from peftkit.models.spec import DType as DType  # re-exported, with QuantizationSpec
+from peftkit.models.spec import ModelSpec
+from peftkit.models.spec import QuantizationSpec as QuantizationSpec
 from peftkit.recipe.objective import ObjectiveSpec, SFTObjective, objective_from_shorthand
 from peftkit.section import Section
 
-DType = Literal["auto", "bfloat16", "float16", "float32"]
 ExportFormat = Literal["safetensors", "gguf"]
 GgufQuant = Literal["f32", "f16", "bf16", "q8_0"]
 ExportDType = Literal["bfloat16", "float16", "float32"]
 MergeBase = Literal["auto", "original", "dequantized"]
-
-
-class QuantizationSpec(Section):
-    """bitsandbytes quantization of the frozen base weights (QLoRA when paired with LoRA)."""
-
-    bits: Literal[4, 8] = 4
-    """4 (NF4/FP4, QLoRA) or 8 (LLM.int8)."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type; NF4 is the QLoRA paper's choice for normally distributed weights."""
-    double_quant: bool = True
-    """Quantize the quantization constants too (saves ~0.4 bits per parameter)."""
-    compute_dtype: DType = "auto"
-    """dtype the 4-bit weights are dequantized to for matmuls; auto = the training precision."""
-    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
-    """dtype the packed 4-bit weights are stored in; auto = uint8, except under an FSDP launch:
-    the compute dtype, so that FSDP can shard them like every other parameter (QLoRA + FSDP)."""
-
-
-class ModelSpec(Section):
-    """Which base model to load and how."""
-
-    name: str
-    """Hub id (`meta-llama/Llama-3.2-1B`), local folder, a `.gguf` file (llama.cpp / Ollama model
-    files: dequantized once into peftkit's cache), or a built-in model: `builtin:smollm2-135m`
-    (SmolLM2-135M-Instruct, the quickstart's) or `builtin:tiny-llama` (a 3M toy for fast tests)."""
-    gguf_file: str | None = None
-    """A GGUF file inside the folder or hub repository `name` (e.g. `model-Q4_K_M.gguf`)."""
-
-    revision: str | None = None
-    """Hub branch, tag or commit to pin."""
-    tokenizer: str | None = None
-    """Tokenizer id or folder when it differs from `name`."""
-    dtype: DType = "auto"
-    """dtype of the base weights; auto = bf16/fp16 for adapter methods under that precision, else fp32."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
-    quantization: QuantizationSpec | None = None
-    """Load the base quantized with bitsandbytes (null = full precision)."""
-    trust_remote_code: StrictBool = False
-    """Run Python code shipped with the model. Only for sources you trust. `true` or `false` only
-    (no 'yes', no YAML 1.1 `on`): a security switch is never turned on by a guess."""
-
-    @field_validator("name")
-    @classmethod
-    def _known_builtin(cls, name: str) -> str:
-        from peftkit.models.builtin import unknown_builtin
-
-        problem = unknown_builtin(name)
-        if problem:
-            raise ValueError(problem)
-        return name
-
-    @model_validator(mode="after")
-    def _gguf_rules(self) -> ModelSpec:
-        if self.gguf_file is not None:
-            if self.name.lower().endswith(".gguf"):
-                raise ValueError(
-                    "model.gguf_file is set but model.name is already a .gguf file: remove one"
-                )
-            if not self.gguf_file.lower().endswith(".gguf"):
-                raise ValueError(f"model.gguf_file {self.gguf_file!r} must name a .gguf file")
-            if self.name.startswith("builtin:"):
-                raise ValueError("model.gguf_file does not apply to built-in models: remove it")
-        return self
 
 
 class DataSource(Section):

@@ -85,10 +85,11 @@ class Engine:
     def __init__(
         self,
         adapters: AdapterSet,
-        max_queue: int = 64,
-        max_batch: int = 16,
-        batch_wait_s: float = 0.02,
+        max_queue: int,
+        max_batch: int,
+        batch_wait_s: float,
     ) -> None:
+        """The limits are `ServeLimits`' (serving/app.py), whose defaults apply."""
         self.adapters = adapters
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from peftkit.adapters.adapter_set import NAME_PATTERN, AdapterSet, resolve_adapter_dir
+from peftkit.adapters.adapter_set import NAME_PATTERN, AdapterSet, Quantize, resolve_adapter_dir
 from peftkit.errors import ServingError
 from peftkit.serving.app import ServeLimits, create_app
 
@@ -51,10 +51,10 @@ def adapters_in(directory: str | Path) -> dict[str, Path]:
 
 def load_for_serving(
     adapters_dir: str | Path,
-    base: str | None = None,
-    dtype: str = "auto",
-    quantization: str | dict[str, Any] | None = "auto",
-    allow_mismatch: bool = False,
+    base: str | None,
+    dtype: str,
+    quantization: Quantize | dict[str, Any] | None,
+    allow_mismatch: bool,
 ) -> AdapterSet:
     """Every adapter in `adapters_dir` on one base (see `AdapterSet.from_adapters`)."""
     aset = AdapterSet.from_adapters(

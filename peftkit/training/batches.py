@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from peftkit import _compat
 from peftkit.data.encode import IGNORE, EncodedRow, row_lengths
 from peftkit.data.step_plan import TokenBudget
 from peftkit.errors import RecipeError
@@ -121,7 +122,7 @@ def choose_batching(
 ) -> Batching:
     """Packing, length grouping and supervised-only logits, as far as the method and model allow
     (a task head makes one prediction per row: nothing to pack or pick)."""
-    attn = getattr(model.config, "_attn_implementation", None)
+    attn = _compat.attention_implementation(model)
     packing = not has_head and resolve_packing(train, method, attn)
     supervised_only = (
         not has_head

@@ -2,6 +2,9 @@
 objective, the forgetting report and generated answers add to it, one metrics line per
 evaluation, and early stopping with the best adapter kept by the watched metric.
 
+`held_out_loss` is the one loop that scores rows with an objective; the training loop, `peftkit
+combine` and the benchmarks all measure their eval loss through it.
+
 `Evaluation` is a part of `FineTuneRun` (training/loop.py), kept apart by responsibility; it
 reads the run's accelerator, model, objective, data, state, metrics and recipe.
 """
@@ -13,34 +16,83 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list
+from torch import nn
 
 from peftkit.errors import RecipeError
+from peftkit.training.objective import Objective
 from peftkit.training.reference import reference_metrics
+
+
+@torch.no_grad()
+def held_out_sums(
+    model: nn.Module,
+    rows: list[Any],
+    objective: Objective,
+    batch_size: int,
+    device: torch.device,
+    joined_rows: int = 0,
+    filler: Any = None,
+) -> torch.Tensor:
+    """(loss summed over units, units) of `rows` in batches of `batch_size`, a float32 tensor on
+    `device`; the loss is the objective's `eval_loss_sum` (which may also collect predictions).
+
+    Sharded weights are gathered by all processes together, so each must run as many forwards:
+    with `joined_rows` (the most rows any process scores), batches past the end of `rows` run a
+    forward of `filler` that only joins the others' gathering.
+    """
+    totals = torch.zeros(2, device=device)
+    for i in range(0, max(len(rows), joined_rows), batch_size):
+        if i >= len(rows):
+            model(input_ids=objective.collate([filler])["input_ids"].to(device))
+            continue
+        batch = {k: v.to(device) for k, v in objective.collate(rows[i : i + batch_size]).items()}
+        totals[0] += objective.eval_loss_sum(model, batch)
+        totals[1] += objective.units(batch).to(device)
+    return totals
+
+
+def held_out_loss(
+    model: nn.Module,
+    rows: list[Any],
+    objective: Objective,
+    batch_size: int,
+    device: torch.device | str | None = None,
+) -> float:
+    """Mean loss per unit (supervised token, row, pair) of `rows` on one process, in eval mode
+    (the model's mode is restored after). `device`: where batches go (default: the model's)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, n = held_out_sums(model, rows, objective, batch_size, device).tolist()
+    finally:
+        model.train(was_training)
+    return loss_sum / max(n, 1)
 
 
 class Evaluation:
     """Evaluate, log and decide on early stopping (mixed into `FineTuneRun`)."""
 
-    @torch.no_grad()
     def evaluate(self, rows: list[Any] | None = None) -> float:
         """Mean loss per unit (supervised token, row, pair) over the eval rows, or `rows`
         (sharded over processes). The objective keeps what else it measured for `eval_metrics`."""
-        acc, mbs, objective = self.accelerator, self.recipe.train.micro_batch_size, self.objective
+        acc, objective = self.accelerator, self.objective
         every = self.data.eval if rows is None else rows
         rows = every[acc.process_index :: acc.num_processes]
         if objective.sort_eval_by_length:
             rows = sorted(rows, key=lambda x: len(x.input_ids))
-        self.model.eval()
-        totals = torch.zeros(2, device=acc.device)
         # Sharded weights are gathered by all processes together: each runs as many forwards.
-        per_process = -(-len(every) // acc.num_processes) if self.launch.shards_state else 0
-        for i in range(0, max(len(rows), per_process), mbs):
-            if i >= len(rows):  # a forward that only joins the others' gathering
-                self.model(input_ids=objective.collate([every[0]])["input_ids"].to(acc.device))
-                continue
-            batch = {k: v.to(acc.device) for k, v in objective.collate(rows[i : i + mbs]).items()}
-            totals[0] += objective.eval_loss_sum(self.model, batch)
-            totals[1] += objective.units(batch).to(acc.device)
+        joined = -(-len(every) // acc.num_processes) if self.launch.shards_state else 0
+        self.model.eval()
+        totals = held_out_sums(
+            self.model,
+            rows,
+            objective,
+            self.recipe.train.micro_batch_size,
+            acc.device,
+            joined,
+            every[0],
+        )
         self.model.train()
         loss_sum, n = acc.reduce(totals, "sum").tolist()
         return loss_sum / max(n, 1)

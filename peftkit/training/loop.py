@@ -26,10 +26,10 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
-from peftkit.launch import check_launch
 from peftkit.methods.base import ApplyContext
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity, write_manifest
+from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt

@@ -109,6 +109,12 @@ class CausalLM(Objective):
         self.batching, self.pad_id = batching, pad_id
         self.lengths, self.budget = batching.lengths, batching.budget
 
+    @classmethod
+    def padded(cls, pad_id: int) -> CausalLM:
+        """Padded micro-batches, logits at every position: rows scored outside a run (combine's
+        evaluation, the benchmarks) the same way whatever the model allows."""
+        return cls(Batching(False, False, False, 1, None), pad_id)
+
     def collate(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
         b = self.batching
         if b.packing:

@@ -35,20 +35,23 @@ def local(t: Any) -> Any:
 def gathered_trainable(model: nn.Module, keep: bool) -> Iterator[None]:
     """Within the block, the trainable parameters of `model` are whole, plain tensors in the
     process(es) with `keep` (others only take part in the gathering). Every process must enter."""
+    # Public nn.Module API only: assigning a Parameter to a module attribute registers it (what
+    # torch's own FSDP does when a module overrides __setattr__), no private _parameters dict.
     swapped = []
     for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is None or not p.requires_grad or not isinstance(p, DTensor):
+        own = list(module.named_parameters(recurse=False, remove_duplicate=False))
+        for name, p in own:
+            if not p.requires_grad or not isinstance(p, DTensor):
                 continue
             full = p.full_tensor()  # collective: every process, same order
             if keep:
-                module._parameters[name] = nn.Parameter(full, requires_grad=True)
+                setattr(module, name, nn.Parameter(full, requires_grad=True))
                 swapped.append((module, name, p))
     try:
         yield
     finally:
         for module, name, p in swapped:
-            module._parameters[name] = p
+            setattr(module, name, p)
 
 
 def local_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -652,10 +652,25 @@ CATALOGUE = {
         2,
         r"argument --max-new-tokens: must be >= 1",
     ),
+    "cli: serve --batch-wait-ms -1": (
+        _cli("serve", "--adapters-dir", "{tmp}", "--batch-wait-ms", "-1"),
+        2,
+        r"argument --batch-wait-ms: must be >= 0\.0 \(got -1\)",
+    ),
+    "cli: generate --quantize 3": (
+        _cli("generate", "--prompt", "hi", "--quantize", "3"),
+        2,
+        r"argument --quantize: invalid choice: '3'",
+    ),
     "cli: sweep --trials 0": (
         _cli("sweep", "r.yaml", "--space", "s.yml", "--trials", "0"),
         2,
         r"argument --trials: must be >= 1",
+    ),
+    "cli: sweep without --space": (
+        _cli("sweep", "r.yaml", "--trials", "2"),
+        2,
+        r"the following arguments are required: --space",
     ),
     "cli: combine --density 1.5": (
         _cli("combine", "--out", "{tmp}/c", "--density", "1.5"),

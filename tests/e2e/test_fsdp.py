@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from peftkit import api
 from peftkit.cli import main
 from peftkit.errors import RecipeError
-from peftkit.launch import Launch, check_launch
+from peftkit.launch import Launch
+from peftkit.recipe.launch_rules import check_launch, launch_problems
 from tests.conftest import chat_rows, train_in_two_processes, write_jsonl, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,9 +85,9 @@ def test_sharded_launches_refuse_what_cannot_work_before_loading(tmp_path, monke
         output={"dir": str(tmp_path / "run"), "sample_prompts": ["hi"], "plot": False},
     )
     r = api.validate(recipe)
-    fsdp = Launch("fsdp", 2).problems(r)
+    fsdp = launch_problems(Launch("fsdp", 2), r)
     assert any("sample_prompts" in p for p in fsdp) and any("method full" in p for p in fsdp)
-    deepspeed = " ".join(Launch("deepspeed", 2, zero_stage=3).problems(r))
+    deepspeed = " ".join(launch_problems(Launch("deepspeed", 2, zero_stage=3), r))
     for key in ("train.grad_accum", "train.save_every", "train.max_grad_norm"):
         assert key in deepspeed
     assert check_launch(r, Launch("ddp", 2)).kind == "ddp"

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from peftkit import api
-from peftkit.errors import DataError, RecipeError
+from peftkit.errors import DataError, FidelityGateFailed, RecipeError
 from tests.conftest import labeled_rows, write_jsonl, write_recipe
 
 
@@ -132,6 +132,23 @@ def test_export_of_a_classifier_reloads_and_predicts_the_same(task_recipe, tmp_p
     assert report["fidelity"]["relative_error"] < 1e-5
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "export"))
     assert model.config.id2label == {0: "animal", 1: "other"}
+
+
+def test_a_classifier_export_passes_the_causal_lm_fidelity_gate(task_recipe, tmp_path):
+    # the same gate as a causal LM's: a missed threshold leaves nothing, unless allow_drift
+    api.train(task_recipe({"method": "linear_probe"}))
+    recipe_path = tmp_path / "run" / "recipe.yaml"
+    strict = recipe_path.read_text().replace(
+        "max_relative_error: 0.02", "max_relative_error: 1.0e-12"
+    )
+    recipe_path.write_text(strict)
+    out = tmp_path / "export"
+    with pytest.raises(FidelityGateFailed, match=r"relative error \S+ > 1e-12\. .*--allow-drift"):
+        api.export(tmp_path / "run", out)  # bfloat16 weights: far over that limit
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+    report = api.export(tmp_path / "run", out, allow_drift=True)
+    assert report["passed"] is False and report["allow_drift"] is True
+    assert json.loads((out / "fidelity.json").read_text())["failures"] == report["failures"]
 
 
 def test_bad_label_names_its_file_and_line(task_recipe, tmp_path):

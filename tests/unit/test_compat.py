@@ -67,3 +67,11 @@ def test_a_second_accelerator_may_change_mixed_precision():
 
 def test_gguf_architectures_come_from_transformers():
     assert {"llama", "qwen2"} <= _compat.gguf_architectures()
+
+
+def test_the_attention_implementation_is_read_from_the_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    for name in ("eager", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation=name)
+        assert _compat.attention_implementation(model) == name

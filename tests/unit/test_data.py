@@ -7,11 +7,12 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import prepare_data
 from peftkit.data.sources import read_source
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSource, DataSpec
-from tests.conftest import chat_rows, write_jsonl
+from peftkit.recipe.schema import DataSource, DataSpec, TaskSpec
+from tests.conftest import chat_rows, labeled_rows, write_jsonl
 
 ALPACA = {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"}
 SHAREGPT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
@@ -118,3 +119,20 @@ def test_eval_fraction_holds_out_rows_deterministically(tmp_path, tokenizer):
     assert (len(a.train), len(a.eval)) == (16, 4)
     assert [r.origin for r in a.eval] == [r.origin for r in b.eval]
     assert not {r.origin for r in a.eval} & {r.origin for r in a.train}
+
+
+def test_a_task_head_holds_out_the_same_rows_as_a_causal_lm(tmp_path, tokenizer):
+    # one split function for every kind of data: the same lines go to eval for the same seed
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(30))
+    labeled = write_jsonl(tmp_path / "labeled.jsonl", labeled_rows(30, 0))
+    spec = {"eval_fraction": 0.2, "cache": False}
+    causal = prepare_data(DataSpec(train=[str(chat)], **spec), tokenizer, seed=3)
+    head, _ = prepare_labeled_data(
+        DataSpec(train=[str(labeled)], **spec), TaskSpec(type="classification"), tokenizer, seed=3
+    )
+
+    def lines(rows):
+        return [r.origin.rsplit(" line ", 1)[1] for r in rows]
+
+    assert len(head.eval) == 6 and lines(head.eval) == lines(causal.eval)
+    assert lines(head.train) == lines(causal.train)

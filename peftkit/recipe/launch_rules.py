@@ -1,0 +1,67 @@
+"""What each launch (`peftkit.launch.Launch`: DDP, FSDP, DeepSpeed) refuses of a recipe, checked
+before any model loads, so that a combination that cannot work is refused with its reason instead
+of failing (or hanging) in the middle of training."""
+
+from __future__ import annotations
+
+from peftkit.errors import RecipeError
+from peftkit.launch import Launch
+from peftkit.recipe.schema import Recipe
+
+
+def launch_problems(launch: Launch, recipe: Recipe) -> list[str]:
+    """What the recipe asks for that this launch cannot do, each with what to change."""
+    if not launch.shards_state:
+        return []
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[launch.kind]
+    problems = []
+    if recipe.output.sample_prompts or recipe.eval.metric != "none":
+        problems.append(
+            f"output.sample_prompts / eval.metric generate text on one process, which a "
+            f"{name} model (its weights split over processes) cannot do: remove them, or "
+            "generate from the saved adapter afterwards (peftkit generate)"
+        )
+    if recipe.adapter.full_weights:  # the registry's capability: its result is a whole model
+        problems.append(
+            f"adapter.method {recipe.adapter.method} under {name}: saving the whole sharded "
+            "model is not supported yet; use an adapter method (lora, qlora, ia3, ...) or DDP"
+        )
+    if launch.kind == "deepspeed":
+        problems += _deepspeed_problems(recipe)
+    return problems
+
+
+def _deepspeed_problems(recipe: Recipe) -> list[str]:
+    t = recipe.train
+    problems = []
+    if t.grad_accum > 1:
+        problems.append(
+            "train.grad_accum > 1 under DeepSpeed: its engine steps the optimizer after every "
+            "backward, so peftkit's accumulation would take several steps; set train.grad_accum: 1 "
+            "and a larger train.micro_batch_size, or use FSDP (recipes/accelerate/fsdp2.yaml)"
+        )
+    if t.save_every is not None:
+        problems.append(
+            "train.save_every under DeepSpeed: peftkit's checkpoints do not hold ZeRO's "
+            "partitioned optimizer state, so a resume would not continue exactly; set "
+            "train.save_every: null, or use FSDP, whose sharded checkpoints resume exactly"
+        )
+    if t.max_grad_norm is not None:
+        problems.append(
+            "train.max_grad_norm under DeepSpeed: clipping is DeepSpeed's (gradient_clipping in "
+            "its config); set train.max_grad_norm: null"
+        )
+    return problems
+
+
+def check_launch(recipe: Recipe, launch: Launch | None = None) -> Launch:
+    """The launch (default: this process's), after refusing (`RecipeError`) what it cannot run.
+    Loads nothing."""
+    launch = launch or Launch.from_env()
+    problems = launch_problems(launch, recipe)
+    if problems:
+        raise RecipeError(
+            f"this recipe cannot run under {launch.kind} ({launch.processes} processes):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return launch
