@@ -229,7 +229,12 @@ def peftkit_run(
     (out / "adapter").symlink_to(out / "run" / "adapter")
     return {
         "precision": run.precision,
-        "micro_batch": f"{recipe.train.micro_batch_size} rows" + (" packed" if getattr(run.objective, "batching", None) and run.objective.batching.packing else ""),
+        "micro_batch": f"{recipe.train.micro_batch_size} rows"
+        + (
+            " packed"
+            if getattr(run.objective, "batching", None) and run.objective.batching.packing
+            else ""
+        ),
     }
 
 
