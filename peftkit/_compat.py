@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -30,11 +31,21 @@ PRIVATE_API = (
         "4.4x-5.24",
     ),
     ("transformers", "transformers.PretrainedConfig", "_attn_implementation", "5.0-5.24"),
+    (
+        "transformers",
+        "transformers.utils.chat_template_utils",
+        "_compile_jinja_template",
+        "5.24",
+    ),
 )
 
 FAST_LORA_SWITCH_PEFT = (Version("0.17"), Version("0.22"))
 """peft versions whose adapter switching `switch_lora_adapter` reproduces (checked: 0.17-0.21);
 outside them peftkit switches through peft's own, slower `set_adapter`."""
+FAST_CHAT_RENDER_TRANSFORMERS = (Version("5.0"), Version("6"))
+"""transformers versions whose `apply_chat_template(..., tokenize=False)` `chat_renderer`
+reproduces (checked: 5.24, with jinja2 3.1); outside them peftkit renders through
+`apply_chat_template` itself."""
 
 
 class PrivateApiChanged(RuntimeError):
@@ -166,6 +177,57 @@ def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> Non
             layer._disable_adapters = False
     if name is not None:
         peft_model.base_model.active_adapter = name
+
+
+def chat_renderer(tokenizer) -> Callable[[list[dict[str, str]], bool], str]:
+    """`render(messages, add_generation_prompt)`: the text of
+    `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` with the
+    tokenizer's template and special tokens as they are now, for messages that are plain
+    {"role": str, "content": str} dicts (what `peftkit.data.formats` makes).
+
+    transformers 5.x (checked: 5.24) normalises every conversation before rendering (message objects
+    to dicts, None values dropped, reasoning fields aliased, everything rebuilt from JSON types),
+    a no-op for such messages; and jinja (3.1) merges the template's globals into every render's
+    context. Together two thirds of the cost of rendering a short chat. This renders the same
+    compiled template (`_compile_jinja_template`, cached per template) with the same variables
+    (the globals, then messages, tools=None, documents=None, add_generation_prompt and the
+    special tokens) merged once, as `Template.render` does, so the text is identical
+    (tests/unit/test_compat.py compares them). Outside `FAST_CHAT_RENDER_TRANSFORMERS`,
+    `apply_chat_template` itself."""
+    if not _fast_chat_render_supported():
+        return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    from transformers.utils import chat_template_utils
+
+    compile_template = _private(chat_template_utils, "_compile_jinja_template", "transformers")
+    template = compile_template(tokenizer.get_chat_template())
+    variables = {
+        **template.globals,
+        **tokenizer.special_tokens_map,
+        "tools": None,
+        "documents": None,
+    }
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not messages:  # apply_chat_template's own refusal
+            raise ValueError("Cannot apply chat template to an empty conversation.")
+        context = template.new_context(
+            {**variables, "messages": messages, "add_generation_prompt": add_generation_prompt},
+            shared=True,  # the globals are in already
+        )
+        try:
+            return template.environment.concat(template.root_render_func(context))
+        except Exception:
+            template.environment.handle_exception()  # re-raises, as Template.render does
+
+    return render
+
+
+@functools.cache
+def _fast_chat_render_supported() -> bool:
+    low, below = FAST_CHAT_RENDER_TRANSFORMERS
+    return low <= installed("transformers") < below
 
 
 def gguf_architectures() -> set[str]:

@@ -35,7 +35,15 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.audit import SplitAudit
-from peftkit.data.encode import KEPT, TOO_LONG, UNSUPERVISED, EncodedRow, Encoder, settle
+from peftkit.data.encode import (
+    KEPT,
+    TOO_LONG,
+    UNSUPERVISED,
+    EncodedRow,
+    Encoder,
+    RenderedText,
+    settle_batch,
+)
 from peftkit.data.fingerprint import source_sha
 from peftkit.data.formats import detect_format, to_example
 from peftkit.data.sources import RawRow, iter_source, looks_like_local_path, parse_json_line
@@ -414,9 +422,12 @@ class _BatchEncoder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        texts, stops, errors = [None] * n, [""] * n, [None] * n
-        columns = [batch.column(c).to_pylist() for c in _RAW.names]
-        for i, (raw, is_line, origin, fmt, _, ref) in enumerate(zip(*columns)):
+        texts: list[RenderedText | None] = [None] * n
+        stops, errors = [""] * n, [None] * n
+        columns = [batch.column(c).to_pylist() for c in ("raw", "is_line", "origin", "format")]
+        references = batch.column("reference").to_pylist()
+        for i, (raw, is_line, origin, fmt) in enumerate(zip(*columns)):
+            ref = references[i]
             encoder = self._encoder(ref)
             encoder.stop_tokens.clear()
             try:
@@ -428,36 +439,42 @@ class _BatchEncoder:
                 continue
             if not ref:  # the reference set's end-of-turn tokens are not the task's
                 stops[i] = "\0".join(sorted(encoder.stop_tokens))
-        rows: list[EncodedRow | None] = [None] * n
-        for ref in (False, True):  # one tokenizer call per encoder
-            which = [i for i in range(n) if texts[i] is not None and columns[5][i] == ref]
-            for i, row in zip(which, self._encoder(ref).tokenize([texts[i] for i in which])):
-                rows[i] = row
-        ids, labels, status, supervised, truncated = [], [], [], [], []
-        empty = np.zeros(0, np.int32)
-        for row, task in zip(rows, columns[4]):
-            fate, row = (
-                (-1, None) if row is None else settle(row, task, self.max_length, self.truncation)
-            )
-            kept = fate == KEPT
-            ids.append(row.input_ids.astype(np.int32) if kept else empty)
-            labels.append(row.labels.astype(np.int32) if kept else empty)
-            status.append(fate)
-            supervised.append(0 if row is None else row.n_supervised)
-            truncated.append(bool(row is not None and row.truncated))
+        ok = np.array([t is not None for t in texts], dtype=bool)  # rows that rendered
+        # one tokenizer call for the batch (the loss policy is in the rendered spans already)
+        encoded = self._encoder(False).tokenize_batch([t for t in texts if t is not None])
+        fate, kept, supervised, truncated = settle_batch(encoded, self.max_length, self.truncation)
+        out = np.where(fate == KEPT, kept, 0)  # tokens written per rendered row
+        status = np.full(n, -1, dtype=np.int8)
+        status[ok] = fate
+        lengths = np.zeros(n, dtype=np.int64)
+        lengths[ok] = out
+        n_supervised = np.zeros(n, dtype=np.int32)
+        n_supervised[ok] = supervised
+        was_truncated = np.zeros(n, dtype=bool)
+        was_truncated[ok] = truncated
+        # the first `out` tokens of each rendered row, back to back
+        starts = np.repeat(encoded.bounds[:-1] - np.cumsum(out) + out, out)
+        take = np.arange(int(out.sum()), dtype=np.int64) + starts
         return pa.table(
             {
-                "input_ids": _list_array(ids),
-                "labels": _list_array(labels),
+                "input_ids": _list_array_flat(lengths, encoded.ids[take]),
+                "labels": _list_array_flat(lengths, encoded.labels[take]),
                 "origin": batch.column("origin"),
                 "task": batch.column("task"),
                 "status": pa.array(status, pa.int8()),
-                "n_supervised": pa.array(supervised, pa.int32()),
-                "truncated": pa.array(truncated, pa.bool_()),
+                "n_supervised": pa.array(n_supervised, pa.int32()),
+                "truncated": pa.array(was_truncated, pa.bool_()),
                 "stop": pa.array(stops, pa.string()),
                 "error": pa.array(errors, pa.string()),
             }
         )
+
+
+def _list_array_flat(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
+    """Rows of `lengths` int32 values each, taken back to back from `values`."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
 
 
 def _list_array(arrays: list[np.ndarray], value_type: pa.DataType | None = None) -> pa.Array:

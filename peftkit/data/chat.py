@@ -12,12 +12,19 @@ assistant message, so the model always learns to stop.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
-
+from peftkit import _compat
 from peftkit.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Render = Callable[[list[dict[str, str]], bool], str]
+"""(messages, add_generation_prompt) -> the rendered text (`_compat.chat_renderer`)."""
 
 FALLBACK_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}"
@@ -83,16 +90,30 @@ class ChatRenderer:
         specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         alternation = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
         self._end_of_turn = re.compile(rf"\s*({alternation})") if alternation else None
+        self._renderers: dict[tuple, Render] = {}
+
+    def _template(self, origin: str) -> Render:
+        """The tokenizer's template with its special tokens as they are now (compiled once)."""
+        try:
+            key = (self.tokenizer.get_chat_template(), *self.tokenizer.special_tokens_map.items())
+            if key not in self._renderers:
+                self._renderers[key] = _compat.chat_renderer(self.tokenizer)
+        except Exception as e:  # no template, or one jinja cannot compile
+            raise DataError(_cannot_render(origin, e)) from None
+        return self._renderers[key]
 
     def render(self, messages: list[dict[str, str]], origin: str) -> RenderedChat:
-        full = self._apply(messages, origin)
+        template = self._template(origin)
+        full = self._apply(template, messages, origin)
         spans: list[tuple[int, int, str]] = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self._apply(messages[:i], origin, add_generation_prompt=True) if i else ""
+            before = (
+                self._apply(template, messages[:i], origin, add_generation_prompt=True) if i else ""
+            )
             last = i == len(messages) - 1
-            through = full if last else self._apply(messages[: i + 1], origin)
+            through = full if last else self._apply(template, messages[: i + 1], origin)
             if not (through.startswith(before) and full.startswith(through)):
                 raise DataError(
                     f"{origin}: the chat template renders earlier turns differently once later turns "
@@ -112,17 +133,17 @@ class ChatRenderer:
             result.stop_tokens.add(stop)
         return result
 
+    @staticmethod
     def _apply(
-        self, messages: list[dict[str, str]], origin: str, add_generation_prompt: bool = False
+        template: Render,
+        messages: list[dict[str, str]],
+        origin: str,
+        add_generation_prompt: bool = False,
     ) -> str:
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            return template(messages, add_generation_prompt)
         except Exception as e:  # jinja raises TemplateError and friends for unsupported layouts
-            raise DataError(
-                f"{origin}: the chat template cannot render this conversation: {e}"
-            ) from None
+            raise DataError(_cannot_render(origin, e)) from None
 
     def _close_turn(
         self, text: str, start: int, end: int, content: str
@@ -141,3 +162,7 @@ class ChatRenderer:
             return text, (start, match.end()), match.group(1)
         eos = self.tokenizer.eos_token
         return text[:content_end] + eos + text[content_end:], (start, content_end + len(eos)), eos
+
+
+def _cannot_render(origin: str, error: Exception) -> str:
+    return f"{origin}: the chat template cannot render this conversation: {error}"

@@ -7,13 +7,20 @@ EOS that doubles as the pad token still carries loss.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.chat import ChatRenderer
 from peftkit.data.formats import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 
@@ -45,11 +52,29 @@ class RenderedText:
     and an EOS appended."""
 
 
+@dataclass
+class EncodedBatch:
+    """Rows tokenized together, back to back in flat arrays: row i is
+    `ids[bounds[i]:bounds[i + 1]]` (no per-row objects until `row` makes one)."""
+
+    ids: np.ndarray  # (tokens,) int64
+    labels: np.ndarray  # (tokens,) int64, IGNORE where no loss
+    bounds: np.ndarray  # (rows + 1,) int64
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.bounds)
+
+    def row(self, i: int, origin: str) -> EncodedRow:
+        a, b = self.bounds[i], self.bounds[i + 1]
+        return EncodedRow(self.ids[a:b].copy(), self.labels[a:b].copy(), origin)
+
+
 class Encoder:
     """Encodes examples with one tokenizer, chat renderer and loss policy.
 
-    `encode` does one example; `render` then `tokenize` do a batch (one tokenizer call), with the
-    same result row for row."""
+    `encode` does one example; `render` then `tokenize` (rows) or `tokenize_batch` (flat arrays)
+    do a batch in one tokenizer call, with the same result row for row."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, loss_on: str) -> None:
         self.tokenizer = tokenizer
@@ -84,19 +109,38 @@ class Encoder:
         return RenderedText(text, [(start, len(text) + 1)], example.origin, chat=False)
 
     def tokenize(self, texts: list[RenderedText]) -> list[EncodedRow]:
-        rows: list[EncodedRow | None] = [None] * len(texts)
-        for chat in (True, False):
-            which = [i for i, t in enumerate(texts) if t.chat == chat]
-            if not which:
-                continue
-            encoded = self._ids_and_offsets([texts[i].text for i in which], not chat)
-            for (ids, offsets), i in zip(encoded, which):
-                if not chat:
-                    ids, offsets = self._with_eos(ids, offsets, len(texts[i].text))
-                ids_arr = np.asarray(ids, dtype=np.int64)
-                labels = _labels_from_spans(ids_arr, offsets, texts[i].spans)
-                rows[i] = EncodedRow(ids_arr, labels, texts[i].origin)
-        return rows  # type: ignore[return-value]
+        batch = self.tokenize_batch(texts)
+        return [batch.row(i, t.origin) for i, t in enumerate(texts)]
+
+    def tokenize_batch(self, texts: list[RenderedText]) -> EncodedBatch:
+        """Token ids and labels of rendered texts (one tokenizer call per kind: chats carry their
+        special tokens, plain text gets the tokenizer's own and an EOS), as flat arrays; the
+        labels depend on the texts' spans only, not on this encoder's loss policy."""
+        ids: list[list[int]] = [[]] * len(texts)
+        offsets: list[list[tuple[int, int]]] = [[]] * len(texts)
+        with _collector_paused():
+            for chat in (True, False):
+                which = [i for i, t in enumerate(texts) if t.chat == chat]
+                if not which:
+                    continue
+                encoded = self._ids_and_offsets([texts[i].text for i in which], not chat)
+                for (row_ids, row_offsets), i in zip(encoded, which):
+                    if not chat:
+                        n_chars = len(texts[i].text)
+                        row_ids, row_offsets = self._with_eos(row_ids, row_offsets, n_chars)
+                    ids[i], offsets[i] = row_ids, row_offsets
+            bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+            np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)), out=bounds[1:])
+            n = int(bounds[-1])
+            flat_ids = np.fromiter(itertools.chain.from_iterable(ids), np.int64, n)
+            flat = itertools.chain.from_iterable(itertools.chain.from_iterable(offsets))
+            chars = np.fromiter(flat, np.int64, 2 * n).reshape(n, 2)  # (tokens, 2): [start, end)
+            del ids, offsets
+        mask = np.zeros(n, dtype=bool)
+        for i, text in enumerate(texts):
+            a, b = bounds[i], bounds[i + 1]
+            _mark_spans(mask[a:b], chars[a:b, 0], chars[a:b, 1], text.spans)
+        return EncodedBatch(flat_ids, np.where(mask, flat_ids, IGNORE), bounds)
 
     def _ids_and_offsets(
         self, texts: list[str], add_special_tokens: bool
@@ -130,21 +174,27 @@ class Encoder:
         return [*ids, eos], [*offsets, (n_chars, n_chars + 1)]
 
 
-def _labels_from_spans(
-    ids: np.ndarray, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> np.ndarray:
-    """Label each token whose characters overlap a supervised span (a token straddling the
-    prompt/answer boundary is supervised: the answer needs it)."""
-    labels = np.full_like(ids, IGNORE)
-    if not spans:
-        return labels
-    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (seq, 2): [start, end)
-    starts, ends = bounds[:, 0], bounds[:, 1]
-    mask = np.zeros(len(ids), dtype=bool)
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block that makes millions of short-lived
+    tuples (a tokenizer's offsets): they hold no cycles, yet each allocation burst would trigger
+    collections that rescan the whole heap (measured: half the time of reading the offsets)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _mark_spans(
+    mask: np.ndarray, starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int]]
+) -> None:
+    """Mark each token whose characters [start, end) overlap a supervised span (a token
+    straddling the prompt/answer boundary is supervised: the answer needs it)."""
     for lo, hi in spans:
         mask |= (starts < hi) & (ends > lo)
-    labels[mask] = ids[mask]
-    return labels
 
 
 KEPT, TOO_LONG, UNSUPERVISED = 0, 1, 2
@@ -167,6 +217,24 @@ def settle(row: EncodedRow, task: str, max_length: int, truncation: str) -> tupl
         return TOO_LONG, row
     row = truncate(row, max_length)
     return (KEPT if row.n_supervised else UNSUPERVISED), row
+
+
+def settle_batch(
+    batch: EncodedBatch, max_length: int, truncation: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`settle` of every row of a batch at once, as arrays per row: (fate, tokens kept (a
+    dropped row's all), supervised tokens among them, whether truncated)."""
+    lengths = batch.lengths
+    dropped = (lengths > max_length) & (truncation == "drop")
+    truncated = (lengths > max_length) & ~dropped
+    kept = np.where(dropped, lengths, np.minimum(lengths, max_length))
+    counted = np.zeros(len(batch.labels) + 1, dtype=np.int64)  # supervised tokens before each
+    np.cumsum(batch.labels != IGNORE, out=counted[1:])
+    starts = batch.bounds[:-1]
+    # position 0 is never predicted, so its label never counts (as in `n_supervised`)
+    supervised = counted[starts + kept] - counted[starts + np.minimum(kept, 1)]
+    fate = np.where(dropped, TOO_LONG, np.where(supervised > 0, KEPT, UNSUPERVISED))
+    return fate, kept, supervised, truncated
 
 
 def row_lengths(rows) -> np.ndarray:

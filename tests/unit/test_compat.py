@@ -75,3 +75,44 @@ def test_the_attention_implementation_is_read_from_the_model(tiny_model):
     for name in ("eager", "sdpa"):
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation=name)
         assert _compat.attention_implementation(model) == name
+
+
+def test_the_installed_transformers_is_in_the_fast_chat_render_range():
+    low, below = _compat.FAST_CHAT_RENDER_TRANSFORMERS
+    assert _compat._fast_chat_render_supported(), (
+        f"transformers {_compat.installed('transformers')} is outside [{low}, {below}): chats "
+        "render through apply_chat_template; check chat_renderer against it and widen the range"
+    )
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "plain", "none", "tiny-llama"])
+def test_chat_renderer_renders_what_apply_chat_template_renders(template, tokenizers_by_template):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from peftkit.data.chat import resolve_chat_template
+
+    folder = (
+        Path(_compat.__file__).parent / "assets" / "tiny-llama"
+        if template == "tiny-llama"
+        else tokenizers_by_template[template]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    resolve_chat_template(tokenizer, "auto")
+    render = _compat.chat_renderer(tokenizer)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " café 日本語 🙂\n"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "and {{ this }}?"},
+        {"role": "assistant", "content": "  It is 5.  "},
+    ]
+    for end in range(1, len(chat) + 1):
+        for prompt in (False, True):
+            expected = tokenizer.apply_chat_template(
+                chat[:end], tokenize=False, add_generation_prompt=prompt
+            )
+            assert render(chat[:end], prompt) == expected
+    with pytest.raises(ValueError, match="empty conversation"):
+        render([], False)
