@@ -2,6 +2,8 @@
 
 `export` and `combine` are the library functions themselves (their signatures are the options);
 `peftkit.cli` derives its flags from these signatures and from the option classes they take.
+Each function imports what it needs when called: `import peftkit.api` loads the recipe schema
+only, so a verb that needs no model (`validate`) never imports torch, transformers or peft.
 """
 
 from __future__ import annotations
@@ -9,37 +11,45 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import yaml
 from annotated_types import Ge, Gt, Le
 
-from peftkit.adapters.adapter_set import AdapterSet, Quantize, default_name
-from peftkit.adapters.combine import combine
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RecipeError
-from peftkit.export.run import export
 from peftkit.io import RunLayout
 from peftkit.launch import Launch
-from peftkit.models.load import load_tokenizer
-from peftkit.planner.plan import Plan, make_plan, parse_size
+from peftkit.models.spec import Quantize
 from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.load import load_recipe
 from peftkit.recipe.schema import DType, Recipe
-from peftkit.report import compare_runs, refresh_run_report, write_run_report
-from peftkit.report.compare import find_runs
-from peftkit.serving.app import ServeLimits
-from peftkit.serving.server import Server, load_for_serving
-from peftkit.sweep import SweepResult
-from peftkit.sweep import sweep as run_sweep
-from peftkit.training import trackers
-from peftkit.training.loop import StepCallback
-from peftkit.training.precision import resolve_precision
-from peftkit.training.run import train as train_recipe
+
+if TYPE_CHECKING:
+    from peftkit.adapters.adapter_set import AdapterSet
+    from peftkit.adapters.combine import combine
+    from peftkit.export.run import export
+    from peftkit.planner.plan import Plan
+    from peftkit.serving.app import ServeLimits
+    from peftkit.serving.server import Server
+    from peftkit.sweep import SweepResult
+    from peftkit.training.loop import StepCallback
 
 log = logging.getLogger("peftkit.serve")
+
+
+def __getattr__(name: str) -> Any:
+    """`api.export` and `api.combine`: the library functions, imported on first use."""
+    if name == "export":
+        from peftkit.export.run import export
+
+        return export
+    if name == "combine":
+        from peftkit.adapters.combine import combine
+
+        return combine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def validate(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -49,6 +59,11 @@ def validate(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def environment_notes(recipe: Recipe) -> list[str]:
     """What this machine makes of the recipe (precision, missing packages, missing files)."""
+    import torch
+
+    from peftkit.training import trackers
+    from peftkit.training.precision import resolve_precision
+
     notes = []
     try:
         precision = resolve_precision(recipe.train, torch.cuda.is_available())
@@ -93,6 +108,9 @@ def train(
         resume: continue the run in the recipe's output.dir from its last checkpoint.
         on_step: called as on_step(step, metrics) after each optimizer step (main and other processes).
     """
+    from peftkit.report import refresh_run_report
+    from peftkit.training.run import train as train_recipe
+
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return train_recipe(recipe, resume=resume, on_step=on_step, refresh_report=refresh_run_report)
@@ -107,6 +125,8 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
         recipe = load_recipe(recipe, overrides)
     if not recipe.data.cache:
         raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
+    from peftkit.models.load import load_tokenizer  # (transformers, torch)
+
     tokenizer = load_tokenizer(recipe.model, needs_eos=not recipe.task.has_head)
     seed = recipe.data_seed
     if recipe.task.has_head:
@@ -135,6 +155,8 @@ def plan(
             recipes/accelerate/fsdp2.yaml (processes, FSDP or DeepSpeed sharding): the
             prediction is then per process.
     """
+    from peftkit.planner.plan import make_plan, parse_size
+
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     how = check_launch(recipe, Launch.from_accelerate_config(launch)) if launch else None
@@ -152,6 +174,9 @@ def report(runs: list[str | Path], out: str | Path | None = None) -> Path:
         out: the page to write (default: RUN/report.html for one run, report.html inside a
             folder of runs, ./runs-compared.html for several).
     """
+    from peftkit.report import compare_runs, write_run_report
+    from peftkit.report.compare import find_runs
+
     paths = [Path(r) for r in runs]
     if out is None and len(paths) == 1 and RunLayout(paths[0]).recipe.is_file():
         return write_run_report(paths[0])
@@ -179,6 +204,8 @@ def load_adapters(
             4-bit), none = unquantized (from Python also None, or a section such as {"bits": 4}).
         allow_mismatch: load adapters trained on another base (warn instead of refusing).
     """
+    from peftkit.adapters.adapter_set import AdapterSet, default_name
+
     if not isinstance(adapters, dict):
         adapters = {default_name(p): p for p in adapters}
     return AdapterSet.from_adapters(adapters, base, dtype, quantization, allow_mismatch)
@@ -207,6 +234,9 @@ def serve(
         block: serve until SIGINT/SIGTERM (True), or start in a background thread and return the
             `Server` (call `.stop()`; its `.url` says where it listens).
     """
+    from peftkit.serving.app import ServeLimits
+    from peftkit.serving.server import Server, load_for_serving
+
     aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch)
     server = Server(aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name)
     if not block:
@@ -239,6 +269,8 @@ def sweep(
         storage: sqlite file that keeps the study: rerun the command to continue it.
         overwrite: replace a sweep folder that holds another sweep.
     """
+    from peftkit.sweep import sweep as run_sweep
+
     return run_sweep(
         recipe, space, trials, overrides, out_dir=out, storage=storage, overwrite=overwrite
     )
@@ -250,6 +282,7 @@ __all__ = [
     "export",
     "load_adapters",
     "plan",
+    "prepare",
     "resolved_yaml",
     "serve",
     "sweep",

@@ -33,6 +33,7 @@ from peftkit.data.chat import FALLBACK_TEMPLATE
 from peftkit.errors import ServingError
 from peftkit.models.load import DTYPES, load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity, check_compatible, read_manifest
+from peftkit.models.spec import Quantize
 from peftkit.recipe.schema import ModelSpec, QuantizationSpec
 
 BASE = "base"
@@ -40,9 +41,6 @@ BASE = "base"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 Prompt = str | list[dict[str, str]]
 """Raw text (continued as is) or chat messages (rendered with the adapter's chat template)."""
-Quantize = Literal["auto", "none", "4", "8"]
-"""How to load the base, in a word (the command line's --quantize): "auto" = as the adapters were
-trained (QLoRA adapters: the same 4-bit base), "none" = unquantized, "4" / "8" = in 4 / 8 bit."""
 
 
 @dataclass

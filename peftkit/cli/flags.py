@@ -81,8 +81,11 @@ def in_unit(p: Param, name: str, factor: float, unit: str) -> Param:
 
 
 def signature_params(func: Callable[..., Any], names: Iterable[str]) -> list[Param]:
-    """The keyword parameters `names` of a library function, with their docstring help."""
-    hints = typing.get_type_hints(func, include_extras=True)
+    """The keyword parameters `names` of a library function, with their docstring help. Only
+    their annotations are evaluated (the function may name other types it imports lazily)."""
+    names = list(names)
+    wanted = types.SimpleNamespace(__annotations__={n: func.__annotations__[n] for n in names})
+    hints = typing.get_type_hints(wanted, func.__globals__, include_extras=True)
     signature = inspect.signature(func)
     helps = _docstring_args(inspect.getdoc(func) or "")
     return [Param(n, hints[n], signature.parameters[n].default, helps.get(n)) for n in names]

@@ -1,6 +1,6 @@
 """Encoded data on disk: Arrow files built by several processes, memory-mapped, reused by key.
 
-`prepare_cached` turns the recipe's data section into the same rows, in the same order, with the
+`build` turns the recipe's data section into the same rows, in the same order, with the
 same masks and audit as the in-memory pipeline (`pipeline._prepare_in_memory`), but:
 
 - sources are read as a stream into an Arrow file (.jsonl line by line, .parquet batch by batch,
@@ -26,13 +26,13 @@ import os
 import pickle
 import shutil
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.audit import SplitAudit
 from peftkit.data.encode import (
@@ -51,6 +51,9 @@ from peftkit.errors import DataError
 from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.models.gguf import cache_root
 from peftkit.recipe.schema import DataSource, DataSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,20 @@ def data_key(
     """The cache key of a data section (and, for task heads, the task section), or None when a
     source cannot be fingerprinted (a hub dataset without `revision` may change under the same
     name)."""
-    import datasets
-    import tokenizers
-    import transformers
+    parts = content_parts(spec, seed, task)
+    if parts is None:
+        return None
+    payload = {**parts, "tokenizer": tokenizer_sha(tokenizer), "chat_template": template}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+
+def content_parts(
+    spec: DataSpec, seed: int, task: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """What the cache key hashes besides the tokenizer and the chat template: the layout, the
+    data section, the sources' contents, the task section, the hold-out seed and the versions of
+    the libraries that encode (read from their metadata: nothing is imported). None when a
+    source cannot be fingerprinted."""
     shas = []
     for source in spec.sources:
         sha = source_sha(Path(source.path).expanduser())
@@ -93,17 +106,14 @@ def data_key(
                 log.info("data not cached: hub dataset %s has no revision to pin", source.path)
             return None
         shas.append(sha)
-    payload = {
+    return {
         "layout": LAYOUT,
         "data": spec.model_dump(mode="json", exclude={"cache", "num_proc", "mixing"}),
         "sources": shas,
-        "tokenizer": tokenizer_sha(tokenizer),
-        "chat_template": template,
         "task": task,
         "seed": seed if spec.eval_fraction > 0 and not spec.eval else None,
-        "versions": [transformers.__version__, tokenizers.__version__, datasets.__version__],
+        "versions": [metadata.version(n) for n in ("transformers", "tokenizers", "datasets")],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def tokenizer_sha(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -134,8 +144,13 @@ def _building(folder: Path) -> Iterator[Path]:
         shutil.rmtree(mine, ignore_errors=True)
 
 
+def data_root() -> Path:
+    """The data cache: $PEFTKIT_CACHE/data (default ~/.cache/peftkit/data)."""
+    return cache_root() / "data"
+
+
 def cache_dir(key: str) -> Path:
-    return cache_root() / "data" / f"{key[:32]}-v{LAYOUT}"
+    return data_root() / f"{key[:32]}-v{LAYOUT}"
 
 
 class EncodedRows(Sequence[EncodedRow]):
@@ -152,10 +167,10 @@ class EncodedRows(Sequence[EncodedRow]):
         self._truncated = table.column("truncated")
         self._task = table.column("task")
         self._index = index
-        self.lengths = pc.list_value_length(self._ids).to_numpy()[index].astype(np.int64)
+        self.lengths = _numbers(pc.list_value_length(self._ids))[index].astype(np.int64)
         tasks = pc.dictionary_encode(self._task).combine_chunks()
         names = np.asarray(tasks.dictionary.to_pylist(), dtype=object)
-        self.tasks = names[tasks.indices.to_numpy()[index]]
+        self.tasks = names[_numbers(tasks.indices)[index]]
 
     def __len__(self) -> int:
         return len(self._index)
@@ -165,8 +180,8 @@ class EncodedRows(Sequence[EncodedRow]):
             return [self[j] for j in range(*i.indices(len(self)))]
         j = int(self._index[i])
         return self._row_type(
-            self._ids[j].values.to_numpy().astype(np.int64),
-            self._labels[j].values.to_numpy().astype(self._label_dtype),
+            _numbers(self._ids[j].values).astype(np.int64),
+            _numbers(self._labels[j].values).astype(self._label_dtype),
             self._origin[j].as_py(),
             truncated=self._truncated[j].as_py(),
             task=self._task[j].as_py(),
@@ -174,6 +189,26 @@ class EncodedRows(Sequence[EncodedRow]):
 
     def __iter__(self) -> Iterator[EncodedRow]:
         return (self[i] for i in range(len(self)))
+
+
+def _numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric column without nulls as a numpy array, read from its buffers (pyarrow's
+    `to_numpy` imports pandas on first use: half a second of a cached start)."""
+    if column.null_count:
+        return column.to_numpy(zero_copy_only=False)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [
+        np.frombuffer(
+            c.buffers()[1],
+            dtype=np.dtype(c.type.to_pandas_dtype()),
+            count=len(c),
+            offset=c.offset * c.type.byte_width,
+        )
+        for c in chunks
+    ]
+    if not parts:
+        return np.zeros(0, dtype=np.dtype(column.type.to_pandas_dtype()))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def load(
@@ -239,19 +274,14 @@ def write_rows(
         )
 
 
-def prepare_cached(
-    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, key: str, seed: int
-) -> tuple[dict[str, EncodedRows], list[SplitAudit], dict[str, Any]]:
-    """Load the encoded data of `key`, building it first if no cache has it.
-    Returns (rows per split, audits, metadata: stop tokens, the folder, whether built now)."""
+def build_once(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, key: str, seed: int) -> Path:
+    """The cache folder of `key`, built first if no cache has it."""
     folder = cache_dir(key)
-    built = not (folder / "meta.json").is_file()
-    if built:
-        build(spec, tokenizer, seed, folder)
-    else:
+    if (folder / "meta.json").is_file():
         log.info("encoded data found in %s", folder)
-    rows, audits, meta = load(folder)
-    return rows, audits, {**meta, "folder": str(folder), "built": built}
+    else:
+        build(spec, tokenizer, seed, folder)
+    return folder
 
 
 def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, folder: Path) -> None:

@@ -9,19 +9,21 @@ outside the class list, is a `DataError` naming its file and line.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
 from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import PreparedData, hold_out
+from peftkit.data.pipeline import PreparedData, hold_out, mapped_data
 from peftkit.data.sources import RawRow, read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, TaskSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -66,10 +68,7 @@ def prepare_labeled_data(
         splits = {"train": data.train} | ({"eval": data.eval} if data.eval else {})
         labels = "float32" if names is None else "int64"
         cache.write_rows(folder, splits, data.audits, labels, class_names=names)
-    rows, audits, meta = cache.load(folder, LabeledRow)
-    data = PreparedData(
-        rows["train"], rows.get("eval", []), audits, no_template, [], cache_dir=str(folder)
-    )
+    data, meta = mapped_data(folder, no_template, LabeledRow)
     return data, meta["class_names"]
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from transformers import PreTrainedTokenizerBase
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
@@ -17,6 +16,9 @@ from peftkit.data.formats import Example, detect_format, to_example
 from peftkit.data.sources import read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -44,16 +46,25 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
     key = cache.data_key(spec, tokenizer, template.template, seed) if spec.cache else None
     if key is None:
         return _prepare_in_memory(spec, tokenizer, seed, template)
-    rows, audits, meta = cache.prepare_cached(spec, tokenizer, key, seed)
-    return PreparedData(
+    return mapped_data(cache.build_once(spec, tokenizer, key, seed), template)[0]
+
+
+def mapped_data(
+    folder: Path, template: ChatTemplate, row_type: type[EncodedRow] = EncodedRow
+) -> tuple[PreparedData, dict[str, Any]]:
+    """The data of a data cache folder, its rows memory-mapped, and the folder's metadata
+    (stop tokens, class names, ...)."""
+    rows, audits, meta = cache.load(folder, row_type)
+    data = PreparedData(
         rows["train"],
         rows.get("eval", []),
         audits,
         template,
-        meta["stop_tokens"],
+        meta.get("stop_tokens", []),
         rows.get("reference", []),
-        cache_dir=meta["folder"],
+        cache_dir=str(folder),
     )
+    return data, meta
 
 
 def _prepare_in_memory(

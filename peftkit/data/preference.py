@@ -17,9 +17,9 @@ conversation, or the completion after a string prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
@@ -29,6 +29,9 @@ from peftkit.data.pipeline import PreparedData, hold_out, prepare_data
 from peftkit.data.sources import RawRow, read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, Recipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
-from torch import nn
 
 from peftkit.methods.base import ApplyContext, MethodSpec, RecipeView
 from peftkit.methods.registry import register
 from peftkit.models.layers import TASK_HEADS, decoder_layers
-from peftkit.models.load import enable_gradient_checkpointing
 from peftkit.section import Section
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class UnfreezeSpec(Section):
@@ -81,7 +82,7 @@ class FullSpec(_WholeModelMethod):
         for p in model.parameters():
             p.requires_grad_(True)
         if ctx.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            _gradient_checkpointing(model)
         return model
 
 
@@ -107,8 +108,14 @@ class PartialSpec(_WholeModelMethod):
         for name, p in model.named_parameters():
             p.requires_grad_(name in names)
         if ctx.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            _gradient_checkpointing(model)
         return model
+
+
+def _gradient_checkpointing(model: nn.Module) -> None:
+    from peftkit.models.load import enable_gradient_checkpointing  # torch: only when applied
+
+    enable_gradient_checkpointing(model)
 
 
 def head_names(model: nn.Module) -> set[str]:

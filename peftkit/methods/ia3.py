@@ -6,14 +6,15 @@ vectors l (initialised to 1) are trained, typically ~0.01% of the parameters.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-from peft import IA3Config
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from peftkit.methods.base import ApplyContext
 from peftkit.methods.peft_method import PeftMethod
 from peftkit.methods.registry import register
+
+if TYPE_CHECKING:
+    from peft import IA3Config
+    from torch import nn
 
 
 @register
@@ -28,6 +29,8 @@ class IA3Spec(PeftMethod):
     """Subset of target_modules whose *input* is rescaled."""
 
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> IA3Config:
+        from peft import IA3Config
+
         return IA3Config(
             task_type=ctx.task_type,
             target_modules=self.target_modules,

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from peft import LoraConfig
 from pydantic import Field
-from torch import nn
 
 from peftkit.methods.base import ApplyContext, RecipeView
 from peftkit.methods.peft_method import PeftMethod
 from peftkit.methods.registry import register
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from torch import nn
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 _INIT_DIR = "lora-init"  # the adapter at step 0, needed to convert PiSSA/OLoRA back to plain LoRA
@@ -64,6 +66,8 @@ class LoraSpec(PeftMethod):
         return problems
 
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> LoraConfig:
+        from peft import LoraConfig
+
         return LoraConfig(
             task_type=ctx.task_type,
             r=self.r,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from peft import PeftConfig, get_peft_model, prepare_model_for_kbit_training
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peftkit.methods.base import ApplyContext, MethodSpec
-from peftkit.models.load import enable_gradient_checkpointing
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+    from torch import nn
 
 
 class PeftMethod(MethodSpec):
@@ -18,6 +19,10 @@ class PeftMethod(MethodSpec):
         raise NotImplementedError
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        from peftkit.models.load import enable_gradient_checkpointing
+
         if ctx.quantized:
             # Casts norms/embeddings to fp32 and turns on input grads, as QLoRA needs.
             model = prepare_model_for_kbit_training(

@@ -12,13 +12,14 @@ saved like a full fine-tune (the base weights are unchanged copies), loadable wi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from peftkit.methods.base import ApplyContext, MethodSpec
 from peftkit.methods.full import head_names
 from peftkit.methods.registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register

@@ -8,15 +8,17 @@ can be merged into them.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from peft import PrefixTuningConfig, PromptTuningConfig
 from pydantic import Field
-from torch import nn
 
 from peftkit.methods.base import ApplyContext, RecipeView
 from peftkit.methods.peft_method import PeftMethod
 from peftkit.methods.registry import register
+
+if TYPE_CHECKING:
+    from peft import PrefixTuningConfig, PromptTuningConfig
+    from torch import nn
 
 
 @register
@@ -32,6 +34,8 @@ class PromptTuningSpec(PeftMethod):
     """Initialise the soft prompt from the embeddings of this text (else random)."""
 
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> PromptTuningConfig:
+        from peft import PromptTuningConfig
+
         if self.init_text is None:
             return PromptTuningConfig(
                 task_type=ctx.task_type, num_virtual_tokens=self.num_virtual_tokens
@@ -67,6 +71,8 @@ class PrefixTuningSpec(PeftMethod):
         return problems
 
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> PrefixTuningConfig:
+        from peft import PrefixTuningConfig
+
         return PrefixTuningConfig(
             task_type=ctx.task_type,
             num_virtual_tokens=self.num_virtual_tokens,

@@ -23,8 +23,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from peftkit.errors import ModelLoadError
 from peftkit.models.gguf import cache_root
 
@@ -125,6 +123,7 @@ def materialize(name: str, log=None) -> str:
 
 
 def _build(settings: dict, assets: Path, pretrained: bool, out: Path) -> None:
+    import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer", "decoder_layers")
 
@@ -18,6 +21,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Picks the longest ModuleList whose own name is one of the usual block-list names
     (`model.layers` in Llama/Qwen/Mistral, `transformer.h` in GPT-2, ...).
     """
+    from torch import nn  # (the recipe schema imports this module: no torch until a model exists)
+
     candidates = [
         (name, module)
         for name, module in model.named_modules()

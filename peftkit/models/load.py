@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,27 +18,14 @@ from transformers import (
 
 from peftkit import _compat
 from peftkit.errors import ModelLoadError
-from peftkit.models import builtin, gguf
+from peftkit.models.source import (  # noqa: F401 - resolve_source: imported from here too
+    model_source,
+    resolve_source,
+    tokenizer_source,
+)
 from peftkit.models.spec import ModelSpec, QuantizationSpec
 
-logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_source(name: str, gguf_file: str | None = None, revision: str | None = None) -> str:
-    """Hub id or local path to hand to `from_pretrained`. `builtin:` models and GGUF files (a
-    `.gguf` path, or `gguf_file` in a folder or hub repository) are materialised once into a
-    plain folder in peftkit's cache, and that folder is returned."""
-    if builtin.is_builtin(name):
-        return builtin.materialize(name, log=logger.info)
-    if gguf_file is not None or gguf.is_gguf(name):
-        return gguf.materialize(gguf.locate(name, gguf_file, revision), log=logger.info)
-    return name
-
-
-def model_source(spec: ModelSpec) -> str:
-    """`resolve_source` of a recipe's model section."""
-    return resolve_source(spec.name, spec.gguf_file, spec.revision)
 
 
 def load_tokenizer(spec: ModelSpec, needs_eos: bool = True) -> PreTrainedTokenizerBase:
@@ -49,7 +35,7 @@ def load_tokenizer(spec: ModelSpec, needs_eos: bool = True) -> PreTrainedTokeniz
         needs_eos: refuse a tokenizer without EOS (a generating model must learn to stop; a
             classifier never generates, and BERT-style tokenizers have none).
     """
-    source = resolve_source(spec.tokenizer) if spec.tokenizer else model_source(spec)
+    source = tokenizer_source(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code

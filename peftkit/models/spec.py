@@ -13,6 +13,10 @@ from pydantic import StrictBool, field_validator, model_validator
 from peftkit.section import Section
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+Quantize = Literal["auto", "none", "4", "8"]
+"""How to load a base for adapters, in a word (the command line's --quantize): "auto" = as the
+adapters were trained (QLoRA adapters: the same 4-bit base), "none" = unquantized, "4" / "8" =
+in 4 / 8 bit."""
 
 
 class QuantizationSpec(Section):
