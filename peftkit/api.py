@@ -3,7 +3,8 @@
 `export` and `combine` are the library functions themselves (their signatures are the options);
 `peftkit.cli` derives its flags from these signatures and from the option classes they take.
 Each function imports what it needs when called: `import peftkit.api` loads the recipe schema
-only, so a verb that needs no model (`validate`) never imports torch, transformers or peft.
+only, so a verb that needs no model (`validate`, `prepare` on a cached start) never imports
+torch, transformers or peft.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import yaml
 from annotated_types import Ge, Gt, Le
 
+from peftkit.data import starts
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.errors import RecipeError
@@ -119,12 +121,17 @@ def train(
 def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> PreparedData:
     """Encode a recipe's data into peftkit's data cache ahead of training (as Axolotl's
     `preprocess` does), so that `train` and every `--resume` map it in seconds. Loads the
-    tokenizer, no model. Returns the `PreparedData` (its `cache_dir` says where the rows are).
+    tokenizer, no model; a second start finds the data from the tokenizer's files without
+    loading it (`peftkit.data.starts`). Returns the `PreparedData` (its `cache_dir` says where
+    the rows are).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     if not recipe.data.cache:
         raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
+    found = starts.find(recipe)
+    if found is not None:
+        return found
     from peftkit.models.load import load_tokenizer  # (transformers, torch)
 
     tokenizer = load_tokenizer(recipe.model, needs_eos=not recipe.task.has_head)
@@ -138,6 +145,7 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
             "this data cannot be cached: a hub dataset without data.train[...].revision may "
             "change under the same name; pin a revision"
         )
+    starts.remember(recipe, data)
     return data
 
 
