@@ -20,6 +20,7 @@ from annotated_types import Ge, Gt, Le
 from peftkit.data import starts
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
+from peftkit.data.prune import PruneReport, prune
 from peftkit.errors import RecipeError
 from peftkit.io import RunLayout
 from peftkit.launch import Launch
@@ -147,6 +148,28 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
         )
     starts.remember(recipe, data)
     return data
+
+
+def prune_data_cache(
+    max_gb: Annotated[float, Ge(0)] | None = None,
+    unused_days: Annotated[float, Ge(0)] | None = 30.0,
+    dry_run: bool = False,
+) -> PruneReport:
+    """Remove data cache entries unused for a while, then the least recently used ones beyond a
+    size (`peftkit.data.prune`). Builds in progress and entries used within the last hour are
+    always kept. Returns what was removed and what is left.
+
+    Args:
+        max_gb: then remove the least recently used entries until the cache holds at most this
+            many GiB.
+        unused_days: remove entries not built or used for this many days.
+        dry_run: only report what would be removed.
+    """
+    return prune(
+        max_bytes=None if max_gb is None else int(max_gb * 2**30),
+        unused_days=unused_days,
+        dry_run=dry_run,
+    )
 
 
 def plan(
@@ -291,6 +314,7 @@ __all__ = [
     "load_adapters",
     "plan",
     "prepare",
+    "prune_data_cache",
     "resolved_yaml",
     "serve",
     "sweep",

@@ -35,8 +35,8 @@ def _verbs() -> dict[str, Verb]:
             core.validate,
         ),
         "prepare": Verb(
-            "encode a recipe's data into the data cache ahead of training",
-            core.recipe_arguments,
+            "encode a recipe's data into the data cache ahead of training (--prune: bound it)",
+            core.prepare_arguments,
             core.prepare,
         ),
         "plan": Verb(

@@ -41,13 +41,40 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
+PRUNE_OPTIONS = ("max_gb", "unused_days", "dry_run")
+
+
+def prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit import api
+
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --prune)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=2048")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="then remove data cache entries unused for --unused-days days, and the least "
+        "recently used ones beyond --max-gb (builds in progress and entries used within the "
+        "last hour are kept)",
+    )
+    add_flags(
+        p, signature_params(api.prune_data_cache, PRUNE_OPTIONS), help_suffix=" (with --prune)"
+    )
+
+
 def prepare(args: argparse.Namespace) -> int:
     from peftkit import api
 
-    data = api.prepare(args.recipe, args.overrides)
-    for audit in data.audits:
-        print("\n".join(audit.lines()))
-    print(f"encoded data: {data.cache_dir}")
+    if args.recipe is None and not args.prune:
+        print("peftkit prepare: error: give a recipe, or --prune", file=sys.stderr)
+        return 2
+    if args.recipe is not None:
+        data = api.prepare(args.recipe, args.overrides)
+        for audit in data.audits:
+            print("\n".join(audit.lines()))
+        print(f"encoded data: {data.cache_dir}")
+    if args.prune:
+        report = api.prune_data_cache(**{k: getattr(args, k) for k in PRUNE_OPTIONS})
+        print("\n".join(report.lines()))
     return 0
 
 

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 LAYOUT = 1
 """Bumped whenever the files or the encoding change, so older caches are never read."""
+USED = "last_used"
+"""Touched in a cache folder whenever it is mapped (`prune` removes the least recently used)."""
 ROWS_PER_PROCESS = 2000
 """With `data.num_proc: null`, one process per this many rows (up to the CPUs available)."""
 _SPLITS = ("train", "eval", "reference")
@@ -144,6 +146,12 @@ def _building(folder: Path) -> Iterator[Path]:
         shutil.rmtree(mine, ignore_errors=True)
 
 
+def last_used(folder: Path) -> float:
+    """When a cache folder was built or last mapped (a time stamp)."""
+    stamps = [folder / "meta.json", folder / USED]
+    return max(p.stat().st_mtime for p in stamps if p.exists())
+
+
 def data_root() -> Path:
     """The data cache: $PEFTKIT_CACHE/data (default ~/.cache/peftkit/data)."""
     return cache_root() / "data"
@@ -214,8 +222,10 @@ def _numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def load(
     folder: Path, row_type: type = EncodedRow
 ) -> tuple[dict[str, EncodedRows], list[SplitAudit], dict[str, Any]]:
-    """The splits, audits and metadata (stop tokens, ...) of a cache folder."""
+    """The splits, audits and metadata (stop tokens, ...) of a cache folder (stamped as used)."""
     meta = json.loads((folder / "meta.json").read_text())
+    with contextlib.suppress(OSError):  # (a read-only cache is still read)
+        (folder / USED).touch()
     table = _read_tables(folder, meta["files"])
     labels = meta.get("labels", "int64")
     rows = {
