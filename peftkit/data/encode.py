@@ -116,31 +116,36 @@ class Encoder:
         """Token ids and labels of rendered texts (one tokenizer call per kind: chats carry their
         special tokens, plain text gets the tokenizer's own and an EOS), as flat arrays; the
         labels depend on the texts' spans only, not on this encoder's loss policy."""
-        ids: list[list[int]] = [[]] * len(texts)
-        offsets: list[list[tuple[int, int]]] = [[]] * len(texts)
-        with _collector_paused():
-            for chat in (True, False):
-                which = [i for i, t in enumerate(texts) if t.chat == chat]
-                if not which:
-                    continue
-                encoded = self._ids_and_offsets([texts[i].text for i in which], not chat)
-                for (row_ids, row_offsets), i in zip(encoded, which):
-                    if not chat:
-                        n_chars = len(texts[i].text)
-                        row_ids, row_offsets = self._with_eos(row_ids, row_offsets, n_chars)
-                    ids[i], offsets[i] = row_ids, row_offsets
-            bounds = np.zeros(len(texts) + 1, dtype=np.int64)
-            np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)), out=bounds[1:])
-            n = int(bounds[-1])
-            flat_ids = np.fromiter(itertools.chain.from_iterable(ids), np.int64, n)
-            flat = itertools.chain.from_iterable(itertools.chain.from_iterable(offsets))
-            chars = np.fromiter(flat, np.int64, 2 * n).reshape(n, 2)  # (tokens, 2): [start, end)
-            del ids, offsets
-        mask = np.zeros(n, dtype=bool)
+        with _collector_paused():  # (the offsets' tuples are all gone when it resumes)
+            flat_ids, chars, bounds = self._flat_ids_and_offsets(texts)
+        mask = np.zeros(len(flat_ids), dtype=bool)
         for i, text in enumerate(texts):
             a, b = bounds[i], bounds[i + 1]
             _mark_spans(mask[a:b], chars[a:b, 0], chars[a:b, 1], text.spans)
         return EncodedBatch(flat_ids, np.where(mask, flat_ids, IGNORE), bounds)
+
+    def _flat_ids_and_offsets(
+        self, texts: list[RenderedText]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids (tokens,), character offsets (tokens, 2): [start, end), row bounds (rows + 1,))
+        of every text, back to back."""
+        ids: list[list[int]] = [[]] * len(texts)
+        offsets: list[list[tuple[int, int]]] = [[]] * len(texts)
+        for chat in (True, False):
+            which = [i for i, t in enumerate(texts) if t.chat == chat]
+            if not which:
+                continue
+            encoded = self._ids_and_offsets([texts[i].text for i in which], not chat)
+            for (row_ids, row_offsets), i in zip(encoded, which):
+                if not chat:
+                    row_ids, row_offsets = self._with_eos(row_ids, row_offsets, len(texts[i].text))
+                ids[i], offsets[i] = row_ids, row_offsets
+        bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)), out=bounds[1:])
+        n = int(bounds[-1])
+        flat_ids = np.fromiter(itertools.chain.from_iterable(ids), np.int64, n)
+        flat = itertools.chain.from_iterable(itertools.chain.from_iterable(offsets))
+        return flat_ids, np.fromiter(flat, np.int64, 2 * n).reshape(n, 2), bounds
 
     def _ids_and_offsets(
         self, texts: list[str], add_special_tokens: bool
