@@ -3,8 +3,8 @@
 `export` and `combine` are the library functions themselves (their signatures are the options);
 `peftkit.cli` derives its flags from these signatures and from the option classes they take.
 Each function imports what it needs when called: `import peftkit.api` loads the recipe schema
-only, so a verb that needs no model (`validate`, `prepare` on a cached start) never imports
-torch, transformers or peft.
+and the data cache only, so `validate` and `prepare` on a cached start import neither torch nor
+transformers nor peft.
 """
 
 from __future__ import annotations
