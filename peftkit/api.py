@@ -130,7 +130,8 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
         recipe = load_recipe(recipe, overrides)
     if not recipe.data.cache:
         raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
-    found = starts.find(recipe)
+    key = starts.key_of(recipe)  # hashes the tokenizer's and the data's files: once
+    found = starts.find(recipe, key)
     if found is not None:
         return found
     from peftkit.models.load import load_tokenizer  # (transformers, torch)
@@ -146,7 +147,7 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
             "this data cannot be cached: a hub dataset without data.train[...].revision may "
             "change under the same name; pin a revision"
         )
-    starts.remember(recipe, data)
+    starts.remember(key, data)
     return data
 
 

@@ -76,13 +76,19 @@ def _record(key: str) -> Path:
     return cache.data_root() / STARTS / f"{key[:32]}.json"
 
 
-def find(recipe: Recipe) -> PreparedData | None:
-    """The recipe's data from the cache folder its start key recorded (rows memory-mapped), or
-    None when there is none."""
+def key_of(recipe: Recipe) -> str | None:
+    """`start_key`, or None where it cannot be computed (an unreadable file or a bad model name:
+    loading the tokenizer says why)."""
     try:
-        key = start_key(recipe)
-    except (OSError, PeftkitError):  # an unreadable file or a bad model name: loading says why
+        return start_key(recipe)
+    except (OSError, PeftkitError):
         return None
+
+
+def find(recipe: Recipe, key: str | None = None) -> PreparedData | None:
+    """The recipe's data from the cache folder its start key (`key`, computed when not given)
+    recorded (rows memory-mapped), or None when there is none."""
+    key = key or key_of(recipe)
     if key is None:
         return None
     try:
@@ -98,13 +104,10 @@ def find(recipe: Recipe) -> PreparedData | None:
     return mapped_data(folder, template, row_type)[0]
 
 
-def remember(recipe: Recipe, data: PreparedData) -> None:
-    """Record the cache folder of a recipe's data under its start key (nothing when the data is
-    not cached or the key cannot be computed)."""
-    if data.cache_dir is None:
-        return
-    key = start_key(recipe)
-    if key is None:
+def remember(key: str | None, data: PreparedData) -> None:
+    """Record the cache folder of a recipe's data under its start key `key` (nothing when the
+    data is not cached or the key could not be computed)."""
+    if data.cache_dir is None or key is None:
         return
     record: dict[str, Any] = {
         "folder": Path(data.cache_dir).name,
