@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import EncodedRow, Encoder, truncate
@@ -294,11 +292,6 @@ def preference_audit_record(data: PreparedData, tokenizer: PreTrainedTokenizerBa
             for kind, row in rows
         ],
     }
-
-
-def desirable_counts(rows: list[PreferenceRow]) -> tuple[int, int]:
-    flags = np.array([bool(r.desirable) for r in rows])
-    return int(flags.sum()), int((~flags).sum())
 
 
 def prepare_scored_rows(
