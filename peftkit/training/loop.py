@@ -363,8 +363,6 @@ class FineTuneRun(Evaluation):
                 last = i == len(batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
                     token_loss_sum = objective.loss_sum(self.model, batch)
-                    if acc.device.type == "cpu":  # the forward's freed temporaries, before backward
-                        _compat.release_freed_cpu_memory()
                     # DDP averages gradients over processes, hence the factor num_processes.
                     acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
                 loss_sum += token_loss_sum.detach()
