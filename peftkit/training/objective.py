@@ -30,6 +30,7 @@ from peftkit.recipe.schema import DataSpec, Recipe
 from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
 from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
+from peftkit.training.lora_mlp import install_fused_lora_mlps
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog
 from peftkit.training.tasks import TaskLosses, task_summary
@@ -249,6 +250,9 @@ def build_objective(
         recipe.train, recipe.adapter, model, recipe.task.has_head, precision, data.train
     )
     pad_id = tokenizer.pad_token_id
+    # LoRA on a SwiGLU MLP: the same math with half the MLP's saved activations (lora_mlp.py);
+    # each call checks that it is the plain case, else the model's own forward runs.
+    install_fused_lora_mlps(model)
     if recipe.task.has_head:
         return TaskHead(pad_id, class_names, recipe.task.type, batching)
     if recipe.objective.preference:

@@ -93,6 +93,45 @@ def test_accumulation_and_batching_modes_match_one_big_padded_batch(tmp_path, ti
         assert all(abs(reference[s] - losses[s]) < 1e-5 for s in reference), name
 
 
+def test_fused_lora_mlp_trains_the_same_adapter_as_module_by_module(
+    tmp_path, tiny_model, monkeypatch
+):
+    """The fused SwiGLU MLP (training/lora_mlp.py) runs in a LoRA run and changes nothing it
+    trains: same loss at every step and the same adapter as the model's own MLP forward."""
+    from peftkit.training import lora_mlp, objective
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16, seed=5))
+    calls = [0]
+    apply = lora_mlp.LoraSwiGLU.apply
+
+    def counting(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(lora_mlp.LoraSwiGLU, "apply", counting)
+    runs = {}
+    for name in ("fused", "own"):
+        if name == "own":
+            monkeypatch.setattr(objective, "install_fused_lora_mlps", lambda model: 0)
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            tiny_model,
+            data,
+            adapter=LORA,
+            train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 0},
+            output={"dir": str(tmp_path / name), "plot": False},
+        )
+        before = calls[0]
+        assert main(["train", str(recipe)]) == 0
+        runs[name] = calls[0] - before
+        if name == "fused":
+            assert runs[name] >= 3 * 2  # every step ran it in every layer (plus evaluations)
+    assert runs["own"] == 0
+    _assert_same_adapter(_adapter(tmp_path / "fused"), _adapter(tmp_path / "own"), tol=1e-5)
+    fused, own = _losses(tmp_path / "fused"), _losses(tmp_path / "own")
+    assert fused.keys() == own.keys() and all(abs(fused[s] - own[s]) < 1e-5 for s in own)
+
+
 def _resumable_recipe(tmp_path: Path, tiny_model: Path, data: Path, out: str, **train) -> Path:
     return write_recipe(
         tmp_path / f"{out}.yaml",
