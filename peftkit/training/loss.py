@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from peftkit.data.encode import IGNORE
 from peftkit.models.layers import unwrap_peft
+from peftkit.training.linear_ce import fused_head, linear_cross_entropy_sum
 
 CE_CHUNK_ROWS = 1024
 """Rows of logits per fp32 cross-entropy chunk: the transient fp32 memory is chunk x vocab x 4 B."""
@@ -49,6 +50,10 @@ def causal_lm_loss_sum(
     `batch` is padded (input_ids, attention_mask, labels) or packed (input_ids, position_ids,
     labels, optionally cu_seq_lens_q; see `batches.collate_packed`).
     """
+    head = fused_head(model) if supervised_only else None
+    if head is not None:  # projection and cross-entropy fused: no logits kept (linear_ce.py)
+        hidden, targets = _hidden_and_targets(model, batch)
+        return linear_cross_entropy_sum(hidden, head.weight, targets)
     logits, targets, _ = _logits_and_targets(model, batch, supervised_only)
     return chunked_cross_entropy_sum(logits, targets)
 
@@ -82,6 +87,20 @@ def _logits_and_targets(
         # Prompt tuning prepends virtual tokens to the logits; keep the positions of the real tokens.
         logits = logits[:, -labels.shape[1] :][:, :-1]  # (batch, seq - 1, vocab)
     return logits, targets.to(logits.device), keep
+
+
+def _hidden_and_targets(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden states at the positions predicting a label, and those labels."""
+    targets = batch["labels"][:, 1:]  # (batch, seq - 1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    # logits for no position (the head runs on zero rows); the last hidden state is the head's input
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=keep[:0])
+    hidden = out.hidden_states[-1]  # (batch, seq, hidden)
+    keep = keep.to(hidden.device)
+    return hidden[:, keep], targets.to(hidden.device)[:, keep]
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
