@@ -303,16 +303,18 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, folder:
     with _building(folder) as tmp:
         counts = _write_raw(spec, tmp / "raw.arrow")
         n_train, n_eval, n_ref = counts
-        train_idx, eval_idx = list(range(n_train)), list(range(n_train, n_train + n_eval))
-        if not eval_idx and spec.eval_fraction > 0:
-            train_idx, eval_idx = hold_out_indices(n_train, spec.eval_fraction, seed)
+        # row numbers as arrays, not lists: 8 bytes a row instead of about 36
+        train_idx, eval_idx = np.arange(n_train), np.arange(n_train, n_train + n_eval)
+        if not n_eval and spec.eval_fraction > 0:
+            kept, held = hold_out_indices(n_train, spec.eval_fraction, seed)
+            train_idx, eval_idx = np.array(kept, dtype=np.int64), np.array(held, dtype=np.int64)
         if spec.max_eval_rows is not None:
             eval_idx = eval_idx[: spec.max_eval_rows]
-        ref_idx = list(range(n_train + n_eval, n_train + n_eval + n_ref))
+        ref_idx = np.arange(n_train + n_eval, n_train + n_eval + n_ref)
         ref_idx = ref_idx[: spec.max_reference_rows]
-        order = train_idx + eval_idx + ref_idx
+        order = np.concatenate([train_idx, eval_idx, ref_idx])
         raw = datasets.Dataset.from_file(str(tmp / "raw.arrow"))
-        if order != list(range(len(raw))):
+        if not np.array_equal(order, np.arange(len(raw))):
             raw = raw.select(order, keep_in_memory=True)
         n_proc = _processes(spec.num_proc, len(raw))
         log.info("encoding %d rows in %d process(es) into %s", len(raw), n_proc, folder)

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftkit.data import starts
 from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
@@ -224,13 +225,19 @@ class TaskHead(Objective):
 
 
 def prepare_run_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int):
-    """(prepared data, class names or None) for the recipe's objective and task."""
+    """(prepared data, class names or None) for the recipe's objective and task. Causal-LM and
+    task-head data found in or added to the data cache is recorded under the recipe's start key,
+    as `peftkit prepare` records it, so that a later `peftkit prepare` of the recipe maps it
+    without loading the tokenizer (`peftkit.data.starts`)."""
     if recipe.task.has_head:
-        return prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
-    if recipe.objective.preference:
+        data, names = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
+    elif recipe.objective.preference:
         unpaired = recipe.objective.type == "kto"
         return prepare_preference_data(recipe.data, tokenizer, seed, unpaired), None
-    return prepare_data(recipe.data, tokenizer, seed), None
+    else:
+        data, names = prepare_data(recipe.data, tokenizer, seed), None
+    starts.remember(starts.key_of(recipe), data)
+    return data, names
 
 
 def build_objective(

@@ -98,6 +98,23 @@ def test_task_head_data_starts_cached_too(model_dir, tmp_path, monkeypatch):
     assert_same(first, api.prepare(recipe))
 
 
+@pytest.mark.parametrize("task", [None, {"type": "classification"}])
+def test_a_prepare_after_training_starts_cached(task, model_dir, tmp_path, monkeypatch):
+    """`peftkit train` records the start key of the data it encoded, as `peftkit prepare` does."""
+    if task is None:
+        rows, sections = chat_rows(12), {}
+    else:
+        rows = [{"text": f"row {i} " * (i % 4 + 1), "label": i % 2} for i in range(12)]
+        sections = {"task": task}
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, data, **sections)
+    api.train(recipe, ["train.max_steps=1"])
+    no_loading(monkeypatch)
+    found = starts.find(load_recipe(recipe))
+    assert found is not None and Path(found.cache_dir).parent == cache.data_root()
+    assert api.prepare(recipe).cache_dir == found.cache_dir
+
+
 def test_a_cached_prepare_imports_neither_torch_nor_transformers(model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
     recipe = write_recipe(tmp_path / "r.yaml", model_dir, data)

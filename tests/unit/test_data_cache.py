@@ -185,10 +185,10 @@ def test_batched_tokenization_equals_the_tokenizers_own_call(tokenizers_by_templ
         tok = AutoTokenizer.from_pretrained(tokenizers_by_template[name])
         for special in (True, False):
             got = Encoder(tok, "all")._ids_and_offsets(texts, special)
-            for text, (ids, offsets) in zip(texts, got):
+            for text, row in zip(texts, got):
                 enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
-                assert list(ids) == enc["input_ids"]
-                assert [tuple(o) for o in offsets] == [tuple(o) for o in enc["offset_mapping"]]
+                assert list(row.ids) == enc["input_ids"]
+                assert [tuple(o) for o in row.offsets] == [tuple(o) for o in enc["offset_mapping"]]
 
 
 def test_prepare_verb_fills_the_cache_that_training_then_finds(
