@@ -2,6 +2,7 @@
 another, compare. CPU peaks are peak RSS; on a GPU, torch.cuda.max_memory_allocated.
 
     python benchmarks/plan_check.py            # writes benchmarks/results/plan_check.{json,md}
+    python benchmarks/plan_check.py --only smollm2   # the cases whose name contains a word
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICK = str(ROOT / "recipes" / "tiny-llama" / "chat-skills.yaml")
+SMOLLM2 = str(ROOT / "recipes" / "quickstart.yaml")
 BENCH = HERE / "results" / "work" / "50m"
 
 CASES = {
@@ -30,6 +32,7 @@ CASES = {
         QUICK,
         ["train.max_steps=15", "adapter.method=qlora", "model.quantization={bits: 4}"],
     ),
+    "smollm2-135m lora fp32 (quickstart, real weights)": (SMOLLM2, ["train.max_steps=4"]),
     "50m lora bf16 (benchmark defaults)": (None, []),
     "50m lora bf16 (padded, full logits)": (
         None,
@@ -79,7 +82,12 @@ def _in_fresh_process(body: str, args: list[str]) -> dict | None:
 
 
 def main() -> None:
-    if not (BENCH / "model").exists():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    cases = {k: v for k, v in CASES.items() if parser.parse_args().only in k}
+    if any(recipe is None for recipe, _ in cases.values()) and not (BENCH / "model").exists():
         subprocess.run(
             [sys.executable, str(HERE / "run.py"), "--configs", "peftkit", "--steps", "2"],
             check=True,
@@ -87,7 +95,7 @@ def main() -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     rows = []
-    for name, (recipe, overrides) in CASES.items():
+    for name, (recipe, overrides) in cases.items():
         recipe = recipe or bench_recipe(out / "plan-check.yaml")
         common = [
             recipe,

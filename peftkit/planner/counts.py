@@ -33,6 +33,10 @@ class ModelCounts:
     heads: int
     kv_heads: int
     vocab: int
+    fused_mlp: bool = False
+    """Every decoder MLP runs as the fused LoRA SwiGLU in training (fp32, unquantized)."""
+    fused_head: bool = False
+    """The head and cross-entropy run fused (training/linear_ce.py): no logits kept."""
 
 
 def count(recipe: Recipe, tokenizer) -> ModelCounts:
@@ -64,6 +68,9 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         for name, m in model.named_modules()
         if name.endswith("base_layer") and isinstance(m, nn.Linear) and ".layers.0." in name
     )
+    from peftkit.training.linear_ce import fused_head
+    from peftkit.training.lora_mlp import fused_in_training
+
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     return ModelCounts(
@@ -78,4 +85,6 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         vocab=text.vocab_size,
+        fused_mlp=fused_in_training(model) == text.num_hidden_layers,
+        fused_head=fused_head(model) is not None,
     )

@@ -13,10 +13,13 @@ largest micro-batch and compute dtype of b bytes:
                gate/up/act/product:  b (8h + 3 h_kv + 4 I) + 4 (2h)  bytes, plus, for LoRA under
                half precision, the fp32 copy of each adapted layer's input peft casts. With
                gradient checkpointing: only each layer's input (b h) plus one layer's full set.
+               The fused LoRA MLP (fp32, unquantized; training/lora_mlp.py) keeps 2 I, not 4 I.
   logits       supervised-only: K supervised positions x vocab in b bytes, plus fp32 chunks;
-               otherwise T x vocab in b bytes, its fp32 upcast and the fp32 log-softmax
+               fused with the head (training/linear_ce.py): one fp32 chunk of rows x vocab and
+               the kept gradient K x h; otherwise T x vocab in b bytes, its fp32 upcast and the
+               fp32 log-softmax
   backward     transients while backward runs: one layer's activation gradients and the gradient
-               of the kept logits (fp32)
+               of the kept logits (fp32; none when fused with the head)
   cpu slack    CPU only: glibc and oneDNN keep freed and scratch memory resident; measured on the
                benchmark workload (torch 2.13, glibc) as ~45% of the step's transient tensors
                (activations + logits + backward). Not a law of nature: see benchmarks/README.md.
@@ -33,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftkit.planner.counts import ModelCounts
+from peftkit.training.linear_ce import CHUNK_ROWS as FUSED_CHUNK_ROWS
 from peftkit.training.loss import CE_CHUNK_ROWS
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -96,20 +100,26 @@ def estimate(
         e.parts["autocast copies"] = c.quantizable_params * b
 
     t, h, i, kv = work.tokens, c.hidden, c.intermediate, c.kv_heads * (c.hidden // c.heads)
-    per_layer = t * (b * (8 * h + 3 * kv + 4 * i) + 4 * 2 * h)
+    fused_mlp = c.fused_mlp and precision == "fp32" and quant_bits is None
+    per_layer = t * (b * (8 * h + 3 * kv + (2 if fused_mlp else 4) * i) + 4 * 2 * h)
     if lora and precision != "fp32":
         per_layer += t * c.adapter_input_features * 4
     if gradient_checkpointing:
         e.parts["activations"] = c.layers * t * h * b + per_layer
     else:
         e.parts["activations"] = c.layers * per_layer
-    if supervised_only:
+    fused_head = supervised_only and c.fused_head
+    if fused_head:
+        e.parts["logits"] = min(work.supervised, FUSED_CHUNK_ROWS) * c.vocab * 4 + (
+            work.supervised * h * b
+        )
+    elif supervised_only:
         e.parts["logits"] = (
             work.supervised * c.vocab * b + min(work.supervised, CE_CHUNK_ROWS) * c.vocab * 4 * 2
         )
     else:
         e.parts["logits"] = t * c.vocab * (b + 4 + 4)
-    kept = work.supervised if supervised_only else t
+    kept = 0 if fused_head else work.supervised if supervised_only else t
     e.parts["backward"] = per_layer + kept * c.vocab * 4
     if cpu:
         transient = e.parts["activations"] + e.parts["logits"] + e.parts["backward"]

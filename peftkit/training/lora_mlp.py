@@ -80,8 +80,10 @@ class LoraSwiGLU(torch.autograd.Function):
         )
 
 
-def _lora_parts(proj: nn.Module, dtype: torch.dtype):
-    """(weight, bias, A, B, scale) of a peft LoRA Linear in the plain case, else None."""
+def _lora_parts(proj: nn.Module, dtype: torch.dtype | None, training: bool | None = None):
+    """(weight, bias, A, B, scale) of a peft LoRA Linear in the plain case, else None.
+
+    dtype None: the layer's own; training None: the dropout module's mode."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if type(proj) is not LoraLinear or proj.merged or proj.disable_adapters:
@@ -92,6 +94,8 @@ def _lora_parts(proj: nn.Module, dtype: torch.dtype):
     name = names[0]
     base, a, b = proj.base_layer, proj.lora_A[name], proj.lora_B[name]
     dropout = proj.lora_dropout[name]
+    dtype = base.weight.dtype if dtype is None else dtype
+    training = dropout.training if training is None else training
     if (
         type(base) is not nn.Linear
         or base.weight.requires_grad
@@ -102,7 +106,7 @@ def _lora_parts(proj: nn.Module, dtype: torch.dtype):
         or type(b) is not nn.Linear
         or a.bias is not None
         or b.bias is not None
-        or (dropout.training and not isinstance(dropout, nn.Identity) and dropout.p > 0)
+        or (training and not isinstance(dropout, nn.Identity) and dropout.p > 0)
         or not isinstance(proj.scaling[name], (int, float))
         or any(t.dtype != dtype for t in (base.weight, a.weight, b.weight))
     ):
@@ -144,6 +148,15 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
         all(hasattr(module, p) for p in _PROJECTIONS)
         and act is not None
         and type(act).__name__ in ("SiLU", "SiLUActivation")
+    )
+
+
+def fused_in_training(model: nn.Module) -> int:
+    """How many MLPs of `model` a training step would run fused, given one dtype and no
+    autocast (what the memory planner asks of a model built on the meta device)."""
+    return sum(
+        is_swiglu_mlp(m) and all(_lora_parts(getattr(m, p), None, True) for p in _PROJECTIONS)
+        for m in model.modules()
     )
 
 

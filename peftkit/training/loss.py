@@ -7,7 +7,9 @@ With `supervised_only`, the model projects to the vocabulary only at the positio
 token carries a label (transformers' `logits_to_keep`, which also applies any logit soft-capping
 or scaling the architecture has), and the fp32 softmax runs over chunks of those rows under
 activation checkpointing: neither (tokens x vocab) logits nor their fp32 log-softmax are kept.
-The sum is the same as the plain computation's, up to float summation order.
+The sum is the same as the plain computation's, up to float summation order. Where the logits
+are exactly the head applied to the last hidden state (`linear_ce.fused_head`), the projection and
+the cross-entropy run fused instead: each chunk's logits are made, used and freed in the forward.
 """
 
 from __future__ import annotations

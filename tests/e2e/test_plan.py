@@ -36,7 +36,21 @@ def test_plan_components_follow_the_recipe(tmp_path, tiny_model, chat_file):
         model={"name": str(tiny_model), "quantization": {"bits": 4}},
     )
     full = plan(adapter={"method": "full"})
+    dropout = plan(adapter={"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1})
+    unfused = plan(train={"supervised_logits_only": False})
     assert checkpointed.estimate.parts["activations"] < lora.estimate.parts["activations"]
+    # fp32 LoRA without dropout: the fused MLP keeps 2 of the 4 MLP-wide tensors per token
+    assert lora.counts.fused_mlp and not dropout.counts.fused_mlp
+    c, tokens = lora.counts, lora.workload.tokens
+    fused_saving = dropout.estimate.parts["activations"] - lora.estimate.parts["activations"]
+    assert fused_saving == c.layers * tokens * 4 * 2 * c.intermediate
+    # the fused head keeps one chunk of logits, not every supervised position's
+    assert lora.counts.fused_head
+    supervised = lora.workload.supervised
+    assert lora.estimate.parts["logits"] == min(supervised, 256) * c.vocab * 4 + (
+        supervised * c.hidden * 4
+    )
+    assert lora.estimate.parts["backward"] < unfused.estimate.parts["backward"]
     assert qlora.estimate.parts["weights"] < lora.estimate.parts["weights"]
     assert full.counts.trainable_params == full.counts.base_params
     assert (
