@@ -22,7 +22,8 @@ largest micro-batch and compute dtype of b bytes:
                of the kept logits (fp32; none when fused with the head)
   cpu slack    CPU only: glibc and oneDNN keep freed and scratch memory resident; measured on the
                benchmark workload (torch 2.13, glibc) as ~45% of the step's transient tensors
-               (activations + logits + backward). Not a law of nature: see benchmarks/README.md.
+               (activations + logits + backward; with the fused MLP, also the silu(g) and h it
+               makes and frees). Not a law of nature: see benchmarks/README.md.
   sharding     per process, with N processes: FSDP and DeepSpeed ZeRO-2/3 divide gradients and
                optimizer state by N; FSDP (reshard after forward) and ZeRO-3 also the weights and
                adapter, plus one decoder layer's weights gathered at a time; DDP divides nothing
@@ -102,8 +103,12 @@ def estimate(
     t, h, i, kv = work.tokens, c.hidden, c.intermediate, c.kv_heads * (c.hidden // c.heads)
     fused_mlp = c.fused_mlp and precision == "fp32" and quant_bits is None
     per_layer = t * (b * (8 * h + 3 * kv + (2 if fused_mlp else 4) * i) + 4 * 2 * h)
+    # The fused MLP still makes silu(g) and h for a moment (forward, and again in backward): the
+    # allocator's slack follows what is allocated, not what is kept.
+    allocated_per_layer = per_layer + (t * b * 2 * i if fused_mlp else 0)
     if lora and precision != "fp32":
         per_layer += t * c.adapter_input_features * 4
+        allocated_per_layer += t * c.adapter_input_features * 4
     if gradient_checkpointing:
         e.parts["activations"] = c.layers * t * h * b + per_layer
     else:
@@ -122,8 +127,13 @@ def estimate(
     kept = 0 if fused_head else work.supervised if supervised_only else t
     e.parts["backward"] = per_layer + kept * c.vocab * 4
     if cpu:
-        transient = e.parts["activations"] + e.parts["logits"] + e.parts["backward"]
-        e.parts["cpu slack"] = CPU_SLACK * transient
+        allocated = (
+            e.parts["activations"]
+            + (c.layers if not gradient_checkpointing else 1) * (allocated_per_layer - per_layer)
+            + e.parts["logits"]
+            + e.parts["backward"]
+        )
+        e.parts["cpu slack"] = CPU_SLACK * allocated
     if shards > 1:  # per process: each holds 1/N of what is sharded
         e.parts["gradients"] /= shards
         e.parts["optimizer"] /= shards

@@ -35,14 +35,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum of fp32 cross-entropy of F.linear(h, W) against y (IGNORE rows excluded)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows):  # h (rows, hidden), targets (rows,)
+    def forward(ctx, h, weight, targets, chunk_rows, dtype):  # h (rows, hidden), targets (rows,)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        w = weight.to(dtype)  # the dtype the head computes in (autocast's, under mixed precision)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h_c, y_c = h[rows], targets[rows]
-            logits = F.linear(h_c, weight).float()  # (chunk, vocab)
+            h_c, y_c = h[rows].to(dtype), targets[rows]
+            logits = F.linear(h_c, w).float()  # (chunk, vocab)
             valid = y_c != IGNORE
             y_safe = torch.where(valid, y_c, 0)
             lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
@@ -54,7 +55,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(len(y_c), device=h.device), y_safe] -= 1.0
             grad.mul_(valid[:, None])
             if dh is not None:
-                torch.mm(grad.to(h.dtype), weight, out=dh[rows])  # (chunk, hidden)
+                dh[rows] = grad.to(dtype) @ w  # (chunk, hidden)
             if dw is not None:
                 dw.addmm_(grad.t(), h_c.float())
         ctx.save_for_backward(dh, dw)
@@ -69,15 +70,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             (dw * grad_out).to(ctx.weight_dtype) if dw is not None else None,
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy_sum(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int = CHUNK_ROWS,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Σ cross-entropy(W h_i, y_i) over rows with a target; h (..., hidden), targets (...)."""
+    """Σ cross-entropy(W h_i, y_i) over rows with a target; h (..., hidden), targets (...).
+
+    `dtype`: what the projection computes in (default h's); the loss is fp32 either way."""
     return LinearCrossEntropy.apply(
-        h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk_rows
+        h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk_rows, dtype or h.dtype
     )
 
 

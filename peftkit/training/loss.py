@@ -54,8 +54,8 @@ def causal_lm_loss_sum(
     """
     head = fused_head(model) if supervised_only else None
     if head is not None:  # projection and cross-entropy fused: no logits kept (linear_ce.py)
-        hidden, targets = _hidden_and_targets(model, batch)
-        return linear_cross_entropy_sum(hidden, head.weight, targets)
+        hidden, targets, dtype = _hidden_and_targets(model, head, batch)
+        return linear_cross_entropy_sum(hidden, head.weight, targets, dtype=dtype)
     logits, targets, _ = _logits_and_targets(model, batch, supervised_only)
     return chunked_cross_entropy_sum(logits, targets)
 
@@ -92,17 +92,26 @@ def _logits_and_targets(
 
 
 def _hidden_and_targets(
-    model: nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last hidden states at the positions predicting a label, and those labels."""
+    model: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """The last hidden states at the positions predicting a label, those labels, and the dtype
+    the head computed in (under autocast, the half type even for fp32 weights)."""
     targets = batch["labels"][:, 1:]  # (batch, seq - 1)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-    # logits for no position (the head runs on zero rows); the last hidden state is the head's input
-    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=keep[:0])
+    # logits for no position (the head runs on zero rows); the last hidden state is the head's
+    # input. The head's own output says which dtype it computes in (autocast's, if any): the
+    # outputs themselves may have been cast to fp32 on the way out (accelerate does).
+    computed: list[torch.dtype] = []
+    hook = head.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
+    try:
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=keep[:0])
+    finally:
+        hook.remove()
     hidden = out.hidden_states[-1]  # (batch, seq, hidden)
     keep = keep.to(hidden.device)
-    return hidden[:, keep], targets.to(hidden.device)[:, keep]
+    dtype = computed[-1] if computed else hidden.dtype
+    return hidden[:, keep], targets.to(hidden.device)[:, keep], dtype
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

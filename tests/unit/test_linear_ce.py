@@ -80,3 +80,22 @@ def test_unlisted_or_adapted_heads_are_not_fused():
     assert fused_head(_tiny("gemma2")) is None  # logit soft-capping after the head
     lora_head = get_peft_model(_tiny("llama"), LoraConfig(r=2, target_modules=["lm_head"]))
     assert fused_head(lora_head) is None
+
+
+def test_under_autocast_the_head_computes_in_autocasts_dtype():
+    """Mixed precision: the plain path's head runs in bf16 under autocast (fp32 weights or not),
+    and so does the fused one, though the model's outputs may come back cast to fp32."""
+    from peftkit.training import loss
+
+    torch.manual_seed(0)
+    model = _tiny("llama")
+    ids = torch.randint(0, 64, (2, 40))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch["labels"][:, :10] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss.causal_lm_loss_sum(model, batch, supervised_only=True)
+        hidden, _, dtype = loss._hidden_and_targets(model, fused_head(model), batch)
+        logits, targets, _ = loss._logits_and_targets(model, batch, supervised_only=True)
+        plain = loss.chunked_cross_entropy_sum(logits, targets)
+    assert dtype == torch.bfloat16 and hidden.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
