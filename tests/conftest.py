@@ -261,3 +261,19 @@ def pytest_collection_modifyitems(config, items):
     longest files start at once instead of leaving one worker busy at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+@pytest.fixture
+def lora_swiglu_calls(monkeypatch) -> list[int]:
+    """How many times the fused LoRA SwiGLU MLP (training/lora_mlp.py) ran: [count]."""
+    from peftkit.training import lora_mlp
+
+    count = [0]
+    apply = lora_mlp.LoraSwiGLU.apply
+
+    def counting(*args):
+        count[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(lora_mlp.LoraSwiGLU, "apply", counting)
+    return count

@@ -39,17 +39,8 @@ def _pair(mlp_bias: bool = False, **lora):
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """How many times the fused function ran."""
-    count = [0]
-    apply = lora_mlp.LoraSwiGLU.apply
-
-    def counting(*args):
-        count[0] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(lora_mlp.LoraSwiGLU, "apply", counting)
-    return count
+def calls(lora_swiglu_calls):
+    return lora_swiglu_calls
 
 
 def _loss_and_grads(model, ids):
