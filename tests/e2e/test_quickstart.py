@@ -12,7 +12,10 @@ import pytest
 from peftkit.cli import main
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "tiny-llama" / "chat-skills.yaml"
-ANSWER = re.compile(r"^\d+ \+ \d+ = \d+\.$")  # the assistant's arithmetic answer format
+# The assistant's arithmetic answer format, "a + b = c", at the start of the answer. A 3M toy's
+# greedy continuation after it (e.g. "2 + 3 = 99 = 9.") flips with float rounding (thread count,
+# summation order), so only the learned start is asserted; the untrained toy answers "Q: ...".
+ANSWER = re.compile(r"^\d+ \+ \d+ = \d+")
 
 
 def _train(tmp_path: Path, *overrides: str) -> dict:
