@@ -71,20 +71,28 @@ def causal_lm_token_losses(
     return torch.cat(_chunked(_ce_terms, logits, targets)).reshape(targets.shape), keep
 
 
+def _inputs_and_targets(
+    batch: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The model's inputs, the token each position predicts (batch, seq - 1), and the positions
+    predicting a label in any row."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    return {k: v for k, v in batch.items() if k != "labels"}, targets, keep
+
+
 def _logits_and_targets(
     model: nn.Module, batch: dict[str, torch.Tensor], supervised_only: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     labels = batch["labels"]
-    targets = labels[:, 1:]  # (batch, seq - 1): the token each position predicts
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    keep = None
+    inputs, targets, keep = _inputs_and_targets(batch)
     if supervised_only:
-        keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # positions predicting a label
         logits = model(
             **inputs, use_cache=False, logits_to_keep=keep
         ).logits  # (batch, kept, vocab)
         targets = targets[:, keep.to(targets.device)]
     else:
+        keep = None
         logits = model(**inputs, use_cache=False).logits
         # Prompt tuning prepends virtual tokens to the logits; keep the positions of the real tokens.
         logits = logits[:, -labels.shape[1] :][:, :-1]  # (batch, seq - 1, vocab)
@@ -96,9 +104,7 @@ def _hidden_and_targets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """The last hidden states at the positions predicting a label, those labels, and the dtype
     the head computed in (under autocast, the half type even for fp32 weights)."""
-    targets = batch["labels"][:, 1:]  # (batch, seq - 1)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    inputs, targets, keep = _inputs_and_targets(batch)
     # logits for no position (the head runs on zero rows); the last hidden state is the head's
     # input. The head's own output says which dtype it computes in (autocast's, if any): the
     # outputs themselves may have been cast to fp32 on the way out (accelerate does).
