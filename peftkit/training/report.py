@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit import _compat
+from peftkit import _compat, units
 from peftkit.training import generated, reference, tasks
 from peftkit.training.metrics import peak_memory_bytes
 
@@ -149,10 +149,6 @@ def run_metadata(
     }
 
 
-def _mb(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
-
-
 def _head_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not metrics:
         return []
@@ -217,9 +213,10 @@ def format_summary(
         ),
         (
             "throughput",
-            f"{s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps",
+            f"{s['tokens_per_s']:,.0f} tokens/s over {units.duration(s['train_seconds'])} of "
+            "training steps",
         ),
-        ("peak memory", f"{_mb(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
+        ("peak memory", f"{units.size(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
         ("train loss", loss_line(s["first_train_loss"], s["final_train_loss"])),
         (
             "eval loss",
