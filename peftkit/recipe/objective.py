@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from peftkit.section import Section
 
@@ -115,3 +115,35 @@ OBJECTIVE_TYPES = ("sft", "dpo", "kto", "orpo", "simpo")
 def objective_from_shorthand(value: Any) -> Any:
     """`objective: dpo` means `objective: {type: dpo}`."""
     return {"type": value} if isinstance(value, str) else value
+
+
+class RewardSpec(Section):
+    """One reward of a reinforcement-learning objective: a Python function or a task metric,
+    weighted. A function has TRL's reward signature, `fn(prompts, completions, completion_ids,
+    **columns) -> list[float | None]`, each column of the data row passed as a list, so reward
+    functions written for TRL's GRPOTrainer work unchanged; None = this function does not score
+    that completion."""
+
+    function: str | None = None
+    """`module:function` or `path/to/file.py:function` (relative to the recipe's folder first)."""
+    metric: Literal["exact", "contains", "json_fields"] | None = None
+    """A task metric as the reward, scored against the row's `reference` column."""
+    reference: str = "answer"
+    """The data column a `metric` reward compares each completion with."""
+    weight: float = 1.0
+    """Weight in the summed reward (TRL: reward_weights)."""
+    name: str | None = None
+    """Name in the logged metrics (`rewards/<name>/mean`); null = the function's or metric's name."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.function is None) == (self.metric is None):
+            raise ValueError("a reward names exactly one of `function` or `metric`")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name its metrics are logged under."""
+        if self.name:
+            return self.name
+        return self.metric or (self.function or "").rpartition(":")[2]
