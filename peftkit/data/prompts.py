@@ -4,6 +4,11 @@ Accepted rows (TRL's GRPO layout):
   {"prompt": "...", "answer": "...", ...}             a string prompt, continued as plain text
   {"prompt": [{"role": "user", "content": ...}], ...}  a conversation, continued as the
                                                        assistant's next turn (chat template)
+  {"messages": [..., {"role": "assistant", "content": ...}]}
+                                                       a chat row: the turns before the last
+                                                       assistant turn are the prompt, that turn's
+                                                       content the `answer` column (so SFT data
+                                                       serves GRPO unchanged)
 Every other field is a column handed to the reward functions (`answer` above). The prompt is
 encoded exactly as supervised fine-tuning encodes the prompt part of a row (same chat template,
 same `data.system_prompt`), so generation continues from the tokens training would condition on.
@@ -64,6 +69,8 @@ def _reference_text(value: Any) -> str | None:
 
 def _parse(row: RawRow, system_prompt: str | None, reference: str) -> tuple[Example, Any, dict]:
     data, origin = row.data, row.origin
+    if "prompt" not in data and "messages" in data:
+        data = _from_chat(data, origin)
     if "prompt" not in data:
         raise DataError(
             f"{origin}: missing 'prompt'; a reinforcement-learning row has a prompt (a string or "
@@ -87,6 +94,19 @@ def _parse(row: RawRow, system_prompt: str | None, reference: str) -> tuple[Exam
         turns = [{"role": "system", "content": system_prompt}, *turns]
     example = Example(origin, messages=[*turns, {"role": "assistant", "content": answer}])
     return example, turns, columns
+
+
+def _from_chat(data: dict, origin: str) -> dict:
+    try:
+        turns = messages_of(data["messages"], {r: r for r in ROLES})
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{origin}: not a valid messages row: {e}") from None
+    if turns[-1]["role"] != "assistant" or len(turns) < 2:
+        raise DataError(
+            f"{origin}: a messages row as a prompt needs an assistant turn last (its answer)"
+        )
+    rest = {k: v for k, v in data.items() if k != "messages"}
+    return {"prompt": turns[:-1], "answer": turns[-1]["content"], **rest}
 
 
 def _encode(
@@ -180,7 +200,10 @@ def prompt_audit_lines(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -
         f"{', '.join(data.stop_tokens)}"
     )
     first = data.train[0]
-    lines.append("  first prompt: " + render_mask(first.scored, tokenizer))
+    lines.append(
+        "  first prompt (its reference answer, if any, in ⟦⟧: what evaluation compares with): "
+        + render_mask(first.scored, tokenizer)
+    )
     columns = sorted(first.columns)
     lines.append(f"  columns passed to the rewards: {', '.join(columns) if columns else 'none'}")
     return lines

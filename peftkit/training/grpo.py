@@ -34,6 +34,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftkit import _compat
 from peftkit.data.prompts import PromptRow, prompt_audit_lines, prompt_audit_record
 from peftkit.recipe.objective import GRPOObjective
 from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
@@ -88,14 +89,14 @@ def sample_completions(
     stop = torch.tensor(stop_ids, device=device)
     attention = prompt_mask.clone()
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = {_compat.cache_keyword(model): DynamicCache()}
     out = model(
         input_ids=prompt_ids,
         attention_mask=attention,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **cache,
     )
     position = positions[:, -1:] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -120,8 +121,8 @@ def sample_completions(
             input_ids=nxt[:, None],
             attention_mask=attention,
             position_ids=position,
-            past_key_values=cache,
             use_cache=True,
+            **cache,
         )
         position = position + 1
     ids = torch.stack(tokens, dim=1)
