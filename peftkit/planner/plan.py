@@ -92,6 +92,14 @@ def make_plan(
             f"peftkit plan models causal-LM training; task.type {recipe.task.type!r} (a task head: "
             "one prediction per row, no vocabulary-sized logits) is not modelled yet"
         )
+    if recipe.objective.type == "grpo":
+        from peftkit.errors import RecipeError
+
+        raise RecipeError(
+            "peftkit plan models supervised fine-tuning; objective 'grpo' (rollouts of "
+            "num_generations completions per prompt with a KV cache, reference forwards) is not "
+            "modelled yet"
+        )
     if recipe.objective.preference:
         from peftkit.errors import RecipeError
 

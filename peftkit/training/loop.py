@@ -349,14 +349,16 @@ class FineTuneRun(Evaluation):
     ) -> dict[str, Any]:
         acc, r = self.accelerator, self.recipe
         objective = self.objective
-        batches = [objective.collate(rows) for rows in micro_batches]
+        batches = objective.prepare_step(
+            self.model, [objective.collate(rows) for rows in micro_batches], acc, self.state.step
+        )
         self.state.largest_micro_batch_tokens = max(
             self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
         )
         local = torch.tensor(
             [
                 float(sum(objective.units(b) for b in batches)),
-                float(sum(objective.tokens(rows) for rows in micro_batches)),
+                float(sum(objective.tokens(r, b) for r, b in zip(micro_batches, batches))),
             ],
             device=acc.device,
         )

@@ -184,6 +184,29 @@ def _preference_rows(p: dict[str, Any] | None) -> list[tuple[str, str]]:
     return [(f"preference ({p['objective']})", line + " (held-out rows)")]
 
 
+def _grpo_rows(g: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Mean reward of the rollouts (first and last step) and the held-out reward before -> after."""
+    if not g:
+        return []
+    rows = []
+    if "train_reward_first" in g:
+        rows.append(
+            (
+                "reward (rollouts)",
+                f"{g['train_reward_first']:.4f} at the first step -> {g['train_reward_last']:.4f} "
+                f"at the last ({', '.join(g['rewards'])}; loss {g['loss_type']})",
+            )
+        )
+    if "eval_reward_before" in g:
+        rows.append(
+            (
+                "reward (held-out)",
+                f"{g['eval_reward_before']:.4f} -> {g['eval_reward_after']:.4f} (greedy answers)",
+            )
+        )
+    return rows
+
+
 def format_summary(
     s: dict[str, Any], prompts: list[str], before: list[str] | None, after: list[str] | None
 ) -> str:
@@ -232,6 +255,7 @@ def format_summary(
         ),
         *_head_rows(s.get("eval_metrics")),
         *_preference_rows(s.get("preference")),
+        *_grpo_rows(s.get("grpo")),
         *tasks.summary_rows(s),
         *generated.summary_rows(s),
         *reference.summary_rows(s),
