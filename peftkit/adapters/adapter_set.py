@@ -295,11 +295,15 @@ class AdapterSet:
         """Token ids of a prompt: chat messages through the adapter's chat template, text as is."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
+        return self.tokenizer(self.render(prompt, adapter), add_special_tokens=False)["input_ids"]
+
+    def render(self, messages: list[dict[str, str]], adapter: str | None) -> str:
+        """Chat messages as the text the adapter's chat template makes of them (with the
+        assistant's turn opened)."""
         template = self.adapters[adapter].chat_template if adapter else self._base_template
-        text = self.tokenizer.apply_chat_template(
-            prompt, chat_template=template, tokenize=False, add_generation_prompt=True
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(
         self,

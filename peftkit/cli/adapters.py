@@ -67,6 +67,14 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SERVE_LIMITS = ("max_queue", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+SERVE_SECURITY = (
+    "api_key",
+    "api_key_file",
+    "insecure_no_auth",
+    "docs",
+    "special_tokens_in_content",
+    "allowed_host",
+)
 MS = 1000  # --batch-wait-ms is ServeLimits.batch_wait_s in milliseconds
 
 
@@ -81,6 +89,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     _loading_arguments(p, adapters=False)
     add_flags(p, signature_params(api.serve, ["host", "port", "served_base_name"]))
+    add_flags(p, signature_params(api.serve, SERVE_SECURITY[:-1]))
+    (allowed,) = signature_params(api.serve, ["allowed_host"])
+    p.add_argument("--allowed-host", action="append", default=[], help=allowed.help)
     add_flags(p, model_params(ServeLimits, SERVE_LIMITS))
     (wait,) = model_params(ServeLimits, ["batch_wait_s"])
     add_flags(p, [in_unit(wait, "batch_wait_ms", MS, "milliseconds")])
@@ -257,6 +268,7 @@ def serve(args: argparse.Namespace) -> int:
         quantization=args.quantize,
         allow_mismatch=args.allow_base_mismatch,
         limits=limits,
+        **{k: getattr(args, k) for k in SERVE_SECURITY},
     )
     return 0
 
