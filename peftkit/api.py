@@ -26,7 +26,7 @@ from peftkit.io import RunLayout
 from peftkit.launch import Launch
 from peftkit.models.spec import Quantize
 from peftkit.recipe.launch_rules import check_launch
-from peftkit.recipe.load import load_recipe
+from peftkit.recipe.load import load_recipe, load_run_recipe
 from peftkit.recipe.schema import DType, Recipe
 from peftkit.serving import SpecialTokens
 
@@ -103,6 +103,7 @@ def train(
     overrides: list[str] | None = None,
     resume: bool = False,
     on_step: StepCallback | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune as the recipe says; returns the run summary (also written to RUN_DIR/summary.json).
 
@@ -111,12 +112,17 @@ def train(
         overrides: dotted `section.key=value` overrides applied to a recipe file.
         resume: continue the run in the recipe's output.dir from its last checkpoint.
         on_step: called as on_step(step, metrics) after each optimizer step (main and other processes).
+        trust_remote_code: with resume, continue a run whose saved recipe has
+            model.trust_remote_code (its model's own Python code runs); refused without.
     """
     from peftkit.report import refresh_run_report
     from peftkit.training.run import train as train_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    saved = RunLayout(recipe.output.dir).recipe
+    if resume and saved.is_file():  # a run from elsewhere runs no code unasked
+        load_run_recipe(saved, trust_remote_code)
     return train_recipe(recipe, resume=resume, on_step=on_step, refresh_report=refresh_run_report)
 
 

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftkit.errors import ExportError
 from peftkit.io import RunLayout
-from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.load import load_run_recipe
 from peftkit.recipe.schema import Recipe
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -36,8 +34,9 @@ class ExportSource:
         return self.whole_model or self.recipe.adapter.mergeable
 
 
-def resolve_source(path: str | Path) -> ExportSource:
-    """Accept a run directory, or a result folder inside one (RUN/adapter, RUN/best, RUN/model)."""
+def resolve_source(path: str | Path, trust_remote_code: bool = False) -> ExportSource:
+    """Accept a run directory, or a result folder inside one (RUN/adapter, RUN/best, RUN/model).
+    A run whose recipe has model.trust_remote_code needs `trust_remote_code`."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"nothing to export at {path}: no such folder")
@@ -51,7 +50,7 @@ def resolve_source(path: str | Path) -> ExportSource:
             "parent folder); export needs the run to know the base model and data"
         )
     run = RunLayout(run_dir)
-    recipe = validate_recipe(yaml.safe_load(run.recipe.read_text()), str(run.recipe))
+    recipe = load_run_recipe(run.recipe, trust_remote_code)
     meta_file = run.meta
     if not meta_file.is_file():
         raise ExportError(
