@@ -9,6 +9,7 @@ from typing import Any
 
 from peftkit.errors import ExportError
 from peftkit.io import RunLayout
+from peftkit.models.load import damaged_weight_files
 from peftkit.recipe.load import load_run_recipe
 from peftkit.recipe.schema import Recipe
 
@@ -64,4 +65,10 @@ def resolve_source(path: str | Path, trust_remote_code: bool = False) -> ExportS
         missing.append("*.safetensors")
     if missing:
         raise ExportError(f"{result_dir} is incomplete or corrupted: missing {', '.join(missing)}")
+    damaged = damaged_weight_files(result_dir)
+    if damaged:
+        raise ExportError(
+            f"{result_dir} is corrupted: damaged or truncated weights file {'; '.join(damaged)}. "
+            "Copy the run again, or export a checkpoint's weights after --resume"
+        )
     return ExportSource(run_dir, result_dir, recipe, meta)
