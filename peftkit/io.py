@@ -180,7 +180,8 @@ def set_modes(folder: Path, private: bool = False) -> None:
                 executable = os.stat(path).st_mode & 0o100
                 os.chmod(path, (0o777 if executable else 0o666) & ~mask)
         for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
     os.chmod(folder, 0o777 & ~mask)
 
 

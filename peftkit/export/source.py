@@ -69,6 +69,6 @@ def resolve_source(path: str | Path, trust_remote_code: bool = False) -> ExportS
     if damaged:
         raise ExportError(
             f"{result_dir} is corrupted: damaged or truncated weights file {'; '.join(damaged)}. "
-            "Copy the run again, or export a checkpoint's weights after --resume"
+            "Copy the run again (or train it again)"
         )
     return ExportSource(run_dir, result_dir, recipe, meta)
