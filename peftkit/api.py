@@ -26,8 +26,9 @@ from peftkit.io import RunLayout
 from peftkit.launch import Launch
 from peftkit.models.spec import Quantize
 from peftkit.recipe.launch_rules import check_launch
-from peftkit.recipe.load import load_recipe
+from peftkit.recipe.load import load_recipe, load_run_recipe
 from peftkit.recipe.schema import DType, Recipe
+from peftkit.serving import SpecialTokens
 
 if TYPE_CHECKING:
     from peftkit.adapters.adapter_set import AdapterSet
@@ -102,6 +103,7 @@ def train(
     overrides: list[str] | None = None,
     resume: bool = False,
     on_step: StepCallback | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune as the recipe says; returns the run summary (also written to RUN_DIR/summary.json).
 
@@ -110,12 +112,17 @@ def train(
         overrides: dotted `section.key=value` overrides applied to a recipe file.
         resume: continue the run in the recipe's output.dir from its last checkpoint.
         on_step: called as on_step(step, metrics) after each optimizer step (main and other processes).
+        trust_remote_code: with resume, continue a run whose saved recipe has
+            model.trust_remote_code (its model's own Python code runs); refused without.
     """
     from peftkit.report import refresh_run_report
     from peftkit.training.run import train as train_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    saved = RunLayout(recipe.output.dir).recipe
+    if resume and saved.is_file():  # a run from elsewhere runs no code unasked
+        load_run_recipe(saved, trust_remote_code)
     return train_recipe(recipe, resume=resume, on_step=on_step, refresh_report=refresh_run_report)
 
 
@@ -254,23 +261,55 @@ def serve(
     allow_mismatch: bool = False,
     limits: ServeLimits | None = None,
     block: bool = True,
+    api_key: str | None = None,
+    api_key_file: str | Path | None = None,
+    insecure_no_auth: bool = False,
+    allowed_host: list[str] | None = None,
+    docs: bool = False,
+    special_tokens_in_content: SpecialTokens = "escape",
 ) -> Server:
     """Serve the base model and every adapter in `adapters_dir` over an OpenAI-compatible API.
+
+    What the server promises (API key, Host and content-type checks, no error details to
+    clients) is `peftkit.serving.security`'s; a non-loopback `host` needs a key.
 
     Args:
         adapters_dir: one sub-folder per adapter (run dir or adapter folder); its name is the model name.
         base: the base model (default: the one the adapters were trained on).
+        host: address to listen on; anything but a loopback address needs an API key.
         port: 0 = any free port.
         served_base_name: model name of the base (default: base).
         limits: a `peftkit.serving.app.ServeLimits` (queue, batch and request size limits).
         block: serve until SIGINT/SIGTERM (True), or start in a background thread and return the
             `Server` (call `.stop()`; its `.url` says where it listens).
+        api_key: clients must send 'Authorization: Bearer KEY' (every route but /health);
+            default: the PEFTKIT_API_KEY environment variable.
+        api_key_file: read the API key from the first line of this file.
+        insecure_no_auth: serve a non-loopback address without an API key (anyone who can
+            reach it can use it).
+        allowed_host: also accept this Host header name on a loopback bind (a reverse proxy's
+            name); repeat for several.
+        docs: serve the interactive API docs (/docs, /redoc, /openapi.json).
+        special_tokens_in_content: the chat template's special tokens inside message content:
+            tokenized as plain text (escape), refused with a 400 (refuse), or read as the real
+            tokens (allow: a client can then forge turns).
     """
     from peftkit.serving.app import ServeLimits
+    from peftkit.serving.security import read_api_key, security_for
     from peftkit.serving.server import Server, load_for_serving
 
+    security = security_for(  # before the model loads: a refused bind fails at once
+        host,
+        read_api_key(api_key, api_key_file),
+        insecure_no_auth,
+        tuple(allowed_host or ()),
+        docs,
+        special_tokens_in_content,
+    )
     aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch)
-    server = Server(aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name)
+    server = Server(
+        aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name, security
+    )
     if not block:
         return server.start()
     log.info(f"peftkit serve: {aset.spec.name} + adapters {', '.join(aset.names)}")

@@ -31,7 +31,7 @@ from peftkit import _compat
 from peftkit.adapters.generation import Completion, Row, SamplingOptions, generate_rows
 from peftkit.data.chat import FALLBACK_TEMPLATE
 from peftkit.errors import ServingError
-from peftkit.models.load import DTYPES, load_model, load_tokenizer
+from peftkit.models.load import DTYPES, damaged_weight_files, load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity, check_compatible, read_manifest
 from peftkit.models.spec import Quantize
 from peftkit.recipe.schema import ModelSpec, QuantizationSpec
@@ -206,6 +206,12 @@ class AdapterSet:
         if name in self.adapters:
             raise ServingError(f"an adapter named {name!r} is already loaded; remove it first")
         adapter_dir = resolve_adapter_dir(path)
+        damaged = damaged_weight_files(adapter_dir)
+        if damaged:
+            raise ServingError(
+                f"adapter {name!r}: damaged or truncated weights file {'; '.join(damaged)}. "
+                "Copy the adapter again"
+            )
         manifest = read_manifest(adapter_dir)
         peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
         method = manifest["method"] if manifest else peft_config.get("peft_type", "?").lower()
@@ -295,11 +301,15 @@ class AdapterSet:
         """Token ids of a prompt: chat messages through the adapter's chat template, text as is."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
+        return self.tokenizer(self.render(prompt, adapter), add_special_tokens=False)["input_ids"]
+
+    def render(self, messages: list[dict[str, str]], adapter: str | None) -> str:
+        """Chat messages as the text the adapter's chat template makes of them (with the
+        assistant's turn opened)."""
         template = self.adapters[adapter].chat_template if adapter else self._base_template
-        text = self.tokenizer.apply_chat_template(
-            prompt, chat_template=template, tokenize=False, add_generation_prompt=True
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(
         self,

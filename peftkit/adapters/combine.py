@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-import yaml
 from annotated_types import Gt, Le
 
 from peftkit.adapters.adapter_set import AdapterSet, resolve_adapter_dir
@@ -31,7 +30,7 @@ from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import PeftkitError, ServingError
 from peftkit.io import MANIFEST, RunLayout, atomic_dir, atomic_write_text, guard_output
 from peftkit.models.manifest import read_manifest, write_manifest
-from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.load import load_run_recipe, validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.training.evaluation import held_out_loss
 from peftkit.training.objective import CausalLM
@@ -194,8 +193,9 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
 
 def _source_recipe(adapter_dir: Path) -> Recipe | None:
     run_recipe = RunLayout(adapter_dir.parent).recipe
-    if run_recipe.is_file():
-        return validate_recipe(yaml.safe_load(run_recipe.read_text()), str(run_recipe))
+    if run_recipe.is_file():  # only its data section is read: no model is loaded from it (the
+        # base is loaded with trust_remote_code off), so the run's switch has nothing to run
+        return load_run_recipe(run_recipe, trust_remote_code=True)
     manifest = read_manifest(adapter_dir)
     if manifest and manifest.get("recipe"):
         return validate_recipe(manifest["recipe"], str(adapter_dir / MANIFEST))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -67,6 +68,14 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SERVE_LIMITS = ("max_queue", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+SERVE_SECURITY = (
+    "api_key",
+    "api_key_file",
+    "insecure_no_auth",
+    "docs",
+    "special_tokens_in_content",
+    "allowed_host",
+)
 MS = 1000  # --batch-wait-ms is ServeLimits.batch_wait_s in milliseconds
 
 
@@ -81,6 +90,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     _loading_arguments(p, adapters=False)
     add_flags(p, signature_params(api.serve, ["host", "port", "served_base_name"]))
+    add_flags(p, signature_params(api.serve, SERVE_SECURITY[:-1]))
+    (allowed,) = signature_params(api.serve, ["allowed_host"])
+    p.add_argument("--allowed-host", action="append", default=[], help=allowed.help)
     add_flags(p, model_params(ServeLimits, SERVE_LIMITS))
     (wait,) = model_params(ServeLimits, ["batch_wait_s"])
     add_flags(p, [in_unit(wait, "batch_wait_ms", MS, "milliseconds")])
@@ -92,7 +104,7 @@ def combine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--out", required=True)
     add_flags(p, signature_params(combine, ["how"]))
-    p.add_argument("--weights", help="comma list, one per adapter (default: equal)")
+    p.add_argument("--weights", type=_weights, help="comma list, one per adapter (default: equal)")
     add_flags(p, signature_params(combine, ["density", "svd_rank", "base"]))
     p.add_argument(
         "--no-eval",
@@ -101,6 +113,29 @@ def combine_arguments(p: argparse.ArgumentParser) -> None:
         help="skip the evaluation table",
     )
     add_flags(p, signature_params(combine, ["overwrite"]))
+
+
+def _weights(text: str) -> list[float]:
+    """`0.7,0.3` as numbers (an argparse type: a bad item is named, exit 2)."""
+    items = [w.strip() for w in text.split(",")]
+    try:
+        values = [float(w) for w in items]
+    except ValueError:
+        bad = next(w for w in items if not _is_number(w))
+        raise argparse.ArgumentTypeError(
+            f"{bad!r} is not a number (give one number per adapter, e.g. 0.7,0.3)"
+        ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight must be a finite number")
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _named(items: list[str]) -> dict[str, str]:
@@ -257,6 +292,7 @@ def serve(args: argparse.Namespace) -> int:
         quantization=args.quantize,
         allow_mismatch=args.allow_base_mismatch,
         limits=limits,
+        **{k: getattr(args, k) for k in SERVE_SECURITY},
     )
     return 0
 
@@ -264,12 +300,11 @@ def serve(args: argparse.Namespace) -> int:
 def combine(args: argparse.Namespace) -> int:
     from peftkit import api
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     result = api.combine(
         _named(args.adapter),
         args.out,
         how=args.how,
-        weights=weights,
+        weights=args.weights,
         density=args.density,
         svd_rank=args.svd_rank,
         base=args.base,

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 from collections.abc import Iterator, Sequence
 from importlib import metadata
@@ -48,7 +47,7 @@ from peftkit.data.fingerprint import source_sha
 from peftkit.data.formats import detect_format, to_example
 from peftkit.data.sources import RawRow, iter_source, looks_like_local_path, parse_json_line
 from peftkit.errors import DataError
-from peftkit.io import atomic_dir, atomic_write_json
+from peftkit.io import atomic_dir, atomic_write_json, fsync_dir
 from peftkit.models.gguf import cache_root
 from peftkit.recipe.schema import DataSource, DataSpec
 
@@ -66,7 +65,7 @@ ROWS_PER_PROCESS = 2000
 _SPLITS = ("train", "eval", "reference")
 _RAW = pa.schema(
     [
-        ("raw", pa.binary()),  # a .jsonl line (UTF-8), or a pickled row dict (other sources)
+        ("raw", pa.binary()),  # a .jsonl line, or a row of another source as JSON (UTF-8)
         ("is_line", pa.bool_()),
         ("origin", pa.string()),
         ("format", pa.string()),
@@ -136,12 +135,13 @@ def _building(folder: Path) -> Iterator[Path]:
     """A temporary folder that becomes `folder` when the block succeeds (nothing otherwise).
     Built under a name of this process's own, then renamed: two runs that build the same key at
     once each finish their own, and the first rename wins."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (only this user's)
     mine = folder.with_name(f".{folder.name}.{os.getpid()}")
-    with atomic_dir(mine) as tmp:
+    with atomic_dir(mine, private=True) as tmp:
         yield tmp
     try:
         mine.rename(folder)
+        fsync_dir(folder.parent)
     except OSError:  # another process built the same data first: keep its folder
         shutil.rmtree(mine, ignore_errors=True)
 
@@ -229,7 +229,9 @@ def load(
     table = _read_tables(folder, meta["files"])
     labels = meta.get("labels", "int64")
     rows = {
-        split: EncodedRows(table, np.load(folder / f"{split}.npy"), row_type, labels)
+        split: EncodedRows(
+            table, np.load(folder / f"{split}.npy", allow_pickle=False), row_type, labels
+        )
         for split in meta["audits"]
     }
     audits = [SplitAudit(**a) for a in meta["audits"].values()]
@@ -403,7 +405,7 @@ def _write_source(
     n, batch = 0, []
     for item in iter_source(source):
         if isinstance(item, RawRow):
-            raw, is_line, origin = pickle.dumps(item.data), False, item.origin
+            raw, is_line, origin = _row_json(item.data), False, item.origin
         else:
             (line, origin), is_line = item, True
             raw = line.encode()
@@ -422,6 +424,24 @@ def _write_source(
     if n == 0:
         raise DataError(f"{source.path}: the dataset is empty")
     return n
+
+
+def _row_json(data: dict[str, Any]) -> bytes:
+    """A row of a parquet file, saved dataset or hub dataset as JSON, never pickled: the encoding
+    processes read it back from the cache folder, where unpickling a planted file would run it."""
+    return json.dumps(data, ensure_ascii=False, default=_json_value).encode()
+
+
+def _json_value(value: Any) -> Any:
+    """Values JSON has no type for: numpy arrays and scalars as lists and numbers, dates as ISO
+    text, anything else (bytes, ...) as its text."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 def _write_batch(
@@ -473,7 +493,7 @@ class _BatchEncoder:
             encoder = self._encoder(ref)
             encoder.stop_tokens.clear()
             try:
-                data = parse_json_line(raw.decode(), origin) if is_line else pickle.loads(raw)
+                data = parse_json_line(raw.decode(), origin) if is_line else json.loads(raw)
                 example = to_example(RawRow(data, origin), fmt, None if ref else self.system_prompt)
                 texts[i] = encoder.render(example)
             except DataError as e:

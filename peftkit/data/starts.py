@@ -117,5 +117,6 @@ def remember(key: str | None, data: PreparedData) -> None:
         },
     }
     path = _record(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    cache.data_root().mkdir(mode=0o700, parents=True, exist_ok=True)  # (only this user's)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     atomic_write_json(path, record)

@@ -65,6 +65,7 @@ def export(
     overwrite: bool = False,
     format: ExportFormat | None = None,
     quant: GgufQuant | None = None,
+    trust_remote_code: bool = False,
     log: Callable[[str], None] = _logger.info,
 ) -> dict[str, Any]:
     """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
@@ -88,9 +89,11 @@ def export(
         format: merged safetensors, or one GGUF file for llama.cpp/Ollama (default: the recipe's
             export.format).
         quant: GGUF weight type (default: the recipe's export.quant).
+        trust_remote_code: export a run whose recipe has model.trust_remote_code (its model's
+            own Python code runs); refused without.
         log: where progress lines and the fidelity report go.
     """
-    source = resolve_source(path)
+    source = resolve_source(path, trust_remote_code)
     updates = {
         "dtype": dtype,
         "max_shard_size": max_shard_size,

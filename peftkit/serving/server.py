@@ -16,6 +16,7 @@ from typing import Any
 from peftkit.adapters.adapter_set import NAME_PATTERN, AdapterSet, Quantize, resolve_adapter_dir
 from peftkit.errors import ServingError
 from peftkit.serving.app import ServeLimits, create_app
+from peftkit.serving.security import ServeSecurity
 
 log = logging.getLogger("peftkit.serve")
 
@@ -69,11 +70,17 @@ class Server:
     """uvicorn serving the app on host:port (port 0 = any free port, see `url`)."""
 
     def __init__(
-        self, adapters: AdapterSet, limits: ServeLimits, host: str, port: int, base_name: str
+        self,
+        adapters: AdapterSet,
+        limits: ServeLimits,
+        host: str,
+        port: int,
+        base_name: str,
+        security: ServeSecurity,
     ) -> None:
         import uvicorn
 
-        self.app = create_app(adapters, limits, base_name)
+        self.app = create_app(adapters, limits, base_name, security)
         self.socket = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
         )

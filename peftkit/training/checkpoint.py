@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import RunDirError, TrainingStopped
-from peftkit.io import atomic_write_json
+from peftkit.io import atomic_write_json, fsync_dir, sync_tree
 from peftkit.training import sharded as shards
 
 
@@ -142,7 +142,9 @@ def save_checkpoint(
             "with --resume"
         ) from e
     if accelerator.is_main_process:
+        sync_tree(tmp)  # durable before it is renamed into place
         _replace(tmp, target)
+        fsync_dir(checkpoints)
         for old in complete_checkpoints(checkpoints)[:-keep_last]:
             remove_checkpoint(old)
     accelerator.wait_for_everyone()

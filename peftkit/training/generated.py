@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.errors import DataError
 from peftkit.training.answer_metrics import Scorer
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 class HeldOutAnswer:
     prompt_ids: list[int]
     reference: str
+    origin: str = ""
+    """The data file and line of the row."""
 
 
 def held_out_answers(
@@ -49,7 +52,7 @@ def held_out_answers(
         if start == 0:
             continue
         reference = tokenizer.decode(row.input_ids[start:end], skip_special_tokens=True).strip()
-        out.append(HeldOutAnswer([int(t) for t in row.input_ids[:start]], reference))
+        out.append(HeldOutAnswer([int(t) for t in row.input_ids[:start]], reference, row.origin))
     return out
 
 
@@ -134,12 +137,21 @@ class AnswerEval:
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],
     ) -> None:
-        from peftkit.training.answer_metrics import BUILTIN, load_function
+        from peftkit.training.answer_metrics import BUILTIN, REFERENCE_CHECKS, load_function
 
         self.spec = spec
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.items = held_out_answers(rows[: spec.rows], tokenizer)
+        check = REFERENCE_CHECKS.get(spec.metric)
+        for item in self.items if check else []:  # before any training, not at its first eval
+            problem = check(item.reference)
+            if problem:
+                raise DataError(
+                    f"{item.origin}: eval.metric {spec.metric} cannot score this row's reference "
+                    f"answer: {problem}. Fix the data, or set eval.metric to exact, contains or "
+                    "none"
+                )
         self.scorer = (
             load_function(spec.function) if spec.metric == "python" else BUILTIN[spec.metric]
         )

@@ -4,6 +4,7 @@ bases; template lock; stop tokens; adapter-only exports and the vLLM check; fail
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -76,6 +77,10 @@ def test_merged_export_reloads_with_transformers_and_matches_the_trained_model(
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    # readable by others (a container serving the folder), as a plain open() leaves a file
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     model = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32
     )  # plain transformers, strict
