@@ -125,6 +125,8 @@ class FineTuneRun(Evaluation):
             tokenizer_path=r.model.tokenizer or str(model.name_or_path),
             gradient_checkpointing=r.train.gradient_checkpointing,
             quantized=r.model.quantization is not None,
+            upcast_unquantized=r.model.quantization is not None
+            and r.model.quantization.upcast_unquantized,
             work_dir=self.run.work,
             task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
         )

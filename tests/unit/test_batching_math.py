@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.data.encode import IGNORE, EncodedRow
 from peftkit.data.step_plan import StepPlan, TokenBudget
-from peftkit.training.attention import register_varlen_sdpa, set_attention
+from peftkit.training import attention
+from peftkit.training.attention import use_varlen_attention
 from peftkit.training.batches import collate, collate_packed
 from peftkit.training.loss import causal_lm_loss_sum, chunked_cross_entropy_sum
 
@@ -38,7 +39,7 @@ def _lora_model(path, attn: str):
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(model, config)
     if varlen:
-        set_attention(model, register_varlen_sdpa())
+        use_varlen_attention(model)
     return model
 
 
@@ -78,6 +79,7 @@ def test_filler_rounding_keeps_loss_and_gradients(tiny_model, attn):
     assert rounded["input_ids"].shape == (1, 32)
     if attn == "varlen":
         assert rounded["cu_seq_lens_q"].tolist() == [0, 5, 22, 31, 32]
+        assert rounded["row_lengths"] == (5, 17, 9, 1) and rounded["max_length_q"] == 17
     assert (rounded["labels"][0, 31:] == IGNORE).all()
     _assert_same(_loss_and_grads(model, collate(rows, pad_id=7)), _loss_and_grads(model, rounded))
 
@@ -95,6 +97,44 @@ def test_packing_isolates_rows(tiny_model, attn):
         alone, with_a, a_only, with_c, c_only = loss(b), loss(a, b), loss(a), loss(b, c), loss(c)
     torch.testing.assert_close(with_a - a_only, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(with_c - c_only, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_reads_no_tensor_back_and_builds_no_mask(tiny_model, monkeypatch):
+    """Packed rows under the varlen attention: the row lengths come from the host (collate), so
+    no attention layer reads a tensor back from the device (`.tolist()` / `.item()`: a sync per
+    layer on a GPU), and no (tokens x tokens) mask is built; a padded call (generation) still
+    gets SDPA's own mask."""
+    import transformers.masking_utils as masking
+
+    model = _lora_model(tiny_model, "varlen")
+    rows = _rows(model.config.vocab_size, [5, 17, 9])
+    reads, masks = [], []
+    for name in ("tolist", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    sdpa_mask = masking.sdpa_mask
+
+    def counting_mask(*args, **kwargs):
+        masks.append(kwargs.get("q_length"))
+        return sdpa_mask(*args, **kwargs)
+
+    monkeypatch.setattr(masking, "sdpa_mask", counting_mask)
+    attention.CALLS.clear()
+    batch = collate_packed(rows, boundaries=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model(**inputs).logits.sum().backward()
+    assert dict(attention.CALLS) == {"sdpa_per_row": model.config.num_hidden_layers}
+    assert reads == [] and masks == []
+    padded = collate(rows, pad_id=7)
+    with torch.no_grad():
+        model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
+    assert masks == [padded["input_ids"].shape[1]]  # built once per forward, used by SDPA
+    assert attention.CALLS["sdpa"] == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("packed", [False, True])
