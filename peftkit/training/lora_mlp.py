@@ -178,7 +178,7 @@ def _lora_parts(proj: nn.Module, cd: torch.dtype | None, training: bool | None =
 
     cd: the compute dtype (None: the base's own); training None: the dropout module's mode."""
     if type(proj) not in _lora_linear_types():
-        return f"{type(proj).__name__} is not a LoRA linear layer"
+        return f"{type(proj).__name__} layers (only LoRA over plain or 4-bit linear bases)"
     if proj.merged or proj.disable_adapters:
         return "adapter merged or disabled"
     names = proj.active_adapters
@@ -205,6 +205,8 @@ def _lora_parts(proj: nn.Module, cd: torch.dtype | None, training: bool | None =
         or b.bias is not None
     ):
         return "LoRA layers with bias"
+    if any(hasattr(w, "ds_id") for w in (base.weight, a.weight, b.weight)):
+        return "DeepSpeed ZeRO-3 partitions the weights (gathered per module call)"
     if type(dropout) not in (nn.Identity, nn.Dropout):
         return f"LoRA dropout {type(dropout).__name__}"
     if not isinstance(proj.scaling[name], (int, float)):
