@@ -60,8 +60,8 @@ class Kernels:
 
 def _why_not_varlen(kernel: str | None) -> str:
     if kernel in ("flash_attention_2", "flash_attention_3"):
-        return f"{kernel} handles packed rows itself"
-    return f"batches are padded, or attention {kernel} packs through transformers' mask"
+        return f"{kernel} runs packed rows as variable-length sequences itself"
+    return f"batches are not packed rows under SDPA (attention: {kernel})"
 
 
 def apply_kernels(model: nn.Module, objective: Objective) -> Kernels:
