@@ -124,7 +124,7 @@ class LoraSwiGLU(torch.autograd.Function):
 
         with torch.autocast(dy.device.type, enabled=False):
             sig = torch.sigmoid(g)
-            silu = g * sig
+            silu = F.silu(g)  # as the forward rounded it (h is recomputed exactly)
             dy_l = dy.to(lcd)
             dha = (dy_l @ b_d.to(lcd)).mul_(s_d)  # (tokens, r_d)
             d_b_d = (dy_l.t() @ ha).mul_(s_d).to(b_d.dtype) if need[6] else None
