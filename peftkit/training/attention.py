@@ -19,6 +19,7 @@ packed call: the mask function registered with the implementation returns None w
 with `row_lengths` runs (`track_packed_forwards`), and builds SDPA's own mask for every other
 call (padded batches, generation with a cache), which runs plain SDPA. transformers still looks
 for packed rows in the position ids once per forward (one sync per forward, not per layer).
+A sliding attention window (Mistral/Qwen2 `sliding_window`) is not applied within packed rows.
 """
 
 from __future__ import annotations
