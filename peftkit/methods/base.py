@@ -53,6 +53,8 @@ class ApplyContext:
     quantized: bool
     work_dir: Path
     """Folder in the run directory where a method may keep files it needs again on resume."""
+    upcast_unquantized: bool = False
+    """A quantized base's unquantized layers go to fp32 (`QuantizationSpec.upcast_unquantized`)."""
     task_type: str = "CAUSAL_LM"
     """peft's task type: CAUSAL_LM, or SEQ_CLS for a classification/regression head (peft then
     trains and saves the head in full, with the adapter)."""

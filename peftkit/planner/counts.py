@@ -34,7 +34,7 @@ class ModelCounts:
     kv_heads: int
     vocab: int
     fused_mlp: bool = False
-    """Every decoder MLP runs as the fused LoRA SwiGLU in training (fp32, unquantized)."""
+    """Every decoder MLP runs as the fused LoRA SwiGLU in training (training/lora_mlp.py)."""
     fused_head: bool = False
     """The head and cross-entropy run fused (training/linear_ce.py): no logits kept."""
 

@@ -4,7 +4,8 @@ For a decoder with hidden size h, MLP width I, key/value width h_kv, L layers, T
 largest micro-batch and compute dtype of b bytes:
 
   weights      quantized linears: 4-bit 0.5 B (+ absmax ~1/64 B), 8-bit 1 B per weight; the rest
-               (embeddings, norms, head) in the storage dtype
+               (embeddings, norms, head) in the compute dtype, or fp32 with
+               `quantization.upcast_unquantized`
   adapter      trainable parameters added by the method, fp32 (peft keeps adapters in fp32)
   gradients    one per trainable parameter, in its dtype
   optimizer    AdamW: two fp32 moments (8 B) per trainable parameter; 8-bit variants: 2 B
@@ -13,7 +14,9 @@ largest micro-batch and compute dtype of b bytes:
                gate/up/act/product:  b (8h + 3 h_kv + 4 I) + 4 (2h)  bytes, plus, for LoRA under
                half precision, the fp32 copy of each adapted layer's input peft casts. With
                gradient checkpointing: only each layer's input (b h) plus one layer's full set.
-               The fused LoRA MLP (fp32, unquantized; training/lora_mlp.py) keeps 2 I, not 4 I.
+               The fused LoRA MLP (training/lora_mlp.py; any precision, 4-bit bases included,
+               not 8-bit or an fp32-upcast 4-bit base) keeps 2 I, not 4 I, and none of the
+               fp32 input copies of its three projections (2h + I).
   logits       supervised-only: K supervised positions x vocab in b bytes, plus fp32 chunks;
                fused with the head (training/linear_ce.py): one fp32 chunk of rows x vocab and
                the kept gradient K x h; otherwise T x vocab in b bytes, its fp32 upcast and the
@@ -81,15 +84,17 @@ def estimate(
     cpu: bool,
     shards: int = 1,
     shard_weights: bool = False,
+    upcast_unquantized: bool = False,
 ) -> Estimate:
     c, b = counts, BYTES[precision]
     store = STORAGE[storage_dtype]
     e = Estimate()
     rest = c.base_params - c.quantizable_params
+    rest_bytes = 4 if upcast_unquantized else b
     if quant_bits == 4:
-        e.parts["weights"] = c.quantizable_params * (0.5 + 1 / 64) + rest * b
+        e.parts["weights"] = c.quantizable_params * (0.5 + 1 / 64) + rest * rest_bytes
     elif quant_bits == 8:
-        e.parts["weights"] = c.quantizable_params * 1.0 + rest * b
+        e.parts["weights"] = c.quantizable_params * 1.0 + rest * rest_bytes
     else:
         e.parts["weights"] = c.base_params * store
     e.parts["adapter"] = c.adapter_params * 4
@@ -101,14 +106,16 @@ def estimate(
         e.parts["autocast copies"] = c.quantizable_params * b
 
     t, h, i, kv = work.tokens, c.hidden, c.intermediate, c.kv_heads * (c.hidden // c.heads)
-    fused_mlp = c.fused_mlp and precision == "fp32" and quant_bits is None
+    # the fused MLP needs its input in the compute dtype: not behind fp32-upcast norms
+    fused_mlp = c.fused_mlp and quant_bits != 8 and not (quant_bits and upcast_unquantized)
     per_layer = t * (b * (8 * h + 3 * kv + (2 if fused_mlp else 4) * i) + 4 * 2 * h)
     # The fused MLP still makes silu(g) and h for a moment (forward, and again in backward): the
     # allocator's slack follows what is allocated, not what is kept.
     allocated_per_layer = per_layer + (t * b * 2 * i if fused_mlp else 0)
     if lora and precision != "fp32":
-        per_layer += t * c.adapter_input_features * 4
-        allocated_per_layer += t * c.adapter_input_features * 4
+        copies = c.adapter_input_features - ((2 * h + i) if fused_mlp else 0)
+        per_layer += t * copies * 4
+        allocated_per_layer += t * copies * 4
     if gradient_checkpointing:
         e.parts["activations"] = c.layers * t * h * b + per_layer
     else:

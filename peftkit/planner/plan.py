@@ -148,6 +148,7 @@ def make_plan(
             cpu=device == "cpu",
             shards=launch.processes if launch and launch.shards_state else 1,
             shard_weights=launch is not None and launch.shards_weights,
+            upcast_unquantized=quant is not None and quant.upcast_unquantized,
         )
 
     est = predict(recipe, work, quant.bits if quant else None)

@@ -31,8 +31,10 @@ from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers
 from peftkit.training import checkpoint as ckpt
+from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
+from peftkit.training.kernels import apply_kernels
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective, build_objective, prepare_run_data
 from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
@@ -123,6 +125,8 @@ class FineTuneRun(Evaluation):
             tokenizer_path=r.model.tokenizer or str(model.name_or_path),
             gradient_checkpointing=r.train.gradient_checkpointing,
             quantized=r.model.quantization is not None,
+            upcast_unquantized=r.model.quantization is not None
+            and r.model.quantization.upcast_unquantized,
             work_dir=self.run.work,
             task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
         )
@@ -157,6 +161,7 @@ class FineTuneRun(Evaluation):
             self.accelerator.device,
             self.accelerator.unwrap_model,
         )
+        self.kernels = apply_kernels(model, self.objective)  # fused paths (training/kernels.py)
         for line in self.objective.audit_lines(self.data, self.tokenizer):
             self._print(line)
         if self.main:
@@ -367,7 +372,7 @@ class FineTuneRun(Evaluation):
         loss_sum = torch.zeros((), device=acc.device)
         try:
             for i, batch in enumerate(batches):
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch = to_device(batch, acc.device)
                 last = i == len(batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
                     token_loss_sum = objective.loss_sum(self.model, batch)
@@ -484,6 +489,7 @@ class FineTuneRun(Evaluation):
             answer_rows=len(self.answers.items) if self.answers is not None else None,
             run_dir=run,
             final=final,
+            kernels=self.kernels.report(self.accelerator.unwrap_model(self.model), self.objective),
         )
         trackers.log(
             self.accelerator,

@@ -28,10 +28,9 @@ from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.data.preference import prepare_preference_data
 from peftkit.data.step_plan import StepPlan, TokenBudget
 from peftkit.recipe.schema import DataSpec, Recipe
-from peftkit.training.attention import register_varlen_sdpa, set_attention
 from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
 from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
-from peftkit.training.lora_mlp import install_fused_lora_mlps
+from peftkit.training.linear_ce import fused_head
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog
 from peftkit.training.tasks import TaskLosses, task_summary
@@ -45,6 +44,8 @@ class Objective:
     budget: TokenBudget | None = None
     """Packed micro-batches cut by tokens (`train.micro_batch_tokens`)."""
     unit = "supervised tokens"
+    varlen = False
+    """Packed micro-batches carry row boundaries for the varlen attention (`attention.py`)."""
     sort_eval_by_length = True
     """Evaluate rows sorted by length (less padding); off where batch composition matters."""
 
@@ -109,6 +110,10 @@ class Objective:
     def describe(self) -> str | None:
         return None
 
+    def fused_head_status(self, model: nn.Module) -> dict[str, Any]:
+        """Whether the loss runs the fused head and cross-entropy (`linear_ce.py`)."""
+        return {"used": False, "reason": f"{type(self).__name__} scores from the logits"}
+
     def before_training(
         self, model: nn.Module, data: Any, batch_rows: int, accelerator: Accelerator, run: Any
     ) -> str | None:
@@ -123,6 +128,18 @@ class CausalLM(Objective):
     def __init__(self, batching: Batching, pad_id: int) -> None:
         self.batching, self.pad_id = batching, pad_id
         self.lengths, self.budget = batching.lengths, batching.budget
+        self.varlen = batching.varlen
+
+    def fused_head_status(self, model: nn.Module) -> dict[str, Any]:
+        if not self.batching.supervised_only:
+            return {"used": False, "reason": "logits at every position (supervised_logits_only)"}
+        if fused_head(model) is None:
+            return {
+                "used": False,
+                "reason": "the logits are not a plain linear head of the last "
+                "hidden state (linear_ce.FUSED_HEAD_TYPES)",
+            }
+        return {"used": True}
 
     @classmethod
     def padded(cls, pad_id: int) -> CausalLM:
@@ -176,6 +193,9 @@ class Multitask(CausalLM):
 
     def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
         return self.task_losses.take(accelerator, "loss")
+
+    def fused_head_status(self, model: nn.Module) -> dict[str, Any]:
+        return {"used": False, "reason": "per-task losses are computed from the logits"}
 
     def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
         return super().eval_metrics(accelerator, eval_loss) | self.task_losses.take(
@@ -276,9 +296,6 @@ def build_objective(
         recipe.train, recipe.adapter, model, recipe.task.has_head, precision, data.train
     )
     pad_id = tokenizer.pad_token_id
-    # LoRA on a SwiGLU MLP: the same math with half the MLP's saved activations (lora_mlp.py);
-    # each call checks that it is the plain case, else the model's own forward runs.
-    install_fused_lora_mlps(model)
     if recipe.task.has_head:
         return TaskHead(pad_id, class_names, recipe.task.type, batching)
     if recipe.objective.type == "grpo":
@@ -294,8 +311,6 @@ def build_objective(
             else None
         )
         return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen)
-    if batching.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
-        set_attention(model, register_varlen_sdpa())
     task_losses = TaskLosses.for_data(data, device)
     if task_losses is not None:
         return Multitask(batching, pad_id, task_losses, recipe.data, data)

@@ -51,8 +51,11 @@ def run_summary(
     answer_rows: int | None,
     run_dir: RunLayout,
     final: Path,
+    kernels: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """summary.json: what the run did and reached (the figures the end-of-run printout shows)."""
+    """summary.json: what the run did and reached (the figures the end-of-run printout shows).
+
+    `kernels`: `Kernels.report` (`attention`, `speedups`: which fused paths ran, why not)."""
     r = recipe
     train_losses, eval_losses = metrics.train_losses(), metrics.eval_losses()
     peak, peak_kind = peak_memory_bytes()
@@ -85,6 +88,7 @@ def run_summary(
         "final": str(final),
         "best": str(run_dir.best) if run_dir.best.exists() else None,
         **layers,
+        **(kernels or {}),
     }
     summary |= objective.summary(metrics, plan, state.step)
     if answer_rows is not None:
@@ -207,6 +211,22 @@ def _grpo_rows(g: dict[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _speedup_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """`attention` and one word per fused path: on, or off with its reason."""
+    if "speedups" not in s:
+        return []
+    words = [
+        f"{name.replace('_', ' ')} "
+        + (
+            "on" + (f" ({v['partly']})" if "partly" in v else "")
+            if v["used"]
+            else f"off ({v['reason']})"
+        )
+        for name, v in s["speedups"].items()
+    ]
+    return [("attention", str(s["attention"])), ("speedups", "; ".join(words))]
+
+
 def format_summary(
     s: dict[str, Any], prompts: list[str], before: list[str] | None, after: list[str] | None
 ) -> str:
@@ -240,6 +260,7 @@ def format_summary(
             "training steps",
         ),
         ("peak memory", f"{units.size(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
+        *_speedup_rows(s),
         ("train loss", loss_line(s["first_train_loss"], s["final_train_loss"])),
         (
             "eval loss",

@@ -160,3 +160,37 @@ def test_lora_halves_the_loss_on_a_memorisable_set(tmp_path, tiny_model):
     assert main(["train", str(recipe)]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_train_loss"] <= 0.5 * summary["first_train_loss"]
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_qlora_keeps_unquantized_layers_in_the_compute_dtype_unless_asked(
+    tmp_path, tiny_model, upcast
+):
+    """A 4-bit base's embeddings, norms and head stay bf16 under bf16 training (peft's QLoRA
+    preparation casts them to fp32: `quantization.upcast_unquantized: true` asks for that);
+    nothing of the base trains either way."""
+    from peftkit.methods.base import ApplyContext
+    from peftkit.models.load import load_model, load_tokenizer
+
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "q.yaml",
+            tiny_model,
+            tmp_path / "unused.jsonl",
+            adapter={"method": "qlora", "r": 4},
+            model={
+                "name": str(tiny_model),
+                "quantization": {"bits": 4, "upcast_unquantized": upcast},
+            },
+        )
+    )
+    model = load_model(recipe.model, torch.bfloat16, torch.device("cpu"))
+    ctx = ApplyContext(
+        load_tokenizer(recipe.model), "", False, True, tmp_path, upcast_unquantized=upcast
+    )
+    model = recipe.adapter.apply(model, ctx)
+    base = model.get_base_model()
+    kept = [base.model.embed_tokens.weight, base.model.norm.weight, base.lm_head.weight]
+    kept.append(base.model.layers[0].input_layernorm.weight)
+    assert {p.dtype for p in kept} == {torch.float32 if upcast else torch.bfloat16}
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
