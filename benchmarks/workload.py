@@ -28,6 +28,9 @@ CHATML = (
     "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SIZES = {
+    # 2 layers, 64 wide: benchmarks/gpu/check.py --cpu-smoke (the script runs, nothing measured)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     # ~52M parameters: the CPU benchmark.
     "50m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                 num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False),

@@ -133,5 +133,7 @@ def test_deepspeed_matches_one_process_resumes_exactly_and_exports(
     if grad_accum == 1:
         for k in whole:
             torch.testing.assert_close(adapter[k], whole[k], atol=1e-5, rtol=1e-5, msg=k)
-    report = api.export(run, tmp_path / "export")
+    # fp32: in bf16, rounding flips greedy near-ties of this random 64-wide model (the
+    # 1-process run's adapter fails the gate's 0.9 greedy agreement just the same, at 0.89)
+    report = api.export(run, tmp_path / "export", dtype="float32")
     assert report["passed"] and (tmp_path / "export" / "model.safetensors").is_file()
