@@ -12,7 +12,7 @@ from peftkit.adapters.adapter_set import AdapterSet
 from peftkit.models.manifest import BaseIdentity
 from peftkit.recipe.load import load_recipe
 from peftkit.training.loop import FineTuneRun
-from tests.conftest import write_jsonl, write_recipe
+from tests.conftest import chat_rows, write_jsonl, write_recipe
 from tests.e2e.test_preference import pairs
 
 META = torch.device("meta")
@@ -54,3 +54,28 @@ def test_training_places_the_model_before_the_dpo_reference_is_copied(
     run.setup()
     assert _devices(run.model) == {META}
     assert run.objective.frozen is not None and _devices(run.objective.frozen) == {META}
+
+
+def test_pissa_runs_its_svd_on_the_models_device(tiny_model, meta_identity, tmp_path, monkeypatch):
+    """PiSSA's SVD of each adapted weight runs where the model is (on a GPU, not for hours on the
+    CPU before prepare moves the model). The first SVD's input is recorded, then setup stops
+    (peft cannot write meta results back into the weights)."""
+
+    class Recorded(Exception):
+        pass
+
+    def svd(a, **kwargs):
+        raise Recorded(a.device)
+
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: META))
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_model,
+        write_jsonl(tmp_path / "d.jsonl", chat_rows(4)),
+        adapter={"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "init": "pissa"},
+        output={"dir": str(tmp_path / "run"), "plot": False},
+    )
+    with pytest.raises(Recorded) as svd_input:
+        FineTuneRun(load_recipe(recipe)).setup()
+    assert svd_input.value.args == (META,)
