@@ -56,6 +56,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, tiny_model):
     run = tmp_path / "fsdp"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch_rows"] == 4
+    assert summary["engine"] == "FSDP2" and summary["precision"] == "fp32"
     # The checkpoint holds each process's shards: half of every LoRA matrix's rows each.
     ckpt = run / "checkpoints" / "step-0000002"
     shard = load_file(str(ckpt / "trainable-0.safetensors"))
