@@ -100,7 +100,7 @@ def load_model(
         head: `head_config(...)`: load `AutoModelForSequenceClassification` with a new task head
             instead (its weights start random; everything else loads from the checkpoint).
         place: False leaves an unquantized model on the CPU for an engine that places it as it
-            shards it (FSDP, DeepSpeed ZeRO-3): a whole copy per GPU is what sharding avoids.
+            shards it (FSDP, DeepSpeed): a whole copy per GPU is what sharding avoids.
     """
     source = model_source(spec)
     kwargs: dict[str, Any] = {

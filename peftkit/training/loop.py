@@ -123,7 +123,7 @@ class FineTuneRun(Evaluation):
             self.weights_dtype,
             self.accelerator.device,
             head,
-            place=not self.launch.shards_weights,
+            place=not self.launch.shards_state,
         )
         # Before the method touches the model: the identity adapters are checked against later.
         self.base_identity = BaseIdentity.of(r.model.name, model, self.tokenizer)
