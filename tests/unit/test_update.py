@@ -29,5 +29,5 @@ def test_deepspeed_config_comes_from_the_recipe():
 
 
 def test_a_launch_config_that_disagrees_with_the_recipe_is_refused():
-    with pytest.raises(RecipeError, match="gradient_clipping: 1.0.*train.max_grad_norm"):
+    with pytest.raises(RecipeError, match=r"gradient_clipping: 1\.0.*train\.max_grad_norm"):
         configure_deepspeed(_accelerator({"gradient_clipping": 1.0}), TrainSpec(max_grad_norm=0.5))
