@@ -74,11 +74,19 @@ def build_model(out: Path, size: str, tokenizer) -> int:
         **SIZES[size],
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if size != "50m":  # real-architecture sizes (GPU runs) are stored in bf16
+    # real-architecture sizes (GPU runs) are initialised on the GPU (8B on a CPU takes minutes)
+    # and stored in bf16
+    on_gpu = size not in ("50m", "tiny") and torch.cuda.is_available()
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = LlamaForCausalLM(config)
+    if size not in ("50m", "tiny"):
         model = model.to(torch.bfloat16)
     model.save_pretrained(str(out))
-    return sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()  # the training processes that follow need the memory
+    return n
 
 
 def _words(rng: np.random.Generator, n: int) -> list[str]:

@@ -166,8 +166,9 @@ def speed(workdir: Path, smoke: bool) -> list[dict[str, Any]]:
         runs = [(["--size", "tiny", "--steps", "2", "--train-rows", "16", "--eval-rows", "4"],
                  ["peftkit"])]  # fmt: skip
     else:
-        big = ["--size", "llama-3.1-8b", "--steps", "6", "--train-rows", "96", "--eval-rows", "8"]
-        small = ["--model", "builtin:smollm2-135m", "--steps", "12", "--train-rows", "200"]
+        big = ["--size", "llama-3.1-8b", "--steps", "4", "--grad-accum", "2", "--train-rows", "64",
+               "--eval-rows", "8"]  # fmt: skip
+        small = ["--model", "builtin:smollm2-135m", "--steps", "8", "--train-rows", "160"]
         runs = [(big, lora), (big, qlora), (small, lora), (small, qlora)]
     reports = []
     for args, configs in runs:
