@@ -5,8 +5,9 @@ state.json}; a sharded (FSDP) run has trainable-<rank>.safetensors and optimizer
 each process's own shards, resumed by as many processes. Under DeepSpeed the optimizer is ZeRO's:
 its partitions (and fp32 master weights) are written by the engine itself into `zero/`
 (`engine.save_checkpoint`) beside the gathered trainable.safetensors, and read back by the engine,
-which unpickles them (DeepSpeed's loader): resume only run directories you wrote. A checkpoint is written to a hidden temporary folder and renamed into place, with
-state.json written last, so only complete checkpoints are ever found. Tensors are loaded back with
+which unpickles them (DeepSpeed's loader): resume only run directories you wrote. A checkpoint
+is written to a hidden temporary folder and renamed into place, with state.json written last,
+so only complete checkpoints are ever found. peftkit's own tensors are loaded back with
 `torch.load(weights_only=True)` (no arbitrary unpickling).
 """
 
