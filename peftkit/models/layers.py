@@ -34,5 +34,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
+    """The transformers model inside a peft wrapper (or the model itself), looking through DDP's
+    wrapper first (which, unlike DeepSpeed's engine, does not pass attributes on to its module)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model

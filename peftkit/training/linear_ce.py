@@ -99,6 +99,7 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
         or type(head) is not nn.Linear
         or head.bias is not None
         or type(head.weight.data) is not torch.Tensor  # a sharded (DTensor) weight
+        or hasattr(head.weight, "ds_id")  # DeepSpeed ZeRO-3: whole only inside the head's forward
     ):
         return None
     return head

@@ -48,6 +48,8 @@ def run_summary(
     layers: dict[str, Any],
     stop_reason: str,
     processes: int,
+    engine: str,
+    precision: str,
     answer_rows: int | None,
     run_dir: RunLayout,
     final: Path,
@@ -55,7 +57,9 @@ def run_summary(
 ) -> dict[str, Any]:
     """summary.json: what the run did and reached (the figures the end-of-run printout shows).
 
-    `kernels`: `Kernels.report` (`attention`, `speedups`: which fused paths ran, why not)."""
+    `kernels`: `Kernels.report` (`attention`, `speedups`: which fused paths ran, why not);
+    `engine`: single, DDP, FSDP2 or DeepSpeed ZeRO-n (`update.engine_name`); `precision`: bf16,
+    fp16 or fp32 (what the run computed in)."""
     r = recipe
     train_losses, eval_losses = metrics.train_losses(), metrics.eval_losses()
     peak, peak_kind = peak_memory_bytes()
@@ -67,6 +71,8 @@ def run_summary(
         "epochs": round(state.step / plan.steps_per_epoch, 3),
         "global_batch_rows": plan.global_batch,
         "processes": processes,
+        "engine": engine,
+        "precision": precision,
         "tokens": state.tokens_seen,
         "supervised_tokens": state.supervised_tokens_seen,
         "loss_unit": objective.unit,
@@ -245,6 +251,7 @@ def format_summary(
             f"{s['steps']} ({s['epochs']} epochs, {s['global_batch_rows']} rows per step, "
             f"{s['processes']} process{'es' if s['processes'] > 1 else ''}); {s['stop_reason']}",
         ),
+        ("engine", f"{s.get('engine', '-')}, precision {s.get('precision', '-')}"),
         (
             "tokens",
             f"{s['tokens']:,} real (non-pad), {s['supervised_tokens']:,} "

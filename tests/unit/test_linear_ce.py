@@ -99,3 +99,32 @@ def test_under_autocast_the_head_computes_in_autocasts_dtype():
         plain = loss.chunked_cross_entropy_sum(logits, targets)
     assert dtype == torch.bfloat16 and hidden.dtype == torch.float32
     torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_the_fused_head_sees_through_ddp(monkeypatch):
+    """A DDP run trains through DDP's wrapper: the fused head must find the model inside it, and
+    the loss must take the fused path (projection and cross-entropy in one function)."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    from peftkit.training import linear_ce, loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(_tiny("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    calls = []
+    real = linear_ce.LinearCrossEntropy.apply
+    monkeypatch.setattr(
+        linear_ce.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a)
+    )
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        assert fused_head(wrapped) is model.get_base_model().lm_head
+        through_ddp = loss.causal_lm_loss_sum(wrapped, batch, supervised_only=True)
+    finally:
+        dist.destroy_process_group()
+    assert calls == [1]
+    torch.testing.assert_close(through_ddp, loss.causal_lm_loss_sum(model, batch))
