@@ -17,7 +17,7 @@ from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
 from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import PreparedData, hold_out, mapped_data
+from peftkit.data.pipeline import PreparedData, mapped_data, split_eval
 from peftkit.data.sources import RawRow, read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, TaskSpec
@@ -77,10 +77,7 @@ def _prepare_in_memory(
 ) -> tuple[PreparedData, list[str] | None]:
     train_raw = _read(spec.train)
     eval_raw = _read(spec.eval)
-    if not eval_raw and spec.eval_fraction > 0:
-        train_raw, eval_raw = hold_out(train_raw, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        eval_raw = eval_raw[: spec.max_eval_rows]
+    train_raw, eval_raw = split_eval(train_raw, eval_raw, spec, seed)
     names = class_names(task, train_raw) if task.type == "classification" else None
     train, train_audit = _encode("train", train_raw, task, names, tokenizer, spec.max_length)
     evals, eval_audit = _encode("eval", eval_raw, task, names, tokenizer, spec.max_length)

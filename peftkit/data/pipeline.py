@@ -72,10 +72,7 @@ def _prepare_in_memory(
 ) -> PreparedData:
     train_examples = _read_examples(spec.train, spec.system_prompt, lambda s: s.task_name)
     eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task)
-    if not eval_examples and spec.eval_fraction > 0:
-        train_examples, eval_examples = hold_out(train_examples, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        eval_examples = eval_examples[: spec.max_eval_rows]
+    train_examples, eval_examples = split_eval(train_examples, eval_examples, spec, seed)
     encoder = Encoder(tokenizer, spec.loss_on)
     train, train_audit = _encode_split("train", train_examples, encoder, spec)
     evals, eval_audit = (
@@ -113,6 +110,19 @@ def _read_examples(
 
 
 T = TypeVar("T")
+
+
+def split_eval(
+    train: list[T], evals: list[T], spec: DataSpec, seed: int
+) -> tuple[list[T], list[T]]:
+    """The eval split of every kind of data: the `data.eval` rows, or else `data.eval_fraction`
+    of the train rows held out; then at most `data.max_eval_rows` of them. (The data cache applies
+    the same rule to row numbers: `hold_out_indices`.)"""
+    if not evals and spec.eval_fraction > 0:
+        train, evals = hold_out(train, spec.eval_fraction, seed)
+    if spec.max_eval_rows is not None:
+        evals = evals[: spec.max_eval_rows]
+    return train, evals
 
 
 def hold_out(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

@@ -23,7 +23,7 @@ from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
-from peftkit.data.pipeline import PreparedData, hold_out, prepare_data
+from peftkit.data.pipeline import PreparedData, prepare_data, split_eval
 from peftkit.data.sources import RawRow, read_source
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, Recipe
@@ -73,10 +73,7 @@ def prepare_preference_data(
     template = resolve_chat_template(tokenizer, spec.chat_template)
     train = _read(spec.train, spec.system_prompt, unpaired)
     evals = _read(spec.eval, spec.system_prompt, unpaired)
-    if not evals and spec.eval_fraction > 0:
-        train, evals = hold_out(train, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        evals = evals[: spec.max_eval_rows]
+    train, evals = split_eval(train, evals, spec, seed)
     encoder = Encoder(tokenizer, "completion")
     train_rows, train_audit = _encode_split("train", train, encoder, spec)
     eval_rows, eval_audit = _encode_split("eval", evals, encoder, spec) if evals else ([], None)
