@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import yaml
 from annotated_types import Ge, Gt, Le
 
-from peftkit.data import starts
+from peftkit.data.cache import starts
+from peftkit.data.cache.prune import PruneReport, prune
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
-from peftkit.data.prune import PruneReport, prune
 from peftkit.errors import RecipeError
 from peftkit.io import RunLayout
 from peftkit.launch import Launch
@@ -130,7 +130,7 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
     """Encode a recipe's data into peftkit's data cache ahead of training (as Axolotl's
     `preprocess` does), so that `train` and every `--resume` map it in seconds. Loads the
     tokenizer, no model; a second start finds the data from the tokenizer's files without
-    loading it (`peftkit.data.starts`). Returns the `PreparedData` (its `cache_dir` says where
+    loading it (`peftkit.data.cache.starts`). Returns the `PreparedData` (its `cache_dir` says where
     the rows are).
     """
     if not isinstance(recipe, Recipe):
@@ -164,7 +164,7 @@ def prune_data_cache(
     dry_run: bool = False,
 ) -> PruneReport:
     """Remove data cache entries unused for a while, then the least recently used ones beyond a
-    size (`peftkit.data.prune`). Builds in progress and entries used within the last hour are
+    size (`peftkit.data.cache.prune`). Builds in progress and entries used within the last hour are
     always kept. Returns what was removed and what is left.
 
     Args:

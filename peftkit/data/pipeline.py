@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
+from peftkit.data.cache import build, store
+from peftkit.data.cache.key import data_key
 from peftkit.data.chat import ChatTemplate, resolve_chat_template
 from peftkit.data.encode import TOO_LONG, UNSUPERVISED, EncodedRow, Encoder, encode_kept
 from peftkit.data.formats import Example, detect_format, to_example
 from peftkit.data.sources import read_source
+from peftkit.data.split import check_supervised, split_eval
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec
 
@@ -43,10 +44,10 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
     built by several processes on first use (`peftkit.data.cache`); otherwise they are encoded
     in memory here. Both give the same rows, in the same order, with the same masks and audit."""
     template = resolve_chat_template(tokenizer, spec.chat_template)
-    key = cache.data_key(spec, tokenizer, template.template, seed) if spec.cache else None
+    key = data_key(spec, tokenizer, template.template, seed) if spec.cache else None
     if key is None:
         return _prepare_in_memory(spec, tokenizer, seed, template)
-    return mapped_data(cache.build_once(spec, tokenizer, key, seed), template)[0]
+    return mapped_data(build.build_once(spec, tokenizer, key, seed), template)[0]
 
 
 def mapped_data(
@@ -54,7 +55,7 @@ def mapped_data(
 ) -> tuple[PreparedData, dict[str, Any]]:
     """The data of a data cache folder, its rows memory-mapped, and the folder's metadata
     (stop tokens, class names, ...)."""
-    rows, audits, meta = cache.load(folder, row_type)
+    rows, audits, meta = store.load(folder, row_type)
     data = PreparedData(
         rows["train"],
         rows.get("eval", []),
@@ -109,41 +110,6 @@ def _read_examples(
     return examples
 
 
-T = TypeVar("T")
-
-
-def split_eval(
-    train: list[T], evals: list[T], spec: DataSpec, seed: int
-) -> tuple[list[T], list[T]]:
-    """The eval split of every kind of data: the `data.eval` rows, or else `data.eval_fraction`
-    of the train rows held out; then at most `data.max_eval_rows` of them. (The data cache applies
-    the same rule to row numbers: `hold_out_indices`.)"""
-    if not evals and spec.eval_fraction > 0:
-        train, evals = hold_out(train, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        evals = evals[: spec.max_eval_rows]
-    return train, evals
-
-
-def hold_out(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """`data.eval_fraction` of `items` held out: (train, eval), each in the original order (the
-    split of every kind of data: causal-LM examples, preference pairs, task-head rows)."""
-    kept, held = hold_out_indices(len(items), fraction, seed)
-    return [items[i] for i in kept], [items[i] for i in held]
-
-
-def hold_out_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """`data.eval_fraction`: (train, eval) row indices, each in the original order; the eval rows
-    are the first of a seeded permutation."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(n * fraction))
-    if n_eval >= n:
-        raise DataError(f"data.eval_fraction {fraction} leaves no training rows out of {n}")
-    held = set(order[:n_eval])
-    return [i for i in range(n) if i not in held], sorted(held)
-
-
 def _encode_split(
     split: str, examples: list[Tagged], encoder: Encoder, spec: DataSpec
 ) -> tuple[list[EncodedRow], SplitAudit]:
@@ -160,15 +126,3 @@ def _encode_split(
             rows.append(row)
     check_supervised(split, audit)
     return rows, audit
-
-
-def check_supervised(split: str, audit: SplitAudit) -> None:
-    """A split in which no row carries loss is a `DataError` saying what to change."""
-    if not audit.rows_kept:
-        raise DataError(
-            f"no {split} row has any supervised token ({audit.rows_read} read, "
-            f"{audit.rows_without_supervised_tokens} without supervised tokens, "
-            f"{audit.rows_dropped_too_long} too long; e.g. {', '.join(audit.examples_without_supervision) or '-'}). "
-            "Check that rows contain assistant turns or completions, raise data.max_length, "
-            "or set data.loss_on: all"
-        )

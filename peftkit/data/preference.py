@@ -23,8 +23,9 @@ from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
-from peftkit.data.pipeline import PreparedData, prepare_data, split_eval
+from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.split import split_eval
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, Recipe
 

@@ -30,8 +30,9 @@ from peftkit.data.audit import SplitAudit, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import IGNORE, EncodedRow, Encoder
 from peftkit.data.formats import ROLES, Example, messages_of
-from peftkit.data.pipeline import PreparedData, split_eval
+from peftkit.data.pipeline import PreparedData
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.split import split_eval
 from peftkit.errors import DataError
 
 if TYPE_CHECKING:

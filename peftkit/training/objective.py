@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.data import starts
 from peftkit.data.audit import audit_lines, audit_record
+from peftkit.data.cache import starts
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
@@ -261,7 +261,7 @@ def prepare_run_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: i
     """(prepared data, class names or None) for the recipe's objective and task. Causal-LM and
     task-head data found in or added to the data cache is recorded under the recipe's start key,
     as `peftkit prepare` records it, so that a later `peftkit prepare` of the recipe maps it
-    without loading the tokenizer (`peftkit.data.starts`)."""
+    without loading the tokenizer (`peftkit.data.cache.starts`)."""
     if recipe.task.has_head:
         data, names = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
     elif recipe.objective.type == "grpo":

@@ -115,7 +115,7 @@ def test_the_data_cache_stores_rows_as_json_in_folders_only_its_user_can_enter(
     import pandas as pd
     from transformers import PreTrainedTokenizerFast
 
-    from peftkit.data import cache
+    from peftkit.data.cache import build
     from peftkit.data.pipeline import prepare_data
     from peftkit.recipe.schema import DataSpec
 
@@ -123,7 +123,7 @@ def test_the_data_cache_stores_rows_as_json_in_folders_only_its_user_can_enter(
     rows = [{"prompt": f"Q: {i}?\nA:", "completion": f" {i}", "n": i} for i in range(6)]
     pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
     raws: list[bytes] = []
-    real = cache._write_raw
+    real = build._write_raw
 
     def write_raw(spec, path):
         counts = real(spec, path)
@@ -131,7 +131,7 @@ def test_the_data_cache_stores_rows_as_json_in_folders_only_its_user_can_enter(
             raws.extend(pa.ipc.open_stream(source).read_all().column("raw").to_pylist())
         return counts
 
-    monkeypatch.setattr(cache, "_write_raw", write_raw)
+    monkeypatch.setattr(build, "_write_raw", write_raw)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(
         str(Path(__file__).parents[2] / "peftkit" / "assets" / "tiny-llama")
     )
