@@ -2,7 +2,8 @@
 
 A pair micro-batch is one padded batch of the chosen answers followed by the rejected ones
 (`input_ids` (2 x pairs, seq)), as TRL builds it, so one forward scores both. The log-probability
-of an answer is the sum over its supervised tokens (the answer turn and its end-of-turn token).
+of an answer is the sum over its supervised tokens: every token after the prompt, as TRL scores a
+completion (`peftkit.data.preference.scored_after_prompt`).
 
 The reference pi_ref (DPO, KTO) is the model as it started: for adapter methods the same weights
 with the adapter switched off (no second copy), for full/partial fine-tuning a frozen copy taken
