@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import IGNORE, EncodedRow, Encoder, truncate
@@ -55,6 +56,11 @@ class PreferenceRow:
     @property
     def n_tokens(self) -> int:
         return sum(len(s.input_ids) for s in self.sequences)
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longest answer: what the row pads to (length grouping)."""
+        return max(len(s.input_ids) for s in self.sequences)
 
 
 @dataclass

@@ -47,6 +47,9 @@ class Objective:
     unit = "supervised tokens"
     sort_eval_by_length = True
     """Evaluate rows sorted by length (less padding); off where batch composition matters."""
+    evaluate_at_start = False
+    """Evaluate the held-out rows at step 0 even without `train.eval_every` (the summary's
+    before -> after needs the start)."""
 
     def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -272,7 +275,7 @@ def build_objective(
             and not getattr(spec, "precompute_ref", False)
             else None
         )
-        return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen)
+        return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen, batching.lengths)
     if batching.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
         set_attention(model, register_varlen_sdpa())
     task_losses = TaskLosses.for_data(data, device)
