@@ -343,3 +343,39 @@ def test_a_recipe_like_run_follows_trl(tmp_path, no_bos_model, case):
         torch.testing.assert_close(
             run.model.state_dict()[name], learnt[name].detach(), atol=1e-3 * moved, rtol=0
         )
+
+
+@pytest.mark.parametrize("trainer", ["orpo", "simpo"])
+def test_trl_orpo_appends_an_eos_after_the_chat_template(tmp_path, no_bos_model, trainer):
+    """A deliberate difference: on conversations TRL's ORPO and CPO (SimPO) trainers render the
+    chat template and then append the tokenizer's EOS when the text does not end with it
+    (`add_eos_token_if_needed`), so they also score a token no chat model writes after its turn
+    (ChatML: `<|im_end|>\\n<|endoftext|>`). peftkit scores the conversation as the template
+    renders it, as DPO and KTO do in TRL too."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.data.preference import prepare_preference_data
+    from peftkit.recipe.schema import DataSpec
+
+    rows = _capital_rows("chat-pairs", n=2)
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(str(no_bos_model))
+    ours = prepare_preference_data(DataSpec(train=[str(data)]), tokenizer, 0, False).train[0]
+    rendered = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"], tokenize=False)
+    assert ours.chosen.input_ids.tolist() == tokenizer(rendered).input_ids  # the template's text
+    if trainer == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    else:
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
+    args = Config(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[], bf16=False)
+    model = AutoModelForCausalLM.from_pretrained(str(no_bos_model), dtype=torch.float32)
+    trl = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                  processing_class=tokenizer)  # fmt: skip
+    theirs = trl.train_dataset[0]
+    eos = tokenizer.eos_token_id
+    assert ours.chosen.input_ids[-1] != eos
+    assert theirs["chosen_input_ids"] == [*ours.chosen.input_ids.tolist(), eos]
+    assert theirs["chosen_labels"] == [*ours.chosen.labels.tolist(), eos]
