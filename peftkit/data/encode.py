@@ -246,9 +246,14 @@ def settle_batch(
 
 
 def row_lengths(rows) -> np.ndarray:
-    """Token count of every row (a column read where the rows are an Arrow view)."""
+    """Token count of every row (a column read where the rows are an Arrow view); a row of
+    several sequences (a preference pair) gives its `length`, the tokens it pads to."""
     own = getattr(rows, "lengths", None)
-    return own if own is not None else np.array([len(r.input_ids) for r in rows], dtype=np.int64)
+    if own is not None:
+        return own
+    return np.array(
+        [len(r.input_ids) if hasattr(r, "input_ids") else r.length for r in rows], dtype=np.int64
+    )
 
 
 def row_tasks(rows) -> np.ndarray:

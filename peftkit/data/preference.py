@@ -10,8 +10,10 @@ A KTO run also reads pairs (the chosen answer desirable, the rejected one not), 
 `unpair_preference_dataset` does.
 
 Each answer is encoded exactly as supervised fine-tuning encodes a row (same chat template, same
-end-of-turn/EOS token, `encode.Encoder`), with labels on the answer only: the last turn of a
-conversation, or the completion after a string prompt.
+end-of-turn/EOS token, `encode.Encoder`), with labels on every token after the prompt: the answer
+turn(s) of a conversation, their end-of-turn token and whatever the template writes after it
+(ChatML's newline), or the completion and EOS after a string prompt. That is TRL's completion,
+so an answer's log-probability is the one its trainers compute.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
-from peftkit.data.encode import EncodedRow, Encoder, truncate
+from peftkit.data.encode import IGNORE, EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
 from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.data.sources import RawRow, read_source
@@ -53,6 +57,11 @@ class PreferenceRow:
     @property
     def n_tokens(self) -> int:
         return sum(len(s.input_ids) for s in self.sequences)
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longest answer: what the row pads to (length grouping)."""
+        return max(len(s.input_ids) for s in self.sequences)
 
 
 @dataclass
@@ -218,7 +227,10 @@ def _encode_split(
     rows: list[PreferenceRow] = []
     for raw in raws:
         answers = [raw.chosen] + ([raw.rejected] if raw.rejected is not None else [])
-        encoded = [encoder.encode(a, first_turn=raw.first_answer_turn) for a in answers]
+        encoded = [
+            scored_after_prompt(encoder.encode(a, first_turn=raw.first_answer_turn))
+            for a in answers
+        ]
         if spec.truncation == "drop" and any(len(e.input_ids) > spec.max_length for e in encoded):
             audit.rows_dropped_too_long += 1
             continue
@@ -238,6 +250,18 @@ def _encode_split(
             "cut before their answer); raise data.max_length"
         )
     return rows, audit
+
+
+def scored_after_prompt(row: EncodedRow) -> EncodedRow:
+    """The answer as DPO's y: every token after the prompt carries a label, from the answer's
+    first token to the end of the row, so the template's text after the end-of-turn token
+    (ChatML's newline after <|im_end|>) is scored too, as TRL's trainers score a completion."""
+    supervised = np.flatnonzero(row.labels != IGNORE)
+    if supervised.size == 0:
+        return row
+    labels = row.labels.copy()
+    labels[supervised[0] :] = row.input_ids[supervised[0] :]
+    return replace(row, labels=labels)
 
 
 def _count(audit: SplitAudit, row: PreferenceRow) -> None:

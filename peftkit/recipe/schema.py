@@ -256,6 +256,8 @@ class TrainSpec(Section):
     """8-bit / paged variants come from bitsandbytes and save optimizer memory."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0)
+    """Linear warmup steps (overrides warmup_ratio). As in transformers' schedulers, step k of
+    the warmup runs at lr x k / warmup_steps: the first step at lr 0."""
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     """Share of steps for linear warmup (ignored when warmup_steps is set)."""
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)

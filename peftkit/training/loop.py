@@ -279,6 +279,7 @@ class FineTuneRun(Evaluation):
             self.data.reference
             or self.answers is not None
             or (self.data.eval and r.train.eval_every is not None)
+            or (self.data.eval and self.objective.evaluate_at_start)
         ):
             self._log_evaluation(self._eval_loss() if self.data.eval else None)
         with StopRequest() as stop:

@@ -48,6 +48,9 @@ class Objective:
     """Packed micro-batches carry row boundaries for the varlen attention (`attention.py`)."""
     sort_eval_by_length = True
     """Evaluate rows sorted by length (less padding); off where batch composition matters."""
+    evaluate_at_start = False
+    """Evaluate the held-out rows at step 0 even without `train.eval_every` (the summary's
+    before -> after needs the start)."""
 
     def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -310,7 +313,7 @@ def build_objective(
             and not getattr(spec, "precompute_ref", False)
             else None
         )
-        return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen)
+        return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen, batching.lengths)
     task_losses = TaskLosses.for_data(data, device)
     if task_losses is not None:
         return Multitask(batching, pad_id, task_losses, recipe.data, data)

@@ -58,13 +58,18 @@ def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
 def build_scheduler(
     spec: TrainSpec, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> LambdaLR:
-    """Linear warmup, then cosine / linear decay to `min_lr_ratio * lr`, or constant."""
+    """Linear warmup, then cosine / linear decay to `min_lr_ratio * lr`, or constant.
+
+    The factor of step k (0-based) is transformers' `get_{cosine,linear,constant}_schedule_with_
+    warmup`: k / warmup during the warmup (so the first step runs at lr 0, as in the Trainer and
+    TRL), then 0.5 (1 + cos(pi p)) or 1 - p with p = (k - warmup) / (total - warmup).
+    """
     warmup = warmup_steps(spec, total_steps)
     floor = spec.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / warmup
         if spec.scheduler == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
