@@ -36,13 +36,14 @@ from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
 from peftkit.training.kernels import apply_kernels
 from peftkit.training.metrics import MetricsLog, plot_losses
-from peftkit.training.objective import Objective, build_objective, prepare_run_data
+from peftkit.training.objective import Objective
 from peftkit.training.optim import build_optimizer, build_scheduler
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
+from peftkit.training.setup_objective import build_objective, prepare_run_data
 from peftkit.training.sharded import gathered_trainable
 from peftkit.training.signals import StopRequest
 from peftkit.training.unfreeze import LayerSchedule

@@ -11,7 +11,6 @@ gradient accumulation and data parallelism give the same update as one big batch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,14 +20,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.audit import audit_lines, audit_record
-from peftkit.data.cache import starts
 from peftkit.data.encode import EncodedRow
-from peftkit.data.labeled import prepare_labeled_data
-from peftkit.data.pipeline import PreparedData, prepare_data
-from peftkit.data.preference import prepare_preference_data
+from peftkit.data.pipeline import PreparedData
 from peftkit.data.step_plan import StepPlan, TokenBudget
-from peftkit.recipe.schema import DataSpec, Recipe
-from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
+from peftkit.recipe.schema import DataSpec
+from peftkit.training.batches import Batching, collate, collate_packed
 from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
 from peftkit.training.linear_ce import fused_head
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
@@ -258,92 +254,3 @@ class TaskHead(Objective):
 
     def describe(self) -> str:
         return "batching: padded" + (", grouped by length" if self.lengths is not None else "")
-
-
-def prepare_run_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int):
-    """(prepared data, class names or None) for the recipe's objective and task. Causal-LM and
-    task-head data found in or added to the data cache is recorded under the recipe's start key,
-    as `peftkit prepare` records it, so that a later `peftkit prepare` of the recipe maps it
-    without loading the tokenizer (`peftkit.data.cache.starts`)."""
-    if recipe.task.has_head:
-        data, names = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
-    elif recipe.objective.type == "grpo":
-        from peftkit.data.prompts import prepare_prompt_data
-
-        return prepare_prompt_data(
-            recipe.data, tokenizer, seed, recipe.objective.reference_column
-        ), None
-    elif recipe.objective.preference:
-        unpaired = recipe.objective.type == "kto"
-        return prepare_preference_data(recipe.data, tokenizer, seed, unpaired), None
-    else:
-        data, names = prepare_data(recipe.data, tokenizer, seed), None
-    starts.remember(starts.key_of(recipe), data)
-    return data, names
-
-
-def build_objective(
-    recipe: Recipe,
-    data: PreparedData,
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    precision: str,
-    class_names: list[str] | None,
-    device: torch.device,
-    unwrap: Callable[[nn.Module], nn.Module],
-) -> Objective:
-    """The run's objective, with its batching chosen for this model (before accelerate wraps it)."""
-    from peftkit.training.preference import Preference, frozen_copy
-
-    batching = choose_batching(
-        recipe.train, recipe.adapter, model, recipe.task.has_head, precision, data.train
-    )
-    pad_id = tokenizer.pad_token_id
-    if recipe.task.has_head:
-        return TaskHead(pad_id, class_names, recipe.task.type, batching)
-    if recipe.objective.type == "grpo":
-        return _grpo(recipe, model, tokenizer, unwrap, frozen_copy)
-    if recipe.objective.preference:
-        spec = recipe.objective
-        is_adapter = hasattr(model, "disable_adapter")
-        frozen = (
-            frozen_copy(model)
-            if spec.needs_reference
-            and not is_adapter
-            and not getattr(spec, "precompute_ref", False)
-            else None
-        )
-        return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen, batching.lengths)
-    task_losses = TaskLosses.for_data(data, device)
-    if task_losses is not None:
-        return Multitask(batching, pad_id, task_losses, recipe.data, data)
-    return CausalLM(batching, pad_id)
-
-
-def _grpo(
-    recipe: Recipe,
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    unwrap: Callable[[nn.Module], nn.Module],
-    frozen_copy: Callable[[nn.Module], nn.Module],
-) -> Objective:
-    """The GRPO objective: rewards imported, stop ids and the reference chosen."""
-    from peftkit.training.grpo import GRPO
-    from peftkit.training.rewards import build_rewards
-
-    spec = recipe.objective
-    eos = model.generation_config.eos_token_id  # the run's stop ids (set by the loop)
-    stop_ids = sorted(eos if isinstance(eos, list) else {eos} - {None})
-    frozen = (
-        frozen_copy(model) if spec.beta != 0 and not hasattr(model, "disable_adapter") else None
-    )
-    return GRPO(
-        spec,
-        build_rewards(spec.rewards, None),
-        tokenizer,
-        stop_ids,
-        recipe.train.seed,
-        unwrap,
-        frozen,
-        recipe.eval.max_new_tokens,
-    )
