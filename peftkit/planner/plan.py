@@ -8,7 +8,7 @@ known exactly. Parameter counts come from the model built on the meta device (no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -67,9 +67,41 @@ def largest_micro_batch(
     return best
 
 
+def with_generation(work: Workload, recipe: Recipe, eval_rows: list, tokenizer, counts) -> Workload:
+    """`work` plus the evaluation's largest generate call (`training/generated.py`), if the
+    recipe's evaluation generates: its rows (eval.batch_size, fewer to fit the generation budget)
+    and the longest prompt."""
+    from peftkit.training.generated import held_out_answers, row_bytes, rows_per_generate
+
+    spec = recipe.eval
+    items = held_out_answers(eval_rows[: spec.rows], tokenizer) if spec.metric != "none" else []
+    if not items:
+        return work
+    prompt = max(len(item.prompt_ids) for item in items)
+    one_row = row_bytes(
+        vocab=counts.vocab,
+        layers=counts.layers,
+        kv_width=counts.kv_width,
+        hidden=counts.hidden,
+        intermediate=counts.intermediate,
+        prompt_tokens=prompt,
+        new_tokens=spec.max_new_tokens,
+        value_bytes=4,  # the bound: generation runs in the weights' dtype
+    )
+    rows = rows_per_generate(min(spec.batch_size, len(items)), one_row)
+    return replace(
+        work,
+        generation_rows=rows,
+        prompt_tokens=prompt,
+        generation_tokens=prompt + spec.max_new_tokens,
+    )
+
+
 def _runtime_bytes(device: str) -> float:
     if device != "cpu":
-        return 0.0
+        from peftkit.planner.estimate import CUDA_CONTEXT
+
+        return CUDA_CONTEXT
     import psutil
 
     return float(psutil.Process().memory_info().rss)
@@ -119,6 +151,7 @@ def make_plan(
     multiple = pack_multiple(precision, on_gpu)
     work = largest_micro_batch(recipe, lengths, supervised, packing, multiple)
     counts = count(recipe, tokenizer)
+    work = with_generation(work, recipe, data.eval or [], tokenizer, counts)
     device = "gpu" if on_gpu else "cpu"
     runtime = _runtime_bytes(device)
     storage = str(weights_dtype(recipe.model, recipe.adapter, precision)).removeprefix("torch.")
@@ -167,7 +200,9 @@ def _advice(recipe, work, bits, predict, budget, packing: bool) -> list[str]:
     if t.micro_batch_size > 1:
         half = t.micro_batch_size // 2
         scale = half / t.micro_batch_size
-        w = Workload(max(1, int(work.tokens * scale)), int(work.supervised * scale))
+        w = replace(
+            work, tokens=max(1, int(work.tokens * scale)), supervised=int(work.supervised * scale)
+        )
         options.append(
             (
                 f"train.micro_batch_size={half} train.grad_accum={t.grad_accum * 2} (same global batch)",
@@ -176,7 +211,7 @@ def _advice(recipe, work, bits, predict, budget, packing: bool) -> list[str]:
         )
     if packing and work.tokens > 1:
         half = work.tokens // 2
-        w = Workload(half, work.supervised // 2)
+        w = replace(work, tokens=half, supervised=work.supervised // 2)
         options.append(
             (f"train.micro_batch_tokens={half} (same global batch)", predict(recipe, w, bits))
         )

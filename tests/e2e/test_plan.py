@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peftkit import api
 from peftkit.cli import main
+from peftkit.training.linear_ce import chunk_bytes
 from tests.conftest import write_recipe
 
 
@@ -47,7 +48,8 @@ def test_plan_components_follow_the_recipe(tmp_path, tiny_model, chat_file):
     # the fused head keeps one chunk of logits, not every supervised position's
     assert lora.counts.fused_head
     supervised = lora.workload.supervised
-    assert lora.estimate.parts["logits"] == min(supervised, 256) * c.vocab * 4 + (
+    rows = min(supervised, c.fused_chunk_rows)
+    assert lora.estimate.parts["logits"] == chunk_bytes(c.vocab, 4, False, rows) + (
         supervised * c.hidden * 4
     )
     assert lora.estimate.parts["backward"] < unfused.estimate.parts["backward"]
