@@ -15,7 +15,7 @@ import torch
 
 from peftkit.launch import Launch
 from peftkit.planner.counts import ModelCounts, count
-from peftkit.planner.estimate import Estimate, Workload, estimate
+from peftkit.planner.estimate import STORAGE, Estimate, Workload, estimate
 from peftkit.recipe.schema import Recipe
 
 GIB = 2**30
@@ -67,7 +67,9 @@ def largest_micro_batch(
     return best
 
 
-def with_generation(work: Workload, recipe: Recipe, eval_rows: list, tokenizer, counts) -> Workload:
+def with_generation(
+    work: Workload, recipe: Recipe, eval_rows: list, tokenizer, counts, value_bytes: int
+) -> Workload:
     """`work` plus the evaluation's largest generate call (`training/generated.py`), if the
     recipe's evaluation generates: its rows (eval.batch_size, fewer to fit the generation budget)
     and the longest prompt."""
@@ -86,7 +88,7 @@ def with_generation(work: Workload, recipe: Recipe, eval_rows: list, tokenizer, 
         intermediate=counts.intermediate,
         prompt_tokens=prompt,
         new_tokens=spec.max_new_tokens,
-        value_bytes=4,  # the bound: generation runs in the weights' dtype
+        value_bytes=value_bytes,  # generation runs in the weights' dtype
     )
     rows = rows_per_generate(min(spec.batch_size, len(items)), one_row)
     return replace(
@@ -151,10 +153,10 @@ def make_plan(
     multiple = pack_multiple(precision, on_gpu)
     work = largest_micro_batch(recipe, lengths, supervised, packing, multiple)
     counts = count(recipe, tokenizer)
-    work = with_generation(work, recipe, data.eval or [], tokenizer, counts)
     device = "gpu" if on_gpu else "cpu"
     runtime = _runtime_bytes(device)
     storage = str(weights_dtype(recipe.model, recipe.adapter, precision)).removeprefix("torch.")
+    work = with_generation(work, recipe, data.eval or [], tokenizer, counts, STORAGE[storage])
     quant = recipe.model.quantization
 
     def predict(recipe_: Recipe, work_: Workload, bits: int | None) -> Estimate:

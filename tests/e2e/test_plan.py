@@ -39,6 +39,14 @@ def test_plan_components_follow_the_recipe(tmp_path, tiny_model, chat_file):
     full = plan(adapter={"method": "full"})
     dropout = plan(adapter={"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1})
     unfused = plan(train={"supervised_logits_only": False})
+    answering = plan(
+        data={"train": str(chat_file), "max_length": 128, "eval_fraction": 0.25},
+        eval={"metric": "exact", "rows": 8, "batch_size": 3, "max_new_tokens": 16},
+    )
+    assert lora.workload.generation_rows == 0 and "generation" not in lora.estimate.parts
+    g = answering.workload  # the evaluation's generate call is counted (its excess, if any)
+    assert g.generation_rows == 3 and g.generation_tokens == g.prompt_tokens + 16 > 16
+    assert "generation" in answering.estimate.parts
     assert checkpointed.estimate.parts["activations"] < lora.estimate.parts["activations"]
     # fp32 LoRA without dropout: the fused MLP keeps 2 of the 4 MLP-wide tensors per token
     assert lora.counts.fused_mlp and not dropout.counts.fused_mlp
