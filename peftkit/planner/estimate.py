@@ -182,14 +182,19 @@ def generation_bytes(c: ModelCounts, work: Workload, b: int) -> float:
     """Transient bytes of the evaluation's generate call (module docstring, `generation`)."""
     if work.generation_rows == 0:
         return 0.0
-    one_row = row_bytes(
+    new = work.generation_tokens - work.prompt_tokens
+    return float(work.generation_rows * generated_row_bytes(c, work.prompt_tokens, new, b))
+
+
+def generated_row_bytes(c: ModelCounts, prompt_tokens: int, new_tokens: int, b: int) -> int:
+    """`training.generated.row_bytes` for a model of these counts."""
+    return row_bytes(
         vocab=c.vocab,
         layers=c.layers,
         kv_width=c.kv_width or c.kv_heads * (c.hidden // c.heads),
         hidden=c.hidden,
         intermediate=c.intermediate,
-        prompt_tokens=work.prompt_tokens,
-        new_tokens=work.generation_tokens - work.prompt_tokens,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
         value_bytes=b,
     )
-    return float(work.generation_rows * one_row)

@@ -15,7 +15,13 @@ import torch
 
 from peftkit.launch import Launch
 from peftkit.planner.counts import ModelCounts, count
-from peftkit.planner.estimate import STORAGE, Estimate, Workload, estimate
+from peftkit.planner.estimate import (
+    STORAGE,
+    Estimate,
+    Workload,
+    estimate,
+    generated_row_bytes,
+)
 from peftkit.recipe.schema import Recipe
 
 GIB = 2**30
@@ -73,23 +79,14 @@ def with_generation(
     """`work` plus the evaluation's largest generate call (`training/generated.py`), if the
     recipe's evaluation generates: its rows (eval.batch_size, fewer to fit the generation budget)
     and the longest prompt."""
-    from peftkit.training.generated import held_out_answers, row_bytes, rows_per_generate
+    from peftkit.training.generated import held_out_answers, rows_per_generate
 
     spec = recipe.eval
     items = held_out_answers(eval_rows[: spec.rows], tokenizer) if spec.metric != "none" else []
     if not items:
         return work
     prompt = max(len(item.prompt_ids) for item in items)
-    one_row = row_bytes(
-        vocab=counts.vocab,
-        layers=counts.layers,
-        kv_width=counts.kv_width,
-        hidden=counts.hidden,
-        intermediate=counts.intermediate,
-        prompt_tokens=prompt,
-        new_tokens=spec.max_new_tokens,
-        value_bytes=value_bytes,  # generation runs in the weights' dtype
-    )
+    one_row = generated_row_bytes(counts, prompt, spec.max_new_tokens, value_bytes)
     rows = rows_per_generate(min(spec.batch_size, len(items)), one_row)
     return replace(
         work,
