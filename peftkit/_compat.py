@@ -121,6 +121,30 @@ def keep_bnb_4bit_cpu_weights_unpacked(model) -> int:
     return changed
 
 
+def contiguous_head_input(model) -> bool:
+    """torch 2.13 (CPU): `F.linear` of a non-contiguous 3-D bf16/fp16 input by a weight that does
+    not require grad materialises (batch, out, in): `logits_to_keep=1` hands the head the last
+    position as such a slice, so generating for 20 prompts with Gemma 3's 262k x 640 head (frozen
+    under LoRA) allocated 6.4 GiB for 20 x 262k logits (measured; fp32, a contiguous input or a
+    weight that requires grad take the plain matmul). A pre-hook on the output layer hands it a
+    contiguous copy of such an input (batch x kept x hidden: small). Returns whether it was added."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    HALF = (torch.bfloat16, torch.float16)
+
+    def contiguous(module, args):
+        x = args[0]
+        if x.device.type == "cpu" and x.dim() > 2 and x.dtype in HALF and not x.is_contiguous():
+            return (x.contiguous(), *args[1:])
+        return None
+
+    head.register_forward_pre_hook(contiguous)
+    return True
+
+
 def release_freed_cpu_memory() -> None:
     """glibc keeps memory freed by torch's CPU allocator in its heaps. Training with varying
     micro-batch shapes then grows the resident size step after step (measured on the 52M benchmark:

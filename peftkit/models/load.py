@@ -125,6 +125,7 @@ def load_model(
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(_explain_load_failure("model", source, e)) from e
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    _compat.contiguous_head_input(model)
     if spec.quantization is not None:
         _compat.keep_bnb_4bit_cpu_weights_unpacked(model)
     elif place:

@@ -327,7 +327,8 @@ class EvalSpec(Section):
     max_new_tokens: int = Field(default=64, gt=0)
     """Greedy tokens per answer; an answer still running then is cut (and usually wrong)."""
     batch_size: int = Field(default=16, gt=0)
-    """Prompts generated together (left-padded)."""
+    """Most prompts generated together (left-padded); fewer when their KV cache and
+    last-position logits would pass 1 GiB (a large vocabulary or long prompts)."""
 
     @model_validator(mode="after")
     def _function_rules(self) -> EvalSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peftkit import api
 from peftkit.cli import main
+from peftkit.training.linear_ce import chunk_bytes
 from tests.conftest import write_recipe
 
 
@@ -49,6 +50,14 @@ def test_plan_components_follow_the_recipe(tmp_path, tiny_model, chat_file):
         for up in (False, True)
     )
     unfused = plan(train={"supervised_logits_only": False})
+    answering = plan(
+        data={"train": str(chat_file), "max_length": 128, "eval_fraction": 0.25},
+        eval={"metric": "exact", "rows": 8, "batch_size": 3, "max_new_tokens": 16},
+    )
+    assert lora.workload.generation_rows == 0 and "generation" not in lora.estimate.parts
+    g = answering.workload  # the evaluation's generate call is counted (its excess, if any)
+    assert g.generation_rows == 3 and g.generation_tokens == g.prompt_tokens + 16 > 16
+    assert "generation" in answering.estimate.parts
     assert checkpointed.estimate.parts["activations"] < lora.estimate.parts["activations"]
     # the fused MLP (dropout or not, 4-bit base too) keeps 2 of the 4 MLP-wide tensors per token
     assert lora.counts.fused_mlp and dropout.counts.fused_mlp and qlora.counts.fused_mlp
@@ -67,7 +76,8 @@ def test_plan_components_follow_the_recipe(tmp_path, tiny_model, chat_file):
     # the fused head keeps one chunk of logits, not every supervised position's
     assert lora.counts.fused_head
     supervised = lora.workload.supervised
-    assert lora.estimate.parts["logits"] == min(supervised, 256) * c.vocab * 4 + (
+    rows = min(supervised, c.fused_chunk_rows)
+    assert lora.estimate.parts["logits"] == chunk_bytes(c.vocab, 4, False, rows) + (
         supervised * c.hidden * 4
     )
     assert lora.estimate.parts["backward"] < unfused.estimate.parts["backward"]
