@@ -76,7 +76,13 @@ def prepare(args: argparse.Namespace) -> int:
         data = api.prepare(args.recipe, args.overrides)
         for audit in data.audits:
             print("\n".join(audit.lines()))
-        print(f"encoded data: {data.cache_dir}")
+        if data.cache_dir is None:
+            print(
+                "encoded and checked (this objective's data is not cached yet: training "
+                "encodes it again)"
+            )
+        else:
+            print(f"encoded data: {data.cache_dir}")
     if args.prune:
         report = api.prune_data_cache(**{k: getattr(args, k) for k in PRUNE_OPTIONS})
         print("\n".join(report.lines()))
