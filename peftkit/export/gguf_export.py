@@ -10,21 +10,46 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.data.encode import EncodedRow
 from peftkit.errors import ExportError
-from peftkit.export.gguf import write_gguf
+from peftkit.export.gguf import check_quant, write_gguf
+from peftkit.export.gguf_arch import check_config
+from peftkit.export.gguf_vocab import build_vocab
 from peftkit.export.source import ExportSource
 from peftkit.io import atomic_write_text
+from peftkit.models.source import model_source
 from peftkit.recipe.schema import ExportSpec, FidelityThresholds
 
 MODELFILE = "Modelfile"
 
 
 def gguf_thresholds(spec: ExportSpec) -> FidelityThresholds:
-    """8-bit weights get their own, looser gate; f32/f16/bf16 files use the usual one."""
-    return spec.q8_0_thresholds if spec.quant == "q8_0" else spec.thresholds
+    """8-, 5- and 4-bit weights get their own, looser gates; f32/f16/bf16 use the usual one."""
+    if spec.quant == "q8_0":
+        return spec.q8_0_thresholds
+    if spec.quant.startswith("q5"):
+        return spec.q5_thresholds
+    if spec.quant.startswith("q4"):
+        return spec.q4_thresholds
+    return spec.thresholds
+
+
+def check_gguf_export(source: ExportSource, tokenizer, quant: str) -> None:
+    """Refuse what GGUF cannot hold (quant, architecture, RoPE, tokenizer) from the configs and the
+    tokenizer alone, before any weights are loaded or merged."""
+    check_quant(quant)
+    if source.whole_model:
+        config = AutoConfig.from_pretrained(str(source.result_dir))
+    else:
+        model = source.recipe.model
+        config = AutoConfig.from_pretrained(
+            model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    check_config(getattr(config, "text_config", None) or config)
+    stops = source.meta.get("stop_tokens") or [tokenizer.eos_token]
+    build_vocab(tokenizer, config.vocab_size, tokenizer.chat_template, stops)
 
 
 def gguf_file_name(source: ExportSource, quant: str) -> str:

@@ -28,7 +28,7 @@ from peftkit.export.fidelity import (
     reference_outputs,
     sample_rows,
 )
-from peftkit.export.gguf_export import export_gguf, gguf_thresholds
+from peftkit.export.gguf_export import check_gguf_export, export_gguf, gguf_thresholds
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
@@ -145,6 +145,8 @@ def export(
         _record_export(source.run_dir, out)
         return report
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
+    if to_gguf:  # refuse before anything is loaded or merged
+        check_gguf_export(source, tokenizer, spec.quant)
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
     gen = (spec.generate_tokens, stop_ids, tokenizer.pad_token_id)

@@ -18,7 +18,7 @@ from peftkit.recipe.objective import ObjectiveSpec, SFTObjective, objective_from
 from peftkit.section import Section
 
 ExportFormat = Literal["safetensors", "gguf"]
-GgufQuant = Literal["f32", "f16", "bf16", "q8_0"]
+GgufQuant = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 ExportDType = Literal["bfloat16", "float16", "float32"]
 MergeBase = Literal["auto", "original", "dequantized"]
 
@@ -384,6 +384,14 @@ class ExportSpec(Section):
     """The gate of GGUF q8_0 exports (8-bit weights, blocks of 32 with one f16 scale), looser than
     `thresholds` for 16-bit exports. Measured on the quickstart run: relative error 2.6e-3, mean KL
     2.0e-5, greedy agreement 0.98 (f16: 7.6e-5, 1.3e-8, 1.0); README "GGUF for llama.cpp"."""
+    q5_thresholds: FidelityThresholds = FidelityThresholds(
+        max_relative_error=0.15, max_mean_kl=0.05, min_greedy_agreement=0.6
+    )
+    """The gate of GGUF q5_0 / q5_1 exports (5-bit weights in blocks of 32)."""
+    q4_thresholds: FidelityThresholds = FidelityThresholds(
+        max_relative_error=0.25, max_mean_kl=0.15, min_greedy_agreement=0.5
+    )
+    """The gate of GGUF q4_0 / q4_1 exports (4-bit weights in blocks of 32)."""
 
 
 # Recipe fields that may change between a run and its resumption: they do not change the math
