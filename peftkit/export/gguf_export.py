@@ -14,8 +14,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.data.encode import EncodedRow
 from peftkit.errors import ExportError
+from peftkit.export import build
 from peftkit.export.gguf import check_quant, write_gguf
 from peftkit.export.gguf_arch import check_config
+from peftkit.export.gguf_lora import (
+    ADAPTER_QUANTS,
+    apply_lora_gguf,
+    check_lora_config,
+    write_lora_gguf,
+)
 from peftkit.export.gguf_vocab import build_vocab
 from peftkit.export.source import ExportSource
 from peftkit.io import atomic_write_text
@@ -36,20 +43,45 @@ def gguf_thresholds(spec: ExportSpec) -> FidelityThresholds:
     return spec.thresholds
 
 
-def check_gguf_export(source: ExportSource, tokenizer, quant: str) -> None:
-    """Refuse what GGUF cannot hold (quant, architecture, RoPE, tokenizer) from the configs and the
-    tokenizer alone, before any weights are loaded or merged."""
-    check_quant(quant)
+def _base_config(source: ExportSource):
     if source.whole_model:
-        config = AutoConfig.from_pretrained(str(source.result_dir))
-    else:
-        model = source.recipe.model
-        config = AutoConfig.from_pretrained(
-            model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
-    check_config(getattr(config, "text_config", None) or config)
+        return AutoConfig.from_pretrained(str(source.result_dir))
+    model = source.recipe.model
+    config = AutoConfig.from_pretrained(
+        model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code
+    )
+    return getattr(config, "text_config", None) or config
+
+
+def check_gguf_export(source: ExportSource, tokenizer, quant: str, adapter_only: bool) -> None:
+    """Refuse what GGUF cannot hold (quant, architecture, RoPE, tokenizer, adapter features) from
+    the configs and the tokenizer alone, before any weights are loaded or merged."""
+    config = _base_config(source)
+    check_config(config)
+    if adapter_only:
+        if quant not in ADAPTER_QUANTS:
+            raise ExportError(
+                f"a GGUF LoRA adapter is written as {', '.join(ADAPTER_QUANTS)}, not {quant!r}"
+            )
+        check_lora_config(json.loads((source.result_dir / "adapter_config.json").read_text()))
+        return
+    check_quant(quant)
     stops = source.meta.get("stop_tokens") or [tokenizer.eos_token]
     build_vocab(tokenizer, config.vocab_size, tokenizer.chat_template, stops)
+
+
+def export_lora_gguf(
+    source: ExportSource, out: Path, spec: ExportSpec, report: dict[str, Any], log
+) -> nn.Module:
+    """Write `out/<name>-lora-<quant>.gguf` (llama.cpp's `--lora` format) and return what the gate
+    measures: the file read back with `gguf`'s reader and applied to the dense base in torch."""
+    name = f"{source.recipe.name}-lora-{spec.quant}.gguf"
+    log(f"writing {name} (LoRA adapter, {spec.quant}) ...")
+    path = write_lora_gguf(source.result_dir, _base_config(source), out / name, spec.quant)
+    report["what"] = f"a LoRA adapter as GGUF for llama.cpp's --lora ({name})"
+    report["gguf"] = {"file": name, "quant": spec.quant, "bytes": path.stat().st_size}
+    log("reading it back and applying it to the base model ...")
+    return apply_lora_gguf(build.dense_base(source), path).eval()
 
 
 def gguf_file_name(source: ExportSource, quant: str) -> str:

@@ -78,6 +78,8 @@ class MethodSpec(Section):
     mergeable: ClassVar[bool] = False
     """True when the trained adapter can be merged into the base weights (export to one model).
     Whole-model methods have nothing to merge: their result already is the model."""
+    gguf_adapter: ClassVar[bool] = False
+    """True when the adapter has a llama.cpp GGUF adapter form (`--format gguf --adapter-only`)."""
     lora_family: ClassVar[bool] = False
     """True for low-rank updates (LoRA, QLoRA): the planner counts their extra activations (the
     fp32 input each adapter keeps under mixed precision)."""

@@ -33,6 +33,7 @@ class LoraSpec(PeftMethod):
 
     method: Literal["lora"] = "lora"
     mergeable: ClassVar[bool] = True
+    gguf_adapter: ClassVar[bool] = True
     lora_family: ClassVar[bool] = True
     quantized_variant: ClassVar[str | None] = "qlora"
     r: int = Field(default=16, gt=0)
