@@ -135,6 +135,11 @@ class MethodSpec(Section):
         """Whether frozen base weights may be stored in bf16/fp16 under that training precision."""
         return not self.full_weights
 
+    def lr_scales(self, model: nn.Module, lr: float) -> dict[str, float] | None:
+        """Trainable parameter name -> learning-rate factor, for methods that train some parameters
+        faster than others (LoRA+); None when every parameter trains at `train.lr`."""
+        return None
+
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         """Attach the method to a loaded base model and return the model to train."""
         raise NotImplementedError

@@ -5,6 +5,8 @@ with A (r x in) and B (out x r); B starts at zero so training starts from the ba
 rsLoRA scales by alpha / sqrt(r) instead, which keeps high ranks stable. DoRA splits W into
 magnitude and direction, y = m * (W0 + BA) x / ||W0 + BA||, training m as well.
 QLoRA is LoRA over a 4-bit (NF4) frozen base whose weights are dequantized per matmul.
+LoRA+ (`loraplus_lr_ratio`) trains B (and the 1-d vectors: DoRA's magnitudes) at lr x ratio, A at
+lr, as peft's `create_loraplus_optimizer` groups them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,27 @@ class LoraSpec(PeftMethod):
     modules_to_save: list[str] = []
     """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
     layers_to_transform: list[int] | None = None
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0)
+    """LoRA+: B matrices (and 1-d vectors) learn at train.lr x this ratio (the paper suggests
+    ~16); A at train.lr. None = plain LoRA."""
+    loraplus_lr_embedding: float = Field(default=1e-6, gt=0)
+    """LoRA+: the absolute learning rate of LoRA on embeddings (peft's default)."""
+
+    def lr_scales(self, model: nn.Module, lr: float) -> dict[str, float] | None:
+        """LoRA+'s groups, as peft's `create_loraplus_optimizer` forms them."""
+        if self.loraplus_lr_ratio is None:
+            return None
+        scales = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "lora_embedding_" in name:
+                scales[name] = self.loraplus_lr_embedding / lr
+            elif "lora_B" in name or p.ndim == 1:
+                scales[name] = self.loraplus_lr_ratio
+            else:
+                scales[name] = 1.0
+        return scales
 
     @property
     def off_is_start(self) -> bool:

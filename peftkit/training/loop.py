@@ -37,7 +37,12 @@ from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective, build_objective, prepare_run_data
-from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
+from peftkit.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    combined_scales,
+    gradient_norm,
+)
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir
@@ -189,7 +194,8 @@ class FineTuneRun(Evaluation):
         self.layers = LayerSchedule.for_run(
             r.adapter, model, self.plan.steps_per_epoch, self.accelerator.num_processes
         )
-        optimizer = build_optimizer(r.train, model, self.layers.lr_scales())
+        scales = combined_scales(self.layers.lr_scales(), r.adapter.lr_scales(model, r.train.lr))
+        optimizer = build_optimizer(r.train, model, scales)
         self.scheduler = build_scheduler(r.train, optimizer, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.layers.set_step(0)

@@ -23,7 +23,7 @@ def build_optimizer(
     buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            scale = 1.0 if lr_scales is None else lr_scales[name]
+            scale = 1.0 if lr_scales is None else lr_scales.get(name, 1.0)
             buckets.setdefault((scale, p.ndim >= 2), []).append(p)
     groups = [
         {
@@ -47,6 +47,17 @@ def build_optimizer(
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }[spec.optimizer]
     return cls(groups, **kwargs)
+
+
+def combined_scales(
+    *scales: dict[str, float] | None,
+) -> dict[str, float] | None:
+    """Per-parameter lr factors from several sources (layer decay, LoRA+), multiplied."""
+    given = [s for s in scales if s is not None]
+    if not given:
+        return None
+    names = set().union(*given)
+    return {n: math.prod(s.get(n, 1.0) for s in given) for n in names}
 
 
 def warmup_steps(spec: TrainSpec, total_steps: int) -> int:

@@ -32,6 +32,7 @@ SETTINGS = {
 }
 VARIANTS = {
     "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},
+    "loraplus": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "loraplus_lr_ratio": 16},
     "rslora_pissa": {
         "method": "lora",
         "r": 4,
@@ -160,3 +161,43 @@ def test_lora_halves_the_loss_on_a_memorisable_set(tmp_path, tiny_model):
     assert main(["train", str(recipe)]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_train_loss"] <= 0.5 * summary["first_train_loss"]
+
+
+def test_loraplus_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
+    """LoRA+'s two learning rates survive a crash: the resumed run ends bit for bit where the
+    uninterrupted one ends (losses and adapter weights)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import RESUME_TRAIN, chat_rows
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10, seed=1))
+    train = {**RESUME_TRAIN, "max_steps": 4}
+
+    def recipe(out):
+        return write_recipe(
+            tmp_path / f"{out}.yaml",
+            tiny_model,
+            data,
+            adapter=METHODS["loraplus"],
+            train=train,
+            output={"dir": str(tmp_path / out), "plot": False},
+        )
+
+    assert main(["train", str(recipe("full"))]) == 0
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    for name in ("checkpoints/step-0000004", "adapter", "best"):
+        shutil.rmtree(crashed / name, ignore_errors=True)
+    (crashed / "summary.json").unlink()
+    assert main(["train", str(recipe("crashed")), "--resume"]) == 0
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    assert losses(crashed) == losses(tmp_path / "full")
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
