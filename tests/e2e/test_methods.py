@@ -163,9 +163,10 @@ def test_lora_halves_the_loss_on_a_memorisable_set(tmp_path, tiny_model):
     assert summary["final_train_loss"] <= 0.5 * summary["first_train_loss"]
 
 
-def test_loraplus_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
-    """LoRA+'s two learning rates survive a crash: the resumed run ends bit for bit where the
-    uninterrupted one ends (losses and adapter weights)."""
+@pytest.mark.parametrize("name", ["loraplus", "loha", "lokr"])
+def test_resume_equals_an_uninterrupted_run(name, tmp_path, tiny_model):
+    """A crash after step 2 of 4, then --resume: the run ends bit for bit where the uninterrupted
+    one ends (losses and adapter weights); LoRA+'s two learning rates included."""
     import shutil
 
     from safetensors.torch import load_file
@@ -180,7 +181,7 @@ def test_loraplus_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
             tmp_path / f"{out}.yaml",
             tiny_model,
             data,
-            adapter=METHODS["loraplus"],
+            adapter=METHODS[name],
             train=train,
             output={"dir": str(tmp_path / out), "plot": False},
         )
@@ -188,8 +189,8 @@ def test_loraplus_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
     assert main(["train", str(recipe("full"))]) == 0
     crashed = tmp_path / "crashed"
     shutil.copytree(tmp_path / "full", crashed)
-    for name in ("checkpoints/step-0000004", "adapter", "best"):
-        shutil.rmtree(crashed / name, ignore_errors=True)
+    for lost in ("checkpoints/step-0000004", "adapter", "best"):
+        shutil.rmtree(crashed / lost, ignore_errors=True)
     (crashed / "summary.json").unlink()
     assert main(["train", str(recipe("crashed")), "--resume"]) == 0
 
