@@ -135,8 +135,8 @@ def export(
         )
     if not source.mergeable and not adapter_only:
         log(
-            f"{source.recipe.adapter.method} adds virtual tokens instead of changing weights, so it cannot be "
-            "merged into the base model: writing an adapter-only export"
+            f"{source.recipe.adapter.method} cannot be merged into the base model (virtual tokens, "
+            "or a merge peftkit does not declare for it): writing an adapter-only export"
         )
         adapter_only = True
     if target is not None and not adapter_only:

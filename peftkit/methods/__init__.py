@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from peftkit.methods import (  # noqa: F401 - registration side effect
+    any_peft,
     full,
     ia3,
     loha,
