@@ -45,6 +45,10 @@ class LoraSpec(PeftMethod):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or all-linear (every linear layer but the output head)."""
+    target_parameters: list[str] | Literal["auto"] | None = None
+    """Parameters to adapt that are not linear modules: a MoE's routed experts, stored by
+    transformers 5 as 3-D tensors (`experts.gate_up_proj`, `experts.down_proj`). auto = every
+    such expert parameter of the model; a list = peft's `target_parameters`."""
     exclude_modules: list[str] | None = None
     use_rslora: bool = False
     use_dora: bool = False
@@ -98,6 +102,7 @@ class LoraSpec(PeftMethod):
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=self.target_modules,
+            target_parameters=self._target_parameters(model),
             exclude_modules=self.exclude_modules,
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
@@ -106,6 +111,13 @@ class LoraSpec(PeftMethod):
             modules_to_save=self.modules_to_save or None,
             layers_to_transform=self.layers_to_transform,
         )
+
+    def _target_parameters(self, model: nn.Module) -> list[str] | None:
+        if self.target_parameters != "auto":
+            return self.target_parameters
+        from peftkit.models.layers import expert_parameters
+
+        return expert_parameters(model) or None
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         model = super().apply(model, ctx)

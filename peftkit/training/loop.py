@@ -27,6 +27,7 @@ from peftkit.data.mixing import step_plan
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.methods.base import ApplyContext
+from peftkit.models.layers import frozen_experts
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity, write_manifest
 from peftkit.recipe.launch_rules import check_launch
@@ -177,6 +178,12 @@ class FineTuneRun(Evaluation):
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
             f"weights {str(self.weights_dtype).removeprefix('torch.')}, precision {self.precision}"
         )
+        frozen = frozen_experts(model)
+        if frozen and self.accelerator.is_main_process:
+            log.warning(
+                f"the MoE experts ({', '.join(frozen)}) stay frozen: all-linear does not reach "
+                "3-D expert weights; set adapter.target_parameters: auto to adapt them"
+            )
 
         self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
             self.data.train,
