@@ -212,3 +212,25 @@ def test_real_smollm2_gguf_round_trips(tmp_path):
     with torch.no_grad():
         a, b = model(ids).logits, again.eval()(ids).logits
     assert ((a - b).norm() / a.norm()).item() < 2e-3  # measured 7.5e-4 (f16 rounding)
+
+
+def test_gemma3_run_exports_to_gguf_through_the_gate(tmp_path):
+    """A tiny Gemma 3 with a sentencepiece-style tokenizer: LoRA run, then `--format gguf`
+    (norms +1, local/global RoPE bases, "llama" vocabulary) passes the gate with every held-out row
+    re-encoded to the same ids."""
+    from tests.unit.test_gguf_arch import make_arch_model, sentencepiece_tokenizer
+
+    folder = tmp_path / "tiny-gemma3"
+    tok = sentencepiece_tokenizer("gemma")
+    tok.save_pretrained(folder)
+    make_arch_model("gemma3", len(tok)).save_pretrained(folder)
+    run, _ = _train(
+        tmp_path, folder, "gemma", {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+    )
+    out = tmp_path / "gguf"
+    report = export(run, out, format="gguf", quant="q8_0", log=lambda *_: None)
+    assert report["passed"], report["failures"]
+    tokens = report["gguf"]["tokenizer"]
+    assert tokens["identical_rows"] == tokens["rows"] > 0 and tokens["chat_template_kept"]
+    reread = AutoModelForCausalLM.from_pretrained(out, gguf_file="test-q8_0.gguf")
+    assert type(reread).__name__ == "Gemma3ForCausalLM"
