@@ -234,3 +234,19 @@ def test_gemma3_run_exports_to_gguf_through_the_gate(tmp_path):
     assert tokens["identical_rows"] == tokens["rows"] > 0 and tokens["chat_template_kept"]
     reread = AutoModelForCausalLM.from_pretrained(out, gguf_file="test-q8_0.gguf")
     assert type(reread).__name__ == "Gemma3ForCausalLM"
+
+
+def test_unsupported_architecture_is_refused_before_loading(lora_run, tmp_path, monkeypatch):
+    from peftkit.errors import UnsupportedGGUFExport
+    from peftkit.export import build, gguf_arch
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(build, "load_trained", loaded)
+    monkeypatch.setattr(build, "dense_base", loaded)
+    monkeypatch.delitem(gguf_arch.ARCHITECTURES, "llama")
+    run, _ = lora_run
+    with pytest.raises(UnsupportedGGUFExport, match="not 'llama'"):
+        export(run, tmp_path / "g", format="gguf", log=lambda *_: None)
+    assert not (tmp_path / "g").exists()
