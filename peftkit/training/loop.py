@@ -181,8 +181,8 @@ class FineTuneRun(Evaluation):
         frozen = frozen_experts(model)
         if frozen and self.accelerator.is_main_process:
             log.warning(
-                f"the MoE experts ({', '.join(frozen)}) stay frozen: all-linear does not reach "
-                "3-D expert weights; set adapter.target_parameters: auto to adapt them"
+                f"the MoE experts ({', '.join(frozen)}) stay frozen: no adapter reaches these 3-D "
+                "expert weights; set adapter.target_parameters: auto to adapt them"
             )
 
         self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing

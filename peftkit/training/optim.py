@@ -17,7 +17,8 @@ def build_optimizer(
     """AdamW over the trainable parameters; no weight decay on biases, norms and 1-d vectors.
 
     `lr_scales` (parameter name -> factor, from layer-wise lr decay) splits the parameters further
-    into one group per factor at `lr x factor`, largest factor first, so group 0 carries `lr`.
+    into one group per factor at `lr x factor`: factor 1 first (group 0 carries `lr`, the lr that
+    is logged), then the others largest first (LoRA+'s B at `lr x ratio`; lower layers' decay).
     Each group keeps its factor under `lr_scale`.
     """
     buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
@@ -33,7 +34,7 @@ def build_optimizer(
             "lr_scale": scale,
         }
         for (scale, decays), params in sorted(
-            buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])
+            buckets.items(), key=lambda kv: (kv[0][0] != 1.0, -kv[0][0], not kv[0][1])
         )
     ]
     kwargs = {"lr": spec.lr, "betas": spec.betas}

@@ -32,7 +32,9 @@ def test_loraplus_groups_equal_peft(tiny_model, use_dora):
     )
     spec = LoraSpec(loraplus_lr_ratio=16.0, target_modules=targets, use_dora=use_dora)
     train = TrainSpec(lr=2e-4, weight_decay=0.1)
-    ours = _per_param(build_optimizer(train, model, spec.lr_scales(model, train.lr)))
+    optimizer = build_optimizer(train, model, spec.lr_scales(model, train.lr))
+    assert optimizer.param_groups[0]["lr"] == train.lr  # the lr the run logs is A's, not B's
+    ours = _per_param(optimizer)
     theirs = _per_param(
         create_loraplus_optimizer(
             model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.1
