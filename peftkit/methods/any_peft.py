@@ -2,14 +2,15 @@
 
     adapter:
       method: peft
-      peft_type: vera            # peft's name (VERA, OFT, BOFT, HRA, FOURIERFT, MISS, ...)
-      config: {r: 256, target_modules: [q_proj, v_proj]}
+      peft_type: hra             # peft's name (HRA, FOURIERFT, C3A, SHIRA, VBLORA, ...)
+      config: {r: 8, target_modules: [q_proj, v_proj]}
 
 The keys of `config` are checked against the fields of peft's config dataclass for that type
 (unknown ones get a "did you mean"), so a typo fails at the door, not after loading the model.
 peftkit sets `task_type` itself. The result is saved in PEFT format and exported adapter-only
 (merging is declared only by the first-class methods, whose merge is tested).
-Types with their own section (lora, loha, lokr, ia3, prompt/prefix tuning) are pointed there,
+Types with their own section (lora, loha, lokr, vera, oft, boft, miss, ia3, prompt/prefix
+tuning) are pointed there,
 and AdaLoRA is refused: its rank schedule needs `update_and_allocate` every step, which this
 method does not call.
 """
@@ -36,6 +37,10 @@ FIRST_CLASS = {
     "LOHA": "loha",
     "LOKR": "lokr",
     "IA3": "ia3",
+    "VERA": "vera",
+    "OFT": "oft",
+    "BOFT": "boft",
+    "MISS": "miss",
     "PROMPT_TUNING": "prompt_tuning",
     "PREFIX_TUNING": "prefix_tuning",
 }
@@ -60,7 +65,7 @@ class AnyPeftSpec(PeftMethod):
 
     method: Literal["peft"] = "peft"
     peft_type: str
-    """peft's name of the tuner, e.g. vera, oft, boft, hra, fourierft, miss (case-insensitive)."""
+    """peft's name of the tuner, e.g. hra, fourierft, c3a, shira (case-insensitive)."""
     config: dict[str, Any] = {}
     """The keyword arguments of peft's config class for that type (task_type is set by peftkit)."""
 

@@ -25,6 +25,10 @@ METHODS = {
     "ia3": {"method": "ia3"},
     "loha": {"method": "loha", "r": 4, "alpha": 8},
     "lokr": {"method": "lokr", "r": 4, "alpha": 8},
+    "vera": {"method": "vera", "r": 16},
+    "oft": {"method": "oft", "block_size": 8},
+    "boft": {"method": "boft"},
+    "miss": {"method": "miss", "r": 8},
     "full": {"method": "full"},
     "partial": {"method": "partial", "top_layers": 1},
     "qlora": {"method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
@@ -71,7 +75,21 @@ PROBE = torch.tensor([[1, 30, 41, 52, 63, 74, 85, 2, 1, 96, 107]])
 
 
 @pytest.mark.parametrize(
-    "name", ["lora", "dora", "ia3", "loha", "lokr", "full", "partial", "qlora"]
+    "name",
+    [
+        "lora",
+        "dora",
+        "ia3",
+        "loha",
+        "lokr",
+        "vera",
+        "oft",
+        "boft",
+        "miss",
+        "full",
+        "partial",
+        "qlora",
+    ],
 )
 def test_merged_export_reloads_with_transformers_and_matches_the_trained_model(
     name, trained, tmp_path

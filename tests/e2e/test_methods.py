@@ -29,17 +29,19 @@ SETTINGS = {
     "prompt_tuning": {"num_virtual_tokens": 4},
     "prefix_tuning": {"num_virtual_tokens": 4},
     "partial": {"top_layers": 1},
-    "peft": {"peft_type": "vera", "config": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
+    "peft": {"peft_type": "hra", "config": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
+    "vera": {"r": 16},
+    "oft": {"block_size": 8},
+    "miss": {"r": 8},
 }
 VARIANTS = {
     "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},
     "loraplus": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "loraplus_lr_ratio": 16},
-    "peft_oft": {
+    "peft_fourierft": {
         "method": "peft",
-        "peft_type": "oft",
-        "config": {"r": 0, "oft_block_size": 8, "target_modules": ["q_proj", "v_proj"]},
+        "peft_type": "fourierft",
+        "config": {"n_frequency": 16, "target_modules": ["q_proj", "v_proj"]},
     },
-    "peft_miss": {"method": "peft", "peft_type": "miss", "config": {"r": 8}},
     "rslora_pissa": {
         "method": "lora",
         "r": 4,
@@ -170,7 +172,9 @@ def test_lora_halves_the_loss_on_a_memorisable_set(tmp_path, tiny_model):
     assert summary["final_train_loss"] <= 0.5 * summary["first_train_loss"]
 
 
-@pytest.mark.parametrize("name", ["loraplus", "loha", "lokr", "peft"])
+@pytest.mark.parametrize(
+    "name", ["loraplus", "loha", "lokr", "vera", "oft", "boft", "miss", "peft"]
+)
 def test_resume_equals_an_uninterrupted_run(name, tmp_path, tiny_model):
     """A crash after step 2 of 4, then --resume: the run ends bit for bit where the uninterrupted
     one ends (losses and adapter weights); LoRA+'s two learning rates included."""

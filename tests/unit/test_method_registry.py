@@ -40,12 +40,13 @@ def test_the_head_rule_names_the_methods_that_train_heads():
 @pytest.mark.parametrize(
     "adapter, message",
     [
-        ({"peft_type": "vrea"}, "did you mean 'vera'"),
+        ({"peft_type": "hrra"}, "did you mean 'hra'"),
         (
-            {"peft_type": "vera", "config": {"rr": 4}},
-            "VeraConfig has no such field; did you mean 'r'",
+            {"peft_type": "hra", "config": {"rr": 4}},
+            "HRAConfig has no such field; did you mean 'r'",
         ),
-        ({"peft_type": "vera", "config": {"task_type": "SEQ_CLS"}}, "set by peftkit"),
+        ({"peft_type": "hra", "config": {"task_type": "SEQ_CLS"}}, "set by peftkit"),
+        ({"peft_type": "vera"}, "use adapter.method: vera"),
         ({"peft_type": "lora"}, "use adapter.method: lora"),
         ({"peft_type": "adalora"}, "update_and_allocate"),
         ({"peft_type": "p_tuning"}, "virtual tokens"),

@@ -111,7 +111,7 @@ def test_invalid_recipes_name_the_field_and_what_to_do(change, message):
 
 def test_every_registered_method_has_a_recipe_section():
     quantized = {"name": "m", "quantization": {"bits": 4}}
-    required = {"peft": {"peft_type": "vera"}}  # the one method with a key that has no default
+    required = {"peft": {"peft_type": "hra"}}  # the one method with a key that has no default
     for name in method_names():
         raw = {
             **BASE,
