@@ -28,7 +28,12 @@ from peftkit.export.fidelity import (
     reference_outputs,
     sample_rows,
 )
-from peftkit.export.gguf_export import export_gguf, gguf_thresholds
+from peftkit.export.gguf_export import (
+    check_gguf_export,
+    export_gguf,
+    export_lora_gguf,
+    gguf_thresholds,
+)
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
@@ -119,19 +124,22 @@ def export(
     inputs += [s.path for s in source.recipe.data.sources]
     guard_output(out, "export", inputs, overwrite, "pass --overwrite", ExportError)
     to_gguf = spec.format == "gguf"
-    if to_gguf and (adapter_only or target is not None or source.recipe.task.has_head):
+    if to_gguf and (target is not None or source.recipe.task.has_head):
+        raise ExportError("GGUF holds a causal LM: no --target or task-head models")
+    if to_gguf and adapter_only and not source.recipe.adapter.gguf_adapter:
         raise ExportError(
-            "GGUF holds a whole causal LM: no --adapter-only, --target or task-head models"
+            f"{source.recipe.adapter.method} adapters have no llama.cpp GGUF form (LoRA's have): "
+            "export merged weights as GGUF, or the adapter without --format gguf"
         )
-    if to_gguf and not source.mergeable:
+    if to_gguf and not adapter_only and not source.mergeable:
         raise ExportError(
             f"{source.recipe.adapter.method} cannot be merged into the weights, so it cannot be "
             "written as GGUF; export it with --adapter-only instead"
         )
     if not source.mergeable and not adapter_only:
         log(
-            f"{source.recipe.adapter.method} adds virtual tokens instead of changing weights, so it cannot be "
-            "merged into the base model: writing an adapter-only export"
+            f"{source.recipe.adapter.method} cannot be merged into the base model (virtual tokens, "
+            "or a merge peftkit does not declare for it): writing an adapter-only export"
         )
         adapter_only = True
     if target is not None and not adapter_only:
@@ -148,6 +156,8 @@ def export(
         _record_export(source.run_dir, out)
         return report
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
+    if to_gguf:  # refuse before anything is loaded or merged
+        check_gguf_export(source, tokenizer, spec.quant, adapter_only)
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
     gen = (spec.generate_tokens, stop_ids, tokenizer.pad_token_id)
@@ -167,7 +177,9 @@ def export(
     }
     problems: list[str] = []
     with atomic_dir(out) as tmp:
-        if adapter_only:
+        if adapter_only and to_gguf:
+            candidate = export_lora_gguf(source, tmp, spec, report, log)
+        elif adapter_only:
             candidate = _export_adapter(source, tmp, tokenizer, target, report, log)
         elif to_gguf:
             model = _merged_model(source, spec, reference, rows, gen, report, log)
@@ -192,7 +204,7 @@ def export(
         atomic_write_text(
             tmp / "README.md",
             model_card(
-                source, "adapter" if adapter_only else "gguf" if to_gguf else "merged", report
+                source, "gguf" if to_gguf else "adapter" if adapter_only else "merged", report
             ),
         )
         log(format_fidelity(report))

@@ -116,6 +116,18 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
 
 
 def _gguf_usage(gguf: dict[str, Any], name: str) -> list[str]:
+    if "tokenizer" not in gguf:  # a LoRA adapter: it runs over the base model's own GGUF
+        return [
+            "",
+            "## Run it",
+            "",
+            f"`{gguf['file']}` ({gguf['quant']}) is a LoRA adapter in llama.cpp's format; load it "
+            "over a GGUF of the base model:",
+            "",
+            "```",
+            f"llama-cli -m BASE.gguf --lora {gguf['file']} -cnv",
+            "```",
+        ]
     tok = gguf["tokenizer"]
     return [
         "",

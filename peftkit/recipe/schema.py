@@ -18,7 +18,7 @@ from peftkit.recipe.objective import ObjectiveSpec, SFTObjective, objective_from
 from peftkit.section import Section
 
 ExportFormat = Literal["safetensors", "gguf"]
-GgufQuant = Literal["f32", "f16", "bf16", "q8_0"]
+GgufQuant = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 ExportDType = Literal["bfloat16", "float16", "float32"]
 MergeBase = Literal["auto", "original", "dequantized"]
 
@@ -387,6 +387,19 @@ class ExportSpec(Section):
     """The gate of GGUF q8_0 exports (8-bit weights, blocks of 32 with one f16 scale), looser than
     `thresholds` for 16-bit exports. Measured on the quickstart run: relative error 2.6e-3, mean KL
     2.0e-5, greedy agreement 0.98 (f16: 7.6e-5, 1.3e-8, 1.0); README "GGUF for llama.cpp"."""
+    q5_thresholds: FidelityThresholds = FidelityThresholds(
+        max_relative_error=0.35, max_mean_kl=0.3, min_greedy_agreement=0.25
+    )
+    """The gate of GGUF q5_0 / q5_1 exports (5-bit weights in blocks of 32). Round-to-nearest 5 bits
+    cost small models much: measured on Gemma 3 270M (q5_0) relative error 0.17, mean KL 0.034,
+    greedy agreement 0.38; on SmolLM2-135M (q5_0 / q5_1) 0.18 / 0.32, 0.18 / 0.24, 0.38 / 0.27. The
+    gate catches a broken file (relative error ~1, KL of nats), not that loss."""
+    q4_thresholds: FidelityThresholds = FidelityThresholds(
+        max_relative_error=0.5, max_mean_kl=1.0, min_greedy_agreement=0.1
+    )
+    """The gate of GGUF q4_0 / q4_1 exports (4-bit weights in blocks of 32). Measured (q4_0) on
+    Gemma 3 270M: relative error 0.24, mean KL 0.39, greedy agreement 0.27; on SmolLM2-135M: 0.47,
+    0.72, 0.11. Like q5's, this gate catches a broken file, not the loss 4 bits cost."""
 
 
 # Recipe fields that may change between a run and its resumption: they do not change the math

@@ -25,6 +25,7 @@ from peftkit.data.mixing import step_plan
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.methods.base import ApplyContext
+from peftkit.models.layers import frozen_experts
 from peftkit.models.load import head_config, load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity, write_manifest
 from peftkit.recipe.launch_rules import check_launch
@@ -37,7 +38,7 @@ from peftkit.training.generated import AnswerEval
 from peftkit.training.kernels import apply_kernels
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective
-from peftkit.training.optim import build_optimizer, build_scheduler
+from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
@@ -188,6 +189,12 @@ class FineTuneRun(Evaluation):
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
             f"weights {str(self.weights_dtype).removeprefix('torch.')}, precision {self.precision}"
         )
+        frozen = frozen_experts(model)
+        if frozen and self.accelerator.is_main_process:
+            log.warning(
+                f"the MoE experts ({', '.join(frozen)}) stay frozen: no adapter reaches these 3-D "
+                "expert weights; set adapter.target_parameters: auto to adapt them"
+            )
 
         self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
             self.data.train,
@@ -205,7 +212,8 @@ class FineTuneRun(Evaluation):
         self.layers = LayerSchedule.for_run(
             r.adapter, model, self.plan.steps_per_epoch, self.accelerator.num_processes
         )
-        optimizer = build_optimizer(r.train, model, self.layers.lr_scales())
+        scales = combined_scales(self.layers.lr_scales(), r.adapter.lr_scales(model, r.train.lr))
+        optimizer = build_optimizer(r.train, model, scales)
         self.scheduler = build_scheduler(r.train, optimizer, self.total_steps)
         update.configure_deepspeed(self.accelerator, r.train)  # no-op unless DeepSpeed
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)

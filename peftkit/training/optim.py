@@ -17,13 +17,14 @@ def build_optimizer(
     """AdamW over the trainable parameters; no weight decay on biases, norms and 1-d vectors.
 
     `lr_scales` (parameter name -> factor, from layer-wise lr decay) splits the parameters further
-    into one group per factor at `lr x factor`, largest factor first, so group 0 carries `lr`.
+    into one group per factor at `lr x factor`: factor 1 first (group 0 carries `lr`, the lr that
+    is logged), then the others largest first (LoRA+'s B at `lr x ratio`; lower layers' decay).
     Each group keeps its factor under `lr_scale`.
     """
     buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            scale = 1.0 if lr_scales is None else lr_scales[name]
+            scale = 1.0 if lr_scales is None else lr_scales.get(name, 1.0)
             buckets.setdefault((scale, p.ndim >= 2), []).append(p)
     groups = [
         {
@@ -33,7 +34,7 @@ def build_optimizer(
             "lr_scale": scale,
         }
         for (scale, decays), params in sorted(
-            buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])
+            buckets.items(), key=lambda kv: (kv[0][0] != 1.0, -kv[0][0], not kv[0][1])
         )
     ]
     kwargs = {"lr": spec.lr, "betas": spec.betas}
@@ -47,6 +48,17 @@ def build_optimizer(
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }[spec.optimizer]
     return cls(groups, **kwargs)
+
+
+def combined_scales(
+    *scales: dict[str, float] | None,
+) -> dict[str, float] | None:
+    """Per-parameter lr factors from several sources (layer decay, LoRA+), multiplied."""
+    given = [s for s in scales if s is not None]
+    if not given:
+        return None
+    names = set().union(*given)
+    return {n: math.prod(s.get(n, 1.0) for s in given) for n in names}
 
 
 def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
