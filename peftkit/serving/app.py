@@ -113,6 +113,8 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
                 "owned_by": "peftkit",
                 "root": base_name,
                 "parent": parent,
+                # what a chat request without a system turn gets (peftkit's own field)
+                "default_system_prompt": adapters.system_prompt(name if parent else None),
             }
 
         return {
@@ -125,7 +127,7 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
         req = _parse(p.ChatRequest, await _read_json(request, limits.max_body_bytes))
         adapter = resolve(req.model)
         try:
-            ids = _nonempty(adapters.encode(req.chat(), adapter), "messages")
+            ids = _nonempty(adapters.encode(req.chat(), adapter, req.default_system), "messages")
         except ValueError as e:  # a client error (an image part, ...), not a server one
             raise p.ApiError(400, str(e), "invalid_request_error") from None
         opts = options(req, len(ids))
