@@ -3,9 +3,9 @@ and the held-out prompts rendered both ways for the fidelity gate's client check
 
 A run trained with `data.system_prompt` rendered every chat without a system turn with it. The
 exported chat template (chat_template.jinja, the GGUF's `tokenizer.chat_template`) gets that
-prompt as its default system turn ((`peftkit.data.default_system`)), replacing the base template's own
-default, so a runtime applying the template to a request without a system message renders what
-training saw. A run without a system prompt exports its template unchanged.
+prompt as its default system turn (`peftkit.data.default_system`), replacing the base template's
+own default, so a runtime applying the template to a request without a system message renders
+what training saw. A run without a system prompt exports its template unchanged.
 """
 
 from __future__ import annotations
