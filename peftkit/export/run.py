@@ -326,12 +326,12 @@ def format_fidelity(report: dict[str, Any]) -> str:
     if client:  # held-out prompts as a client sends them (no system turn)
         rows += [
             (
-                "client prompts rendered unlike training",
+                "client prompts rendered apart",
                 f"{client['prompts_rendered_differently']} of {client['prompts']}",
                 "= 0",
             ),
             (
-                "greedy agreement, client prompts",
+                "client greedy agreement",
                 f"{client['greedy_agreement']:.3f}",
                 f">= {t['min_greedy_agreement']:g}",
             ),
