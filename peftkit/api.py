@@ -247,6 +247,7 @@ def load_adapters(
     dtype: DType = "auto",
     quantization: Quantize | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
+    default_system: bool = True,
 ) -> AdapterSet:
     """Load a base model once and attach adapters to it; returns an `AdapterSet`.
 
@@ -258,12 +259,17 @@ def load_adapters(
         quantization: load the base in 4/8 bit; auto = as the adapters were trained (QLoRA:
             4-bit), none = unquantized (from Python also None, or a section such as {"bits": 4}).
         allow_mismatch: load adapters trained on another base (warn instead of refusing).
+        default_system: give chat prompts without a system turn their adapter's training system
+            prompt (the recipe's data.system_prompt, recorded in its manifest); False renders
+            them as given.
     """
     from peftkit.adapters.adapter_set import AdapterSet, default_name
 
     if not isinstance(adapters, dict):
         adapters = {default_name(p): p for p in adapters}
-    return AdapterSet.from_adapters(adapters, base, dtype, quantization, allow_mismatch)
+    return AdapterSet.from_adapters(
+        adapters, base, dtype, quantization, allow_mismatch, default_system
+    )
 
 
 def serve(
@@ -283,6 +289,7 @@ def serve(
     allowed_host: list[str] | None = None,
     docs: bool = False,
     special_tokens_in_content: SpecialTokens = "escape",
+    default_system: bool = True,
 ) -> Server:
     """Serve the base model and every adapter in `adapters_dir` over an OpenAI-compatible API.
 
@@ -309,6 +316,8 @@ def serve(
         special_tokens_in_content: the chat template's special tokens inside message content:
             tokenized as plain text (escape), refused with a 400 (refuse), or read as the real
             tokens (allow: a client can then forge turns).
+        default_system: give chat requests without a system turn their adapter's training
+            system prompt (a request opts out with `"default_system": false`).
     """
     from peftkit.serving.app import ServeLimits
     from peftkit.serving.security import read_api_key, security_for
@@ -322,7 +331,7 @@ def serve(
         docs,
         special_tokens_in_content,
     )
-    aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch)
+    aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch, default_system)
     server = Server(
         aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name, security
     )

@@ -29,7 +29,12 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import PeftkitError, ServingError
 from peftkit.io import MANIFEST, RunLayout, atomic_dir, atomic_write_text, guard_output
-from peftkit.models.manifest import read_manifest, write_manifest
+from peftkit.models.manifest import (
+    default_system_prompt,
+    read_manifest,
+    training_prompt,
+    write_manifest,
+)
 from peftkit.recipe.load import load_run_recipe, validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.training.evaluation import held_out_loss
@@ -163,6 +168,10 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
     first = dirs[next(iter(dirs))]
     manifests = {n: read_manifest(d) for n, d in dirs.items()}
     stop_tokens = sorted({t for m in manifests.values() if m for t in m.get("stop_tokens", [])})
+    template = aset.adapters[next(iter(dirs))].chat_template
+    # the sources' shared default system prompt, if they have one (else none: tasks differ)
+    systems = {default_system_prompt(m) for m in manifests.values()}
+    shared = systems.pop() if len(systems) == 1 else None
     with atomic_dir(out) as tmp:
         aset.model.save_pretrained(str(tmp / "peft"), selected_adapters=[_COMBINED])
         for f in (tmp / "peft" / _COMBINED).iterdir():  # peft nests non-default adapters
@@ -178,9 +187,10 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
             tmp,
             aset.identity,
             method="lora",
-            chat_template=aset.adapters[next(iter(dirs))].chat_template,
+            chat_template=template,
             stop_tokens=stop_tokens,
             recipe=None,
+            prompt=training_prompt(template, "adapter", shared, [shared] if shared else []),
             derived_from={
                 "combine": how,
                 "sources": {n: str(d) for n, d in dirs.items()},

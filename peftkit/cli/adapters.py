@@ -36,6 +36,13 @@ def _loading_arguments(p: argparse.ArgumentParser, adapters: bool = True) -> Non
         action="store_true",
         help="load adapters trained on another base model anyway (their outputs may be garbage)",
     )
+    p.add_argument(
+        "--no-default-system",
+        dest="default_system",
+        action="store_false",
+        help="render chat prompts without a system turn as given (default: each adapter's "
+        "training system prompt, data.system_prompt, is their system turn)",
+    )
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +60,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompts", help='file: one prompt per line (.txt), or .jsonl with "prompt" or "messages"'
     )
-    p.add_argument("--system", help="system prompt (chat prompts)")
+    p.add_argument(
+        "--system", help="system prompt (chat prompts; default: the adapter's training one)"
+    )
     p.add_argument(
         "--raw", action="store_true", help="continue prompts as plain text (no chat template)"
     )
@@ -64,7 +73,7 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     _loading_arguments(p)
     _sampling_arguments(p)
     p.add_argument("--use", help="adapter to start with ('base' = none)")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help="system prompt (default: the adapter's training one)")
 
 
 SERVE_LIMITS = ("max_queue", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
@@ -162,6 +171,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         quantization=args.quantize,
         allow_mismatch=args.allow_base_mismatch,
+        default_system=args.default_system,
     )
     for warning in aset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -293,6 +303,7 @@ def serve(args: argparse.Namespace) -> int:
         allow_mismatch=args.allow_base_mismatch,
         limits=limits,
         **{k: getattr(args, k) for k in SERVE_SECURITY},
+        default_system=args.default_system,
     )
     return 0
 

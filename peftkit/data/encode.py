@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from peftkit.data.chat import ChatRenderer
-from peftkit.data.formats import Example
+from peftkit.data.formats import Example, system_turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -81,6 +81,8 @@ class Encoder:
         self.loss_on = loss_on
         self.renderer = ChatRenderer(tokenizer)
         self.stop_tokens: set[str] = set()
+        self.system_turns: set[str] = set()
+        """The chats' leading system turns ("" = none), up to two: one = every chat had it."""
 
     def encode(self, example: Example, first_turn: int = 0) -> EncodedRow:
         """Token ids and labels of one example; for conversations, assistant turns before
@@ -91,6 +93,8 @@ class Encoder:
         if example.messages is not None:
             chat = self.renderer.render(example.messages, example.origin)
             self.stop_tokens |= chat.stop_tokens
+            if len(self.system_turns) < 2:
+                self.system_turns.add(system_turn(example) or "")
             spans = (
                 [(0, len(chat.text))]
                 if self.loss_on == "all"

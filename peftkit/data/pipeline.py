@@ -14,7 +14,7 @@ from peftkit.data.chat import ChatTemplate, resolve_chat_template
 from peftkit.data.encode import TOO_LONG, UNSUPERVISED, EncodedRow, Encoder, encode_kept
 from peftkit.data.formats import Example, detect_format, to_example
 from peftkit.data.sources import read_source
-from peftkit.data.split import check_supervised, split_eval
+from peftkit.data.split import check_supervised, hold_out, split_eval
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec
 
@@ -35,6 +35,9 @@ class PreparedData:
     """General-text rows scored on every token for the forgetting report (`data.reference`)."""
     cache_dir: str | None = None
     """The data cache folder the rows are mapped from (None: encoded in memory)."""
+    system_turns: list[str] = field(default_factory=list)
+    """The train and eval chats' leading system turns ("" = none), up to two distinct: one
+    value = every chat was rendered with it (`models.manifest.training_prompt`)."""
 
 
 def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
@@ -64,6 +67,7 @@ def mapped_data(
         meta.get("stop_tokens", []),
         rows.get("reference", []),
         cache_dir=str(folder),
+        system_turns=meta.get("system_turns", []),
     )
     return data, meta
 
@@ -89,11 +93,40 @@ def _prepare_in_memory(
             "reference", examples[: spec.max_reference_rows], Encoder(tokenizer, "all"), spec
         )
         audits.append(ref_audit)
-    return PreparedData(train, evals, audits, template, sorted(encoder.stop_tokens), reference)
+    return PreparedData(
+        train,
+        evals,
+        audits,
+        template,
+        sorted(encoder.stop_tokens),
+        reference,
+        system_turns=sorted(encoder.system_turns),
+    )
 
 
 Tagged = tuple[str, Example]
 """An example with the task it belongs to."""
+
+
+def held_out_chats(spec: DataSpec, seed: int, n: int) -> list[list[dict[str, str]]]:
+    """Up to `n` held-out conversations as a client sends them: each chat's turns before its
+    first assistant turn, without the recipe's system prompt (the rows' own system turns stay).
+    From the eval data, else the held-out share of train, else the last train rows (as the
+    export's fidelity check picks its rows)."""
+    if spec.eval:
+        examples = _read_examples(spec.eval, None, spec.eval_task)
+    else:
+        train = _read_examples(spec.train, None, lambda s: s.task_name)
+        fraction = spec.eval_fraction
+        examples = hold_out(train, fraction, seed)[1] if fraction > 0 else train[::-1]
+    chats = []
+    for _, example in examples:
+        roles = [m["role"] for m in example.messages or []]
+        if "assistant" in roles and roles.index("assistant") > 0:
+            chats.append(example.messages[: roles.index("assistant")])
+        if len(chats) == n:
+            break
+    return chats
 
 
 def _read_examples(

@@ -88,7 +88,14 @@ def prepare_preference_data(
     train_rows, train_audit = _encode_split("train", train, encoder, spec)
     eval_rows, eval_audit = _encode_split("eval", evals, encoder, spec) if evals else ([], None)
     audits = [train_audit] + ([eval_audit] if eval_audit else [])
-    return PreparedData(train_rows, eval_rows, audits, template, sorted(encoder.stop_tokens))
+    return PreparedData(
+        train_rows,
+        eval_rows,
+        audits,
+        template,
+        sorted(encoder.stop_tokens),
+        system_turns=sorted(encoder.system_turns),
+    )
 
 
 def _read(sources: list[DataSource], system_prompt: str | None, unpaired: bool) -> list[_Raw]:

@@ -169,7 +169,12 @@ def prepare_prompt_data(
         audits.append(audit)
         splits[split] = rows
     return PreparedData(
-        splits["train"], splits["eval"], audits, template, sorted(encoder.stop_tokens)
+        splits["train"],
+        splits["eval"],
+        audits,
+        template,
+        sorted(encoder.stop_tokens),
+        system_turns=sorted(encoder.system_turns),
     )
 
 

@@ -97,13 +97,15 @@ def export_gguf(
     rows: list[EncodedRow],
     report: dict[str, Any],
     log,
+    system_prompt: str | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """Write `out/<name>-<quant>.gguf` and `out/Modelfile`; return the read-back model and the
     tokenizer problems found (each one fails the gate).
 
-    The chat template is the one training rendered with (the run's tokenizer carries it) and the
-    stop tokens are those training supervised, so llama.cpp and Ollama end turns where the model
-    learned to.
+    The chat template is the one training rendered with (the run's tokenizer carries it, with
+    training's `system_prompt` as its default system turn) and the stop tokens are those training
+    supervised, so llama.cpp and Ollama end turns where the model learned to; the Modelfile's
+    SYSTEM is the same system prompt.
     """
     stops = source.meta.get("stop_tokens") or [tokenizer.eos_token]
     name = gguf_file_name(source, spec.quant)
@@ -111,7 +113,7 @@ def export_gguf(
     path = write_gguf(model, tokenizer, out / name, spec.quant, tokenizer.chat_template, stops)
     atomic_write_text(
         out / MODELFILE,
-        modelfile(name, stops, source.recipe.data.system_prompt, source.recipe.name),
+        modelfile(name, stops, system_prompt, source.recipe.name),
     )
     log("reading it back with transformers' GGUF loader ...")
     try:

@@ -22,6 +22,7 @@ from peftkit.export import build
 from peftkit.export.fidelity import (
     Fidelity,
     Reference,
+    client_failures,
     compare,
     enforce_gate,
     log_kept,
@@ -34,6 +35,7 @@ from peftkit.export.gguf_export import (
     export_lora_gguf,
     gguf_thresholds,
 )
+from peftkit.export.prompt import apply_training_prompt
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
@@ -81,7 +83,9 @@ def export(
 
     Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
     trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
-    or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
+    a GGUF tokenizer encodes held-out rows differently, or held-out prompts sent as an OpenAI
+    client sends them (no system turn, through the exported chat template, which carries
+    `data.system_prompt` as its default) render or answer differently, unless `allow_drift`.
 
     Args:
         dtype: weights dtype (default: the recipe's export.dtype).
@@ -159,12 +163,13 @@ def export(
     if to_gguf:  # refuse before anything is loaded or merged
         check_gguf_export(source, tokenizer, spec.quant, adapter_only)
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
+    prompt = apply_training_prompt(source, tokenizer, spec.samples)  # (the template, in place)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
     gen = (spec.generate_tokens, stop_ids, tokenizer.pad_token_id)
     log(
         f"loading the trained model ({source.recipe.adapter.method} on {source.recipe.model.name}) ..."
     )
-    reference = reference_outputs(build.load_trained(source), rows, *gen)
+    reference = reference_outputs(build.load_trained(source), rows, *gen, prompt.client_prompts)
     limits = gguf_thresholds(spec) if to_gguf else spec.thresholds
     report: dict[str, Any] = {
         "source": str(source.result_dir),
@@ -174,6 +179,7 @@ def export(
         "samples_from": rows_from,
         "thresholds": limits.model_dump(),
         "allow_drift": allow_drift,
+        "prompt": prompt.to_dict(),
     }
     problems: list[str] = []
     with atomic_dir(out) as tmp:
@@ -184,7 +190,7 @@ def export(
         elif to_gguf:
             model = _merged_model(source, spec, reference, rows, gen, report, log)
             candidate, problems = export_gguf(
-                model, source, tokenizer, tmp, spec, rows, report, log
+                model, source, tokenizer, tmp, spec, rows, report, log, prompt.system_prompt
             )
             del model
         else:
@@ -198,8 +204,13 @@ def export(
             )
             candidate = build.reload_exported(str(tmp))
         fidelity = compare(reference, candidate, rows, *gen)
-        failures = fidelity.failures(limits) + problems
+        client, client_problems = client_failures(
+            reference, candidate, prompt.client_prompts, limits, *gen
+        )
+        failures = fidelity.failures(limits) + problems + client_problems
         report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
+        if prompt.client_prompts:
+            report["client_rendering"] = client
         atomic_write_json(tmp / FIDELITY, report)
         atomic_write_text(
             tmp / "README.md",
@@ -326,6 +337,20 @@ def format_fidelity(report: dict[str, Any]) -> str:
         ),
         ("greedy agreement", f"{f['greedy_agreement']:.3f}", f">= {t['min_greedy_agreement']:g}"),
     ]
+    client = report.get("client_rendering")
+    if client:  # held-out prompts as a client sends them (no system turn)
+        rows += [
+            (
+                "client prompts rendered apart",
+                f"{client['prompts_rendered_differently']} of {client['prompts']}",
+                "= 0",
+            ),
+            (
+                "client greedy agreement",
+                f"{client['greedy_agreement']:.3f}",
+                f">= {t['min_greedy_agreement']:g}",
+            ),
+        ]
     lines = [
         f"fidelity on {f['samples']} samples ({f['tokens']} tokens) from the {report['samples_from']}:"
     ]

@@ -89,7 +89,8 @@ class DataSpec(Section):
     chat_template: str = "auto"
     """auto (tokenizer's own, else fallback) | tokenizer | fallback | path to a .jinja file."""
     system_prompt: str | None = None
-    """Added as the system turn of chats that have none."""
+    """Added as the system turn of chats that have none; recorded in the adapter's manifest, it
+    is also the default system turn when the adapter is served and of exported chat templates."""
     max_length: int = Field(default=1024, gt=1)
     """Tokens per row after formatting; longer rows are truncated (or dropped, see truncation)."""
     truncation: Literal["right", "drop"] = "right"

@@ -122,6 +122,8 @@ def create_app(
                 "owned_by": "peftkit",
                 "root": base_name,
                 "parent": parent,
+                # what a chat request without a system turn gets (peftkit's own field)
+                "default_system_prompt": adapters.system_prompt(name if parent else None),
             }
 
         return {
@@ -134,7 +136,10 @@ def create_app(
         req = _parse(p.ChatRequest, await _read_json(request, limits.max_body_bytes))
         adapter = resolve(req.model)
         try:
-            ids = encode_chat(adapters, req.chat(), adapter, security.special_tokens_in_content)
+            messages = (
+                adapters.with_system(req.chat(), adapter) if req.default_system else req.chat()
+            )
+            ids = encode_chat(adapters, messages, adapter, security.special_tokens_in_content)
             ids = _nonempty(ids, "messages")
         except ValueError as e:  # a client error (an image part, ...), not a server one
             raise p.ApiError(400, str(e), "invalid_request_error") from None

@@ -235,7 +235,8 @@ def special_tokens(tokenizer: Any) -> list[str]:
 def encode_chat(adapters: Any, messages: list[dict[str, str]], adapter: str | None, mode: str):
     """Token ids of chat messages, with special tokens inside their content handled by `mode`.
 
-    Content without special tokens (and `allow`) goes through `AdapterSet.encode` unchanged.
+    `messages` already carry whatever system turn they get (`AdapterSet.with_system`). Content
+    without special tokens (and `allow`) goes through `AdapterSet.encode` unchanged.
     `refuse` raises a 400 naming the message and the token. `escape` renders the template with a
     placeholder for each content, then tokenizes the template's text as usual and each content
     with special-token parsing off, so `<|im_start|>` in a message is the characters, never the
@@ -248,7 +249,7 @@ def encode_chat(adapters: Any, messages: list[dict[str, str]], adapter: str | No
     ]
     hits = [(i, t) for i, t in hits if t is not None]
     if mode == "allow" or not hits:
-        return adapters.encode(messages, adapter)
+        return adapters.encode(messages, adapter, default_system=False)
     if mode == "refuse":
         i, token = hits[0]
         raise p.ApiError(

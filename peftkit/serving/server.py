@@ -56,10 +56,11 @@ def load_for_serving(
     dtype: str,
     quantization: Quantize | dict[str, Any] | None,
     allow_mismatch: bool,
+    default_system: bool = True,
 ) -> AdapterSet:
     """Every adapter in `adapters_dir` on one base (see `AdapterSet.from_adapters`)."""
     aset = AdapterSet.from_adapters(
-        adapters_in(adapters_dir), base, dtype, quantization, allow_mismatch
+        adapters_in(adapters_dir), base, dtype, quantization, allow_mismatch, default_system
     )
     for warning in aset.warnings:
         log.warning(warning)

@@ -27,7 +27,7 @@ from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.methods.base import ApplyContext
 from peftkit.models.layers import frozen_experts
 from peftkit.models.load import head_config, load_model, load_tokenizer
-from peftkit.models.manifest import BaseIdentity, write_manifest
+from peftkit.models.manifest import BaseIdentity, training_prompt, write_manifest
 from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers, update
@@ -567,6 +567,12 @@ class FineTuneRun(Evaluation):
                         stop_tokens=self.data.stop_tokens,
                         recipe=self.recipe_dump,
                         quantization=self.recipe_dump["model"]["quantization"],
+                        prompt=training_prompt(
+                            self.data.chat_template.template,
+                            self.data.chat_template.source,
+                            self.recipe.data.system_prompt,
+                            self.data.system_turns,
+                        ),
                     )
         self.accelerator.wait_for_everyone()
 

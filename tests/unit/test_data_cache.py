@@ -94,6 +94,7 @@ def assert_same(memory, cached) -> None:
         ]
     assert [a.to_dict() for a in memory.audits] == [a.to_dict() for a in cached.audits]
     assert memory.stop_tokens == cached.stop_tokens
+    assert memory.system_turns == cached.system_turns
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from peftkit.data.encode import (
     RenderedText,
     settle_batch,
 )
-from peftkit.data.formats import detect_format, to_example
+from peftkit.data.formats import detect_format, system_turn, to_example
 from peftkit.data.sources import RawRow, iter_source, parse_json_line
 from peftkit.errors import DataError
 from peftkit.io import atomic_write_json
@@ -147,8 +147,11 @@ def build(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, folder:
         n_task = len(train_idx) + len(eval_idx)
         stops = pc.unique(table.column("stop").slice(0, n_task)).to_pylist()
         stop_tokens = sorted({t for joined in stops for t in joined.split("\0") if t})
+        # two distinct leading system turns are enough to tell "one for every chat" from "varied"
+        systems = pc.unique(table.column("system").slice(0, n_task)).drop_null()
+        meta = {"files": files, "audits": audits, "stop_tokens": stop_tokens}
         atomic_write_json(
-            tmp / "meta.json", {"files": files, "audits": audits, "stop_tokens": stop_tokens}
+            tmp / "meta.json", {**meta, "system_turns": sorted(systems[:2].to_pylist())}
         )
 
 
@@ -265,6 +268,7 @@ class _BatchEncoder:
         n = batch.num_rows
         texts: list[RenderedText | None] = [None] * n
         stops, errors = [""] * n, [None] * n
+        systems: list[str | None] = [None] * n
         columns = [batch.column(c).to_pylist() for c in ("raw", "is_line", "origin", "format")]
         references = batch.column("reference").to_pylist()
         for i, (raw, is_line, origin, fmt) in enumerate(zip(*columns)):
@@ -280,6 +284,7 @@ class _BatchEncoder:
                 continue
             if not ref:  # the reference set's end-of-turn tokens are not the task's
                 stops[i] = "\0".join(sorted(encoder.stop_tokens))
+                systems[i] = system_turn(example)
         ok = np.array([t is not None for t in texts], dtype=bool)  # rows that rendered
         # one tokenizer call for the batch (the loss policy is in the rendered spans already)
         encoded = self._encoder(False).tokenize_batch([t for t in texts if t is not None])
@@ -306,6 +311,7 @@ class _BatchEncoder:
                 "n_supervised": pa.array(n_supervised, pa.int32()),
                 "truncated": pa.array(was_truncated, pa.bool_()),
                 "stop": pa.array(stops, pa.string()),
+                "system": pa.array(systems, pa.string()),
                 "error": pa.array(errors, pa.string()),
             }
         )
