@@ -61,7 +61,14 @@ def test_reference_loss_before_is_the_base_models_and_rises_with_a_high_lr(tmp_p
             "max_reference_rows": 16,
             "max_length": 256,
         },
-        train={"max_steps": 6, "eval_every": 3, "micro_batch_size": 16, "lr": 1e-2},
+        # no warm-up: every one of the 6 steps at the high lr (a warm-up's first step is at lr 0)
+        train={
+            "max_steps": 6,
+            "eval_every": 3,
+            "micro_batch_size": 16,
+            "lr": 1e-2,
+            "warmup_steps": 0,
+        },
         output={"dir": str(tmp_path / "run"), "plot": True},
     )
     summary = api.train(recipe)
