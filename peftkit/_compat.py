@@ -336,3 +336,14 @@ def allow_mlflow_file_store() -> None:
     import os
 
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def cache_keyword(model: Any) -> str:
+    """The name under which a causal LM's forward takes its KV cache: `cache` since transformers
+    5.2x, where `past_key_values` still works but warns (removal announced for 5.40); older 5.x
+    releases know only `past_key_values`. Read from the (base) model's forward signature."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

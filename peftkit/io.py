@@ -39,6 +39,8 @@ class RunLayout:
         """Run metadata: versions, precision, the final folder's name."""
         self.samples = self.path / "samples.json"
         self.answers = self.path / "answers.json"
+        self.completions = self.path / "completions.jsonl"
+        """Reinforcement-learning runs: a sample of each step's completions with their rewards."""
         self.resumes = self.path / "resumes.jsonl"
         """One line per --resume: when, and the recipe changes it made."""
         self.report = self.path / "report.html"

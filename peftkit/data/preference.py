@@ -299,7 +299,15 @@ def prepare_scored_rows(
 ) -> PreparedData:
     """The rows a causal LM trained by `recipe` is scored on outside training (export's fidelity
     check, combine's evaluation): the recipe's own rows, or for a preference recipe the preferred
-    answers (chosen, or KTO's desirable ones) as supervised rows."""
+    answers (chosen, or KTO's desirable ones) as supervised rows; for a reinforcement-learning
+    recipe its prompts with their reference answers (`PromptRow.scored`)."""
+    if recipe.objective.type == "grpo":
+        from peftkit.data.prompts import prepare_prompt_data
+
+        data = prepare_prompt_data(recipe.data, tokenizer, seed, recipe.objective.reference_column)
+        return replace(
+            data, train=[r.scored for r in data.train], eval=[r.scored for r in data.eval]
+        )
     if not recipe.objective.preference:
         return prepare_data(recipe.data, tokenizer, seed)
     data = prepare_preference_data(

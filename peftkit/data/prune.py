@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftkit import units
 from peftkit.data import cache, starts
 
 IN_USE_S = 3600.0
@@ -41,18 +42,14 @@ class PruneReport:
 
     def lines(self) -> list[str]:
         verb = "would remove" if self.dry_run else "removed"
-        lines = [f"{verb} {name} ({_size_text(n)}): {why}" for name, n, why in self.removed]
+        lines = [f"{verb} {name} ({units.size(n)}): {why}" for name, n, why in self.removed]
         freed = sum(n for _, n, _ in self.removed)
         lines.append(
             f"data cache {cache.data_root()}: {self.kept} "
-            f"entr{'y' if self.kept == 1 else 'ies'} left, {_size_text(self.size)} "
-            f"({verb} {len(self.removed)}, {_size_text(freed)})"
+            f"entr{'y' if self.kept == 1 else 'ies'} left, {units.size(self.size)} "
+            f"({verb} {len(self.removed)}, {units.size(freed)})"
         )
         return lines
-
-
-def _size_text(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def prune(
@@ -90,7 +87,7 @@ def prune(
         if unused_days is not None and idle > unused_days * 86400:
             why = f"unused for {idle / 86400:.0f} days"
         elif max_bytes is not None and total > max_bytes:
-            why = f"least recently used, over the {_size_text(max_bytes)} limit"
+            why = f"least recently used, over the {units.size(max_bytes)} limit"
         else:
             continue
         doomed.append((path, why))

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftkit import units
 from peftkit.export.source import ExportSource
 from peftkit.io import MANIFEST, RunLayout
 from peftkit.models.load import DTYPES
@@ -73,6 +74,12 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
                 else ""
             ),
         ]
+        if summary.get("train_seconds") is not None and summary.get("peak_memory_bytes"):
+            lines.append(
+                f"- training: {units.duration(summary['train_seconds'])} of training steps, "
+                f"peak memory {units.size(summary['peak_memory_bytes'])} "
+                f"({summary.get('peak_memory_kind', 'peak')})"
+            )
     if fid:
         lines += [
             "",
@@ -114,7 +121,7 @@ def _gguf_usage(gguf: dict[str, Any], name: str) -> list[str]:
         "",
         "## Run it",
         "",
-        f"`{gguf['file']}` ({gguf['quant']}, {gguf['bytes'] / 2**20:.1f} MiB) holds the weights, the "
+        f"`{gguf['file']}` ({gguf['quant']}, {units.size(gguf['bytes'])}) holds the weights, the "
         "tokenizer and the chat template used in training. Read back with transformers' GGUF "
         f"loader, its tokenizer encoded {tok['identical_rows']}/{tok['rows']} held-out rows to the "
         "same ids as the training tokenizer.",

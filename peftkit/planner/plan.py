@@ -13,12 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from peftkit import units
 from peftkit.launch import Launch
 from peftkit.planner.counts import ModelCounts, count
 from peftkit.planner.estimate import Estimate, Workload, estimate
 from peftkit.recipe.schema import Recipe
-
-GIB = 2**30
 
 
 @dataclass
@@ -92,6 +91,14 @@ def make_plan(
         raise RecipeError(
             f"peftkit plan models causal-LM training; task.type {recipe.task.type!r} (a task head: "
             "one prediction per row, no vocabulary-sized logits) is not modelled yet"
+        )
+    if recipe.objective.type == "grpo":
+        from peftkit.errors import RecipeError
+
+        raise RecipeError(
+            "peftkit plan models supervised fine-tuning; objective 'grpo' (rollouts of "
+            "num_generations completions per prompt with a KV cache, reference forwards) is not "
+            "modelled yet"
         )
     if recipe.objective.preference:
         from peftkit.errors import RecipeError
@@ -191,7 +198,7 @@ def _advice(recipe, work, bits, predict, budget, packing: bool) -> list[str]:
     lines = []
     for change, est in sorted(options, key=lambda o: o[1].total):
         verdict = "fits" if est.total <= budget else "still too big"
-        lines.append(f"{change}: ~{est.total / GIB:.2f} GiB ({verdict})")
+        lines.append(f"{change}: ~{units.size(est.total)} ({verdict})")
     return lines
 
 
@@ -205,15 +212,15 @@ def format_plan(plan: Plan) -> str:
         + f"; largest micro-batch: {w.tokens:,} tokens, {w.supervised:,} supervised",
         *([f"launch: {plan.launch.describe()}; figures are per process"] if plan.launch else []),
         "",
-        f"{'component':<16}{'GiB':>9}",
+        f"{'component':<16}{'memory':>11}",
     ]
     for name, value in plan.estimate.parts.items():
-        lines.append(f"{name:<16}{value / GIB:>9.3f}")
-    lines.append(f"{'peak (total)':<16}{plan.estimate.total / GIB:>9.3f}")
+        lines.append(f"{name:<16}{units.size(value):>11}")
+    lines.append(f"{'peak (total)':<16}{units.size(plan.estimate.total):>11}")
     if plan.budget is not None:
         where = "GPU" if plan.device == "gpu" else "RAM"
         lines.append(
-            f"\n{'fits' if plan.fits else 'does NOT fit'} in {plan.budget / GIB:.1f} GiB of {where}"
+            f"\n{'fits' if plan.fits else 'does NOT fit'} in {units.size(plan.budget)} of {where}"
         )
     if plan.advice:
         lines.append("to make it fit, change (predicted peak):")

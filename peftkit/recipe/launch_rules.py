@@ -21,6 +21,11 @@ def launch_problems(launch: Launch, recipe: Recipe) -> list[str]:
             f"{name} model (its weights split over processes) cannot do: remove them, or "
             "generate from the saved adapter afterwards (peftkit generate)"
         )
+    if recipe.objective.type == "grpo":
+        problems.append(
+            f"objective grpo samples completions on each process, which a {name} model (its "
+            "weights split over processes) cannot do yet: launch it with DDP"
+        )
     if recipe.adapter.full_weights:  # the registry's capability: its result is a whole model
         problems.append(
             f"adapter.method {recipe.adapter.method} under {name}: saving the whole sharded "

@@ -105,8 +105,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Make relative local paths absolute (data sources, a .gguf model file, a metric's .py
-    file): the recipe's folder first, then the cwd. Anything else (hub ids) stays as written."""
+    """Make relative local paths absolute (data sources, a .gguf model file, a metric's or a
+    reward's .py file): the recipe's folder first, then the cwd. Anything else (hub ids) stays as written."""
     for source in recipe.data.sources:
         source.path = _resolve_local(source.path, base)
     if recipe.model.name.lower().endswith(".gguf"):
@@ -114,6 +114,10 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     if recipe.eval.function and ".py:" in recipe.eval.function:
         file, name = recipe.eval.function.rsplit(":", 1)
         recipe.eval.function = f"{_resolve_local(file, base)}:{name}"
+    for reward in getattr(recipe.objective, "rewards", []):  # reinforcement-learning rewards
+        if reward.function and ".py:" in reward.function:
+            file, name = reward.function.rsplit(":", 1)
+            reward.function = f"{_resolve_local(file, base)}:{name}"
     return recipe
 
 

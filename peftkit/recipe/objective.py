@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from peftkit.section import Section
 
@@ -105,11 +105,100 @@ class SimPOObjective(_PreferenceObjective):
     """Weight of the chosen answers' NLL added to the loss (TRL: cpo_alpha; 0 = pure SimPO)."""
 
 
+class RewardSpec(Section):
+    """One reward of a reinforcement-learning objective: a Python function or a task metric,
+    weighted. A function has TRL's reward signature, `fn(prompts, completions, completion_ids,
+    **columns) -> list[float | None]`, each column of the data row passed as a list, so reward
+    functions written for TRL's GRPOTrainer work unchanged; None = this function does not score
+    that completion."""
+
+    function: str | None = None
+    """`module:function` or `path/to/file.py:function` (relative to the recipe's folder first)."""
+    metric: Literal["exact", "contains", "json_fields"] | None = None
+    """A task metric as the reward, scored against the row's `reference` column."""
+    reference: str = "answer"
+    """The data column a `metric` reward compares each completion with."""
+    weight: float = 1.0
+    """Weight in the summed reward (TRL: reward_weights)."""
+    name: str | None = None
+    """Name in the logged metrics (`rewards/<name>/mean`); null = the function's or metric's name."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.function is None) == (self.metric is None):
+            raise ValueError("a reward names exactly one of `function` or `metric`")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name its metrics are logged under."""
+        if self.name:
+            return self.name
+        return self.metric or (self.function or "").rpartition(":")[2]
+
+
+class GRPOObjective(Section):
+    """Group Relative Policy Optimization (Shao et al. 2024) with Python rewards, as TRL's
+    GRPOTrainer defines it (its knob names and defaults). For each prompt the live policy samples
+    `num_generations` completions; each completion's advantage is its summed reward minus its
+    group's mean, over the group's std (`scale_rewards`); the loss is PPO's clipped surrogate on
+    the per-token probability ratio to the sampling policy, plus beta times the k3 KL to the
+    reference (the adapter switched off), reduced over tokens by `loss_type`
+    (peftkit/training/grpo_losses.py has the formulas)."""
+
+    type: Literal["grpo"]
+    rewards: Annotated[list[RewardSpec], Field(min_length=1)]
+    """Reward functions and metrics; the reward of a completion is their weighted sum."""
+    num_generations: int = Field(default=8, ge=2)
+    """Completions sampled per prompt (the group); `train.micro_batch_size` counts prompts."""
+    max_completion_length: int = Field(default=512, gt=0)
+    """Most tokens generated per completion; a completion cut there is `truncated`."""
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    """0 = no top-k cut."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """How per-token losses are averaged: grpo = per sequence, then over sequences; bnpo = over
+    the micro-batch's tokens; dr_grpo = over sequences x max_completion_length; dapo = over the
+    step's completion tokens."""
+    beta: float = Field(default=0.0, ge=0)
+    """Weight of the KL to the reference; 0 = no reference forward."""
+    epsilon: float = Field(default=0.2, gt=0)
+    """Lower clipping range of the probability ratio (and upper, unless epsilon_high)."""
+    epsilon_high: float | None = Field(default=None, gt=0)
+    """Upper clipping range (DAPO's clip-higher recommends 0.28)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the std of the group's rewards, of the whole batch's, or not at all
+    (Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_completion_length out of the loss."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token = one probability ratio per token; sequence = one per completion (GSPO)."""
+    use_bias_correction_kl: bool = True
+    """Weight the KL term by the probability ratio (unbiased reverse-KL gradient, TRL's default)."""
+    num_iterations: int = Field(default=1, ge=1, le=1)
+    """Optimizer steps per batch of rollouts; only 1 (fresh rollouts every step) for now."""
+
+    @property
+    def preference(self) -> bool:
+        return False
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta != 0.0
+
+    @property
+    def reference_column(self) -> str:
+        """The column holding each row's reference answer (what a metric reward and the eval
+        metric compare with)."""
+        return next((r.reference for r in self.rewards if r.metric is not None), "answer")
+
+
 ObjectiveSpec = Annotated[
-    SFTObjective | DPOObjective | KTOObjective | ORPOObjective | SimPOObjective,
+    SFTObjective | DPOObjective | KTOObjective | ORPOObjective | SimPOObjective | GRPOObjective,
     Field(discriminator="type"),
 ]
-OBJECTIVE_TYPES = ("sft", "dpo", "kto", "orpo", "simpo")
+OBJECTIVE_TYPES = ("sft", "dpo", "kto", "orpo", "simpo", "grpo")
 
 
 def objective_from_shorthand(value: Any) -> Any:

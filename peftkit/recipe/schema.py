@@ -456,6 +456,8 @@ class Recipe(Section):
             problems += self._head_rules()
         if self.objective.preference:
             problems += self._preference_rules()
+        if self.objective.type == "grpo":
+            problems += self._grpo_rules()
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             problems.append(
                 "train.precision fp16 with model.dtype bfloat16 mixes two half formats: pick one"
@@ -470,7 +472,7 @@ class Recipe(Section):
             why = "train.packing is false"
         elif self.task.has_head:
             why = f"a task.type {self.task.type!r} model reads one row at a time"
-        elif self.objective.preference:
+        elif self.objective.preference or self.objective.type == "grpo":
             why = f"objective {self.objective.type} scores each answer as its own sequence"
         elif self.adapter.virtual_tokens:
             why = f"adapter.method {self.adapter.method!r} (virtual tokens) does not pack rows"
@@ -542,6 +544,36 @@ class Recipe(Section):
                 f"{kind}: the reference is the model as training starts, and adapter.method "
                 f"{self.adapter.method!r} (this init) does not start as the base, so switching the "
                 f"adapter off would score against another model: {fix}"
+            )
+        return problems
+
+    def _grpo_rules(self) -> list[str]:
+        kind = "objective grpo"
+        problems = []
+        if self.task.has_head:
+            problems.append(f"{kind} trains a causal LM's completions; task.type must be causal_lm")
+        if self.train.packing:
+            problems.append(f"train.packing: {kind} rolls out padded batches; remove it")
+        if self.data.reference:
+            problems.append(
+                f"data.reference: the forgetting report is for sft runs, not {kind} yet; remove it"
+            )
+        if self.data.mixing.strategy != "concat":
+            problems.append(f"data.mixing: {kind} reads one prompt set; remove data.mixing")
+        if self.output.sample_prompts:
+            problems.append(
+                f"output.sample_prompts: {kind} reports its held-out reward and keeps sampled "
+                "completions (completions.jsonl); remove output.sample_prompts"
+            )
+        if (
+            self.objective.beta != 0
+            and not self.adapter.full_weights
+            and not self.adapter.off_is_start
+        ):
+            problems.append(
+                f"{kind} with beta {self.objective.beta}: the reference is the adapter switched "
+                f"off, and adapter.method {self.adapter.method!r} (this init) does not start as "
+                "the base: set objective.beta: 0 or use lora/dora/ia3 with their default init"
             )
         return problems
 

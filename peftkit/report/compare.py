@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peftkit import units
 from peftkit.errors import PeftkitError
 from peftkit.io import RunLayout, atomic_write_text
 from peftkit.recipe.load import flatten
@@ -33,7 +34,7 @@ _COLUMNS: list[tuple[str, Any]] = [
     ("task metric after", lambda s: (s.get("answers") or {}).get("score_after")),
     ("reference ppl change %", lambda s: (s.get("forgetting") or {}).get("reference_ppl_change_pct")),
     ("tokens/s", "tokens_per_s"),
-    ("peak memory MiB", lambda s: round(s["peak_memory_bytes"] / 2**20) if s.get("peak_memory_bytes") else None),
+    ("peak memory", lambda s: units.size(s["peak_memory_bytes"]) if s.get("peak_memory_bytes") else None),
 ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from peftkit import units
 from peftkit.io import FIDELITY, RunLayout, atomic_write_text
 from peftkit.report.page import (
     REFERENCE,
@@ -190,6 +191,23 @@ def _fidelity(run: RunLayout) -> str:
     return "".join(parts)
 
 
+def _readable(summary: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """summary.json's `keys` as the Summary table shows them: sizes and times in human units
+    (the file keeps the exact numbers)."""
+    shown: dict[str, Any] = {}
+    for key in keys:
+        value = summary.get(key)
+        if key == "train_seconds":
+            shown["train_time"] = None if value is None else units.duration(value)
+        elif key == "peak_memory_bytes":
+            kind = summary.get("peak_memory_kind")
+            text = None if value is None else units.size(value) + (f" ({kind})" if kind else "")
+            shown["peak_memory"] = text
+        else:
+            shown[key] = value
+    return shown
+
+
 def _sections(run: RunLayout, summary: dict[str, Any] | None) -> list[tuple[str, str]]:
     sections = []
     if summary is not None:
@@ -199,7 +217,7 @@ def _sections(run: RunLayout, summary: dict[str, Any] | None) -> list[tuple[str,
             "first_train_loss", "final_train_loss", "first_eval_loss", "final_eval_loss",
             "best_eval_loss", "best_step",
         ]  # fmt: skip
-        sections.append(("Summary", key_values({k: summary.get(k) for k in keys})))
+        sections.append(("Summary", key_values(_readable(summary, keys))))
         for key, title in (
             ("answers", "Task metric (before -> after)"),
             ("forgetting", "Forgetting (reference set)"),

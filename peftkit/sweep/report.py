@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from peftkit import units
 from peftkit.errors import RecipeError, SweepError
 from peftkit.io import atomic_write_text
 from peftkit.recipe.load import apply_override, load_recipe
@@ -82,7 +83,7 @@ def write_trials(path: Path, records: list[TrialRecord]) -> None:
 def results_table(records: list[TrialRecord], objective: str) -> str:
     """A markdown table of the trials, best first."""
     keys = sorted({k for r in records for k in r.params})
-    head = ["#", "trial", "state", objective, *keys, "steps", "seconds", "note"]
+    head = ["#", "trial", "state", objective, *keys, "steps", "time", "note"]
     rows = [
         [
             str(i),
@@ -91,7 +92,7 @@ def results_table(records: list[TrialRecord], objective: str) -> str:
             _loss(r.value if r.state == "complete" else r.best_eval_loss),
             *(format_value(r.params.get(k)) for k in keys),
             str(r.steps if r.steps is not None else ""),
-            f"{r.seconds:.1f}" if r.seconds is not None else "",
+            units.duration(r.seconds) if r.seconds is not None else "",
             _note(r),
         ]
         for i, r in enumerate(records, 1)

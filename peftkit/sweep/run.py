@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftkit import units
 from peftkit.errors import SweepError
 from peftkit.io import RunLayout
 from peftkit.recipe.schema import Recipe
@@ -232,5 +233,5 @@ def _trial_line(
         result = (outcome.error or "").splitlines()[0][:160]
     return (
         f"trial {trial.number} ({i}/{total}) {outcome.state}: {result} | {params} | "
-        f"{outcome.steps} steps, {outcome.seconds:.1f} s"
+        f"{outcome.steps} steps, {units.duration(outcome.seconds)}"
     )

@@ -66,31 +66,36 @@ def json_fields(answer: str, reference: str) -> dict[str, float]:
 BUILTIN: dict[str, Scorer] = {"exact": exact, "contains": contains, "json_fields": json_fields}
 
 
-def load_function(spec: str, base_dir: Path | None = None) -> Scorer:
-    """The user's scorer `module:function` or `file.py:function` (relative to `base_dir` first),
-    wrapped so it returns {"score": float}."""
+def import_callable(spec: str, base_dir: Path | None, key: str) -> Callable[..., Any]:
+    """The user's function `module:function` or `file.py:function` (the file relative to
+    `base_dir` first); `key` names the recipe key in every error."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise RecipeError(
-            f"eval.function {spec!r}: write module:function or path/to/file.py:function"
-        )
+        raise RecipeError(f"{key} {spec!r}: write module:function or path/to/file.py:function")
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
             path = base_dir / path
         if not path.is_file():
-            raise RecipeError(f"eval.function: no file {target!r}")
-        loader = importlib.util.spec_from_file_location(f"peftkit_user_metric_{path.stem}", path)
+            raise RecipeError(f"{key}: no file {target!r}")
+        loader = importlib.util.spec_from_file_location(f"peftkit_user_{path.stem}", path)
         module = importlib.util.module_from_spec(loader)
         loader.loader.exec_module(module)
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise RecipeError(f"eval.function: cannot import {target!r}: {e}") from e
+            raise RecipeError(f"{key}: cannot import {target!r}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise RecipeError(f"eval.function: {target!r} has no function {name!r}")
+        raise RecipeError(f"{key}: {target!r} has no function {name!r}")
+    return fn
+
+
+def load_function(spec: str, base_dir: Path | None = None) -> Scorer:
+    """The user's scorer `module:function` or `file.py:function` (relative to `base_dir` first),
+    wrapped so it returns {"score": float}."""
+    fn = import_callable(spec, base_dir, "eval.function")
 
     def scorer(answer: str, reference: str) -> dict[str, float]:
         return {"score": float(fn(answer, reference))}

@@ -6,7 +6,8 @@ evaluation, and early stopping with the best adapter kept by the watched metric.
 combine` and the benchmarks all measure their eval loss through it.
 
 `Evaluation` is a part of `FineTuneRun` (training/loop.py), kept apart by responsibility; it
-reads the run's accelerator, model, objective, data, state, metrics and recipe.
+reads the run's accelerator, model, objective, data, state, metrics and recipe, and shows each part
+of an evaluation as a phase of its own (`_phase`: a log line and the progress bar's label).
 """
 
 from __future__ import annotations
@@ -97,9 +98,14 @@ class Evaluation:
         loss_sum, n = acc.reduce(totals, "sum").tolist()
         return loss_sum / max(n, 1)
 
+    def _eval_loss(self) -> float:
+        """The eval loss over every eval row, shown as its own phase."""
+        with self._phase(f"eval loss on {len(self.data.eval)} held-out rows"):
+            return self.evaluate()
+
     def _evaluate_and_check_stop(self) -> bool:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""
-        loss = self.evaluate()
+        loss = self._eval_loss()
         self.last_eval = (self.state.step, loss)
         record = self._log_evaluation(loss)
         stopping = self.recipe.train.early_stopping
@@ -113,7 +119,8 @@ class Evaluation:
             self.state.best_eval_loss = loss
             self.state.evals_without_improvement = 0
             if self.recipe.output.save_best:
-                self._save_result(self.run.best)
+                with self._phase(f"saving the best adapter so far to {self.run.best.name}/"):
+                    self._save_result(self.run.best)
         else:
             self.state.evals_without_improvement += 1
         return stopping is not None and self.state.evals_without_improvement >= stopping.patience
@@ -152,13 +159,12 @@ class Evaluation:
                 if self.state.step == 0 and self.recipe.adapter.virtual_tokens
                 else contextlib.nullcontext()
             )
-            with base:
+            label = f"forgetting: loss on {len(self.data.reference)} reference rows"
+            with base, self._phase(label):
                 record |= reference_metrics(self.evaluate(self.data.reference))
         if self.answers is not None and self.main:
-            self._print(
-                f"step {self.state.step}: answering {len(self.answers.items)} held-out rows ..."
-            )
-            record |= self.answers(self.accelerator.unwrap_model(self.model))
+            with self._phase(f"answering {len(self.answers.items)} held-out rows"):
+                record |= self.answers(self.accelerator.unwrap_model(self.model))
             if self.state.step == 0:
                 self.answers_before = self.answers.last_rows
             shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"

@@ -12,14 +12,12 @@ import logging
 import math
 import shutil
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from peftkit import _compat
 from peftkit.data.encode import EncodedRow
@@ -39,6 +37,7 @@ from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective, build_objective, prepare_run_data
 from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
 from peftkit.training.precision import resolve_precision, weights_dtype
+from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
@@ -70,6 +69,7 @@ class FineTuneRun(Evaluation):
         self.on_step = on_step
         self.refresh_report = refresh_report
         self.last_eval: tuple[int, float] | None = None
+        self.bar: TrainingBar | None = None  # while train() runs
         self.run = RunDir(recipe.run_dir)
         self.recipe_dump = recipe.model_dump(mode="json")
 
@@ -237,15 +237,20 @@ class FineTuneRun(Evaluation):
     def train(self) -> None:
         r, acc = self.recipe, self.accelerator
         self.model.train()
+        # Rate and ETA from the optimizer steps' own durations: evaluations, generated answers
+        # and checkpoints between steps are phases of their own (self._phase), not slow steps.
+        self.step_clock = StepClock()
         # In a log file (not a terminal) refresh every 30 s instead of many times a second.
-        bar = tqdm(
+        terminal = sys.stderr.isatty()
+        self.bar = bar = TrainingBar(
+            clock=self.step_clock,
             total=self.total_steps,
             initial=self.state.step,
             disable=not self.main,
-            desc="training",
             unit="step",
             dynamic_ncols=True,
-            mininterval=0.2 if sys.stderr.isatty() else 30,
+            mininterval=0.2 if terminal else 30,
+            live=terminal,
         )
         order_epoch, order = -1, None
         self.stop_reason = "completed"
@@ -258,7 +263,7 @@ class FineTuneRun(Evaluation):
             or self.answers is not None
             or (self.data.eval and r.train.eval_every is not None)
         ):
-            self._log_evaluation(self.evaluate() if self.data.eval else None)
+            self._log_evaluation(self._eval_loss() if self.data.eval else None)
         with StopRequest() as stop:
             try:
                 while self.state.step < self.total_steps:
@@ -275,12 +280,12 @@ class FineTuneRun(Evaluation):
                             self.objective.budget,
                         )
                     ]
-                    started = time.perf_counter()
-                    record = self._optimizer_step(
-                        rows, epoch + step_in_epoch / self.plan.steps_per_epoch
-                    )
+                    with self.step_clock:
+                        record = self._optimizer_step(
+                            rows, epoch + step_in_epoch / self.plan.steps_per_epoch
+                        )
                     # training time only: evaluations and checkpoints do not dilute tokens/s
-                    self.state.train_seconds += time.perf_counter() - started
+                    self.state.train_seconds += self.step_clock.last
                     self.state.step += 1
                     self._updated_uncounted = False
                     self._unfreeze_for_next_step(record)
@@ -337,20 +342,23 @@ class FineTuneRun(Evaluation):
                 raise
             finally:
                 bar.close()
+                self.bar = None
 
     def _optimizer_step(
         self, micro_batches: list[list[EncodedRow]], epoch: float
     ) -> dict[str, Any]:
         acc, r = self.accelerator, self.recipe
         objective = self.objective
-        batches = [objective.collate(rows) for rows in micro_batches]
+        batches = objective.prepare_step(
+            self.model, [objective.collate(rows) for rows in micro_batches], acc, self.state.step
+        )
         self.state.largest_micro_batch_tokens = max(
             self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
         )
         local = torch.tensor(
             [
                 float(sum(objective.units(b) for b in batches)),
-                float(sum(objective.tokens(rows) for rows in micro_batches)),
+                float(sum(objective.tokens(r, b) for r, b in zip(micro_batches, batches))),
             ],
             device=acc.device,
         )
@@ -537,30 +545,40 @@ class FineTuneRun(Evaluation):
                 advice.non_finite_weights(bad, self.recipe, self.state.step, self.run)
             )
         self._saved_step = self.state.step
-        return ckpt.save_checkpoint(
-            self.run.checkpoints,
-            self.accelerator,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.state,
-            rng,
-            self.recipe.train.keep_last,
-        )
+        with self._phase(f"saving checkpoint step-{self.state.step:07d}"):
+            return ckpt.save_checkpoint(
+                self.run.checkpoints,
+                self.accelerator,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.state,
+                rng,
+                self.recipe.train.keep_last,
+            )
 
     def _samples(self) -> list[str] | None:
         prompts = self.recipe.output.sample_prompts
         if not prompts or not self.main:
             return None
-        return generate_answers(
-            self.accelerator.unwrap_model(self.model),
-            self.tokenizer,
-            prompts,
-            self.stop_ids,
-            self.recipe.output.sample_max_new_tokens,
-            self.recipe.data.system_prompt,
-        )
+        with self._phase(f"answering {len(prompts)} sample prompt{'s' * (len(prompts) > 1)}"):
+            return generate_answers(
+                self.accelerator.unwrap_model(self.model),
+                self.tokenizer,
+                prompts,
+                self.stop_ids,
+                self.recipe.output.sample_max_new_tokens,
+                self.recipe.data.system_prompt,
+            )
 
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             log.info(text)
+
+    @contextlib.contextmanager
+    def _phase(self, label: str) -> Iterator[None]:
+        """Work between training steps (evaluation, generation, saving) as its own labelled phase:
+        a log line, and the bar shows the label meanwhile; none of it counts in the bar's rate."""
+        self._print(f"step {self.state.step}: {label} ...")
+        with self.bar.phase(label) if self.bar is not None else contextlib.nullcontext():
+            yield

@@ -55,9 +55,22 @@ class Objective:
         """How many units the batch's loss sums over."""
         return supervised_tokens(batch["labels"])
 
-    def tokens(self, rows: list[Any]) -> int:
-        """Real (unpadded) tokens of the rows, for tokens/s."""
+    def tokens(self, rows: list[Any], batch: dict[str, torch.Tensor] | None = None) -> int:
+        """Real (unpadded) tokens of the rows (as `batch`, their collated micro-batch, holds
+        them), for tokens/s."""
         return sum(len(row.input_ids) for row in rows)
+
+    def prepare_step(
+        self,
+        model: nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        accelerator: Accelerator,
+        step: int,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Work on a step's micro-batches that needs the model before their forwards (the
+        rollouts of a reinforcement-learning objective); `step` is the optimizer step about to
+        run. Default: none."""
+        return batches
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -231,6 +244,12 @@ def prepare_run_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: i
     without loading the tokenizer (`peftkit.data.starts`)."""
     if recipe.task.has_head:
         data, names = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
+    elif recipe.objective.type == "grpo":
+        from peftkit.data.prompts import prepare_prompt_data
+
+        return prepare_prompt_data(
+            recipe.data, tokenizer, seed, recipe.objective.reference_column
+        ), None
     elif recipe.objective.preference:
         unpaired = recipe.objective.type == "kto"
         return prepare_preference_data(recipe.data, tokenizer, seed, unpaired), None
@@ -262,6 +281,8 @@ def build_objective(
     install_fused_lora_mlps(model)
     if recipe.task.has_head:
         return TaskHead(pad_id, class_names, recipe.task.type, batching)
+    if recipe.objective.type == "grpo":
+        return _grpo(recipe, model, tokenizer, unwrap, frozen_copy)
     if recipe.objective.preference:
         spec = recipe.objective
         is_adapter = hasattr(model, "disable_adapter")
@@ -279,3 +300,32 @@ def build_objective(
     if task_losses is not None:
         return Multitask(batching, pad_id, task_losses, recipe.data, data)
     return CausalLM(batching, pad_id)
+
+
+def _grpo(
+    recipe: Recipe,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    unwrap: Callable[[nn.Module], nn.Module],
+    frozen_copy: Callable[[nn.Module], nn.Module],
+) -> Objective:
+    """The GRPO objective: rewards imported, stop ids and the reference chosen."""
+    from peftkit.training.grpo import GRPO
+    from peftkit.training.rewards import build_rewards
+
+    spec = recipe.objective
+    eos = model.generation_config.eos_token_id  # the run's stop ids (set by the loop)
+    stop_ids = sorted(eos if isinstance(eos, list) else {eos} - {None})
+    frozen = (
+        frozen_copy(model) if spec.beta != 0 and not hasattr(model, "disable_adapter") else None
+    )
+    return GRPO(
+        spec,
+        build_rewards(spec.rewards, None),
+        tokenizer,
+        stop_ids,
+        recipe.train.seed,
+        unwrap,
+        frozen,
+        recipe.eval.max_new_tokens,
+    )

@@ -124,7 +124,9 @@ class Preference(Objective):
         rows = batch["input_ids"].shape[0]
         return torch.tensor(rows if self.kto else rows // 2)
 
-    def tokens(self, rows: list[PreferenceRow]) -> int:
+    def tokens(
+        self, rows: list[PreferenceRow], batch: dict[str, torch.Tensor] | None = None
+    ) -> int:
         return sum(r.n_tokens for r in rows)
 
     # ----------------------------------------------------------------- loss

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit import _compat
+from peftkit import _compat, units
 from peftkit.training import generated, reference, tasks
 from peftkit.training.metrics import peak_memory_bytes
 
@@ -149,10 +149,6 @@ def run_metadata(
     }
 
 
-def _mb(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
-
-
 def _head_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not metrics:
         return []
@@ -188,6 +184,29 @@ def _preference_rows(p: dict[str, Any] | None) -> list[tuple[str, str]]:
     return [(f"preference ({p['objective']})", line + " (held-out rows)")]
 
 
+def _grpo_rows(g: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Mean reward of the rollouts (first and last step) and the held-out reward before -> after."""
+    if not g:
+        return []
+    rows = []
+    if "train_reward_first" in g:
+        rows.append(
+            (
+                "reward (rollouts)",
+                f"{g['train_reward_first']:.4f} at the first step -> {g['train_reward_last']:.4f} "
+                f"at the last ({', '.join(g['rewards'])}; loss {g['loss_type']})",
+            )
+        )
+    if "eval_reward_before" in g:
+        rows.append(
+            (
+                "reward (held-out)",
+                f"{g['eval_reward_before']:.4f} -> {g['eval_reward_after']:.4f} (greedy answers)",
+            )
+        )
+    return rows
+
+
 def format_summary(
     s: dict[str, Any], prompts: list[str], before: list[str] | None, after: list[str] | None
 ) -> str:
@@ -217,9 +236,10 @@ def format_summary(
         ),
         (
             "throughput",
-            f"{s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps",
+            f"{s['tokens_per_s']:,.0f} tokens/s over {units.duration(s['train_seconds'])} of "
+            "training steps",
         ),
-        ("peak memory", f"{_mb(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
+        ("peak memory", f"{units.size(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
         ("train loss", loss_line(s["first_train_loss"], s["final_train_loss"])),
         (
             "eval loss",
@@ -235,6 +255,7 @@ def format_summary(
         ),
         *_head_rows(s.get("eval_metrics")),
         *_preference_rows(s.get("preference")),
+        *_grpo_rows(s.get("grpo")),
         *tasks.summary_rows(s),
         *generated.summary_rows(s),
         *reference.summary_rows(s),

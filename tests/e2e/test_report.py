@@ -86,7 +86,7 @@ def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
-    pytest.skip("no chromium on PATH (.ci/setup.sh installs Debian's chromium package)")
+    pytest.skip("no chromium on PATH (.ci/setup-tests.sh installs Debian's chromium package)")
 
 
 def _browse(page: Path, work: Path, screenshot: Path | None = None) -> dict:

@@ -116,3 +116,20 @@ def test_chat_renderer_renders_what_apply_chat_template_renders(template, tokeni
             assert render(chat[:end], prompt) == expected
     with pytest.raises(ValueError, match="empty conversation"):
         render([], False)
+
+
+def test_the_cache_keyword_is_one_the_forward_takes_without_warning(tiny_model):
+    import inspect
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from peftkit import _compat
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    name = _compat.cache_keyword(model)
+    assert name in inspect.signature(type(model).forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model(input_ids=torch.tensor([[1, 2]]), use_cache=True, **{name: DynamicCache()})

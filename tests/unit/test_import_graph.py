@@ -21,7 +21,7 @@ ROOT = Path(peftkit.__file__).resolve().parent
 # environment only (model loading asks it too); `report` draws pages from a run directory's files
 # (export and the sweep call it; the training loop is handed its writer by api and sweep).
 LAYERS = [
-    {"peftkit", "errors", "io", "_compat", "section", "launch"},
+    {"peftkit", "errors", "io", "units", "_compat", "section", "launch"},
     {"models"},
     {"methods"},
     {"recipe"},
