@@ -32,7 +32,12 @@ def _blocks(kinds: set[str]):
 
 
 def _base() -> dict:
-    return yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    """The smallest valid recipe: what a fragment of the manual is laid over."""
+    return {
+        "model": {"name": "builtin:tiny-llama"},
+        "adapter": {"method": "lora"},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
+    }
 
 
 def test_readme_is_short():
@@ -89,7 +94,7 @@ def _recipe_fragments():
     ("where", "fragment"), list(_recipe_fragments()), ids=lambda v: str(v)[:60]
 )
 def test_recipe_fragments_in_the_manual_validate(where, fragment):
-    """A fragment is laid over the quickstart recipe, section by section, and validated."""
+    """A fragment is laid over the smallest recipe, section by section, and validated."""
     recipe = _base()
     for key, value in fragment.items():
         if (
