@@ -75,6 +75,7 @@ def child(name: str, workdir: Path, out: Path, steps: int) -> None:
     result["achieved_flops"] = result["tokens_per_s"] * 4 * n  # LoRA: ~4N FLOPs per token
     if torch.cuda.is_available():
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
         result["mfu"] = result["tokens_per_s"] * 4 * n / H100_BF16_FLOPS  # LoRA: ~4N FLOPs/token
     (out / "result.json").write_text(json.dumps(result, indent=1))
 

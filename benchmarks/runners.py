@@ -87,6 +87,28 @@ def _lora_config():
     )  # fmt: skip
 
 
+def _base(workdir: Path, qlora: bool = False):
+    """The benchmark's base model; `qlora`: NF4 4-bit (bf16 compute) on the GPU, prepared for
+    k-bit training as peft's QLoRA recipe does."""
+    from transformers import AutoModelForCausalLM
+
+    if not qlora:
+        return AutoModelForCausalLM.from_pretrained(str(workdir / "model"))
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(workdir / "model"), quantization_config=quant, device_map={"": 0}, dtype=torch.bfloat16
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def _timing_callback(clock: Clock):
     from transformers import TrainerCallback
 
@@ -104,13 +126,16 @@ def _timing_callback(clock: Clock):
     return Timing()
 
 
-def hf_trainer(workdir: Path, out: Path, steps: int, clock: Clock, **_: Any) -> dict[str, Any]:
+def hf_trainer(
+    workdir: Path, out: Path, steps: int, clock: Clock, bf16: bool = False, qlora: bool = False,
+    **_: Any,
+) -> dict[str, Any]:  # fmt: skip
     """What a user writes with transformers.Trainer + peft: pre-tokenized rows with -100 labels,
-    DataCollatorForSeq2Seq padding each micro-batch to its longest row, default precision."""
+    DataCollatorForSeq2Seq padding each micro-batch to its longest row, default precision
+    (`bf16`: bf16 autocast; `qlora`: an NF4 base)."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import (
-        AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         Trainer,
@@ -122,13 +147,11 @@ def hf_trainer(workdir: Path, out: Path, steps: int, clock: Clock, **_: Any) -> 
     dataset = Dataset.from_list(
         [{"input_ids": r.input_ids.tolist(), "labels": r.labels.tolist()} for r in rows]
     )
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(workdir / "model")), _lora_config()
-    )
+    model = get_peft_model(_base(workdir, qlora), _lora_config())
     clock.attach(model)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(**_hf_args(out, steps)),
+        args=TrainingArguments(**_hf_args(out, steps, bf16=bf16 or qlora)),
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[_timing_callback(clock)],
@@ -140,14 +163,14 @@ def hf_trainer(workdir: Path, out: Path, steps: int, clock: Clock, **_: Any) -> 
 
 def trl_sft(
     workdir: Path, out: Path, steps: int, clock: Clock, packing: bool = False,
-    padding_free: bool = False, **_: Any,
+    padding_free: bool = False, liger: bool = False, qlora: bool = False, **_: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """TRL's SFTTrainer on the same pre-tokenized rows (assistant_masks = supervised tokens).
 
     With packing (best-fit decreasing into max_length bins, padding-free), a "row" is a bin, so
     the micro-batch is scaled to keep the tokens per optimizer step close to the others'."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "model"))
@@ -166,6 +189,7 @@ def trl_sft(
         "max_length": None if padding_free else HP["max_length"],
         "packing": packing,
         "padding_free": padding_free,
+        "use_liger_kernel": liger,
     }
     if packing:
         mean_len = sum(len(r.input_ids) for r in rows) / len(rows)
@@ -178,7 +202,7 @@ def trl_sft(
 
         extra["bf16"] = cpu_has_fast_bf16()
     args = SFTConfig(**{**_hf_args(out, steps), **extra})
-    model = AutoModelForCausalLM.from_pretrained(str(workdir / "model"))
+    model = _base(workdir, qlora)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=_lora_config(), callbacks=[_timing_callback(clock)],
@@ -194,16 +218,17 @@ def trl_sft(
 
 def peftkit_run(
     workdir: Path, out: Path, steps: int, clock: Clock, train: dict[str, Any] | None = None,
-    **_: Any,
+    model: dict[str, Any] | None = None, **_: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """peftkit from a recipe: its defaults, plus the `train` settings of a tuned configuration."""
+    """peftkit from a recipe: its defaults, plus the `train` (and `model`) settings of a
+    configuration."""
     from peftkit.recipe.load import validate_recipe
     from peftkit.training.loop import FineTuneRun
 
     recipe = validate_recipe(
         {
             "name": "bench",
-            "model": {"name": str(workdir / "model")},
+            "model": {"name": str(workdir / "model"), **(model or {})},
             "adapter": {"method": "lora", "r": HP["r"], "alpha": HP["alpha"], "dropout": 0.0},
             "data": {"train": str(workdir / "train.jsonl"), "max_length": HP["max_length"]},
             "train": {
@@ -248,5 +273,11 @@ CONFIGS = {
     "peftkit-tuned": (peftkit_run, {"train": {"micro_batch_size": 16, "grad_accum": 1}}),
     "peftkit-tokens": (peftkit_run, {"train": {"micro_batch_tokens": 1024}}),
     "peftkit-checkpointing": (peftkit_run, {"train": {"gradient_checkpointing": True}}),
+    # GPU: every library in bf16, then on an NF4 base (benchmarks/gpu/check.py)
+    "hf-trainer-bf16": (hf_trainer, {"bf16": True}),
+    "trl-liger": (trl_sft, {"padding_free": True, "liger": True}),
+    "hf-trainer-qlora": (hf_trainer, {"qlora": True}),
+    "trl-qlora": (trl_sft, {"padding_free": True, "qlora": True}),
+    "peftkit-qlora": (peftkit_run, {"model": {"quantization": {"bits": 4}}}),
 }
 BASELINE = "hf-trainer"

@@ -28,6 +28,9 @@ CHATML = (
     "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SIZES = {
+    # 2 layers, 64 wide: benchmarks/gpu/check.py --cpu-smoke (the script runs, nothing measured)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     # ~52M parameters: the CPU benchmark.
     "50m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                 num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False),
@@ -71,11 +74,19 @@ def build_model(out: Path, size: str, tokenizer) -> int:
         **SIZES[size],
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if size != "50m":  # real-architecture sizes (GPU runs) are stored in bf16
+    # real-architecture sizes (GPU runs) are initialised on the GPU (8B on a CPU takes minutes)
+    # and stored in bf16
+    on_gpu = size not in ("50m", "tiny") and torch.cuda.is_available()
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = LlamaForCausalLM(config)
+    if size not in ("50m", "tiny"):
         model = model.to(torch.bfloat16)
     model.save_pretrained(str(out))
-    return sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()  # the training processes that follow need the memory
+    return n
 
 
 def _words(rng: np.random.Generator, n: int) -> list[str]:

@@ -22,6 +22,7 @@ PRIVATE_API = (
     ("accelerate", "accelerate.state.AcceleratorState", "_reset_state", "1.6-1.15"),
     ("accelerate", "accelerate.state.GradientState", "_reset_state", "1.6-1.15"),
     ("accelerate", "accelerate.state.PartialState", "_shared_state", "1.6-1.15"),
+    ("deepspeed", "deepspeed.ops", "__compatible_ops__", "0.19"),
     ("peft", "peft.tuners.tuners_utils.BaseTunerLayer", "_active_adapter", "0.17-0.21"),
     ("peft", "peft.tuners.tuners_utils.BaseTunerLayer", "_disable_adapters", "0.17-0.21"),
     (
@@ -118,6 +119,30 @@ def keep_bnb_4bit_cpu_weights_unpacked(model) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def contiguous_head_input(model) -> bool:
+    """torch 2.13 (CPU): `F.linear` of a non-contiguous 3-D bf16/fp16 input by a weight that does
+    not require grad materialises (batch, out, in): `logits_to_keep=1` hands the head the last
+    position as such a slice, so generating for 20 prompts with Gemma 3's 262k x 640 head (frozen
+    under LoRA) allocated 6.4 GiB for 20 x 262k logits (measured; fp32, a contiguous input or a
+    weight that requires grad take the plain matmul). A pre-hook on the output layer hands it a
+    contiguous copy of such an input (batch x kept x hidden: small). Returns whether it was added."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    HALF = (torch.bfloat16, torch.float16)
+
+    def contiguous(module, args):
+        x = args[0]
+        if x.device.type == "cpu" and x.dim() > 2 and x.dtype in HALF and not x.is_contiguous():
+            return (x.contiguous(), *args[1:])
+        return None
+
+    head.register_forward_pre_hook(contiguous)
+    return True
 
 
 def release_freed_cpu_memory() -> None:
@@ -326,6 +351,48 @@ def fsdp_on_cpu(accelerator) -> bool:
     state.distributed_type = DistributedType.FSDP
     _private(PartialState, "_shared_state", "accelerate")["distributed_type"] = DistributedType.FSDP
     return True
+
+
+def deepspeed_on_cpu(accelerator) -> bool:
+    """accelerate <= 1.16 (checked: 1.15, 1.16) starts DeepSpeed only when not `cpu=True`, and a
+    CPU multi-process run needs `cpu=True` to form its gloo group (`accelerator_kwargs`): so on CPU
+    a DeepSpeed launch (ACCELERATE_USE_DEEPSPEED) silently becomes DDP. DeepSpeed itself runs on
+    CPU (its CPU accelerator communicates over gloo when oneCCL is absent), so the accelerator
+    state is switched to DeepSpeed with the launch's plugin, as accelerate does on GPUs (select it,
+    let DeepSpeed own the precision); `prepare` then calls `deepspeed.initialize`. Returns whether
+    it switched. (The test of a 2-process DeepSpeed run fails loudly when accelerate changes this.)"""
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    state = accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    skip_cpu_shm_kernel()
+    plugin = getattr(state, "deepspeed_plugins", None) or DeepSpeedPlugin()  # the DS_* variables
+    plugin.set_mixed_precision(state.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    state.deepspeed_plugins = plugin
+    state.distributed_type = DistributedType.DEEPSPEED
+    _private(PartialState, "_shared_state", "accelerate")["distributed_type"] = (
+        DistributedType.DEEPSPEED
+    )
+    return True
+
+
+def skip_cpu_shm_kernel() -> None:
+    """DeepSpeed (checked: 0.19.8) compiles, on CPU, a shared-memory all-reduce kernel the first
+    time its communication starts on a machine (ninja and a C++ compiler: about a minute of CPU,
+    and a failure where no compiler is installed). Only its inference all-reduce uses that kernel;
+    training's collectives are torch.distributed's (gloo). So peftkit marks the kernel unavailable
+    in DeepSpeed's table of compatible ops (`deepspeed.ops.__compatible_ops__`, probed once per
+    process, which DeepSpeed reads before building it)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    _private(deepspeed.ops, "__compatible_ops__", "deepspeed")[ShareMemCommBuilder.NAME] = False
 
 
 def allow_mlflow_file_store() -> None:

@@ -17,17 +17,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import yaml
 from annotated_types import Ge, Gt, Le
 
-from peftkit.data import starts
+from peftkit.data.cache import starts
+from peftkit.data.cache.prune import PruneReport, prune
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import PreparedData, prepare_data
-from peftkit.data.prune import PruneReport, prune
 from peftkit.errors import RecipeError
 from peftkit.io import RunLayout
 from peftkit.launch import Launch
 from peftkit.models.spec import Quantize
 from peftkit.recipe.launch_rules import check_launch
-from peftkit.recipe.load import load_recipe
+from peftkit.recipe.load import load_recipe, load_run_recipe
 from peftkit.recipe.schema import DType, Recipe
+from peftkit.serving import SpecialTokens
 
 if TYPE_CHECKING:
     from peftkit.adapters.adapter_set import AdapterSet
@@ -102,6 +103,7 @@ def train(
     overrides: list[str] | None = None,
     resume: bool = False,
     on_step: StepCallback | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune as the recipe says; returns the run summary (also written to RUN_DIR/summary.json).
 
@@ -110,12 +112,17 @@ def train(
         overrides: dotted `section.key=value` overrides applied to a recipe file.
         resume: continue the run in the recipe's output.dir from its last checkpoint.
         on_step: called as on_step(step, metrics) after each optimizer step (main and other processes).
+        trust_remote_code: with resume, continue a run whose saved recipe has
+            model.trust_remote_code (its model's own Python code runs); refused without.
     """
     from peftkit.report import refresh_run_report
     from peftkit.training.run import train as train_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    saved = RunLayout(recipe.output.dir).recipe
+    if resume and saved.is_file():  # a run from elsewhere runs no code unasked
+        load_run_recipe(saved, trust_remote_code)
     return train_recipe(recipe, resume=resume, on_step=on_step, refresh_report=refresh_run_report)
 
 
@@ -123,11 +130,14 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
     """Encode a recipe's data into peftkit's data cache ahead of training (as Axolotl's
     `preprocess` does), so that `train` and every `--resume` map it in seconds. Loads the
     tokenizer, no model; a second start finds the data from the tokenizer's files without
-    loading it (`peftkit.data.starts`). Returns the `PreparedData` (its `cache_dir` says where
-    the rows are).
+    loading it (`peftkit.data.cache.starts`). Returns the `PreparedData` (its `cache_dir` says where
+    the rows are). Preference and reward (GRPO) data is read, checked and encoded the same way
+    but not cached yet (`cache_dir` is None): every bad row is reported before a run starts.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    if recipe.objective.preference or recipe.objective.type == "grpo":
+        return _check_uncached(recipe)
     if not recipe.data.cache:
         raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
     key = starts.key_of(recipe)  # hashes the tokenizer's and the data's files: once
@@ -151,13 +161,26 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
     return data
 
 
+def _check_uncached(recipe: Recipe) -> PreparedData:
+    from peftkit.data.preference import prepare_preference_data
+    from peftkit.data.prompts import prepare_prompt_data
+    from peftkit.models.load import load_tokenizer  # (transformers, torch)
+
+    tokenizer = load_tokenizer(recipe.model, needs_eos=True)
+    if recipe.objective.type == "grpo":
+        column = recipe.objective.reference_column
+        return prepare_prompt_data(recipe.data, tokenizer, recipe.data_seed, column)
+    unpaired = recipe.objective.type == "kto"
+    return prepare_preference_data(recipe.data, tokenizer, recipe.data_seed, unpaired)
+
+
 def prune_data_cache(
     max_gb: Annotated[float, Ge(0)] | None = None,
     unused_days: Annotated[float, Ge(0)] | None = 30.0,
     dry_run: bool = False,
 ) -> PruneReport:
     """Remove data cache entries unused for a while, then the least recently used ones beyond a
-    size (`peftkit.data.prune`). Builds in progress and entries used within the last hour are
+    size (`peftkit.data.cache.prune`). Builds in progress and entries used within the last hour are
     always kept. Returns what was removed and what is left.
 
     Args:
@@ -224,6 +247,7 @@ def load_adapters(
     dtype: DType = "auto",
     quantization: Quantize | dict[str, Any] | None = "auto",
     allow_mismatch: bool = False,
+    default_system: bool = True,
 ) -> AdapterSet:
     """Load a base model once and attach adapters to it; returns an `AdapterSet`.
 
@@ -235,12 +259,17 @@ def load_adapters(
         quantization: load the base in 4/8 bit; auto = as the adapters were trained (QLoRA:
             4-bit), none = unquantized (from Python also None, or a section such as {"bits": 4}).
         allow_mismatch: load adapters trained on another base (warn instead of refusing).
+        default_system: give chat prompts without a system turn their adapter's training system
+            prompt (the recipe's data.system_prompt, recorded in its manifest); False renders
+            them as given.
     """
     from peftkit.adapters.adapter_set import AdapterSet, default_name
 
     if not isinstance(adapters, dict):
         adapters = {default_name(p): p for p in adapters}
-    return AdapterSet.from_adapters(adapters, base, dtype, quantization, allow_mismatch)
+    return AdapterSet.from_adapters(
+        adapters, base, dtype, quantization, allow_mismatch, default_system
+    )
 
 
 def serve(
@@ -254,23 +283,58 @@ def serve(
     allow_mismatch: bool = False,
     limits: ServeLimits | None = None,
     block: bool = True,
+    api_key: str | None = None,
+    api_key_file: str | Path | None = None,
+    insecure_no_auth: bool = False,
+    allowed_host: list[str] | None = None,
+    docs: bool = False,
+    special_tokens_in_content: SpecialTokens = "escape",
+    default_system: bool = True,
 ) -> Server:
     """Serve the base model and every adapter in `adapters_dir` over an OpenAI-compatible API.
+
+    What the server promises (API key, Host and content-type checks, no error details to
+    clients) is `peftkit.serving.security`'s; a non-loopback `host` needs a key.
 
     Args:
         adapters_dir: one sub-folder per adapter (run dir or adapter folder); its name is the model name.
         base: the base model (default: the one the adapters were trained on).
+        host: address to listen on; anything but a loopback address needs an API key.
         port: 0 = any free port.
         served_base_name: model name of the base (default: base).
         limits: a `peftkit.serving.app.ServeLimits` (queue, batch and request size limits).
         block: serve until SIGINT/SIGTERM (True), or start in a background thread and return the
             `Server` (call `.stop()`; its `.url` says where it listens).
+        api_key: clients must send 'Authorization: Bearer KEY' (every route but /health);
+            default: the PEFTKIT_API_KEY environment variable.
+        api_key_file: read the API key from the first line of this file.
+        insecure_no_auth: serve a non-loopback address without an API key (anyone who can
+            reach it can use it).
+        allowed_host: also accept this Host header name on a loopback bind (a reverse proxy's
+            name); repeat for several.
+        docs: serve the interactive API docs (/docs, /redoc, /openapi.json).
+        special_tokens_in_content: the chat template's special tokens inside message content:
+            tokenized as plain text (escape), refused with a 400 (refuse), or read as the real
+            tokens (allow: a client can then forge turns).
+        default_system: give chat requests without a system turn their adapter's training
+            system prompt (a request opts out with `"default_system": false`).
     """
     from peftkit.serving.app import ServeLimits
+    from peftkit.serving.security import read_api_key, security_for
     from peftkit.serving.server import Server, load_for_serving
 
-    aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch)
-    server = Server(aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name)
+    security = security_for(  # before the model loads: a refused bind fails at once
+        host,
+        read_api_key(api_key, api_key_file),
+        insecure_no_auth,
+        tuple(allowed_host or ()),
+        docs,
+        special_tokens_in_content,
+    )
+    aset = load_for_serving(adapters_dir, base, dtype, quantization, allow_mismatch, default_system)
+    server = Server(
+        aset, limits or ServeLimits(), host, port, served_base_name or aset.spec.name, security
+    )
     if not block:
         return server.start()
     log.info(f"peftkit serve: {aset.spec.name} + adapters {', '.join(aset.names)}")

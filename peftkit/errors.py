@@ -11,6 +11,11 @@ class RecipeError(PeftkitError):
     """The recipe is not valid: unknown key, wrong type, or settings that do not go together."""
 
 
+class RemoteCodeNotTrusted(RecipeError):
+    """A recipe read from a run directory asks for the model's own code (`trust_remote_code`)
+    but the command line that read it did not pass --trust-remote-code."""
+
+
 class DataError(PeftkitError):
     """A data source is missing, malformed, empty, or yields no supervised tokens."""
 

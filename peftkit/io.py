@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,22 +131,81 @@ def guard_output(
         )
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make a file's contents durable (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then each folder, deepest first: after a power loss a
+    renamed folder holds its files' contents, not empty or torn files."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                fsync_file(Path(root, name))
+        fsync_dir(Path(root))
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def set_modes(folder: Path, private: bool = False) -> None:
+    """Modes of everything under `folder` as a plain `open()`/`mkdir()` leaves them (files 0666,
+    folders 0777, less the umask: 0644/0755 usually), whatever the writer used (safetensors
+    writes 0600), so another user or a container can read a published result. `private`: 0600
+    and 0700 (only this user)."""
+    mask = 0o077 if private else _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o100
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` through a temporary sibling and one rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `path` through a temporary sibling and one rename: readers see the old or the new
+    file, and after a power loss the new file is whole (fsync before and after the rename)."""
+    atomic_write_with(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_write_with(path: Path, write: Any) -> None:
-    """`write(tmp_path)` writes the file; it then replaces `path` in one rename."""
+    """`write(tmp_path)` writes the file; it then replaces `path` in one rename (durable, and
+    readable as a plain `open()` leaves a file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        fsync_file(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -157,19 +217,23 @@ def _tmp_and_old(target: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, private: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target`.
 
     The new folder is written as `.NAME.tmp`; the old `target` is renamed to `.NAME.old`, the new
     one to `target`, then the old one removed. A kill at any point leaves the old `target` or the
     new one complete, under its own name or, between the two renames, as `.NAME.old`:
-    `recover_atomic_dirs` puts that back. Hidden names never look like a result.
+    `recover_atomic_dirs` puts that back. Hidden names never look like a result. Every file is
+    fsynced before the rename and the parent folder after it, so a power loss cannot leave a
+    renamed but empty result. Modes: see `set_modes` (`private`: this user only, from the start).
     """
     tmp, old = _tmp_and_old(target)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, mode=0o700 if private else 0o777)
     try:
         yield tmp
+        set_modes(tmp, private)
+        sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -177,6 +241,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(tmp, target)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

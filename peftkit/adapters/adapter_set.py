@@ -8,7 +8,9 @@
     aset.activate("support"); aset.model(...)  # the peft model itself, for custom forwards
 
 Each adapter's manifest is checked against the loaded base (see `manifest.py`); each adapter keeps
-its own chat template and stop tokens. Switching is O(layers) however many adapters are loaded
+its own chat template, stop tokens and default system prompt (the recipe's `data.system_prompt`,
+given to chat prompts without a system turn, as in training; `default_system=False` turns that
+off, for the set or per call). Switching is O(layers) however many adapters are loaded
 (`_compat.switch_lora_adapter`). Only the LoRA family (LoRA, QLoRA, DoRA, rsLoRA, ...) can share a
 base and mix in one batch; other methods are refused with a message saying so.
 """
@@ -31,8 +33,13 @@ from peftkit import _compat
 from peftkit.adapters.generation import Completion, Row, SamplingOptions, generate_rows
 from peftkit.data.chat import FALLBACK_TEMPLATE
 from peftkit.errors import ServingError
-from peftkit.models.load import DTYPES, load_model, load_tokenizer
-from peftkit.models.manifest import BaseIdentity, check_compatible, read_manifest
+from peftkit.models.load import DTYPES, damaged_weight_files, load_model, load_tokenizer
+from peftkit.models.manifest import (
+    BaseIdentity,
+    check_compatible,
+    default_system_prompt,
+    read_manifest,
+)
 from peftkit.models.spec import Quantize
 from peftkit.recipe.schema import ModelSpec, QuantizationSpec
 
@@ -51,6 +58,8 @@ class LoadedAdapter:
     manifest: dict[str, Any] | None
     chat_template: str
     stop_ids: set[int]
+    system_prompt: str | None = None
+    """The system prompt training gave chats without one (None: none, or an older manifest)."""
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:
@@ -118,6 +127,7 @@ class AdapterSet:
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
         allow_mismatch: bool = False,
+        default_system: bool = True,
     ) -> None:
         """Load the base model and its tokenizer.
 
@@ -126,6 +136,8 @@ class AdapterSet:
             dtype: weights dtype; auto = bf16 on a GPU that supports it, fp32 on CPU.
             quantization: load the base in 4/8 bit (as QLoRA adapters were trained).
             allow_mismatch: load adapters whose manifest names another base (warn, don't refuse).
+            default_system: give chat prompts without a system turn their adapter's training
+                system prompt (False: render them as given).
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(quantization, dict):
@@ -138,6 +150,7 @@ class AdapterSet:
         self.model.eval()
         self.identity = BaseIdentity.of(base, self.model, self.tokenizer)
         self.allow_mismatch = allow_mismatch
+        self.default_system = default_system
         self.adapters: dict[str, LoadedAdapter] = {}
         self.warnings: list[str] = []
         self._active: str | None = None
@@ -154,6 +167,7 @@ class AdapterSet:
         dtype: str,
         quantization: Quantize | QuantizationSpec | dict[str, Any] | None,
         allow_mismatch: bool = False,
+        default_system: bool = True,
     ) -> AdapterSet:
         """Load the base (given, or the one the adapters' manifests name) and every adapter.
 
@@ -171,6 +185,7 @@ class AdapterSet:
             dtype=dtype,
             quantization=_quantization(quantization, recorded_quant),
             allow_mismatch=allow_mismatch,
+            default_system=default_system,
         )
         for name, path in adapters.items():
             aset.add(name, path)
@@ -206,6 +221,12 @@ class AdapterSet:
         if name in self.adapters:
             raise ServingError(f"an adapter named {name!r} is already loaded; remove it first")
         adapter_dir = resolve_adapter_dir(path)
+        damaged = damaged_weight_files(adapter_dir)
+        if damaged:
+            raise ServingError(
+                f"adapter {name!r}: damaged or truncated weights file {'; '.join(damaged)}. "
+                "Copy the adapter again"
+            )
         manifest = read_manifest(adapter_dir)
         peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
         method = manifest["method"] if manifest else peft_config.get("peft_type", "?").lower()
@@ -235,7 +256,13 @@ class AdapterSet:
             ) from None
         self.model.eval()
         loaded = LoadedAdapter(
-            name, adapter_dir, method, manifest, template, stop | self._base_stop
+            name,
+            adapter_dir,
+            method,
+            manifest,
+            template,
+            stop | self._base_stop,
+            default_system_prompt(manifest),
         )
         self.adapters[name] = loaded
         self._refresh_layers()
@@ -291,15 +318,37 @@ class AdapterSet:
     def stop_ids(self, adapter: str | None) -> set[int]:
         return self.adapters[adapter].stop_ids if adapter else self._base_stop
 
-    def encode(self, prompt: Prompt, adapter: str | None) -> list[int]:
-        """Token ids of a prompt: chat messages through the adapter's chat template, text as is."""
+    def system_prompt(self, adapter: str | None) -> str | None:
+        """The system prompt chat prompts without one get on `adapter` (None: none is added)."""
+        if adapter is None or not self.default_system:
+            return None
+        return self.adapters[adapter].system_prompt
+
+    def encode(self, prompt: Prompt, adapter: str | None, default_system: bool = True) -> list[int]:
+        """Token ids of a prompt: chat messages through the adapter's chat template, text as is.
+
+        Messages whose first turn is not a system turn get the adapter's training system prompt
+        first (`system_prompt`), unless `default_system` is False."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
+        messages = self.with_system(prompt, adapter) if default_system else prompt
+        return self.tokenizer(self.render(messages, adapter), add_special_tokens=False)["input_ids"]
+
+    def with_system(self, messages: list[dict[str, str]], adapter: str | None) -> list[dict]:
+        """`messages` with the adapter's training system prompt first when they have no system
+        turn of their own (unchanged when the adapter has none or defaults are off)."""
+        system = self.system_prompt(adapter)
+        if system is not None and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": system}, *messages]
+        return messages
+
+    def render(self, messages: list[dict[str, str]], adapter: str | None) -> str:
+        """Chat messages as the text the adapter's chat template makes of them (with the
+        assistant's turn opened)."""
         template = self.adapters[adapter].chat_template if adapter else self._base_template
-        text = self.tokenizer.apply_chat_template(
-            prompt, chat_template=template, tokenize=False, add_generation_prompt=True
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(
         self,
@@ -307,6 +356,7 @@ class AdapterSet:
         adapter: str | list[str | None] | None = None,
         options: SamplingOptions | None = None,
         seed: int | None = None,
+        default_system: bool = True,
     ) -> list[Completion]:
         """Continue each prompt, in one batch.
 
@@ -316,6 +366,8 @@ class AdapterSet:
                 "base" or None in a per-row list means the base model for that row.
             options: sampling settings shared by the batch (default: greedy, 128 new tokens).
             seed: seed torch's RNG first, for reproducible sampling.
+            default_system: give chat prompts without a system turn their row's adapter's
+                training system prompt (each row its own, in a mixed batch).
         """
         options = options or SamplingOptions()
         per_row = adapter if isinstance(adapter, list) else [adapter or self._active] * len(prompts)
@@ -325,7 +377,8 @@ class AdapterSet:
         for name in {a for a in per_row if a is not None}:
             self._require(name)
         rows = [
-            Row(self.encode(p, a), a, options, self.stop_ids(a)) for p, a in zip(prompts, per_row)
+            Row(self.encode(p, a, default_system), a, options, self.stop_ids(a))
+            for p, a in zip(prompts, per_row)
         ]
         if seed is not None:
             torch.manual_seed(seed)

@@ -21,7 +21,9 @@ class ChatSession:
     """A conversation with `aset`: user turns in, answers out.
 
     The conversation (not the adapter) is kept across /use, so the same history can be answered
-    by another adapter; /reset clears it.
+    by another adapter; /reset clears it. Without a system prompt of its own (`system`, /system)
+    each adapter answers with its training system prompt (`AdapterSet.system_prompt`), so /use
+    swaps the instruction with the adapter.
     """
 
     def __init__(
@@ -56,7 +58,12 @@ class ChatSession:
             return ", ".join([BASE, *self.aset.names])
         if command == "/system":
             self.system = arg or None
-            return "system prompt set" if self.system else "system prompt cleared"
+            if self.system:
+                return "system prompt set"
+            default = self.aset.system_prompt(self.adapter)
+            return "system prompt cleared" + (
+                f" (the adapter's training one applies: {default!r})" if default else ""
+            )
         if command == "/reset":
             self.history.clear()
             return "conversation cleared"

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-import yaml
 from annotated_types import Gt, Le
 
 from peftkit.adapters.adapter_set import AdapterSet, resolve_adapter_dir
@@ -30,8 +29,13 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import PeftkitError, ServingError
 from peftkit.io import MANIFEST, RunLayout, atomic_dir, atomic_write_text, guard_output
-from peftkit.models.manifest import read_manifest, write_manifest
-from peftkit.recipe.load import validate_recipe
+from peftkit.models.manifest import (
+    default_system_prompt,
+    read_manifest,
+    training_prompt,
+    write_manifest,
+)
+from peftkit.recipe.load import load_run_recipe, validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.training.evaluation import held_out_loss
 from peftkit.training.objective import CausalLM
@@ -164,6 +168,10 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
     first = dirs[next(iter(dirs))]
     manifests = {n: read_manifest(d) for n, d in dirs.items()}
     stop_tokens = sorted({t for m in manifests.values() if m for t in m.get("stop_tokens", [])})
+    template = aset.adapters[next(iter(dirs))].chat_template
+    # the sources' shared default system prompt, if they have one (else none: tasks differ)
+    systems = {default_system_prompt(m) for m in manifests.values()}
+    shared = systems.pop() if len(systems) == 1 else None
     with atomic_dir(out) as tmp:
         aset.model.save_pretrained(str(tmp / "peft"), selected_adapters=[_COMBINED])
         for f in (tmp / "peft" / _COMBINED).iterdir():  # peft nests non-default adapters
@@ -179,9 +187,10 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
             tmp,
             aset.identity,
             method="lora",
-            chat_template=aset.adapters[next(iter(dirs))].chat_template,
+            chat_template=template,
             stop_tokens=stop_tokens,
             recipe=None,
+            prompt=training_prompt(template, "adapter", shared, [shared] if shared else []),
             derived_from={
                 "combine": how,
                 "sources": {n: str(d) for n, d in dirs.items()},
@@ -194,8 +203,9 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
 
 def _source_recipe(adapter_dir: Path) -> Recipe | None:
     run_recipe = RunLayout(adapter_dir.parent).recipe
-    if run_recipe.is_file():
-        return validate_recipe(yaml.safe_load(run_recipe.read_text()), str(run_recipe))
+    if run_recipe.is_file():  # only its data section is read: no model is loaded from it (the
+        # base is loaded with trust_remote_code off), so the run's switch has nothing to run
+        return load_run_recipe(run_recipe, trust_remote_code=True)
     manifest = read_manifest(adapter_dir)
     if manifest and manifest.get("recipe"):
         return validate_recipe(manifest["recipe"], str(adapter_dir / MANIFEST))

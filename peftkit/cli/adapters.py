@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,13 @@ def _loading_arguments(p: argparse.ArgumentParser, adapters: bool = True) -> Non
         action="store_true",
         help="load adapters trained on another base model anyway (their outputs may be garbage)",
     )
+    p.add_argument(
+        "--no-default-system",
+        dest="default_system",
+        action="store_false",
+        help="render chat prompts without a system turn as given (default: each adapter's "
+        "training system prompt, data.system_prompt, is their system turn)",
+    )
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +60,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompts", help='file: one prompt per line (.txt), or .jsonl with "prompt" or "messages"'
     )
-    p.add_argument("--system", help="system prompt (chat prompts)")
+    p.add_argument(
+        "--system", help="system prompt (chat prompts; default: the adapter's training one)"
+    )
     p.add_argument(
         "--raw", action="store_true", help="continue prompts as plain text (no chat template)"
     )
@@ -63,10 +73,18 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     _loading_arguments(p)
     _sampling_arguments(p)
     p.add_argument("--use", help="adapter to start with ('base' = none)")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help="system prompt (default: the adapter's training one)")
 
 
 SERVE_LIMITS = ("max_queue", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+SERVE_SECURITY = (
+    "api_key",
+    "api_key_file",
+    "insecure_no_auth",
+    "docs",
+    "special_tokens_in_content",
+    "allowed_host",
+)
 MS = 1000  # --batch-wait-ms is ServeLimits.batch_wait_s in milliseconds
 
 
@@ -81,6 +99,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     _loading_arguments(p, adapters=False)
     add_flags(p, signature_params(api.serve, ["host", "port", "served_base_name"]))
+    add_flags(p, signature_params(api.serve, SERVE_SECURITY[:-1]))
+    (allowed,) = signature_params(api.serve, ["allowed_host"])
+    p.add_argument("--allowed-host", action="append", default=[], help=allowed.help)
     add_flags(p, model_params(ServeLimits, SERVE_LIMITS))
     (wait,) = model_params(ServeLimits, ["batch_wait_s"])
     add_flags(p, [in_unit(wait, "batch_wait_ms", MS, "milliseconds")])
@@ -92,7 +113,7 @@ def combine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--out", required=True)
     add_flags(p, signature_params(combine, ["how"]))
-    p.add_argument("--weights", help="comma list, one per adapter (default: equal)")
+    p.add_argument("--weights", type=_weights, help="comma list, one per adapter (default: equal)")
     add_flags(p, signature_params(combine, ["density", "svd_rank", "base"]))
     p.add_argument(
         "--no-eval",
@@ -101,6 +122,29 @@ def combine_arguments(p: argparse.ArgumentParser) -> None:
         help="skip the evaluation table",
     )
     add_flags(p, signature_params(combine, ["overwrite"]))
+
+
+def _weights(text: str) -> list[float]:
+    """`0.7,0.3` as numbers (an argparse type: a bad item is named, exit 2)."""
+    items = [w.strip() for w in text.split(",")]
+    try:
+        values = [float(w) for w in items]
+    except ValueError:
+        bad = next(w for w in items if not _is_number(w))
+        raise argparse.ArgumentTypeError(
+            f"{bad!r} is not a number (give one number per adapter, e.g. 0.7,0.3)"
+        ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight must be a finite number")
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _named(items: list[str]) -> dict[str, str]:
@@ -127,6 +171,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         quantization=args.quantize,
         allow_mismatch=args.allow_base_mismatch,
+        default_system=args.default_system,
     )
     for warning in aset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -257,6 +302,8 @@ def serve(args: argparse.Namespace) -> int:
         quantization=args.quantize,
         allow_mismatch=args.allow_base_mismatch,
         limits=limits,
+        **{k: getattr(args, k) for k in SERVE_SECURITY},
+        default_system=args.default_system,
     )
     return 0
 
@@ -264,12 +311,11 @@ def serve(args: argparse.Namespace) -> int:
 def combine(args: argparse.Namespace) -> int:
     from peftkit import api
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     result = api.combine(
         _named(args.adapter),
         args.out,
         how=args.how,
-        weights=weights,
+        weights=args.weights,
         density=args.density,
         svd_rank=args.svd_rank,
         base=args.base,

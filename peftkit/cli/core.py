@@ -15,18 +15,23 @@ def recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
+    from peftkit import api
+
     recipe_arguments(p)
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in output.dir from its last checkpoint",
     )
+    add_flags(p, signature_params(api.train, ["trust_remote_code"]))
 
 
 def train(args: argparse.Namespace) -> int:
     from peftkit import api
 
-    api.train(args.recipe, args.overrides, resume=args.resume)
+    api.train(
+        args.recipe, args.overrides, resume=args.resume, trust_remote_code=args.trust_remote_code
+    )
     return 0
 
 
@@ -71,7 +76,13 @@ def prepare(args: argparse.Namespace) -> int:
         data = api.prepare(args.recipe, args.overrides)
         for audit in data.audits:
             print("\n".join(audit.lines()))
-        print(f"encoded data: {data.cache_dir}")
+        if data.cache_dir is None:
+            print(
+                "encoded and checked (this objective's data is not cached yet: training "
+                "encodes it again)"
+            )
+        else:
+            print(f"encoded data: {data.cache_dir}")
     if args.prune:
         report = api.prune_data_cache(**{k: getattr(args, k) for k in PRUNE_OPTIONS})
         print("\n".join(report.lines()))
@@ -96,7 +107,7 @@ def plan(args: argparse.Namespace) -> int:
 
 # export's flags: the recipe's export section (given: overrides it) and export's own options
 EXPORT_RECIPE_KEYS = ("dtype", "max_shard_size", "merge_base", "format", "quant")
-EXPORT_OPTIONS = ("allow_drift", "adapter_only", "target", "overwrite")
+EXPORT_OPTIONS = ("allow_drift", "adapter_only", "target", "overwrite", "trust_remote_code")
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from peftkit.data.chat import ChatRenderer
-from peftkit.data.formats import Example
+from peftkit.data.formats import Example, system_turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -81,6 +81,8 @@ class Encoder:
         self.loss_on = loss_on
         self.renderer = ChatRenderer(tokenizer)
         self.stop_tokens: set[str] = set()
+        self.system_turns: set[str] = set()
+        """The chats' leading system turns ("" = none), up to two: one = every chat had it."""
 
     def encode(self, example: Example, first_turn: int = 0) -> EncodedRow:
         """Token ids and labels of one example; for conversations, assistant turns before
@@ -91,6 +93,8 @@ class Encoder:
         if example.messages is not None:
             chat = self.renderer.render(example.messages, example.origin)
             self.stop_tokens |= chat.stop_tokens
+            if len(self.system_turns) < 2:
+                self.system_turns.add(system_turn(example) or "")
             spans = (
                 [(0, len(chat.text))]
                 if self.loss_on == "all"
@@ -246,9 +250,14 @@ def settle_batch(
 
 
 def row_lengths(rows) -> np.ndarray:
-    """Token count of every row (a column read where the rows are an Arrow view)."""
+    """Token count of every row (a column read where the rows are an Arrow view); a row of
+    several sequences (a preference pair) gives its `length`, the tokens it pads to."""
     own = getattr(rows, "lengths", None)
-    return own if own is not None else np.array([len(r.input_ids) for r in rows], dtype=np.int64)
+    if own is not None:
+        return own
+    return np.array(
+        [len(r.input_ids) if hasattr(r, "input_ids") else r.length for r in rows], dtype=np.int64
+    )
 
 
 def row_tasks(rows) -> np.ndarray:

@@ -68,6 +68,14 @@ def to_example(row: RawRow, fmt: str, system_prompt: str | None) -> Example:
     return example
 
 
+def system_turn(example: Example) -> str | None:
+    """A chat's leading system turn ("" when it has none); None for rows that are not chats."""
+    if example.messages is None:
+        return None
+    first = example.messages[0]
+    return first["content"] if first["role"] == "system" else ""
+
+
 def _text(value: Any, what: str) -> str:
     # OpenAI content parts: [{"type": "text", "text": ...}]
     if isinstance(value, list) and all(

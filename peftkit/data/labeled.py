@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
+from peftkit.data.cache import store
+from peftkit.data.cache.key import data_key
 from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import PreparedData, hold_out, mapped_data
+from peftkit.data.pipeline import PreparedData, mapped_data
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.split import split_eval
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, TaskSpec
 
@@ -59,15 +61,15 @@ def prepare_labeled_data(
     process, the first time) and memory-mapped from there afterwards."""
     no_template = ChatTemplate("", "none (task head)")
     task_key = task.model_dump(mode="json")
-    key = cache.data_key(spec, tokenizer, "", seed, task_key) if spec.cache else None
+    key = data_key(spec, tokenizer, "", seed, task_key) if spec.cache else None
     if key is None:
         return _prepare_in_memory(spec, task, tokenizer, seed)
-    folder = cache.cache_dir(key)
+    folder = store.cache_dir(key)
     if not (folder / "meta.json").is_file():
         data, names = _prepare_in_memory(spec, task, tokenizer, seed)
         splits = {"train": data.train} | ({"eval": data.eval} if data.eval else {})
         labels = "float32" if names is None else "int64"
-        cache.write_rows(folder, splits, data.audits, labels, class_names=names)
+        store.write_rows(folder, splits, data.audits, labels, class_names=names)
     data, meta = mapped_data(folder, no_template, LabeledRow)
     return data, meta["class_names"]
 
@@ -77,10 +79,7 @@ def _prepare_in_memory(
 ) -> tuple[PreparedData, list[str] | None]:
     train_raw = _read(spec.train)
     eval_raw = _read(spec.eval)
-    if not eval_raw and spec.eval_fraction > 0:
-        train_raw, eval_raw = hold_out(train_raw, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        eval_raw = eval_raw[: spec.max_eval_rows]
+    train_raw, eval_raw = split_eval(train_raw, eval_raw, spec, seed)
     names = class_names(task, train_raw) if task.type == "classification" else None
     train, train_audit = _encode("train", train_raw, task, names, tokenizer, spec.max_length)
     evals, eval_audit = _encode("eval", eval_raw, task, names, tokenizer, spec.max_length)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from peftkit.data import cache
 from peftkit.data.audit import SplitAudit
+from peftkit.data.cache import build, store
+from peftkit.data.cache.key import data_key
 from peftkit.data.chat import ChatTemplate, resolve_chat_template
 from peftkit.data.encode import TOO_LONG, UNSUPERVISED, EncodedRow, Encoder, encode_kept
 from peftkit.data.formats import Example, detect_format, to_example
 from peftkit.data.sources import read_source
+from peftkit.data.split import check_supervised, hold_out, split_eval
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec
 
@@ -34,6 +35,9 @@ class PreparedData:
     """General-text rows scored on every token for the forgetting report (`data.reference`)."""
     cache_dir: str | None = None
     """The data cache folder the rows are mapped from (None: encoded in memory)."""
+    system_turns: list[str] = field(default_factory=list)
+    """The train and eval chats' leading system turns ("" = none), up to two distinct: one
+    value = every chat was rendered with it (`models.manifest.training_prompt`)."""
 
 
 def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
@@ -43,10 +47,10 @@ def prepare_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
     built by several processes on first use (`peftkit.data.cache`); otherwise they are encoded
     in memory here. Both give the same rows, in the same order, with the same masks and audit."""
     template = resolve_chat_template(tokenizer, spec.chat_template)
-    key = cache.data_key(spec, tokenizer, template.template, seed) if spec.cache else None
+    key = data_key(spec, tokenizer, template.template, seed) if spec.cache else None
     if key is None:
         return _prepare_in_memory(spec, tokenizer, seed, template)
-    return mapped_data(cache.build_once(spec, tokenizer, key, seed), template)[0]
+    return mapped_data(build.build_once(spec, tokenizer, key, seed), template)[0]
 
 
 def mapped_data(
@@ -54,7 +58,7 @@ def mapped_data(
 ) -> tuple[PreparedData, dict[str, Any]]:
     """The data of a data cache folder, its rows memory-mapped, and the folder's metadata
     (stop tokens, class names, ...)."""
-    rows, audits, meta = cache.load(folder, row_type)
+    rows, audits, meta = store.load(folder, row_type)
     data = PreparedData(
         rows["train"],
         rows.get("eval", []),
@@ -63,6 +67,7 @@ def mapped_data(
         meta.get("stop_tokens", []),
         rows.get("reference", []),
         cache_dir=str(folder),
+        system_turns=meta.get("system_turns", []),
     )
     return data, meta
 
@@ -72,10 +77,7 @@ def _prepare_in_memory(
 ) -> PreparedData:
     train_examples = _read_examples(spec.train, spec.system_prompt, lambda s: s.task_name)
     eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task)
-    if not eval_examples and spec.eval_fraction > 0:
-        train_examples, eval_examples = hold_out(train_examples, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        eval_examples = eval_examples[: spec.max_eval_rows]
+    train_examples, eval_examples = split_eval(train_examples, eval_examples, spec, seed)
     encoder = Encoder(tokenizer, spec.loss_on)
     train, train_audit = _encode_split("train", train_examples, encoder, spec)
     evals, eval_audit = (
@@ -91,11 +93,40 @@ def _prepare_in_memory(
             "reference", examples[: spec.max_reference_rows], Encoder(tokenizer, "all"), spec
         )
         audits.append(ref_audit)
-    return PreparedData(train, evals, audits, template, sorted(encoder.stop_tokens), reference)
+    return PreparedData(
+        train,
+        evals,
+        audits,
+        template,
+        sorted(encoder.stop_tokens),
+        reference,
+        system_turns=sorted(encoder.system_turns),
+    )
 
 
 Tagged = tuple[str, Example]
 """An example with the task it belongs to."""
+
+
+def held_out_chats(spec: DataSpec, seed: int, n: int) -> list[list[dict[str, str]]]:
+    """Up to `n` held-out conversations as a client sends them: each chat's turns before its
+    first assistant turn, without the recipe's system prompt (the rows' own system turns stay).
+    From the eval data, else the held-out share of train, else the last train rows (as the
+    export's fidelity check picks its rows)."""
+    if spec.eval:
+        examples = _read_examples(spec.eval, None, spec.eval_task)
+    else:
+        train = _read_examples(spec.train, None, lambda s: s.task_name)
+        fraction = spec.eval_fraction
+        examples = hold_out(train, fraction, seed)[1] if fraction > 0 else train[::-1]
+    chats = []
+    for _, example in examples:
+        roles = [m["role"] for m in example.messages or []]
+        if "assistant" in roles and roles.index("assistant") > 0:
+            chats.append(example.messages[: roles.index("assistant")])
+        if len(chats) == n:
+            break
+    return chats
 
 
 def _read_examples(
@@ -110,28 +141,6 @@ def _read_examples(
         task = task_of(source)
         examples += [(task, to_example(row, fmt, system_prompt)) for row in rows]
     return examples
-
-
-T = TypeVar("T")
-
-
-def hold_out(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """`data.eval_fraction` of `items` held out: (train, eval), each in the original order (the
-    split of every kind of data: causal-LM examples, preference pairs, task-head rows)."""
-    kept, held = hold_out_indices(len(items), fraction, seed)
-    return [items[i] for i in kept], [items[i] for i in held]
-
-
-def hold_out_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """`data.eval_fraction`: (train, eval) row indices, each in the original order; the eval rows
-    are the first of a seeded permutation."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(n * fraction))
-    if n_eval >= n:
-        raise DataError(f"data.eval_fraction {fraction} leaves no training rows out of {n}")
-    held = set(order[:n_eval])
-    return [i for i in range(n) if i not in held], sorted(held)
 
 
 def _encode_split(
@@ -150,15 +159,3 @@ def _encode_split(
             rows.append(row)
     check_supervised(split, audit)
     return rows, audit
-
-
-def check_supervised(split: str, audit: SplitAudit) -> None:
-    """A split in which no row carries loss is a `DataError` saying what to change."""
-    if not audit.rows_kept:
-        raise DataError(
-            f"no {split} row has any supervised token ({audit.rows_read} read, "
-            f"{audit.rows_without_supervised_tokens} without supervised tokens, "
-            f"{audit.rows_dropped_too_long} too long; e.g. {', '.join(audit.examples_without_supervision) or '-'}). "
-            "Check that rows contain assistant turns or completions, raise data.max_length, "
-            "or set data.loss_on: all"
-        )

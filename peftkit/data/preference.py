@@ -10,8 +10,10 @@ A KTO run also reads pairs (the chosen answer desirable, the rejected one not), 
 `unpair_preference_dataset` does.
 
 Each answer is encoded exactly as supervised fine-tuning encodes a row (same chat template, same
-end-of-turn/EOS token, `encode.Encoder`), with labels on the answer only: the last turn of a
-conversation, or the completion after a string prompt.
+end-of-turn/EOS token, `encode.Encoder`), with labels on every token after the prompt: the answer
+turn(s) of a conversation, their end-of-turn token and whatever the template writes after it
+(ChatML's newline), or the completion and EOS after a string prompt. That is TRL's completion,
+so an answer's log-probability is the one its trainers compute.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from peftkit.data.audit import SplitAudit, mask_segments, render_mask
 from peftkit.data.chat import resolve_chat_template
-from peftkit.data.encode import EncodedRow, Encoder, truncate
+from peftkit.data.encode import IGNORE, EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
-from peftkit.data.pipeline import PreparedData, hold_out, prepare_data
+from peftkit.data.pipeline import PreparedData, prepare_data
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.split import split_eval
 from peftkit.errors import DataError
 from peftkit.recipe.schema import DataSource, DataSpec, Recipe
 
@@ -53,6 +58,11 @@ class PreferenceRow:
     def n_tokens(self) -> int:
         return sum(len(s.input_ids) for s in self.sequences)
 
+    @property
+    def length(self) -> int:
+        """Tokens of the longest answer: what the row pads to (length grouping)."""
+        return max(len(s.input_ids) for s in self.sequences)
+
 
 @dataclass
 class _Raw:
@@ -73,15 +83,19 @@ def prepare_preference_data(
     template = resolve_chat_template(tokenizer, spec.chat_template)
     train = _read(spec.train, spec.system_prompt, unpaired)
     evals = _read(spec.eval, spec.system_prompt, unpaired)
-    if not evals and spec.eval_fraction > 0:
-        train, evals = hold_out(train, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        evals = evals[: spec.max_eval_rows]
+    train, evals = split_eval(train, evals, spec, seed)
     encoder = Encoder(tokenizer, "completion")
     train_rows, train_audit = _encode_split("train", train, encoder, spec)
     eval_rows, eval_audit = _encode_split("eval", evals, encoder, spec) if evals else ([], None)
     audits = [train_audit] + ([eval_audit] if eval_audit else [])
-    return PreparedData(train_rows, eval_rows, audits, template, sorted(encoder.stop_tokens))
+    return PreparedData(
+        train_rows,
+        eval_rows,
+        audits,
+        template,
+        sorted(encoder.stop_tokens),
+        system_turns=sorted(encoder.system_turns),
+    )
 
 
 def _read(sources: list[DataSource], system_prompt: str | None, unpaired: bool) -> list[_Raw]:
@@ -220,7 +234,10 @@ def _encode_split(
     rows: list[PreferenceRow] = []
     for raw in raws:
         answers = [raw.chosen] + ([raw.rejected] if raw.rejected is not None else [])
-        encoded = [encoder.encode(a, first_turn=raw.first_answer_turn) for a in answers]
+        encoded = [
+            scored_after_prompt(encoder.encode(a, first_turn=raw.first_answer_turn))
+            for a in answers
+        ]
         if spec.truncation == "drop" and any(len(e.input_ids) > spec.max_length for e in encoded):
             audit.rows_dropped_too_long += 1
             continue
@@ -240,6 +257,18 @@ def _encode_split(
             "cut before their answer); raise data.max_length"
         )
     return rows, audit
+
+
+def scored_after_prompt(row: EncodedRow) -> EncodedRow:
+    """The answer as DPO's y: every token after the prompt carries a label, from the answer's
+    first token to the end of the row, so the template's text after the end-of-turn token
+    (ChatML's newline after <|im_end|>) is scored too, as TRL's trainers score a completion."""
+    supervised = np.flatnonzero(row.labels != IGNORE)
+    if supervised.size == 0:
+        return row
+    labels = row.labels.copy()
+    labels[supervised[0] :] = row.input_ids[supervised[0] :]
+    return replace(row, labels=labels)
 
 
 def _count(audit: SplitAudit, row: PreferenceRow) -> None:

@@ -30,8 +30,9 @@ from peftkit.data.audit import SplitAudit, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import IGNORE, EncodedRow, Encoder
 from peftkit.data.formats import ROLES, Example, messages_of
-from peftkit.data.pipeline import PreparedData, hold_out
+from peftkit.data.pipeline import PreparedData
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.split import split_eval
 from peftkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -142,10 +143,7 @@ def prepare_prompt_data(
     template = resolve_chat_template(tokenizer, spec.chat_template)
     train = _read(spec.train, spec.system_prompt, reference)
     evals = _read(spec.eval, spec.system_prompt, reference)
-    if not evals and spec.eval_fraction > 0:
-        train, evals = hold_out(train, spec.eval_fraction, seed)
-    if spec.max_eval_rows is not None:
-        evals = evals[: spec.max_eval_rows]
+    train, evals = split_eval(train, evals, spec, seed)
     encoder = Encoder(tokenizer, "completion")
     audits, splits = [], {}
     for split, raws in (("train", train), ("eval", evals)):
@@ -171,7 +169,12 @@ def prepare_prompt_data(
         audits.append(audit)
         splits[split] = rows
     return PreparedData(
-        splits["train"], splits["eval"], audits, template, sorted(encoder.stop_tokens)
+        splits["train"],
+        splits["eval"],
+        audits,
+        template,
+        sorted(encoder.stop_tokens),
+        system_turns=sorted(encoder.system_turns),
     )
 
 

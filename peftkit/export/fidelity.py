@@ -5,13 +5,18 @@ Per row, both models score the same tokens; over all positions we report the lar
 absolute logit error, the relative error ||Δ|| / ||trained|| (Frobenius, all rows together), and
 the KL divergence KL(trained || candidate) per token; on the supervised positions, the perplexity
 of each. Then both generate greedily from the row's prompt and we count the tokens they agree on.
+
+The client check (`client_failures`): held-out prompts rendered the way an OpenAI client's request
+is (its turns only, through the exported chat template) must be the very prompts training rendered
+(with its system prompt), and the candidate's greedy answers to them must agree with the trained
+model's answers to training's rendering as closely as the gate requires.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +89,21 @@ def log_kept(failures: list[str], out: Path, log: Callable[[str], None]) -> None
 
 
 @dataclass
+class ClientPrompt:
+    """One held-out prompt as token ids, rendered two ways."""
+
+    training: np.ndarray  # (tokens,) as training rendered it, system prompt included
+    client: np.ndarray  # (tokens,) a request without a system turn, through the exported template
+
+
+@dataclass
 class Reference:
     """The trained model's outputs on the samples, computed once and compared with each candidate."""
 
     logits: list[torch.Tensor]  # per row: (seq, vocab) fp32
     generations: list[list[int]]
+    client_generations: list[list[int]] = field(default_factory=list)
+    """Greedy answers to each `ClientPrompt.training`."""
 
 
 def sample_rows(rows: list[EncodedRow], n: int, max_tokens: int) -> list[EncodedRow]:
@@ -134,12 +149,59 @@ def _greedy(
 
 
 def reference_outputs(
-    model: nn.Module, rows: list[EncodedRow], generate_tokens: int, stop_ids: list[int], pad_id: int
+    model: nn.Module,
+    rows: list[EncodedRow],
+    generate_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    client: list[ClientPrompt] | None = None,
 ) -> Reference:
+    def greedy(ids: np.ndarray) -> list[int]:
+        return _greedy(model, ids, generate_tokens, stop_ids, pad_id)
+
     return Reference(
         logits=[_logits(model, r.input_ids) for r in rows],
-        generations=[_greedy(model, _prompt(r), generate_tokens, stop_ids, pad_id) for r in rows],
+        generations=[greedy(_prompt(r)) for r in rows],
+        client_generations=[greedy(c.training) for c in client or []],
     )
+
+
+def client_failures(
+    reference: Reference,
+    candidate: nn.Module,
+    prompts: list[ClientPrompt],
+    limits: FidelityThresholds,
+    generate_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+) -> tuple[dict, list[str]]:
+    """The client check (see the module docstring): its figures and the gate lines it fails."""
+    differ = [i for i, c in enumerate(prompts) if not np.array_equal(c.training, c.client)]
+    agree = compared = exact = 0
+    for c, ref_gen in zip(prompts, reference.client_generations):
+        gen = _greedy(candidate, c.client, generate_tokens, stop_ids, pad_id)
+        agree += sum(a == b for a, b in zip(gen, ref_gen))
+        compared += max(len(gen), len(ref_gen))
+        exact += gen == ref_gen
+    agreement = agree / max(compared, 1)
+    figures = {
+        "prompts": len(prompts),
+        "prompts_rendered_differently": len(differ),
+        "greedy_agreement": agreement,
+        "greedy_exact_rows": exact / max(len(prompts), 1),
+    }
+    failures = []
+    if differ:
+        failures.append(
+            f"{len(differ)} of {len(prompts)} held-out prompts sent as a client sends them (no "
+            "system turn, through the exported chat template) render differently from training"
+        )
+    if prompts and agreement < limits.min_greedy_agreement:
+        failures.append(
+            f"greedy agreement on client-rendered prompts {agreement:.3f} < "
+            f"{limits.min_greedy_agreement:g}"
+        )
+    return figures, failures
 
 
 def compare(

@@ -4,16 +4,17 @@ The file is written with the `gguf` package, the library llama.cpp's own convert
 out the way that converter lays it out, so llama.cpp and transformers' GGUF loader both read it:
 
 - tensor names from `gguf.get_tensor_name_map` (`model.layers.0.self_attn.q_proj` -> `blk.0.attn_q`);
-- Llama-family q/k projections permuted per head from HF's rotate-half layout to the interleaved
-  RoPE layout llama.cpp computes with: rows (head, 2, d/2) -> (head, d/2, 2). Readers undo it;
-- weights rounded by `gguf.quants.quantize` (f16, bf16, q8_0); 1-D tensors (norms, biases) stay f32,
-  and a 2-D tensor whose rows do not split into whole q8_0 blocks of 32 falls back to f16, as
-  llama.cpp does;
+- per-architecture layout and hyperparameters from `gguf_arch` (Llama q/k permutation, Gemma's
+  `w + 1` norms, Phi-3's fused projections);
+- weights rounded by `gguf.quants.quantize` (f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0); 1-D
+  tensors (norms, biases) stay f32, and a 2-D tensor whose rows do not split into whole blocks of
+  32 falls back to f16, as llama.cpp does. With a 4- or 5-bit quant the output head (the embedding
+  when tied) is written as q8_0: llama.cpp's quantizer keeps it at 6 bits, which `gguf` cannot
+  write;
 - no `output.weight` when the head is tied to the embedding (readers infer the tie from its absence).
 
-Supported: Llama (incl. SmolLM2 and other Llama-shaped configs), Mistral and Qwen2, with plain RoPE.
-Mistral is written as llama.cpp's converter writes it, as architecture "llama" (no sliding window:
-llama.cpp runs it as Llama, and transformers reads it back as a `LlamaForCausalLM`).
+Supported: see `gguf_arch.ARCHITECTURES` (Llama incl. SmolLM2, Mistral, Qwen2, Qwen3, Phi-3,
+Gemma 2, Gemma 3), with plain RoPE.
 """
 
 from __future__ import annotations
@@ -29,22 +30,22 @@ from torch import nn
 
 from peftkit._compat import readable_gguf_name
 from peftkit.errors import UnsupportedGGUFExport
+from peftkit.export.gguf_arch import ArchSpec, add_hyperparameters, check_config
 from peftkit.export.gguf_vocab import build_vocab
 
+_T, _F = gguf.GGMLQuantizationType, gguf.LlamaFileType
 # peftkit name -> (GGML type of 2-D weights, llama.cpp's file type)
 QUANTS = {
-    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "f32": (_T.F32, _F.ALL_F32),
+    "f16": (_T.F16, _F.MOSTLY_F16),
+    "bf16": (_T.BF16, _F.MOSTLY_BF16),
+    "q8_0": (_T.Q8_0, _F.MOSTLY_Q8_0),
+    "q5_1": (_T.Q5_1, _F.MOSTLY_Q5_1),
+    "q5_0": (_T.Q5_0, _F.MOSTLY_Q5_0),
+    "q4_1": (_T.Q4_1, _F.MOSTLY_Q4_1),
+    "q4_0": (_T.Q4_0, _F.MOSTLY_Q4_0),
 }
-# transformers model_type -> GGUF architecture
-ARCHITECTURES = {
-    "llama": gguf.MODEL_ARCH.LLAMA,
-    "mistral": gguf.MODEL_ARCH.LLAMA,
-    "qwen2": gguf.MODEL_ARCH.QWEN2,
-}
-PERMUTED_ARCHS = (gguf.MODEL_ARCH.LLAMA,)  # llama.cpp's converter permutes q/k for these only
+LOW_BIT = (_T.Q5_1, _T.Q5_0, _T.Q4_1, _T.Q4_0)  # the head stays q8_0 with these
 
 
 def write_gguf(
@@ -58,11 +59,11 @@ def write_gguf(
     """Write `model` and `tokenizer` to the GGUF file `path`, atomically.
 
     Args:
-        model: a `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM` (any dtype; merged,
+        model: a causal LM of an architecture in `gguf_arch.ARCHITECTURES` (any dtype; merged,
             without adapters).
-        tokenizer: its transformers tokenizer (byte-level BPE, tokenizers backend).
+        tokenizer: its transformers tokenizer (byte-level BPE, or sentencepiece-style BPE).
         path: the file to write; its folder must exist. An existing file is replaced.
-        quant: "f32", "f16", "bf16" or "q8_0" for the 2-D weights; 1-D tensors stay f32.
+        quant: one of `QUANTS` for the 2-D weights; 1-D tensors stay f32.
         chat_template: the Jinja chat template to embed; None keeps the tokenizer's own.
         stop_tokens: token strings generation should stop at; the first that is not EOS is
             written as `tokenizer.ggml.eot_token_id` (llama.cpp ends generation there).
@@ -75,25 +76,44 @@ def write_gguf(
             cannot represent, or an unknown `quant`. Raised before anything is written.
     """
     path = Path(path)
+    check_quant(quant)
+    if hasattr(model, "peft_config"):
+        raise UnsupportedGGUFExport("GGUF holds plain weights: merge the adapter first")
+    config = model.config
+    spec = check_config(config)
+    vocab = build_vocab(tokenizer, config.vocab_size, chat_template, list(stop_tokens or []))
+    tensors = named_tensors(model.state_dict(), spec, config)  # raises before any file is opened
+    head = "token_embd.weight" if "output.weight" not in dict(tensors) else "output.weight"
+    qtype, file_type = QUANTS[quant]
+
+    def write(writer: gguf.GGUFWriter) -> None:
+        writer.add_name(readable_gguf_name(path.stem))
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_hyperparameters(writer, config, spec)
+        vocab.add_to(writer)
+        for name, tensor in tensors:
+            data = gguf_layout(name, tensor, spec, config)
+            tensor_type = _T.Q8_0 if name == head and qtype in LOW_BIT else qtype
+            add_tensor(writer, name, data, tensor_type)
+
+    return write_atomically(path, spec.arch, write)
+
+
+def check_quant(quant: str) -> None:
     if quant not in QUANTS:
         raise UnsupportedGGUFExport(
             f"unknown GGUF quant {quant!r}; choose one of {', '.join(QUANTS)}"
         )
-    if hasattr(model, "peft_config"):
-        raise UnsupportedGGUFExport("GGUF holds plain weights: merge the adapter first")
-    config = model.config
-    arch = _check_architecture(config)
-    vocab = build_vocab(tokenizer, config.vocab_size, chat_template, list(stop_tokens or []))
-    tensors = _named_tensors(model, arch, config)  # raises before any file is opened
 
+
+def write_atomically(path: Path, arch: gguf.MODEL_ARCH, fill) -> Path:
+    """Open a GGUF writer on a temporary file beside `path`, let `fill(writer)` add keys and
+    tensors, write it out and move it into place; nothing is left behind on failure."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
     try:
-        _add_hyperparameters(writer, config, path.stem, QUANTS[quant][1])
-        vocab.add_to(writer)
-        for name, tensor in tensors:
-            data = _gguf_layout(name, tensor, arch, config)
-            _add_tensor(writer, name, data, QUANTS[quant][0])
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -106,55 +126,6 @@ def write_gguf(
     return path
 
 
-def _check_architecture(config) -> gguf.MODEL_ARCH:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedGGUFExport(
-            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} models, not {model_type!r}"
-        )
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        # llama.cpp would need rope scaling keys (and a rope_freqs tensor for "llama3") that
-        # transformers' GGUF reader ignores, so the file could not be verified by reading it back.
-        raise UnsupportedGGUFExport(
-            f"GGUF export supports plain RoPE only, not rope_type {rope['rope_type']!r}"
-        )
-    if getattr(config, "use_sliding_window", False):
-        raise UnsupportedGGUFExport("GGUF export does not support Qwen2's sliding-window attention")
-    if getattr(config, "mlp_bias", False):
-        raise UnsupportedGGUFExport("GGUF (llama architecture) has no MLP biases")
-    return ARCHITECTURES[model_type]
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _add_hyperparameters(writer: gguf.GGUFWriter, config, stem: str, file_type) -> None:
-    writer.add_name(readable_gguf_name(stem))
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(_rope_theta(config))
-    head_dim = _head_dim(config)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-
-
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half rows -> llama.cpp interleaved rows, per head (works for weights and biases)."""
     return (
@@ -164,49 +135,69 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _named_tensors(
-    model: nn.Module, arch: gguf.MODEL_ARCH, config
+def gguf_name_map(spec: ArchSpec, config):
+    return gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
+
+
+def gguf_tensor_name(names, hf_name: str) -> str | None:
+    """`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`, or None if unmapped."""
+    stem, _, suffix = hf_name.rpartition(".")
+    gguf_name = names.get_name(stem)
+    if gguf_name is None or suffix not in ("weight", "bias"):
+        return None
+    return f"{gguf_name}.{suffix}"
+
+
+def named_tensors(
+    state_dict: dict[str, torch.Tensor], spec: ArchSpec, config
 ) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) for every tensor of the model, in state-dict order."""
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf_name_map(spec, config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out, unmapped = [], []
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in state_dict.items():
         if tied and hf_name == "lm_head.weight":
             continue
-        stem, _, suffix = hf_name.rpartition(".")
-        gguf_name = names.get_name(stem)
-        if gguf_name is None or suffix not in ("weight", "bias"):
+        gguf_name = gguf_tensor_name(names, hf_name)
+        if gguf_name is None:
             unmapped.append(hf_name)
             continue
-        out.append((f"{gguf_name}.{suffix}", tensor))
+        out.append((gguf_name, tensor))
     if unmapped:
         raise UnsupportedGGUFExport(
-            f"tensors with no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}: {', '.join(unmapped[:5])}"
+            f"tensors with no GGUF name for {gguf.MODEL_ARCH_NAMES[spec.arch]}: "
+            f"{', '.join(unmapped[:5])}"
         )
     return out
 
 
-def _gguf_layout(name: str, tensor: torch.Tensor, arch: gguf.MODEL_ARCH, config) -> np.ndarray:
-    """The tensor as an fp32 array in the layout llama.cpp expects for `name`."""
-    data = tensor.detach().to(torch.float32).cpu().numpy()
-    if arch in PERMUTED_ARCHS and ".attn_q." in name:
+def permute_rows(name: str, data: np.ndarray, spec: ArchSpec, config) -> np.ndarray:
+    """Llama's q/k rows (weights, biases, or a LoRA B) in llama.cpp's interleaved RoPE order."""
+    if spec.permute_qk and ".attn_q." in name:
         return _permute(data, config.num_attention_heads)
-    if arch in PERMUTED_ARCHS and ".attn_k." in name:
+    if spec.permute_qk and ".attn_k." in name:
         return _permute(data, config.num_key_value_heads or config.num_attention_heads)
     return data
 
 
-def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype) -> None:
+def gguf_layout(name: str, tensor: torch.Tensor, spec: ArchSpec, config) -> np.ndarray:
+    """The tensor as an fp32 array in the layout llama.cpp expects for `name`."""
+    data = tensor.detach().to(torch.float32).cpu().numpy()
+    if spec.norm_offset and name.endswith("norm.weight"):
+        return data + 1.0  # Gemma: HF computes x * (1 + w)
+    return permute_rows(name, data, spec, config)
+
+
+def add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype) -> None:
     if data.ndim < 2:
-        qtype = gguf.GGMLQuantizationType.F32  # norms and biases: tiny, and precision-sensitive
+        qtype = _T.F32  # norms and biases: tiny, and precision-sensitive
     try:
         packed = gguf.quants.quantize(data, qtype)
     except gguf.quants.QuantError:
-        # rows that do not fill whole blocks (q8_0: 32 values): llama.cpp's fallback is f16 too
-        qtype = gguf.GGMLQuantizationType.F16
+        # rows that do not fill whole blocks (32 values): llama.cpp's fallback is f16 too
+        qtype = _T.F16
         packed = gguf.quants.quantize(data, qtype)
-    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+    if qtype in (_T.F32, _T.F16):
         writer.add_tensor(name, packed)  # the writer infers these types from the numpy dtype
     else:
         writer.add_tensor(

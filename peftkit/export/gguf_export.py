@@ -10,21 +10,78 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.data.encode import EncodedRow
 from peftkit.errors import ExportError
-from peftkit.export.gguf import write_gguf
+from peftkit.export import build
+from peftkit.export.gguf import check_quant, write_gguf
+from peftkit.export.gguf_arch import check_config
+from peftkit.export.gguf_lora import (
+    ADAPTER_QUANTS,
+    apply_lora_gguf,
+    check_lora_config,
+    write_lora_gguf,
+)
+from peftkit.export.gguf_vocab import build_vocab
 from peftkit.export.source import ExportSource
 from peftkit.io import atomic_write_text
+from peftkit.models.source import model_source
 from peftkit.recipe.schema import ExportSpec, FidelityThresholds
 
 MODELFILE = "Modelfile"
 
 
 def gguf_thresholds(spec: ExportSpec) -> FidelityThresholds:
-    """8-bit weights get their own, looser gate; f32/f16/bf16 files use the usual one."""
-    return spec.q8_0_thresholds if spec.quant == "q8_0" else spec.thresholds
+    """8-, 5- and 4-bit weights get their own, looser gates; f32/f16/bf16 use the usual one."""
+    if spec.quant == "q8_0":
+        return spec.q8_0_thresholds
+    if spec.quant.startswith("q5"):
+        return spec.q5_thresholds
+    if spec.quant.startswith("q4"):
+        return spec.q4_thresholds
+    return spec.thresholds
+
+
+def _base_config(source: ExportSource):
+    if source.whole_model:
+        return AutoConfig.from_pretrained(str(source.result_dir))
+    model = source.recipe.model
+    config = AutoConfig.from_pretrained(
+        model_source(model), revision=model.revision, trust_remote_code=model.trust_remote_code
+    )
+    return getattr(config, "text_config", None) or config
+
+
+def check_gguf_export(source: ExportSource, tokenizer, quant: str, adapter_only: bool) -> None:
+    """Refuse what GGUF cannot hold (quant, architecture, RoPE, tokenizer, adapter features) from
+    the configs and the tokenizer alone, before any weights are loaded or merged."""
+    config = _base_config(source)
+    check_config(config)
+    if adapter_only:
+        if quant not in ADAPTER_QUANTS:
+            raise ExportError(
+                f"a GGUF LoRA adapter is written as {', '.join(ADAPTER_QUANTS)}, not {quant!r}"
+            )
+        check_lora_config(json.loads((source.result_dir / "adapter_config.json").read_text()))
+        return
+    check_quant(quant)
+    stops = source.meta.get("stop_tokens") or [tokenizer.eos_token]
+    build_vocab(tokenizer, config.vocab_size, tokenizer.chat_template, stops)
+
+
+def export_lora_gguf(
+    source: ExportSource, out: Path, spec: ExportSpec, report: dict[str, Any], log
+) -> nn.Module:
+    """Write `out/<name>-lora-<quant>.gguf` (llama.cpp's `--lora` format) and return what the gate
+    measures: the file read back with `gguf`'s reader and applied to the dense base in torch."""
+    name = f"{source.recipe.name}-lora-{spec.quant}.gguf"
+    log(f"writing {name} (LoRA adapter, {spec.quant}) ...")
+    path = write_lora_gguf(source.result_dir, _base_config(source), out / name, spec.quant)
+    report["what"] = f"a LoRA adapter as GGUF for llama.cpp's --lora ({name})"
+    report["gguf"] = {"file": name, "quant": spec.quant, "bytes": path.stat().st_size}
+    log("reading it back and applying it to the base model ...")
+    return apply_lora_gguf(build.dense_base(source), path).eval()
 
 
 def gguf_file_name(source: ExportSource, quant: str) -> str:
@@ -40,13 +97,15 @@ def export_gguf(
     rows: list[EncodedRow],
     report: dict[str, Any],
     log,
+    system_prompt: str | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """Write `out/<name>-<quant>.gguf` and `out/Modelfile`; return the read-back model and the
     tokenizer problems found (each one fails the gate).
 
-    The chat template is the one training rendered with (the run's tokenizer carries it) and the
-    stop tokens are those training supervised, so llama.cpp and Ollama end turns where the model
-    learned to.
+    The chat template is the one training rendered with (the run's tokenizer carries it, with
+    training's `system_prompt` as its default system turn) and the stop tokens are those training
+    supervised, so llama.cpp and Ollama end turns where the model learned to; the Modelfile's
+    SYSTEM is the same system prompt.
     """
     stops = source.meta.get("stop_tokens") or [tokenizer.eos_token]
     name = gguf_file_name(source, spec.quant)
@@ -54,7 +113,7 @@ def export_gguf(
     path = write_gguf(model, tokenizer, out / name, spec.quant, tokenizer.chat_template, stops)
     atomic_write_text(
         out / MODELFILE,
-        modelfile(name, stops, source.recipe.data.system_prompt, source.recipe.name),
+        modelfile(name, stops, system_prompt, source.recipe.name),
     )
     log("reading it back with transformers' GGUF loader ...")
     try:

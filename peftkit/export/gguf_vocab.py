@@ -1,4 +1,7 @@
-"""A transformers byte-level BPE tokenizer as GGUF tokenizer metadata (llama.cpp's key names).
+"""A transformers BPE tokenizer as GGUF tokenizer metadata (llama.cpp's key names).
+
+Two kinds are written: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM; `tokenizer.ggml.model`
+"gpt2") and sentencepiece-style BPE with byte fallback (Gemma, Phi-3, Llama 2; "llama").
 
 GGUF has no `tokenizer.json`: readers (llama.cpp, transformers' GGUF loader) rebuild the tokenizer
 from the vocabulary, the merges, the token types, the special token ids and one *name* for the
@@ -10,6 +13,7 @@ tokenizes differently without any error.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import gguf
@@ -30,27 +34,40 @@ QWEN2_SPLIT = (
 SPLIT_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 # Normalizers that readers may ignore: NFC only changes text that is not already NFC (Qwen2 has it).
 HARMLESS_NORMALIZERS = (None, "NFC")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 @dataclass
 class GGUFVocab:
     """Everything `tokenizer.*` in a GGUF file says, ready to write."""
 
-    pre: str
+    pre: str | None
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
+    model: str = "gpt2"
+    """llama.cpp's name: "gpt2" = byte-level BPE, "llama" = sentencepiece-style."""
+    scores: list[float] | None = None
+    """sentencepiece only: llama.cpp merges the adjacent pair whose result scores highest."""
+    add_space_prefix: bool | None = None
     special_ids: dict[str, int] = field(default_factory=dict)  # bos / eos / unk / pad / eot
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
 
     def add_to(self, writer: gguf.GGUFWriter) -> None:
-        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-        writer.add_tokenizer_pre(self.pre)
+        writer.add_tokenizer_model(self.model)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
         writer.add_token_types(self.token_types)
+        # sentencepiece files need no merges for llama.cpp (it merges by score), but with them
+        # transformers' reader rebuilds exactly these merges instead of guessing them.
         writer.add_token_merges(self.merges)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
         adders = {
             "bos": writer.add_bos_token_id,
             "eos": writer.add_eos_token_id,
@@ -117,27 +134,69 @@ def _added_with_bos_eos(tokenizer) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
+def sentencepiece_space_prefix(backend: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer prepends "▁" to the text (llama.cpp's
+    `add_space_prefix`), for the shapes transformers builds: Llama (Metaspace, prepend "first"),
+    Phi-3 (Prepend + Replace normalizer) and Gemma (Replace only, no prefix)."""
+    normalizer = backend.get("normalizer") or {}
+    steps = (
+        normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    )
+    kinds = [s.get("type") for s in steps if s]
+    pre = backend.get("pre_tokenizer") or {}
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    if not kinds and pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581":
+        if pre.get("prepend_scheme") in ("first", "always"):
+            return True
+        if pre.get("prepend_scheme") == "never":
+            return False
+    if kinds == ["Replace"] and steps[0] == replace:
+        return False  # Gemma
+    if (
+        kinds == ["Prepend", "Replace"]
+        and steps[0].get("prepend") == "\u2581"
+        and steps[1] == replace
+    ):
+        return True  # Phi-3, Llama 2's original tokenizer.json
+    raise UnsupportedGGUFExport(
+        "no GGUF form is known for this sentencepiece-style tokenizer's normalizer "
+        f"({' + '.join(map(str, kinds)) or 'none'}) and pre-tokenizer ({pre.get('type')})"
+    )
+
+
+def merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """Scores that make llama.cpp's sentencepiece merging (highest-scoring result first) follow the
+    BPE merge order: a token made by merge rank r scores -r; tokens no merge makes score below all."""
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), r)
+    floor = -float(len(merges))
+    return [-float(rank[t]) if t in rank else floor - i for i, t in enumerate(tokens)]
+
+
 def build_vocab(
-    tokenizer, n_vocab: int, chat_template: str | None, stop_tokens: list[str] | None
+    tokenizer,
+    n_vocab: int,
+    chat_template: str | None,
+    stop_tokens: list[str] | None,
 ) -> GGUFVocab:
     """GGUF tokenizer metadata for `tokenizer`, padded to the model's `n_vocab` rows.
 
     Token types follow llama.cpp's converter: added tokens marked special are CONTROL (readers keep
     them whole and never split them), other added tokens USER_DEFINED, the rest NORMAL; ids the
     tokenizer does not use (an embedding larger than the vocabulary) get a `[PAD<id>]` placeholder.
-    BPE vocabularies carry no scores, so none are written (llama.cpp's converter writes none either).
+    Byte-level BPE vocabularies carry no scores (llama.cpp's converter writes none either);
+    sentencepiece-style ones get scores from the merge ranks (`merge_scores`).
     The first stop token that is not EOS becomes `eot_token_id`, which llama.cpp treats as an end of
     generation (ChatML's `<|im_end|>`, Llama-3's `<|eot_id|>`).
     """
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model_type = backend["model"].get("type")
-    if model_type != "BPE" or backend["model"].get("byte_fallback"):
-        # Byte-fallback BPE (Llama-2, Mistral v0.1) is sentencepiece-style: another GGUF vocab type.
-        raise UnsupportedGGUFExport(
-            f"only byte-level BPE tokenizers can be written to GGUF, not {model_type}"
-            + (" with byte fallback" if model_type == "BPE" else "")
-        )
-    pre = pre_tokenizer_name(backend)
+    if model_type != "BPE":
+        raise UnsupportedGGUFExport(f"only BPE tokenizers can be written to GGUF, not {model_type}")
+    sentencepiece = bool(backend["model"].get("byte_fallback"))
+    space_prefix = sentencepiece_space_prefix(backend) if sentencepiece else None
+    pre = None if sentencepiece else pre_tokenizer_name(backend)
     vocab = tokenizer.get_vocab()
     if len(vocab) > n_vocab:
         raise UnsupportedGGUFExport(
@@ -155,6 +214,12 @@ def build_vocab(
             types.append(
                 gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
             )
+        elif sentencepiece and by_id[i] == tokenizer.unk_token:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sentencepiece and _BYTE_TOKEN.fullmatch(by_id[i]):
+            tokens.append(by_id[i])  # <0x0A>: the byte-fallback pieces
+            types.append(gguf.TokenType.BYTE)
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
@@ -174,11 +239,15 @@ def build_vocab(
     template = chat_template if chat_template is not None else tokenizer.chat_template
     if template is not None and not isinstance(template, str):
         raise UnsupportedGGUFExport("GGUF holds one chat template; the tokenizer has several")
+    merges = _merges(backend)
     return GGUFVocab(
         pre=pre,
         tokens=tokens,
         token_types=[int(t) for t in types],
-        merges=_merges(backend),
+        merges=merges,
+        model="llama" if sentencepiece else "gpt2",
+        scores=merge_scores(tokens, merges) if sentencepiece else None,
+        add_space_prefix=space_prefix,
         special_ids=special_ids,
         add_bos=add_bos,
         add_eos=add_eos,

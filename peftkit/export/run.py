@@ -22,13 +22,20 @@ from peftkit.export import build
 from peftkit.export.fidelity import (
     Fidelity,
     Reference,
+    client_failures,
     compare,
     enforce_gate,
     log_kept,
     reference_outputs,
     sample_rows,
 )
-from peftkit.export.gguf_export import export_gguf, gguf_thresholds
+from peftkit.export.gguf_export import (
+    check_gguf_export,
+    export_gguf,
+    export_lora_gguf,
+    gguf_thresholds,
+)
+from peftkit.export.prompt import apply_training_prompt
 from peftkit.export.source import ExportSource, resolve_source
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
@@ -65,6 +72,7 @@ def export(
     overwrite: bool = False,
     format: ExportFormat | None = None,
     quant: GgufQuant | None = None,
+    trust_remote_code: bool = False,
     log: Callable[[str], None] = _logger.info,
 ) -> dict[str, Any]:
     """Export a run (or a result folder inside one) to `out`; returns the report (also fidelity.json).
@@ -75,7 +83,9 @@ def export(
 
     Raises `FidelityGateFailed` (and leaves no `out`) when the exported model drifts from the
     trained one beyond the recipe's `export.thresholds` (`export.q8_0_thresholds` for GGUF q8_0),
-    or a GGUF tokenizer encodes held-out rows differently, unless `allow_drift`.
+    a GGUF tokenizer encodes held-out rows differently, or held-out prompts sent as an OpenAI
+    client sends them (no system turn, through the exported chat template, which carries
+    `data.system_prompt` as its default) render or answer differently, unless `allow_drift`.
 
     Args:
         dtype: weights dtype (default: the recipe's export.dtype).
@@ -88,9 +98,11 @@ def export(
         format: merged safetensors, or one GGUF file for llama.cpp/Ollama (default: the recipe's
             export.format).
         quant: GGUF weight type (default: the recipe's export.quant).
+        trust_remote_code: export a run whose recipe has model.trust_remote_code (its model's
+            own Python code runs); refused without.
         log: where progress lines and the fidelity report go.
     """
-    source = resolve_source(path)
+    source = resolve_source(path, trust_remote_code)
     updates = {
         "dtype": dtype,
         "max_shard_size": max_shard_size,
@@ -116,19 +128,22 @@ def export(
     inputs += [s.path for s in source.recipe.data.sources]
     guard_output(out, "export", inputs, overwrite, "pass --overwrite", ExportError)
     to_gguf = spec.format == "gguf"
-    if to_gguf and (adapter_only or target is not None or source.recipe.task.has_head):
+    if to_gguf and (target is not None or source.recipe.task.has_head):
+        raise ExportError("GGUF holds a causal LM: no --target or task-head models")
+    if to_gguf and adapter_only and not source.recipe.adapter.gguf_adapter:
         raise ExportError(
-            "GGUF holds a whole causal LM: no --adapter-only, --target or task-head models"
+            f"{source.recipe.adapter.method} adapters have no llama.cpp GGUF form (LoRA's have): "
+            "export merged weights as GGUF, or the adapter without --format gguf"
         )
-    if to_gguf and not source.mergeable:
+    if to_gguf and not adapter_only and not source.mergeable:
         raise ExportError(
             f"{source.recipe.adapter.method} cannot be merged into the weights, so it cannot be "
             "written as GGUF; export it with --adapter-only instead"
         )
     if not source.mergeable and not adapter_only:
         log(
-            f"{source.recipe.adapter.method} adds virtual tokens instead of changing weights, so it cannot be "
-            "merged into the base model: writing an adapter-only export"
+            f"{source.recipe.adapter.method} cannot be merged into the base model (virtual tokens, "
+            "or a merge peftkit does not declare for it): writing an adapter-only export"
         )
         adapter_only = True
     if target is not None and not adapter_only:
@@ -145,13 +160,16 @@ def export(
         _record_export(source.run_dir, out)
         return report
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
+    if to_gguf:  # refuse before anything is loaded or merged
+        check_gguf_export(source, tokenizer, spec.quant, adapter_only)
     rows, rows_from = _held_out_rows(source, tokenizer, spec)
+    prompt = apply_training_prompt(source, tokenizer, spec.samples)  # (the template, in place)
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
     gen = (spec.generate_tokens, stop_ids, tokenizer.pad_token_id)
     log(
         f"loading the trained model ({source.recipe.adapter.method} on {source.recipe.model.name}) ..."
     )
-    reference = reference_outputs(build.load_trained(source), rows, *gen)
+    reference = reference_outputs(build.load_trained(source), rows, *gen, prompt.client_prompts)
     limits = gguf_thresholds(spec) if to_gguf else spec.thresholds
     report: dict[str, Any] = {
         "source": str(source.result_dir),
@@ -161,15 +179,18 @@ def export(
         "samples_from": rows_from,
         "thresholds": limits.model_dump(),
         "allow_drift": allow_drift,
+        "prompt": prompt.to_dict(),
     }
     problems: list[str] = []
     with atomic_dir(out) as tmp:
-        if adapter_only:
+        if adapter_only and to_gguf:
+            candidate = export_lora_gguf(source, tmp, spec, report, log)
+        elif adapter_only:
             candidate = _export_adapter(source, tmp, tokenizer, target, report, log)
         elif to_gguf:
             model = _merged_model(source, spec, reference, rows, gen, report, log)
             candidate, problems = export_gguf(
-                model, source, tokenizer, tmp, spec, rows, report, log
+                model, source, tokenizer, tmp, spec, rows, report, log, prompt.system_prompt
             )
             del model
         else:
@@ -183,13 +204,18 @@ def export(
             )
             candidate = build.reload_exported(str(tmp))
         fidelity = compare(reference, candidate, rows, *gen)
-        failures = fidelity.failures(limits) + problems
+        client, client_problems = client_failures(
+            reference, candidate, prompt.client_prompts, limits, *gen
+        )
+        failures = fidelity.failures(limits) + problems + client_problems
         report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
+        if prompt.client_prompts:
+            report["client_rendering"] = client
         atomic_write_json(tmp / FIDELITY, report)
         atomic_write_text(
             tmp / "README.md",
             model_card(
-                source, "adapter" if adapter_only else "gguf" if to_gguf else "merged", report
+                source, "gguf" if to_gguf else "adapter" if adapter_only else "merged", report
             ),
         )
         log(format_fidelity(report))
@@ -311,6 +337,20 @@ def format_fidelity(report: dict[str, Any]) -> str:
         ),
         ("greedy agreement", f"{f['greedy_agreement']:.3f}", f">= {t['min_greedy_agreement']:g}"),
     ]
+    client = report.get("client_rendering")
+    if client:  # held-out prompts as a client sends them (no system turn)
+        rows += [
+            (
+                "client prompts rendered apart",
+                f"{client['prompts_rendered_differently']} of {client['prompts']}",
+                "= 0",
+            ),
+            (
+                "client greedy agreement",
+                f"{client['greedy_agreement']:.3f}",
+                f">= {t['min_greedy_agreement']:g}",
+            ),
+        ]
     lines = [
         f"fidelity on {f['samples']} samples ({f['tokens']} tokens) from the {report['samples_from']}:"
     ]

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftkit.errors import ExportError
 from peftkit.io import RunLayout
-from peftkit.recipe.load import validate_recipe
+from peftkit.models.load import damaged_weight_files
+from peftkit.recipe.load import load_run_recipe
 from peftkit.recipe.schema import Recipe
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -36,8 +35,9 @@ class ExportSource:
         return self.whole_model or self.recipe.adapter.mergeable
 
 
-def resolve_source(path: str | Path) -> ExportSource:
-    """Accept a run directory, or a result folder inside one (RUN/adapter, RUN/best, RUN/model)."""
+def resolve_source(path: str | Path, trust_remote_code: bool = False) -> ExportSource:
+    """Accept a run directory, or a result folder inside one (RUN/adapter, RUN/best, RUN/model).
+    A run whose recipe has model.trust_remote_code needs `trust_remote_code`."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"nothing to export at {path}: no such folder")
@@ -51,7 +51,7 @@ def resolve_source(path: str | Path) -> ExportSource:
             "parent folder); export needs the run to know the base model and data"
         )
     run = RunLayout(run_dir)
-    recipe = validate_recipe(yaml.safe_load(run.recipe.read_text()), str(run.recipe))
+    recipe = load_run_recipe(run.recipe, trust_remote_code)
     meta_file = run.meta
     if not meta_file.is_file():
         raise ExportError(
@@ -65,4 +65,10 @@ def resolve_source(path: str | Path) -> ExportSource:
         missing.append("*.safetensors")
     if missing:
         raise ExportError(f"{result_dir} is incomplete or corrupted: missing {', '.join(missing)}")
+    damaged = damaged_weight_files(result_dir)
+    if damaged:
+        raise ExportError(
+            f"{result_dir} is corrupted: damaged or truncated weights file {'; '.join(damaged)}. "
+            "Copy the run again (or train it again)"
+        )
     return ExportSource(run_dir, result_dir, recipe, meta)

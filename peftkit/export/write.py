@@ -63,6 +63,7 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
         f"- data: {data} (loss on {r.data.loss_on}, max length {r.data.max_length})",
         f"- chat template: {source.meta.get('chat_template_source')}; turns end with "
         f"{', '.join(source.meta.get('stop_tokens', []))}",
+        *_prompt_lines(report.get("prompt") or {}),
     ]
     if summary:
         lines += [
@@ -115,7 +116,34 @@ def model_card(source: ExportSource, kind: str, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _prompt_lines(prompt: dict[str, Any]) -> list[str]:
+    """What the exported chat template does with a request that has no system message."""
+    system = prompt.get("system_prompt")
+    if not system:
+        return []
+    replaced = prompt.get("replaced_default")
+    return [
+        f"- system prompt (data.system_prompt): {json.dumps(system)}. The exported chat template "
+        "uses it as the default system turn"
+        + (f", replacing the base template's own ({json.dumps(replaced)})" if replaced else "")
+        + ", so a request without a system message renders as in training; a request's own "
+        "system message replaces it.",
+    ]
+
+
 def _gguf_usage(gguf: dict[str, Any], name: str) -> list[str]:
+    if "tokenizer" not in gguf:  # a LoRA adapter: it runs over the base model's own GGUF
+        return [
+            "",
+            "## Run it",
+            "",
+            f"`{gguf['file']}` ({gguf['quant']}) is a LoRA adapter in llama.cpp's format; load it "
+            "over a GGUF of the base model:",
+            "",
+            "```",
+            f"llama-cli -m BASE.gguf --lora {gguf['file']} -cnv",
+            "```",
+        ]
     tok = gguf["tokenizer"]
     return [
         "",

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from peftkit.methods import full, ia3, lora, probe, prompt  # noqa: F401 - registration side effect
+from peftkit.methods import (  # noqa: F401 - registration side effect
+    any_peft,
+    boft,
+    full,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    miss,
+    oft,
+    probe,
+    prompt,
+    vera,
+)
 from peftkit.methods.base import ApplyContext, MethodSpec
 from peftkit.methods.registry import adapter_union, method_names, registered_methods
 

@@ -53,6 +53,8 @@ class ApplyContext:
     quantized: bool
     work_dir: Path
     """Folder in the run directory where a method may keep files it needs again on resume."""
+    upcast_unquantized: bool = False
+    """A quantized base's unquantized layers go to fp32 (`QuantizationSpec.upcast_unquantized`)."""
     task_type: str = "CAUSAL_LM"
     """peft's task type: CAUSAL_LM, or SEQ_CLS for a classification/regression head (peft then
     trains and saves the head in full, with the adapter)."""
@@ -78,6 +80,8 @@ class MethodSpec(Section):
     mergeable: ClassVar[bool] = False
     """True when the trained adapter can be merged into the base weights (export to one model).
     Whole-model methods have nothing to merge: their result already is the model."""
+    gguf_adapter: ClassVar[bool] = False
+    """True when the adapter has a llama.cpp GGUF adapter form (`--format gguf --adapter-only`)."""
     lora_family: ClassVar[bool] = False
     """True for low-rank updates (LoRA, QLoRA): the planner counts their extra activations (the
     fp32 input each adapter keeps under mixed precision)."""
@@ -132,6 +136,11 @@ class MethodSpec(Section):
     def wants_low_precision_base(self) -> bool:
         """Whether frozen base weights may be stored in bf16/fp16 under that training precision."""
         return not self.full_weights
+
+    def lr_scales(self, model: nn.Module, lr: float) -> dict[str, float] | None:
+        """Trainable parameter name -> learning-rate factor, for methods that train some parameters
+        faster than others (LoRA+); None when every parameter trains at `train.lr`."""
+        return None
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         """Attach the method to a loaded base model and return the model to train."""

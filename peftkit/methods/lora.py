@@ -5,6 +5,8 @@ with A (r x in) and B (out x r); B starts at zero so training starts from the ba
 rsLoRA scales by alpha / sqrt(r) instead, which keeps high ranks stable. DoRA splits W into
 magnitude and direction, y = m * (W0 + BA) x / ||W0 + BA||, training m as well.
 QLoRA is LoRA over a 4-bit (NF4) frozen base whose weights are dequantized per matmul.
+LoRA+ (`loraplus_lr_ratio`) trains B (and the 1-d vectors: DoRA's magnitudes) at lr x ratio, A at
+lr, as peft's `create_loraplus_optimizer` groups them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LoraSpec(PeftMethod):
 
     method: Literal["lora"] = "lora"
     mergeable: ClassVar[bool] = True
+    gguf_adapter: ClassVar[bool] = True
     lora_family: ClassVar[bool] = True
     quantized_variant: ClassVar[str | None] = "qlora"
     r: int = Field(default=16, gt=0)
@@ -42,6 +45,10 @@ class LoraSpec(PeftMethod):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or all-linear (every linear layer but the output head)."""
+    target_parameters: list[str] | Literal["auto"] | None = None
+    """Parameters to adapt that are not linear modules: a MoE's routed experts, stored by
+    transformers 5 as 3-D tensors (`experts.gate_up_proj`, `experts.down_proj`). auto = every
+    such expert parameter of the model; a list = peft's `target_parameters`."""
     exclude_modules: list[str] | None = None
     use_rslora: bool = False
     use_dora: bool = False
@@ -51,6 +58,27 @@ class LoraSpec(PeftMethod):
     modules_to_save: list[str] = []
     """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
     layers_to_transform: list[int] | None = None
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0)
+    """LoRA+: B matrices (and 1-d vectors) learn at train.lr x this ratio (the paper suggests
+    ~16); A at train.lr. None = plain LoRA."""
+    loraplus_lr_embedding: float = Field(default=1e-6, gt=0)
+    """LoRA+: the absolute learning rate of LoRA on embeddings (peft's default)."""
+
+    def lr_scales(self, model: nn.Module, lr: float) -> dict[str, float] | None:
+        """LoRA+'s groups, as peft's `create_loraplus_optimizer` forms them."""
+        if self.loraplus_lr_ratio is None:
+            return None
+        scales = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "lora_embedding_" in name:
+                scales[name] = self.loraplus_lr_embedding / lr
+            elif "lora_B" in name or p.ndim == 1:
+                scales[name] = self.loraplus_lr_ratio
+            else:
+                scales[name] = 1.0
+        return scales
 
     @property
     def off_is_start(self) -> bool:
@@ -74,6 +102,7 @@ class LoraSpec(PeftMethod):
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=self.target_modules,
+            target_parameters=self._target_parameters(model),
             exclude_modules=self.exclude_modules,
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
@@ -82,6 +111,13 @@ class LoraSpec(PeftMethod):
             modules_to_save=self.modules_to_save or None,
             layers_to_transform=self.layers_to_transform,
         )
+
+    def _target_parameters(self, model: nn.Module) -> list[str] | None:
+        if self.target_parameters != "auto":
+            return self.target_parameters
+        from peftkit.models.layers import expert_parameters
+
+        return expert_parameters(model) or None
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         model = super().apply(model, ctx)

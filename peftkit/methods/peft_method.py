@@ -23,15 +23,18 @@ class PeftMethod(MethodSpec):
 
         from peftkit.models.load import enable_gradient_checkpointing
 
-        if ctx.quantized:
-            # Casts norms/embeddings to fp32 and turns on input grads, as QLoRA needs.
+        if ctx.quantized and ctx.upcast_unquantized:
+            # peft's QLoRA preparation: freezes the base, casts embeddings/norms/head to fp32.
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=ctx.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-        elif ctx.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        else:
+            if ctx.quantized:  # the same, the unquantized layers left in the compute dtype
+                model.requires_grad_(False)
+            if ctx.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
         return get_peft_model(model, self.peft_config(model, ctx))
 
     def save(self, model: nn.Module, out_dir: Path, ctx: ApplyContext) -> None:

@@ -86,13 +86,21 @@ def head_config(labels: list[str] | None, pad_token_id: int | None) -> dict[str,
 
 
 def load_model(
-    spec: ModelSpec, dtype: torch.dtype, device: torch.device, head: dict[str, Any] | None = None
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    head: dict[str, Any] | None = None,
+    place: bool = True,
 ) -> nn.Module:
-    """Load the causal LM in `dtype`; quantized models are placed on `device` as they load.
+    """Load the causal LM in `dtype` and place it on `device`, once, here: training and
+    inference alike make every other tensor on the model's device (quantized models are placed
+    as they load, as bitsandbytes requires).
 
     Args:
         head: `head_config(...)`: load `AutoModelForSequenceClassification` with a new task head
             instead (its weights start random; everything else loads from the checkpoint).
+        place: False leaves an unquantized model on the CPU for an engine that places it as it
+            shards it (FSDP, DeepSpeed): a whole copy per GPU is what sharding avoids.
     """
     source = model_source(spec)
     kwargs: dict[str, Any] = {
@@ -117,8 +125,11 @@ def load_model(
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(_explain_load_failure("model", source, e)) from e
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    _compat.contiguous_head_input(model)
     if spec.quantization is not None:
         _compat.keep_bnb_4bit_cpu_weights_unpacked(model)
+    elif place:
+        model.to(device)
     return model
 
 

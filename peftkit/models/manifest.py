@@ -15,6 +15,11 @@ Base fingerprint, computed from the loaded model *before* the adapter is attache
 Tokenizer fingerprint: sha256 of the vocabulary and the special tokens (not the pad token, which
 peftkit may set). The chat template is fingerprinted separately: a different template does not make
 an adapter unusable, it is the adapter's own template that generation must use.
+
+How training rendered its prompts is recorded under `prompt` (`training_prompt`): the chat template
+(its text and where it came from) and the system prompt every chat without one was given, so that
+serving and exports can render a request the way training did. Manifests written before `prompt`
+existed have none: they are served as before (no default system turn).
 """
 
 from __future__ import annotations
@@ -108,6 +113,43 @@ def chat_template_fingerprint(template: str | None) -> str | None:
     return _sha(template.encode()) if template else None
 
 
+VARIED = "varied per row"
+
+
+def training_prompt(
+    chat_template: str | None,
+    template_source: str,
+    system_prompt: str | None,
+    system_turns: list[str],
+) -> dict[str, Any]:
+    """The manifest's `prompt` record: how training rendered the chats.
+
+    Args:
+        chat_template: the template the chats were rendered with.
+        template_source: 'tokenizer', 'fallback', 'recipe' or the file it was read from.
+        system_prompt: the recipe's `data.system_prompt` (given to chats that had no system turn).
+        system_turns: the chats' leading system turns as rendered ("" = none), up to two distinct.
+
+    `system_prompt` is the default system prompt: what serving and exports give a request
+    without a system turn (only the recipe's: a recipe without one is served as before, whatever
+    its rows held). `system_turns` says what the rendered chats began with: "none", "one" (every
+    chat the same system turn) or "varied per row".
+    """
+    distinct = set(system_turns)
+    one = len(distinct) == 1 and "" not in distinct
+    return {
+        "chat_template": chat_template,
+        "chat_template_source": template_source,
+        "system_prompt": system_prompt,
+        "system_turns": VARIED if len(distinct) > 1 else "one" if one else "none",
+    }
+
+
+def default_system_prompt(manifest: dict[str, Any] | None) -> str | None:
+    """The system prompt training gave chats without one; None for manifests that predate it."""
+    return ((manifest or {}).get("prompt") or {}).get("system_prompt")
+
+
 @dataclass
 class BaseIdentity:
     """What a loaded base model and its tokenizer are, to compare with adapters' manifests."""
@@ -135,8 +177,11 @@ def write_manifest(
     recipe: dict[str, Any] | None,
     quantization: dict[str, Any] | None = None,
     derived_from: dict[str, Any] | None = None,
+    prompt: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `peftkit_adapter.json` into an adapter (or model) folder and return it."""
+    """Write `peftkit_adapter.json` into an adapter (or model) folder and return it.
+
+    `prompt` is `training_prompt`'s record (None: not known, e.g. a combined adapter)."""
     manifest = {
         "format": FORMAT,
         "peftkit_version": peftkit.__version__,
@@ -153,6 +198,7 @@ def write_manifest(
             "chat_template": chat_template_fingerprint(chat_template),
         },
         "stop_tokens": stop_tokens,
+        **({"prompt": prompt} if prompt is not None else {}),
         "recipe": recipe,
         "derived_from": derived_from,
     }

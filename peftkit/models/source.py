@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from peftkit.errors import ModelLoadError
 from peftkit.models import builtin, gguf
 from peftkit.models.spec import ModelSpec
 
@@ -28,7 +29,16 @@ def resolve_source(name: str, gguf_file: str | None = None, revision: str | None
         return builtin.materialize(name, log=logger.info)
     if gguf_file is not None or gguf.is_gguf(name):
         return gguf.materialize(gguf.locate(name, gguf_file, revision), log=logger.info)
+    if is_local_path(name) and not Path(name).expanduser().exists():
+        raise ModelLoadError(
+            f"{name}: no such folder (written as a local path, so not looked up on the hub)"
+        )
     return name
+
+
+def is_local_path(name: str) -> bool:
+    """Written as a path, so never a hub id (which is `name` or `org/name`)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
 
 
 def model_source(spec: ModelSpec) -> str:

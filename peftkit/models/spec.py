@@ -30,6 +30,11 @@ class QuantizationSpec(Section):
     """Quantize the quantization constants too (saves ~0.4 bits per parameter)."""
     compute_dtype: DType = "auto"
     """dtype the 4-bit weights are dequantized to for matmuls; auto = the training precision."""
+    upcast_unquantized: bool = False
+    """Cast the layers bitsandbytes leaves unquantized (embeddings, norms, head) to fp32 for
+    training, as peft's `prepare_model_for_kbit_training` does: +2 bytes per such weight (~2.1 GB
+    at Llama-3.1-8B), an fp32 residual stream, and no fused LoRA MLP (its input is then fp32).
+    false: they stay in the compute dtype, which is what they were trained in."""
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     """dtype the packed 4-bit weights are stored in; auto = uint8, except under an FSDP launch:
     the compute dtype, so that FSDP can shard them like every other parameter (QLoRA + FSDP)."""

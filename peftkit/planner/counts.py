@@ -34,9 +34,15 @@ class ModelCounts:
     kv_heads: int
     vocab: int
     fused_mlp: bool = False
-    """Every decoder MLP runs as the fused LoRA SwiGLU in training (fp32, unquantized)."""
+    """Every decoder MLP runs as the fused LoRA SwiGLU in training (training/lora_mlp.py)."""
     fused_head: bool = False
     """The head and cross-entropy run fused (training/linear_ce.py): no logits kept."""
+    head_softcap: bool = False
+    """The fused head soft-caps its logits (one more fp32 chunk buffer)."""
+    kv_width: int = 0
+    """KV heads x head dimension (0: kv_heads x hidden / heads)."""
+    fused_chunk_rows: int = 256
+    """Rows per fused chunk at this vocabulary (`linear_ce.rows_per_chunk`)."""
 
 
 def count(recipe: Recipe, tokenizer) -> ModelCounts:
@@ -68,7 +74,8 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         for name, m in model.named_modules()
         if name.endswith("base_layer") and isinstance(m, nn.Linear) and ".layers.0." in name
     )
-    from peftkit.training.linear_ce import fused_head
+    from peftkit.training.generated import kv_width
+    from peftkit.training.linear_ce import fused_head, logit_map, rows_per_chunk
     from peftkit.training.lora_mlp import fused_in_training
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -87,4 +94,7 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         vocab=text.vocab_size,
         fused_mlp=fused_in_training(model) == text.num_hidden_layers,
         fused_head=fused_head(model) is not None,
+        head_softcap=fused_head(model) is not None and logit_map(model).softcap is not None,
+        kv_width=kv_width(text),
+        fused_chunk_rows=rows_per_chunk(text.vocab_size),
     )

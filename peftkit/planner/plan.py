@@ -8,7 +8,7 @@ known exactly. Parameter counts come from the model built on the meta device (no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,7 +16,13 @@ import torch
 from peftkit import units
 from peftkit.launch import Launch
 from peftkit.planner.counts import ModelCounts, count
-from peftkit.planner.estimate import Estimate, Workload, estimate
+from peftkit.planner.estimate import (
+    STORAGE,
+    Estimate,
+    Workload,
+    estimate,
+    generated_row_bytes,
+)
 from peftkit.recipe.schema import Recipe
 
 
@@ -66,9 +72,34 @@ def largest_micro_batch(
     return best
 
 
+def with_generation(
+    work: Workload, recipe: Recipe, eval_rows: list, tokenizer, counts, value_bytes: int
+) -> Workload:
+    """`work` plus the evaluation's largest generate call (`training/generated.py`), if the
+    recipe's evaluation generates: its rows (eval.batch_size, fewer to fit the generation budget)
+    and the longest prompt."""
+    from peftkit.training.generated import held_out_answers, rows_per_generate
+
+    spec = recipe.eval
+    items = held_out_answers(eval_rows[: spec.rows], tokenizer) if spec.metric != "none" else []
+    if not items:
+        return work
+    prompt = max(len(item.prompt_ids) for item in items)
+    one_row = generated_row_bytes(counts, prompt, spec.max_new_tokens, value_bytes)
+    rows = rows_per_generate(min(spec.batch_size, len(items)), one_row)
+    return replace(
+        work,
+        generation_rows=rows,
+        prompt_tokens=prompt,
+        generation_tokens=prompt + spec.max_new_tokens,
+    )
+
+
 def _runtime_bytes(device: str) -> float:
     if device != "cpu":
-        return 0.0
+        from peftkit.planner.estimate import CUDA_CONTEXT
+
+        return CUDA_CONTEXT
     import psutil
 
     return float(psutil.Process().memory_info().rss)
@@ -129,6 +160,7 @@ def make_plan(
     device = "gpu" if on_gpu else "cpu"
     runtime = _runtime_bytes(device)
     storage = str(weights_dtype(recipe.model, recipe.adapter, precision)).removeprefix("torch.")
+    work = with_generation(work, recipe, data.eval or [], tokenizer, counts, STORAGE[storage])
     quant = recipe.model.quantization
 
     def predict(recipe_: Recipe, work_: Workload, bits: int | None) -> Estimate:
@@ -148,6 +180,7 @@ def make_plan(
             cpu=device == "cpu",
             shards=launch.processes if launch and launch.shards_state else 1,
             shard_weights=launch is not None and launch.shards_weights,
+            upcast_unquantized=quant is not None and quant.upcast_unquantized,
         )
 
     est = predict(recipe, work, quant.bits if quant else None)
@@ -174,7 +207,9 @@ def _advice(recipe, work, bits, predict, budget, packing: bool) -> list[str]:
     if t.micro_batch_size > 1:
         half = t.micro_batch_size // 2
         scale = half / t.micro_batch_size
-        w = Workload(max(1, int(work.tokens * scale)), int(work.supervised * scale))
+        w = replace(
+            work, tokens=max(1, int(work.tokens * scale)), supervised=int(work.supervised * scale)
+        )
         options.append(
             (
                 f"train.micro_batch_size={half} train.grad_accum={t.grad_accum * 2} (same global batch)",
@@ -183,7 +218,7 @@ def _advice(recipe, work, bits, predict, budget, packing: bool) -> list[str]:
         )
     if packing and work.tokens > 1:
         half = work.tokens // 2
-        w = Workload(half, work.supervised // 2)
+        w = replace(work, tokens=half, supervised=work.supervised // 2)
         options.append(
             (f"train.micro_batch_tokens={half} (same global batch)", predict(recipe, w, bits))
         )

@@ -31,31 +31,6 @@ def launch_problems(launch: Launch, recipe: Recipe) -> list[str]:
             f"adapter.method {recipe.adapter.method} under {name}: saving the whole sharded "
             "model is not supported yet; use an adapter method (lora, qlora, ia3, ...) or DDP"
         )
-    if launch.kind == "deepspeed":
-        problems += _deepspeed_problems(recipe)
-    return problems
-
-
-def _deepspeed_problems(recipe: Recipe) -> list[str]:
-    t = recipe.train
-    problems = []
-    if t.grad_accum > 1:
-        problems.append(
-            "train.grad_accum > 1 under DeepSpeed: its engine steps the optimizer after every "
-            "backward, so peftkit's accumulation would take several steps; set train.grad_accum: 1 "
-            "and a larger train.micro_batch_size, or use FSDP (recipes/accelerate/fsdp2.yaml)"
-        )
-    if t.save_every is not None:
-        problems.append(
-            "train.save_every under DeepSpeed: peftkit's checkpoints do not hold ZeRO's "
-            "partitioned optimizer state, so a resume would not continue exactly; set "
-            "train.save_every: null, or use FSDP, whose sharded checkpoints resume exactly"
-        )
-    if t.max_grad_norm is not None:
-        problems.append(
-            "train.max_grad_norm under DeepSpeed: clipping is DeepSpeed's (gradient_clipping in "
-            "its config); set train.max_grad_norm: null"
-        )
     return problems
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from peftkit.errors import PeftkitError, RecipeError
+from peftkit.errors import PeftkitError, RecipeError, RemoteCodeNotTrusted
 from peftkit.recipe import yaml_strict
 from peftkit.recipe.schema import Recipe
 from peftkit.section import error_message, unknown_key_message
@@ -62,6 +62,32 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         apply_override(raw, item)
     recipe = validate_recipe(raw, source=str(path))
     return resolve_paths(recipe, path.parent)
+
+
+def load_run_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
+    """The recipe a run directory holds (RUN/recipe.yaml), read as strictly as a user's (YAML 1.2
+    booleans, no duplicate keys, every key validated). A run may come from someone else: one
+    whose model.trust_remote_code is true is refused unless `trust_remote_code` is given (the
+    command line's --trust-remote-code). Its paths are kept as written (absolute when peftkit
+    wrote them)."""
+    path = Path(path)
+    raw = read_yaml(path, "recipe", RecipeError)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
+    recipe = validate_recipe(raw, source=str(path))
+    check_remote_code(recipe, trust_remote_code, str(path))
+    return recipe
+
+
+def check_remote_code(recipe: Recipe, trusted: bool, source: str) -> None:
+    """Refuse a recipe from elsewhere (a run directory, an adapter's manifest) that would run the
+    model's own Python code, unless the command line trusted it."""
+    if recipe.model.trust_remote_code and not trusted:
+        raise RemoteCodeNotTrusted(
+            f"{source}: model.trust_remote_code is true: reading this run would run the Python "
+            f"code that comes with {recipe.model.name!r}. Pass --trust-remote-code if you trust "
+            "that code (and whoever sent the run)"
+        )
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:

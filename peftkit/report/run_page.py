@@ -12,6 +12,7 @@ import yaml
 
 from peftkit import units
 from peftkit.io import FIDELITY, RunLayout, atomic_write_text
+from peftkit.recipe import yaml_strict
 from peftkit.report.page import (
     REFERENCE,
     esc,
@@ -248,7 +249,7 @@ def _sections(run: RunLayout, summary: dict[str, Any] | None) -> list[tuple[str,
 def run_recipe(run: RunLayout) -> dict[str, Any]:
     """The run's saved recipe as a dict ({} when there is none or it does not parse)."""
     try:
-        recipe = yaml.safe_load(run.recipe.read_text())
+        recipe = yaml_strict.load(run.recipe.read_text())  # as strictly as any recipe
     except (OSError, yaml.YAMLError):
         return {}
     return recipe if isinstance(recipe, dict) else {}

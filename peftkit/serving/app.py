@@ -28,6 +28,7 @@ from peftkit.adapters.generation import Completion, SamplingOptions
 from peftkit.serving import protocol as p
 from peftkit.serving.engine import Engine, EngineBusy, EngineClosed, RequestTooLarge
 from peftkit.serving.engine import Request as EngineRequest
+from peftkit.serving.security import SecurityMiddleware, ServeSecurity, docs_routes, encode_chat
 
 
 class ServeLimits(BaseModel):
@@ -49,8 +50,15 @@ class ServeLimits(BaseModel):
     """max_tokens of a request that gives none."""
 
 
-def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> FastAPI:
-    """The FastAPI app; the engine starts with it and, on shutdown, finishes queued requests."""
+def create_app(
+    adapters: AdapterSet,
+    limits: ServeLimits,
+    base_name: str,
+    security: ServeSecurity | None = None,
+) -> FastAPI:
+    """The FastAPI app; the engine starts with it and, on shutdown, finishes queued requests.
+    `security` (serving/security.py) guards every route; default: no key, no Host check."""
+    security = security or ServeSecurity()
     engine = Engine(adapters, limits.max_queue, limits.max_batch, limits.batch_wait_s)
     started = int(time.time())
 
@@ -59,7 +67,8 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
         yield
         await run_in_threadpool(engine.close)
 
-    app = FastAPI(title="peftkit serve", lifespan=lifespan)
+    app = FastAPI(title="peftkit serve", lifespan=lifespan, **docs_routes(security))
+    app.add_middleware(SecurityMiddleware, security=security)
     app.state.engine = engine
 
     @app.exception_handler(p.ApiError)
@@ -113,6 +122,8 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
                 "owned_by": "peftkit",
                 "root": base_name,
                 "parent": parent,
+                # what a chat request without a system turn gets (peftkit's own field)
+                "default_system_prompt": adapters.system_prompt(name if parent else None),
             }
 
         return {
@@ -125,7 +136,11 @@ def create_app(adapters: AdapterSet, limits: ServeLimits, base_name: str) -> Fas
         req = _parse(p.ChatRequest, await _read_json(request, limits.max_body_bytes))
         adapter = resolve(req.model)
         try:
-            ids = _nonempty(adapters.encode(req.chat(), adapter), "messages")
+            messages = (
+                adapters.with_system(req.chat(), adapter) if req.default_system else req.chat()
+            )
+            ids = encode_chat(adapters, messages, adapter, security.special_tokens_in_content)
+            ids = _nonempty(ids, "messages")
         except ValueError as e:  # a client error (an image part, ...), not a server one
             raise p.ApiError(400, str(e), "invalid_request_error") from None
         opts = options(req, len(ids))

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,11 +197,12 @@ class Engine:
         self.stats.largest_batch = max(self.stats.largest_batch, len(group))
         try:
             completions: list[Completion] = self.adapters.generate_rows(rows)
-        except Exception as e:  # one bad batch must not take the server down
+        except Exception:  # one bad batch must not take the server down
             self.stats.errors += 1
-            log.exception("generation failed")
-            for r in group:
-                r.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            ref = uuid.uuid4().hex[:16]
+            log.exception("generation failed (error id %s)", ref)
+            for r in group:  # the exception's text stays in the server log
+                r.emit("error", f"generation failed (error id {ref}; details in the server log)")
             return
         for r, completion in zip(group, completions):
             self.stats.generated_tokens += len(completion.token_ids)

@@ -82,6 +82,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    default_system: bool = True
+    """peftkit's own field (the openai client sends it with `extra_body`): false = no default
+    system turn for messages without one (the adapter's training system prompt otherwise)."""
 
     def chat(self) -> list[dict[str, str]]:
         # "developer" is the newer name of the system role; chat templates know "system"

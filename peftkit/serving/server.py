@@ -16,6 +16,7 @@ from typing import Any
 from peftkit.adapters.adapter_set import NAME_PATTERN, AdapterSet, Quantize, resolve_adapter_dir
 from peftkit.errors import ServingError
 from peftkit.serving.app import ServeLimits, create_app
+from peftkit.serving.security import ServeSecurity
 
 log = logging.getLogger("peftkit.serve")
 
@@ -55,10 +56,11 @@ def load_for_serving(
     dtype: str,
     quantization: Quantize | dict[str, Any] | None,
     allow_mismatch: bool,
+    default_system: bool = True,
 ) -> AdapterSet:
     """Every adapter in `adapters_dir` on one base (see `AdapterSet.from_adapters`)."""
     aset = AdapterSet.from_adapters(
-        adapters_in(adapters_dir), base, dtype, quantization, allow_mismatch
+        adapters_in(adapters_dir), base, dtype, quantization, allow_mismatch, default_system
     )
     for warning in aset.warnings:
         log.warning(warning)
@@ -69,11 +71,17 @@ class Server:
     """uvicorn serving the app on host:port (port 0 = any free port, see `url`)."""
 
     def __init__(
-        self, adapters: AdapterSet, limits: ServeLimits, host: str, port: int, base_name: str
+        self,
+        adapters: AdapterSet,
+        limits: ServeLimits,
+        host: str,
+        port: int,
+        base_name: str,
+        security: ServeSecurity,
     ) -> None:
         import uvicorn
 
-        self.app = create_app(adapters, limits, base_name)
+        self.app = create_app(adapters, limits, base_name, security)
         self.socket = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
         )

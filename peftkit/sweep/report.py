@@ -13,7 +13,7 @@ import yaml
 from peftkit import units
 from peftkit.errors import RecipeError, SweepError
 from peftkit.io import atomic_write_text
-from peftkit.recipe.load import apply_override, load_recipe
+from peftkit.recipe.load import apply_override, load_recipe, read_yaml
 from peftkit.sweep.space import override
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def write_best_recipe(
     read from the recipe's folder and this file lives in the sweep folder. Loaded once before
     it is kept, so what is written is a recipe `peftkit train` accepts.
     """
-    raw = yaml.safe_load(recipe_path.read_text()) or {}
+    raw = read_yaml(recipe_path, "recipe", RecipeError)  # as load_recipe reads it
     param_overrides = [override(k, v) for k, v in best.params.items()]
     for item in [*overrides, *param_overrides]:
         apply_override(raw, item)

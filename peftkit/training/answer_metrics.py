@@ -66,6 +66,18 @@ def json_fields(answer: str, reference: str) -> dict[str, float]:
 BUILTIN: dict[str, Scorer] = {"exact": exact, "contains": contains, "json_fields": json_fields}
 
 
+def _json_reference(reference: str) -> str | None:
+    try:
+        value = json.loads(reference)
+    except ValueError as e:
+        return f"it is not JSON ({e}): {reference[:60]!r}"
+    return None if isinstance(value, dict) else f"it is JSON but not an object: {reference[:60]!r}"
+
+
+REFERENCE_CHECKS: dict[str, Callable[[str], str | None]] = {"json_fields": _json_reference}
+"""What a built-in metric needs of each reference answer: the problem, or None if it can score it."""
+
+
 def import_callable(spec: str, base_dir: Path | None, key: str) -> Callable[..., Any]:
     """The user's function `module:function` or `file.py:function` (the file relative to
     `base_dir` first); `key` names the recipe key in every error."""

@@ -6,7 +6,7 @@ Which rows make up each optimizer step is `peftkit.data.step_plan.StepPlan`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,15 +54,16 @@ def collate(rows: list[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
 
 def collate_packed(
     rows: list[EncodedRow], boundaries: bool = False, pad_to_multiple: int = 1, pad_id: int = 0
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Concatenate a micro-batch into one padding-free sequence of shape (1, total_tokens).
 
     Position ids restart at 0 for every row and no attention mask is passed: transformers then
     builds a block-diagonal causal mask from the position ids (flash-attention uses them as
     varlen boundaries), so no token attends across rows. The first token of each row gets label
     IGNORE, so nothing is predicted across a row boundary either, exactly as with padding, where
-    the shift drops each row's first label. With `boundaries`, the cumulative row lengths are
-    added as `cu_seq_lens_q` for the varlen SDPA attention (`training/attention.py`).
+    the shift drops each row's first label. With `boundaries`, the row boundaries for the varlen
+    attention (`training/attention.py`), computed here on the host once per micro-batch:
+    `cu_seq_lens_q/k` (cumulative lengths, int32), `max_length_q/k` and `row_lengths` (ints).
     With `pad_to_multiple`, a filler segment of pad tokens (its own positions, no labels) rounds
     the length up, so the CPU's bf16 kernels see few distinct shapes (oneDNN builds and caches
     kernels per shape; unbounded shape variety costs memory and first-call time).
@@ -79,9 +80,16 @@ def collate_packed(
     labels[position_ids == 0] = IGNORE
     batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}  # (1, tokens)
     if boundaries:
-        lengths = torch.tensor([0] + [len(r.input_ids) for r in rows])
-        batch["cu_seq_lens_q"] = lengths.cumsum(0).to(torch.int32)
+        lengths = tuple(len(r.input_ids) for r in rows)
+        cu = torch.tensor((0, *lengths)).cumsum(0).to(torch.int32)
+        batch |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "row_lengths": lengths}
+        batch |= {"max_length_q": max(lengths), "max_length_k": max(lengths)}
     return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device`; host values (the packed row lengths) stay."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -91,7 +99,7 @@ class Batching:
     packing: bool
     supervised_only: bool
     varlen: bool
-    """Packed rows run through peftkit's per-row SDPA (`training/attention.py`)."""
+    """Packed rows run through peftkit's varlen attention (`training/attention.py`)."""
     pack_multiple: int
     lengths: np.ndarray | None
     """Row lengths for length grouping of padded batches (None: no grouping)."""

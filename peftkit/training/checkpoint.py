@@ -2,8 +2,12 @@
 
 Layout: checkpoints/step-000120/{trainable.safetensors, optimizer.pt, scheduler.pt, rng-<rank>.pt,
 state.json}; a sharded (FSDP) run has trainable-<rank>.safetensors and optimizer-<rank>.pt instead,
-each process's own shards, resumed by as many processes. A checkpoint is written to a hidden temporary folder and renamed into place, with
-state.json written last, so only complete checkpoints are ever found. Tensors are loaded back with
+each process's own shards, resumed by as many processes. Under DeepSpeed the optimizer is ZeRO's:
+its partitions (and fp32 master weights) are written by the engine itself into `zero/`
+(`engine.save_checkpoint`) beside the gathered trainable.safetensors, and read back by the engine,
+which unpickles them (DeepSpeed's loader): resume only run directories you wrote. A checkpoint
+is written to a hidden temporary folder and renamed into place, with state.json written last,
+so only complete checkpoints are ever found. peftkit's own tensors are loaded back with
 `torch.load(weights_only=True)` (no arbitrary unpickling).
 """
 
@@ -23,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import RunDirError, TrainingStopped
-from peftkit.io import atomic_write_json
+from peftkit.io import atomic_write_json, fsync_dir, sync_tree
 from peftkit.training import sharded as shards
 
 
@@ -94,6 +98,17 @@ class SavedCheckpoint:
     rng: dict[str, Any] | None
     shards: int = 0
     """Processes whose shards the checkpoint holds (0: not sharded, whole tensors)."""
+    zero: bool = False
+    """The optimizer state is DeepSpeed ZeRO's (in `zero/`, loaded by the engine)."""
+
+
+ZERO_TAG = "zero"
+"""The folder (DeepSpeed's checkpoint tag) that holds a DeepSpeed engine's checkpoint."""
+
+
+def is_deepspeed(model: nn.Module) -> bool:
+    """A DeepSpeed engine (what `accelerator.prepare` returns under DeepSpeed)."""
+    return hasattr(model, "save_checkpoint") and hasattr(model, "zero_optimization_stage")
 
 
 def save_checkpoint(
@@ -121,7 +136,14 @@ def save_checkpoint(
         rank = accelerator.process_index
         torch.save(rng, tmp / f"rng-{rank}.pt")
         unwrapped = accelerator.unwrap_model(model)
-        if shards.is_sharded(unwrapped):  # every process writes its own shards
+        if is_deepspeed(model):  # ZeRO's partitions, each process its own (a collective)
+            model.save_checkpoint(
+                str(tmp), tag=ZERO_TAG, save_latest=False, exclude_frozen_parameters=True
+            )
+            with shards.gathered_trainable(unwrapped, keep=accelerator.is_main_process):
+                if accelerator.is_main_process:
+                    save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
+        elif shards.is_sharded(unwrapped):  # every process writes its own shards
             save_file(
                 shards.local_trainable_state(unwrapped), str(tmp / f"trainable-{rank}.safetensors")
             )
@@ -142,7 +164,9 @@ def save_checkpoint(
             "with --resume"
         ) from e
     if accelerator.is_main_process:
+        sync_tree(tmp)  # durable before it is renamed into place
         _replace(tmp, target)
+        fsync_dir(checkpoints)
         for old in complete_checkpoints(checkpoints)[:-keep_last]:
             remove_checkpoint(old)
     accelerator.wait_for_everyone()
@@ -189,7 +213,9 @@ def read_checkpoint(path: Path, process_index: int = 0) -> SavedCheckpoint:
             raise DamagedCheckpoint(path, f"{name} cannot be read ({type(e).__name__})") from e
 
     def tensors(file: Path) -> Any:
-        return torch.load(file, weights_only=True)
+        # On the CPU, not where they were saved from (rank 0's GPU for every rank): loading
+        # into the optimizer moves each state tensor to its parameter's device.
+        return torch.load(file, map_location="cpu", weights_only=True)
 
     raw = read("state.json", lambda f: json.loads(f.read_text()))
     try:
@@ -204,11 +230,12 @@ def read_checkpoint(path: Path, process_index: int = 0) -> SavedCheckpoint:
     bad = [n for n, t in weights.items() if not bool(torch.isfinite(t).all())][:3]
     if bad:
         raise DamagedCheckpoint(path, f"{weights_file} holds NaN or inf ({', '.join(bad)})")
-    optimizer = read(f"optimizer{suffix}.pt", tensors)
+    zero = (path / ZERO_TAG).is_dir()
+    optimizer = {} if zero else read(f"optimizer{suffix}.pt", tensors)
     scheduler = read("scheduler.pt", tensors)
     rng_file = f"rng-{process_index}.pt"
     rng = read(rng_file, tensors) if (path / rng_file).exists() else None
-    return SavedCheckpoint(path, state, weights, optimizer, scheduler, rng, n_shards)
+    return SavedCheckpoint(path, state, weights, optimizer, scheduler, rng, n_shards, zero)
 
 
 def newest_intact(
@@ -263,6 +290,14 @@ def apply_checkpoint(
         raise RunDirError(
             f"checkpoint {saved.path} does not match the model (missing {missing}, unexpected {extra})"
         )
+    if saved.zero != is_deepspeed(model):
+        raise RunDirError(
+            f"checkpoint {saved.path} was written "
+            + ("under DeepSpeed" if saved.zero else "without DeepSpeed")
+            + " and this run is "
+            + ("not under DeepSpeed" if saved.zero else "under DeepSpeed")
+            + ": resume with the launch that wrote it"
+        )
     sharded = shards.is_sharded(unwrapped)
     if (saved.shards or (1 if sharded else 0)) != (accelerator.num_processes if sharded else 0):
         raise RunDirError(
@@ -272,16 +307,25 @@ def apply_checkpoint(
             f"{accelerator.num_processes} process(es): resume with the launch that wrote it"
         )
     params = dict(unwrapped.named_parameters())
-    with torch.no_grad():
-        for name, value in saved.weights.items():
-            target = shards.local(params[name])
-            target.copy_(value.to(target.device))
     # The recipe's lr (and schedule) now, which a resume may change: the saved state holds the old.
     recipe_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    if sharded:
-        shards.load_local_optimizer_state(optimizer, saved.optimizer)
+    if saved.zero:  # the engine restores the trainable weights, ZeRO's master copy and state
+        model.load_checkpoint(
+            str(saved.path),
+            tag=ZERO_TAG,
+            load_module_strict=False,  # only the trainable weights were saved
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # peftkit's scheduler is restored below
+        )
     else:
-        optimizer.load_state_dict(saved.optimizer)
+        with torch.no_grad():
+            for name, value in saved.weights.items():
+                target = shards.local(params[name])
+                target.copy_(value.to(target.device))
+        if sharded:
+            shards.load_local_optimizer_state(optimizer, saved.optimizer)
+        else:
+            optimizer.load_state_dict(saved.optimizer)
     schedule = saved.scheduler
     lrs = [base * f(schedule["last_epoch"]) for base, f in zip(recipe_lrs, scheduler.lr_lambdas)]
     scheduler.load_state_dict({**schedule, "base_lrs": recipe_lrs, "_last_lr": lrs})

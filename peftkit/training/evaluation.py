@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from peftkit.errors import RecipeError
+from peftkit.training.batches import to_device
 from peftkit.training.objective import Objective
 from peftkit.training.reference import reference_metrics
 
@@ -46,7 +47,7 @@ def held_out_sums(
         if i >= len(rows):
             model(input_ids=objective.collate([filler])["input_ids"].to(device))
             continue
-        batch = {k: v.to(device) for k, v in objective.collate(rows[i : i + batch_size]).items()}
+        batch = to_device(objective.collate(rows[i : i + batch_size]), device)
         totals[0] += objective.eval_loss_sum(model, batch)
         totals[1] += objective.units(batch).to(device)
     return totals

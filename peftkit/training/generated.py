@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.encode import IGNORE, EncodedRow
+from peftkit.errors import DataError
 from peftkit.training.answer_metrics import Scorer
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 class HeldOutAnswer:
     prompt_ids: list[int]
     reference: str
+    origin: str = ""
+    """The data file and line of the row."""
 
 
 def held_out_answers(
@@ -49,8 +52,55 @@ def held_out_answers(
         if start == 0:
             continue
         reference = tokenizer.decode(row.input_ids[start:end], skip_special_tokens=True).strip()
-        out.append(HeldOutAnswer([int(t) for t in row.input_ids[:start]], reference))
+        out.append(HeldOutAnswer([int(t) for t in row.input_ids[:start]], reference, row.origin))
     return out
+
+
+GENERATION_BUDGET = 2**30
+"""Bytes the transients of one generate call may take (`row_bytes` per row); batches shrink to fit."""
+
+
+def row_bytes(
+    *, vocab: int, layers: int, kv_width: int, hidden: int, intermediate: int,
+    prompt_tokens: int, new_tokens: int, value_bytes: int,
+) -> int:  # fmt: skip
+    """Transient bytes one generated row costs: its KV cache (prompt + new tokens, every layer,
+    keys and values of `kv_width`), one layer's prefill activations (fp32 bound) and its last
+    position's logits (the head's output, an fp32 copy and the greedy pick's): `generate` asks
+    for the last position's logits only (`logits_to_keep=1`)."""
+    cache = (prompt_tokens + new_tokens) * layers * 2 * kv_width * value_bytes
+    prefill = prompt_tokens * (4 * hidden + 2 * intermediate) * 4
+    return cache + prefill + vocab * (value_bytes + 4 + 4)
+
+
+def kv_width(config) -> int:
+    """Width of one layer's keys (= values) per token: KV heads x head dimension."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+
+
+def model_row_bytes(model: nn.Module, prompt_tokens: int, new_tokens: int) -> int:
+    """`row_bytes` for this model's config and parameter dtype."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return row_bytes(
+        vocab=text.vocab_size,
+        layers=text.num_hidden_layers,
+        kv_width=kv_width(text),
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        value_bytes=next(model.parameters()).element_size(),
+    )
+
+
+def rows_per_generate(requested: int, one_row: int, budget: int | None = None) -> int:
+    """`requested` rows, fewer if their transients would pass `budget` (default
+    GENERATION_BUDGET), at least one."""
+    budget = GENERATION_BUDGET if budget is None else budget
+    return max(1, min(requested, budget // max(one_row, 1)))
 
 
 @torch.no_grad()
@@ -98,6 +148,10 @@ def score_answers(
     was_training = model.training
     model.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))  # less padding
+    if items:  # sized to memory: a 262k vocabulary or long prompts shrink the batch
+        longest = max(len(item.prompt_ids) for item in items)
+        one_row = model_row_bytes(model, longest, max_new_tokens)
+        batch_size = rows_per_generate(batch_size, one_row)
     answers: dict[int, str] = {}
     try:
         for a in range(0, len(order), batch_size):
@@ -134,12 +188,21 @@ class AnswerEval:
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],
     ) -> None:
-        from peftkit.training.answer_metrics import BUILTIN, load_function
+        from peftkit.training.answer_metrics import BUILTIN, REFERENCE_CHECKS, load_function
 
         self.spec = spec
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.items = held_out_answers(rows[: spec.rows], tokenizer)
+        check = REFERENCE_CHECKS.get(spec.metric)
+        for item in self.items if check else []:  # before any training, not at its first eval
+            problem = check(item.reference)
+            if problem:
+                raise DataError(
+                    f"{item.origin}: eval.metric {spec.metric} cannot score this row's reference "
+                    f"answer: {problem}. Fix the data, or set eval.metric to exact, contains or "
+                    "none"
+                )
         self.scorer = (
             load_function(spec.function) if spec.metric == "python" else BUILTIN[spec.metric]
         )

@@ -23,7 +23,6 @@ stopping and best/ keep the adapter with the highest held-out reward.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -34,100 +33,13 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftkit import _compat
 from peftkit.data.prompts import PromptRow, prompt_audit_lines, prompt_audit_record
 from peftkit.recipe.objective import GRPOObjective
 from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
 from peftkit.training.metrics import MetricsLog
 from peftkit.training.objective import Objective
 from peftkit.training.rewards import Reward, reward_metrics, score
-
-
-def _seed(*parts: Any) -> int:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _place(origin: str) -> str:
-    return origin.replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits with everything outside the top-k and the top-p nucleus set to -inf."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        ordered, index = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(ordered, dim=-1) > top_p  # keep the token crossing p
-        logits = logits.masked_fill(drop.scatter(-1, index, drop), -math.inf)
-    return logits
-
-
-@torch.no_grad()
-def sample_completions(
-    model: nn.Module,
-    prompt_ids: torch.Tensor,  # (B, P) left-padded
-    prompt_mask: torch.Tensor,  # (B, P)
-    seeds: list[int],  # (B,) one generator per row
-    max_new_tokens: int,
-    stop_ids: list[int],
-    pad_id: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    greedy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(completion ids (B, T) padded after each row's stop token, mask (B, T) of the tokens up to
-    and including the stop token, truncated (B,): no stop token within `max_new_tokens`)."""
-    from transformers import DynamicCache
-
-    device = prompt_ids.device
-    b = prompt_ids.shape[0]
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    stop = torch.tensor(stop_ids, device=device)
-    attention = prompt_mask.clone()
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = {_compat.cache_keyword(model): DynamicCache()}
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=attention,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **cache,
-    )
-    position = positions[:, -1:] + 1
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    tokens, masks = [], []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(_filter(logits / temperature, top_k, top_p), dim=-1)
-            nxt = torch.cat(
-                [torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(b)]
-            )
-        masks.append(~done)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens.append(nxt)
-        done = done | torch.isin(nxt, stop)
-        if bool(done.all()):
-            break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(
-            input_ids=nxt[:, None],
-            attention_mask=attention,
-            position_ids=position,
-            use_cache=True,
-            **cache,
-        )
-        position = position + 1
-    ids = torch.stack(tokens, dim=1)
-    mask = torch.stack(masks, dim=1).long()
-    return ids, mask, ~done
+from peftkit.training.rollouts import row_seed, sample_completions
 
 
 class GRPO(Objective):
@@ -265,8 +177,7 @@ class GRPO(Objective):
         g = self.spec.num_generations
         prompt_ids = batch["input_ids"].to(device).repeat_interleave(g, dim=0)
         prompt_mask = batch["attention_mask"].to(device).repeat_interleave(g, dim=0)
-        # the row's file name and line, not its folder: the same data anywhere draws the same
-        seeds = [_seed(self.seed, self.step, _place(r.origin), j) for r in rows for j in range(g)]
+        seeds = [row_seed(self.seed, self.step, r.origin, j) for r in rows for j in range(g)]
         ids, mask, truncated = sample_completions(
             model,
             prompt_ids,

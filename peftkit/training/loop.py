@@ -25,22 +25,26 @@ from peftkit.data.mixing import step_plan
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.methods.base import ApplyContext
+from peftkit.models.layers import frozen_experts
 from peftkit.models.load import head_config, load_model, load_tokenizer
-from peftkit.models.manifest import BaseIdentity, write_manifest
+from peftkit.models.manifest import BaseIdentity, training_prompt, write_manifest
 from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
-from peftkit.training import advice, inputs, trackers
+from peftkit.training import advice, inputs, trackers, update
 from peftkit.training import checkpoint as ckpt
+from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
+from peftkit.training.kernels import apply_kernels
 from peftkit.training.metrics import MetricsLog, plot_losses
-from peftkit.training.objective import Objective, build_objective, prepare_run_data
-from peftkit.training.optim import build_optimizer, build_scheduler, gradient_norm
+from peftkit.training.objective import Objective
+from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
+from peftkit.training.setup_objective import build_objective, prepare_run_data
 from peftkit.training.sharded import gathered_trainable
 from peftkit.training.signals import StopRequest
 from peftkit.training.unfreeze import LayerSchedule
@@ -85,6 +89,8 @@ class FineTuneRun(Evaluation):
             **trackers.accelerator_kwargs(r.output.report_to, self.run),
         )
         _compat.fsdp_on_cpu(self.accelerator)
+        _compat.deepspeed_on_cpu(self.accelerator)
+        self.engine = update.engine_name(self.accelerator)
         self.main = self.accelerator.is_main_process
         input_paths = [s.path for s in r.data.sources] + [r.model.name, r.model.tokenizer or ""]
         self.resume_changes = self.run.check_can_start(
@@ -115,7 +121,15 @@ class FineTuneRun(Evaluation):
         head = (
             head_config(self.class_names, self.tokenizer.pad_token_id) if r.task.has_head else None
         )
-        model = load_model(r.model, self.weights_dtype, self.accelerator.device, head)
+        # Placed once, here (a sharding engine places the weights it shards itself): what is
+        # made from the model later (a frozen reference, PiSSA's SVD) is made on its device.
+        model = load_model(
+            r.model,
+            self.weights_dtype,
+            self.accelerator.device,
+            head,
+            place=not self.launch.shards_state,
+        )
         # Before the method touches the model: the identity adapters are checked against later.
         self.base_identity = BaseIdentity.of(r.model.name, model, self.tokenizer)
         self.ctx = ApplyContext(
@@ -123,6 +137,8 @@ class FineTuneRun(Evaluation):
             tokenizer_path=r.model.tokenizer or str(model.name_or_path),
             gradient_checkpointing=r.train.gradient_checkpointing,
             quantized=r.model.quantization is not None,
+            upcast_unquantized=r.model.quantization is not None
+            and r.model.quantization.upcast_unquantized,
             work_dir=self.run.work,
             task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
         )
@@ -157,6 +173,7 @@ class FineTuneRun(Evaluation):
             self.accelerator.device,
             self.accelerator.unwrap_model,
         )
+        self.kernels = apply_kernels(model, self.objective)  # fused paths (training/kernels.py)
         for line in self.objective.audit_lines(self.data, self.tokenizer):
             self._print(line)
         if self.main:
@@ -172,6 +189,12 @@ class FineTuneRun(Evaluation):
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
             f"weights {str(self.weights_dtype).removeprefix('torch.')}, precision {self.precision}"
         )
+        frozen = frozen_experts(model)
+        if frozen and self.accelerator.is_main_process:
+            log.warning(
+                f"the MoE experts ({', '.join(frozen)}) stay frozen: no adapter reaches these 3-D "
+                "expert weights; set adapter.target_parameters: auto to adapt them"
+            )
 
         self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
             self.data.train,
@@ -189,9 +212,12 @@ class FineTuneRun(Evaluation):
         self.layers = LayerSchedule.for_run(
             r.adapter, model, self.plan.steps_per_epoch, self.accelerator.num_processes
         )
-        optimizer = build_optimizer(r.train, model, self.layers.lr_scales())
+        scales = combined_scales(self.layers.lr_scales(), r.adapter.lr_scales(model, r.train.lr))
+        optimizer = build_optimizer(r.train, model, scales)
         self.scheduler = build_scheduler(r.train, optimizer, self.total_steps)
+        update.configure_deepspeed(self.accelerator, r.train)  # no-op unless DeepSpeed
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.update = update.for_accelerator(self.accelerator, self.model, self.optimizer)
         self.layers.set_step(0)
         if self.layers.enabled:
             self._print(self.layers.describe(self.total_steps))
@@ -262,6 +288,7 @@ class FineTuneRun(Evaluation):
             self.data.reference
             or self.answers is not None
             or (self.data.eval and r.train.eval_every is not None)
+            or (self.data.eval and self.objective.evaluate_at_start)
         ):
             self._log_evaluation(self._eval_loss() if self.data.eval else None)
         with StopRequest() as stop:
@@ -367,12 +394,14 @@ class FineTuneRun(Evaluation):
         loss_sum = torch.zeros((), device=acc.device)
         try:
             for i, batch in enumerate(batches):
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch = to_device(batch, acc.device)
                 last = i == len(batches) - 1
-                with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                with self.update.no_sync(last):
                     token_loss_sum = objective.loss_sum(self.model, batch)
                     # DDP averages gradients over processes, hence the factor num_processes.
-                    acc.backward(token_loss_sum * acc.num_processes / max(n_supervised, 1))
+                    self.update.backward(
+                        token_loss_sum * acc.num_processes / max(n_supervised, 1), last
+                    )
                 loss_sum += token_loss_sum.detach()
         except torch.OutOfMemoryError as e:
             raise TrainingStopped(
@@ -380,15 +409,15 @@ class FineTuneRun(Evaluation):
             ) from e
         loss = acc.reduce(loss_sum, "sum").item() / max(n_supervised, 1)
         if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.update.zero_grad()
             raise TrainingStopped(
                 advice.non_finite_step(
                     f"loss became {loss}", self.recipe, self.state.step, self.run, micro_batches
                 )
             )
-        grad_norm = gradient_norm(self.accelerator, self.model, r.train.max_grad_norm)
+        grad_norm = self.update.grad_norm(r.train.max_grad_norm)  # before the update
         if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
-            self.optimizer.zero_grad(set_to_none=True)
+            self.update.zero_grad()
             raise TrainingStopped(
                 advice.non_finite_step(
                     f"the gradients became non-finite (norm {grad_norm})",
@@ -400,9 +429,9 @@ class FineTuneRun(Evaluation):
             )
         lr = self.scheduler.get_last_lr()[0]
         self._updated_uncounted = True
-        self.optimizer.step()
+        self.update.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.update.zero_grad()
         if acc.device.type == "cpu":
             _compat.release_freed_cpu_memory()
         self.state.tokens_seen += n_tokens
@@ -481,9 +510,12 @@ class FineTuneRun(Evaluation):
             layers=self.layers.summary(self.total_steps),
             stop_reason=self.stop_reason,
             processes=self.accelerator.num_processes,
+            engine=self.engine,
+            precision=self.precision,
             answer_rows=len(self.answers.items) if self.answers is not None else None,
             run_dir=run,
             final=final,
+            kernels=self.kernels.report(self.accelerator.unwrap_model(self.model), self.objective),
         )
         trackers.log(
             self.accelerator,
@@ -535,6 +567,12 @@ class FineTuneRun(Evaluation):
                         stop_tokens=self.data.stop_tokens,
                         recipe=self.recipe_dump,
                         quantization=self.recipe_dump["model"]["quantization"],
+                        prompt=training_prompt(
+                            self.data.chat_template.template,
+                            self.data.chat_template.source,
+                            self.recipe.data.system_prompt,
+                            self.data.system_turns,
+                        ),
                     )
         self.accelerator.wait_for_everyone()
 

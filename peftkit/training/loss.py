@@ -8,8 +8,9 @@ token carries a label (transformers' `logits_to_keep`, which also applies any lo
 or scaling the architecture has), and the fp32 softmax runs over chunks of those rows under
 activation checkpointing: neither (tokens x vocab) logits nor their fp32 log-softmax are kept.
 The sum is the same as the plain computation's, up to float summation order. Where the logits
-are exactly the head applied to the last hidden state (`linear_ce.fused_head`), the projection and
-the cross-entropy run fused instead: each chunk's logits are made, used and freed in the forward.
+are the head applied to the last hidden state, up to a known soft-cap or scale
+(`linear_ce.fused_head`), the projection and the cross-entropy run fused instead: each chunk's
+logits are made, used and freed in the forward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from peftkit.data.encode import IGNORE
 from peftkit.models.layers import unwrap_peft
-from peftkit.training.linear_ce import fused_head, linear_cross_entropy_sum
+from peftkit.training.linear_ce import fused_head, linear_cross_entropy_sum, logit_map
 
 CE_CHUNK_ROWS = 1024
 """Rows of logits per fp32 cross-entropy chunk: the transient fp32 memory is chunk x vocab x 4 B."""
@@ -55,7 +56,9 @@ def causal_lm_loss_sum(
     head = fused_head(model) if supervised_only else None
     if head is not None:  # projection and cross-entropy fused: no logits kept (linear_ce.py)
         hidden, targets, dtype = _hidden_and_targets(model, head, batch)
-        return linear_cross_entropy_sum(hidden, head.weight, targets, dtype=dtype)
+        return linear_cross_entropy_sum(
+            hidden, head.weight, targets, dtype=dtype, logit_map=logit_map(model)
+        )
     logits, targets, _ = _logits_and_targets(model, batch, supervised_only)
     return chunked_cross_entropy_sum(logits, targets)
 
@@ -105,19 +108,28 @@ def _hidden_and_targets(
     """The last hidden states at the positions predicting a label, those labels, and the dtype
     the head computed in (under autocast, the half type even for fp32 weights)."""
     inputs, targets, keep = _inputs_and_targets(batch)
-    # logits for no position (the head runs on zero rows); the last hidden state is the head's
-    # input. The head's own output says which dtype it computes in (autocast's, if any): the
-    # outputs themselves may have been cast to fp32 on the way out (accelerate does).
-    computed: list[torch.dtype] = []
-    hook = head.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
+    # The model hands its head the last hidden state at the kept positions (`logits_to_keep`):
+    # a pre-hook takes that input and gives the head zero rows instead, so no logits are made and
+    # no layer's hidden state is returned (no `output_hidden_states`, whose list accelerate would
+    # cast to fp32). The head's zero-row output says which dtype it computes in (autocast's, if
+    # any): the model's outputs may be cast to fp32 on the way out (accelerate does).
+    taken: dict[str, object] = {}
+
+    def take_input(module, args):
+        taken["hidden"] = args[0]  # (batch, kept, hidden)
+        return (args[0][..., :0, :], *args[1:])
+
+    def note_dtype(module, args, output):
+        taken["dtype"] = output.dtype
+
+    hooks = [head.register_forward_pre_hook(take_input), head.register_forward_hook(note_dtype)]
     try:
-        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=keep[:0])
+        model(**inputs, use_cache=False, logits_to_keep=keep)
     finally:
-        hook.remove()
-    hidden = out.hidden_states[-1]  # (batch, seq, hidden)
-    keep = keep.to(hidden.device)
-    dtype = computed[-1] if computed else hidden.dtype
-    return hidden[:, keep], targets.to(hidden.device)[:, keep], dtype
+        for hook in hooks:
+            hook.remove()
+    hidden = taken["hidden"]
+    return hidden, targets.to(hidden.device)[:, keep.to(hidden.device)], taken["dtype"]
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

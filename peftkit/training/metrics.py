@@ -218,8 +218,9 @@ def _plot_answers(log: MetricsLog, ax) -> None:
 
 
 def peak_memory_bytes() -> tuple[int, str]:
-    """Peak memory of this process: CUDA allocator peak on GPU, else peak resident set size."""
+    """Peak memory of this process: on GPU the caching allocator's peak reservation (what the
+    GPU holds for torch; allocated is less, the CUDA context more), else peak resident set size."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(), "cuda max allocated"
+        return torch.cuda.max_memory_reserved(), "cuda max reserved"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS"

@@ -11,7 +11,6 @@ gradient accumulation and data parallelism give the same update as one big batch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,18 +19,14 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.data import starts
 from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.encode import EncodedRow
-from peftkit.data.labeled import prepare_labeled_data
-from peftkit.data.pipeline import PreparedData, prepare_data
-from peftkit.data.preference import prepare_preference_data
+from peftkit.data.pipeline import PreparedData
 from peftkit.data.step_plan import StepPlan, TokenBudget
-from peftkit.recipe.schema import DataSpec, Recipe
-from peftkit.training.attention import register_varlen_sdpa, set_attention
-from peftkit.training.batches import Batching, choose_batching, collate, collate_packed
+from peftkit.recipe.schema import DataSpec
+from peftkit.training.batches import Batching, collate, collate_packed
 from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
-from peftkit.training.lora_mlp import install_fused_lora_mlps
+from peftkit.training.linear_ce import fused_head
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog
 from peftkit.training.tasks import TaskLosses, task_summary
@@ -45,8 +40,13 @@ class Objective:
     budget: TokenBudget | None = None
     """Packed micro-batches cut by tokens (`train.micro_batch_tokens`)."""
     unit = "supervised tokens"
+    varlen = False
+    """Packed micro-batches carry row boundaries for the varlen attention (`attention.py`)."""
     sort_eval_by_length = True
     """Evaluate rows sorted by length (less padding); off where batch composition matters."""
+    evaluate_at_start = False
+    """Evaluate the held-out rows at step 0 even without `train.eval_every` (the summary's
+    before -> after needs the start)."""
 
     def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -109,6 +109,10 @@ class Objective:
     def describe(self) -> str | None:
         return None
 
+    def fused_head_status(self, model: nn.Module) -> dict[str, Any]:
+        """Whether the loss runs the fused head and cross-entropy (`linear_ce.py`)."""
+        return {"used": False, "reason": f"{type(self).__name__} scores from the logits"}
+
     def before_training(
         self, model: nn.Module, data: Any, batch_rows: int, accelerator: Accelerator, run: Any
     ) -> str | None:
@@ -123,6 +127,18 @@ class CausalLM(Objective):
     def __init__(self, batching: Batching, pad_id: int) -> None:
         self.batching, self.pad_id = batching, pad_id
         self.lengths, self.budget = batching.lengths, batching.budget
+        self.varlen = batching.varlen
+
+    def fused_head_status(self, model: nn.Module) -> dict[str, Any]:
+        if not self.batching.supervised_only:
+            return {"used": False, "reason": "logits at every position (supervised_logits_only)"}
+        if fused_head(model) is None:
+            return {
+                "used": False,
+                "reason": "the logits are not a plain linear head of the last "
+                "hidden state (linear_ce.FUSED_HEAD_TYPES)",
+            }
+        return {"used": True}
 
     @classmethod
     def padded(cls, pad_id: int) -> CausalLM:
@@ -176,6 +192,9 @@ class Multitask(CausalLM):
 
     def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
         return self.task_losses.take(accelerator, "loss")
+
+    def fused_head_status(self, model: nn.Module) -> dict[str, Any]:
+        return {"used": False, "reason": "per-task losses are computed from the logits"}
 
     def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
         return super().eval_metrics(accelerator, eval_loss) | self.task_losses.take(
@@ -235,97 +254,3 @@ class TaskHead(Objective):
 
     def describe(self) -> str:
         return "batching: padded" + (", grouped by length" if self.lengths is not None else "")
-
-
-def prepare_run_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int):
-    """(prepared data, class names or None) for the recipe's objective and task. Causal-LM and
-    task-head data found in or added to the data cache is recorded under the recipe's start key,
-    as `peftkit prepare` records it, so that a later `peftkit prepare` of the recipe maps it
-    without loading the tokenizer (`peftkit.data.starts`)."""
-    if recipe.task.has_head:
-        data, names = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
-    elif recipe.objective.type == "grpo":
-        from peftkit.data.prompts import prepare_prompt_data
-
-        return prepare_prompt_data(
-            recipe.data, tokenizer, seed, recipe.objective.reference_column
-        ), None
-    elif recipe.objective.preference:
-        unpaired = recipe.objective.type == "kto"
-        return prepare_preference_data(recipe.data, tokenizer, seed, unpaired), None
-    else:
-        data, names = prepare_data(recipe.data, tokenizer, seed), None
-    starts.remember(starts.key_of(recipe), data)
-    return data, names
-
-
-def build_objective(
-    recipe: Recipe,
-    data: PreparedData,
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    precision: str,
-    class_names: list[str] | None,
-    device: torch.device,
-    unwrap: Callable[[nn.Module], nn.Module],
-) -> Objective:
-    """The run's objective, with its batching chosen for this model (before accelerate wraps it)."""
-    from peftkit.training.preference import Preference, frozen_copy
-
-    batching = choose_batching(
-        recipe.train, recipe.adapter, model, recipe.task.has_head, precision, data.train
-    )
-    pad_id = tokenizer.pad_token_id
-    # LoRA on a SwiGLU MLP: the same math with half the MLP's saved activations (lora_mlp.py);
-    # each call checks that it is the plain case, else the model's own forward runs.
-    install_fused_lora_mlps(model)
-    if recipe.task.has_head:
-        return TaskHead(pad_id, class_names, recipe.task.type, batching)
-    if recipe.objective.type == "grpo":
-        return _grpo(recipe, model, tokenizer, unwrap, frozen_copy)
-    if recipe.objective.preference:
-        spec = recipe.objective
-        is_adapter = hasattr(model, "disable_adapter")
-        frozen = (
-            frozen_copy(model)
-            if spec.needs_reference
-            and not is_adapter
-            and not getattr(spec, "precompute_ref", False)
-            else None
-        )
-        return Preference(spec, pad_id, batching.supervised_only, unwrap, frozen)
-    if batching.varlen:  # per-row SDPA instead of one masked SDPA over the packed micro-batch
-        set_attention(model, register_varlen_sdpa())
-    task_losses = TaskLosses.for_data(data, device)
-    if task_losses is not None:
-        return Multitask(batching, pad_id, task_losses, recipe.data, data)
-    return CausalLM(batching, pad_id)
-
-
-def _grpo(
-    recipe: Recipe,
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    unwrap: Callable[[nn.Module], nn.Module],
-    frozen_copy: Callable[[nn.Module], nn.Module],
-) -> Objective:
-    """The GRPO objective: rewards imported, stop ids and the reference chosen."""
-    from peftkit.training.grpo import GRPO
-    from peftkit.training.rewards import build_rewards
-
-    spec = recipe.objective
-    eos = model.generation_config.eos_token_id  # the run's stop ids (set by the loop)
-    stop_ids = sorted(eos if isinstance(eos, list) else {eos} - {None})
-    frozen = (
-        frozen_copy(model) if spec.beta != 0 and not hasattr(model, "disable_adapter") else None
-    )
-    return GRPO(
-        spec,
-        build_rewards(spec.rewards, None),
-        tokenizer,
-        stop_ids,
-        recipe.train.seed,
-        unwrap,
-        frozen,
-        recipe.eval.max_new_tokens,
-    )

@@ -17,13 +17,14 @@ def build_optimizer(
     """AdamW over the trainable parameters; no weight decay on biases, norms and 1-d vectors.
 
     `lr_scales` (parameter name -> factor, from layer-wise lr decay) splits the parameters further
-    into one group per factor at `lr x factor`, largest factor first, so group 0 carries `lr`.
+    into one group per factor at `lr x factor`: factor 1 first (group 0 carries `lr`, the lr that
+    is logged), then the others largest first (LoRA+'s B at `lr x ratio`; lower layers' decay).
     Each group keeps its factor under `lr_scale`.
     """
     buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            scale = 1.0 if lr_scales is None else lr_scales[name]
+            scale = 1.0 if lr_scales is None else lr_scales.get(name, 1.0)
             buckets.setdefault((scale, p.ndim >= 2), []).append(p)
     groups = [
         {
@@ -33,7 +34,7 @@ def build_optimizer(
             "lr_scale": scale,
         }
         for (scale, decays), params in sorted(
-            buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])
+            buckets.items(), key=lambda kv: (kv[0][0] != 1.0, -kv[0][0], not kv[0][1])
         )
     ]
     kwargs = {"lr": spec.lr, "betas": spec.betas}
@@ -49,6 +50,17 @@ def build_optimizer(
     return cls(groups, **kwargs)
 
 
+def combined_scales(
+    *scales: dict[str, float] | None,
+) -> dict[str, float] | None:
+    """Per-parameter lr factors from several sources (layer decay, LoRA+), multiplied."""
+    given = [s for s in scales if s is not None]
+    if not given:
+        return None
+    names = set().union(*given)
+    return {n: math.prod(s.get(n, 1.0) for s in given) for n in names}
+
+
 def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
     if spec.warmup_steps is not None:
         return min(spec.warmup_steps, total_steps)
@@ -58,13 +70,18 @@ def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
 def build_scheduler(
     spec: TrainSpec, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> LambdaLR:
-    """Linear warmup, then cosine / linear decay to `min_lr_ratio * lr`, or constant."""
+    """Linear warmup, then cosine / linear decay to `min_lr_ratio * lr`, or constant.
+
+    The factor of step k (0-based) is transformers' `get_{cosine,linear,constant}_schedule_with_
+    warmup`: k / warmup during the warmup (so the first step runs at lr 0, as in the Trainer and
+    TRL), then 0.5 (1 + cos(pi p)) or 1 - p with p = (k - warmup) / (total - warmup).
+    """
     warmup = warmup_steps(spec, total_steps)
     floor = spec.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / warmup
         if spec.scheduler == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)

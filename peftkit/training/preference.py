@@ -2,7 +2,8 @@
 
 A pair micro-batch is one padded batch of the chosen answers followed by the rejected ones
 (`input_ids` (2 x pairs, seq)), as TRL builds it, so one forward scores both. The log-probability
-of an answer is the sum over its supervised tokens (the answer turn and its end-of-turn token).
+of an answer is the sum over its supervised tokens: every token after the prompt, as TRL scores a
+completion (`peftkit.data.preference.scored_after_prompt`).
 
 The reference pi_ref (DPO, KTO) is the model as it started: for adapter methods the same weights
 with the adapter switched off (no second copy), for full/partial fine-tuning a frozen copy taken
@@ -79,6 +80,7 @@ class Preference(Objective):
     """DPO / KTO / ORPO / SimPO; chosen once from `recipe.objective`."""
 
     sort_eval_by_length = False  # KTO's KL rows pair neighbours; keep the data order
+    evaluate_at_start = True  # the summary's preference figures before -> after
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class Preference(Objective):
         supervised_only: bool,
         unwrap: Callable[[nn.Module], nn.Module],
         frozen_reference: nn.Module | None,
+        lengths: np.ndarray | None = None,
     ) -> None:
         self.spec, self.pad_id, self.supervised_only, self.unwrap = (
             spec,
@@ -95,6 +98,9 @@ class Preference(Objective):
             unwrap,
         )
         self.kto = spec.type == "kto"
+        # Length grouping (train.packing false) reorders pairs within a step: the loss is a sum
+        # over pairs, so the same; KTO's KL rows pair micro-batch neighbours, so it keeps the order.
+        self.lengths = None if self.kto else lengths
         self.unit = "rows" if self.kto else "pairs"
         self.frozen = frozen_reference
         """Full/partial fine-tuning: the starting weights, frozen. None: the adapter switched off."""
@@ -341,11 +347,11 @@ class Preference(Objective):
 
     # ----------------------------------------------------------------- the rest
     def summary(self, metrics: MetricsLog, plan: Any, steps: int) -> dict[str, Any]:
-        """First and last evaluation's preference figures (and the step-0 ones, on held-out rows)."""
+        """The held-out preference figures at step 0 (before) and at the last evaluation (after)."""
         out: dict[str, Any] = {"objective": self.spec.type}
         for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             curve = metrics.series(f"eval_{key}")
-            if curve:
+            if curve and curve[0][0] == 0:
                 name = key.split("/")[1]
                 out[f"eval_{name}_before"], out[f"eval_{name}_after"] = curve[0][1], curve[-1][1]
         return {"preference": out}
@@ -374,6 +380,7 @@ class Preference(Objective):
             f"objective: {self.spec.type} (beta {self.spec.beta}"
             + (f", {self.spec.loss_type}" if self.spec.type == "dpo" else "")
             + f"); reference: {ref}; batching: padded, one micro-batch = chosen + rejected"
+            + (", grouped by length" if self.lengths is not None else "")
             if not self.kto
             else f"objective: kto (beta {self.spec.beta}); reference: {ref}; batching: padded"
         )

@@ -48,11 +48,18 @@ def run_summary(
     layers: dict[str, Any],
     stop_reason: str,
     processes: int,
+    engine: str,
+    precision: str,
     answer_rows: int | None,
     run_dir: RunLayout,
     final: Path,
+    kernels: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """summary.json: what the run did and reached (the figures the end-of-run printout shows)."""
+    """summary.json: what the run did and reached (the figures the end-of-run printout shows).
+
+    `kernels`: `Kernels.report` (`attention`, `speedups`: which fused paths ran, why not);
+    `engine`: single, DDP, FSDP2 or DeepSpeed ZeRO-n (`update.engine_name`); `precision`: bf16,
+    fp16 or fp32 (what the run computed in)."""
     r = recipe
     train_losses, eval_losses = metrics.train_losses(), metrics.eval_losses()
     peak, peak_kind = peak_memory_bytes()
@@ -64,6 +71,8 @@ def run_summary(
         "epochs": round(state.step / plan.steps_per_epoch, 3),
         "global_batch_rows": plan.global_batch,
         "processes": processes,
+        "engine": engine,
+        "precision": precision,
         "tokens": state.tokens_seen,
         "supervised_tokens": state.supervised_tokens_seen,
         "loss_unit": objective.unit,
@@ -85,6 +94,7 @@ def run_summary(
         "final": str(final),
         "best": str(run_dir.best) if run_dir.best.exists() else None,
         **layers,
+        **(kernels or {}),
     }
     summary |= objective.summary(metrics, plan, state.step)
     if answer_rows is not None:
@@ -207,6 +217,22 @@ def _grpo_rows(g: dict[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _speedup_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """`attention` and one word per fused path: on, or off with its reason."""
+    if "speedups" not in s:
+        return []
+    words = [
+        f"{name.replace('_', ' ')} "
+        + (
+            "on" + (f" ({v['partly']})" if "partly" in v else "")
+            if v["used"]
+            else f"off ({v['reason']})"
+        )
+        for name, v in s["speedups"].items()
+    ]
+    return [("attention", str(s["attention"])), ("speedups", "; ".join(words))]
+
+
 def format_summary(
     s: dict[str, Any], prompts: list[str], before: list[str] | None, after: list[str] | None
 ) -> str:
@@ -225,6 +251,7 @@ def format_summary(
             f"{s['steps']} ({s['epochs']} epochs, {s['global_batch_rows']} rows per step, "
             f"{s['processes']} process{'es' if s['processes'] > 1 else ''}); {s['stop_reason']}",
         ),
+        ("engine", f"{s.get('engine', '-')}, precision {s.get('precision', '-')}"),
         (
             "tokens",
             f"{s['tokens']:,} real (non-pad), {s['supervised_tokens']:,} "
@@ -240,6 +267,7 @@ def format_summary(
             "training steps",
         ),
         ("peak memory", f"{units.size(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
+        *_speedup_rows(s),
         ("train loss", loss_line(s["first_train_loss"], s["final_train_loss"])),
         (
             "eval loss",

@@ -12,7 +12,7 @@ import yaml
 
 from peftkit.errors import RunDirError
 from peftkit.io import RunLayout, atomic_write_text, guard_output, recover_atomic_dirs
-from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.load import load_run_recipe
 from peftkit.recipe.schema import RESUMABLE_CHANGES
 
 
@@ -35,9 +35,9 @@ class RunDir(RunLayout):
         if resume:
             if not self.recipe.exists():
                 raise RunDirError(f"--resume: {self.path} holds no run to resume (no recipe.yaml)")
-            saved = yaml.safe_load(self.recipe.read_text())
             # through today's schema: keys added since the run was made read as their defaults
-            saved = validate_recipe(saved, str(self.recipe)).model_dump(mode="json")
+            # (the command that resumes has checked model.trust_remote_code: see api.train)
+            saved = load_run_recipe(self.recipe, trust_remote_code=True).model_dump(mode="json")
             diff = _diff(saved, recipe_dump)
             changed = [k for k in diff if not k.startswith(RESUMABLE_CHANGES)]
             if changed:

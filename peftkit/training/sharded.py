@@ -31,10 +31,23 @@ def local(t: Any) -> Any:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """DeepSpeed ZeRO-3: each parameter holds only this process's partition (`ds_id` marks it)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 @contextlib.contextmanager
 def gathered_trainable(model: nn.Module, keep: bool) -> Iterator[None]:
     """Within the block, the trainable parameters of `model` are whole, plain tensors in the
-    process(es) with `keep` (others only take part in the gathering). Every process must enter."""
+    process(es) with `keep` (others only take part in the gathering). Every process must enter.
+    Under ZeRO-3 DeepSpeed's `GatheredParameters` gathers them (on every process), read-only."""
+    if is_zero3_partitioned(model):
+        import deepspeed
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            yield
+        return
     # Public nn.Module API only: assigning a Parameter to a module attribute registers it (what
     # torch's own FSDP does when a module overrides __setattr__), no private _parameters dict.
     swapped = []

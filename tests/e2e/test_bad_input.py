@@ -310,6 +310,49 @@ def _serve_dir(damage=None, name="mine"):
     return build
 
 
+def _edit_run_recipe(edit):
+    """`edit(text) -> text` of a copied run's recipe.yaml."""
+
+    def change(run):
+        (run / "recipe.yaml").write_text(edit((run / "recipe.yaml").read_text()))
+
+    return change
+
+
+def _trusting(text):
+    return text.replace("trust_remote_code: false", "trust_remote_code: true")
+
+
+def _resume_trusting(w, tmp):
+    """`peftkit train RUN/recipe.yaml --resume` of a run sent from elsewhere that trusts its
+    model's code (the copy's recipe points at the copy)."""
+    run = tmp / "run"
+    shutil.copytree(w["run"], run)
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    saved["output"]["dir"] = str(run)
+    saved["model"]["trust_remote_code"] = True
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    return ["train", str(run / "recipe.yaml"), "--resume"]
+
+
+def _adapter_copy(damage):
+    """`peftkit generate` with a copy of the run's adapter damaged by `damage(folder)`."""
+
+    def build(w, tmp):
+        adapter = tmp / "adapter"
+        shutil.copytree(w["run"] / "adapter", adapter)
+        damage(adapter)
+        return ["generate", "--adapter", f"a={adapter}", "--prompt", "hi"]
+
+    return build
+
+
+PAIRS = "".join(
+    json.dumps({"prompt": f"Order {i}?", "chosen": f"Sure, order {i}.", "rejected": "No."}) + "\n"
+    for i in range(8)
+)
+
+
 # id: (build(world, tmp) -> argv, exit code, regex the message must match)
 CATALOGUE = {
     # ---- recipe: keys, types, values
@@ -492,6 +535,23 @@ CATALOGUE = {
         2,
         r"no train row has any supervised token",
     ),
+    "data: json_fields metric on answers that are not JSON": (
+        _train(eval={"metric": "json_fields"}, data={"eval_fraction": 0.2}),
+        2,
+        r"train\.jsonl line \d+: eval\.metric json_fields cannot score this row's reference "
+        r"answer: it is not JSON",
+    ),
+    "data: DPO with json_fields on answers that are not JSON": (
+        _train_on(
+            "prefs.jsonl",
+            PAIRS,
+            objective={"type": "dpo"},
+            eval={"metric": "json_fields"},
+            data={"eval_fraction": 0.25},
+        ),
+        2,
+        r"prefs\.jsonl line \d+: eval\.metric json_fields cannot score this row's reference answer",
+    ),
     "data: missing chat template file": (
         _train(data={"chat_template": "/nowhere/t.jinja"}),
         2,
@@ -508,7 +568,21 @@ CATALOGUE = {
         2,
         r"damaged or truncated weights file .*model\.safetensors",
     ),
-    "model: missing folder": (_train(model={"name": "/nowhere/model"}), 2, r"/nowhere/model"),
+    "model: missing folder": (
+        _train(model={"name": "/nowhere/model"}),
+        2,
+        r"/nowhere/model: no such folder \(written as a local path, so not looked up",
+    ),
+    "model: missing relative folder": (
+        _train(model={"name": "./nowhere/model"}),
+        2,
+        r"\./nowhere/model: no such folder",
+    ),
+    "model: generate --base that does not exist": (
+        _cli("generate", "--base", "{tmp}/nowhere", "--prompt", "hi"),
+        2,
+        r"nowhere: no such folder",
+    ),
     # ---- run directory and resume
     "run: output.dir is a file": (_train(output={"dir": "{file}"}), 2, r"is a file, not a folder"),
     "run: exists, no overwrite": (
@@ -550,7 +624,37 @@ CATALOGUE = {
         2,
         r"no intact checkpoint to resume from \(checkpoint .*step-0000002 is damaged: trainable\.safetensors cannot be read",
     ),
+    "run: export of a run that trusts its model's code": (
+        _copy_run_and(_edit_run_recipe(_trusting)),
+        2,
+        r"recipe\.yaml: model\.trust_remote_code is true: reading this run would run the Python "
+        r"code .* Pass --trust-remote-code",
+    ),
+    "run: export of a run whose recipe says trust_remote_code: on": (
+        _copy_run_and(
+            _edit_run_recipe(
+                lambda t: t.replace("trust_remote_code: false", "trust_remote_code: on")
+            )
+        ),
+        2,
+        r"model\.trust_remote_code: Input should be a valid boolean \(got 'on'\)",
+    ),
+    "run: export of a run recipe with a duplicate section": (
+        _copy_run_and(_edit_run_recipe(lambda t: t + "model:\n  name: other\n")),
+        2,
+        r"'model' is given twice in the same section",
+    ),
+    "run: resume of a run that trusts its model's code": (
+        _resume_trusting,
+        2,
+        r"model\.trust_remote_code is true: .* Pass --trust-remote-code",
+    ),
     # ---- export
+    "export: truncated adapter weights": (
+        _copy_run_and(lambda run: _truncate(run / "adapter" / "adapter_model.safetensors")),
+        2,
+        r"damaged or truncated weights file .*adapter/adapter_model\.safetensors \(",
+    ),
     "export: --out is the run": (
         _export("--overwrite", out=lambda w, tmp: w["run"]),
         2,
@@ -677,6 +781,33 @@ CATALOGUE = {
         2,
         r"argument --density: must be > 0\.0 and <= 1\.0",
     ),
+    "cli: combine --weights x,y": (
+        _cli(
+            "combine",
+            "--adapter",
+            "a={run}",
+            "--adapter",
+            "b={run}",
+            "--out",
+            "{tmp}/c",
+            "--how",
+            "linear",
+            "--weights",
+            "x,y",
+        ),
+        2,
+        r"argument --weights: 'x' is not a number",
+    ),
+    "cli: combine --weights 1,nan": (
+        _cli("combine", "--out", "{tmp}/c", "--weights", "1,nan"),
+        2,
+        r"argument --weights: '1,nan': every weight must be a finite number",
+    ),
+    "cli: serve --special-tokens-in-content strip": (
+        _cli("serve", "--adapters-dir", "{tmp}", "--special-tokens-in-content", "strip"),
+        2,
+        r"argument --special-tokens-in-content: invalid choice: 'strip'",
+    ),
     "cli: unknown verb": (_cli("trian", "r.yaml"), 2, r"invalid choice: 'trian'"),
     "cli: export without --out": (
         _cli("export", "{run}"),
@@ -706,7 +837,40 @@ CATALOGUE = {
         2,
         r"my adapter: folder names are the served model names",
     ),
+    "serve: truncated adapter weights": (
+        _serve_dir(lambda a: _truncate(a / "adapter_model.safetensors")),
+        2,
+        r"adapter 'mine': damaged or truncated weights file .*mine/adapter_model\.safetensors",
+    ),
+    "serve: a public address without an API key": (
+        _cli("serve", "--adapters-dir", "{tmp}", "--host", "0.0.0.0"),
+        2,
+        r"refusing to serve on 0\.0\.0\.0 without an API key: .*--insecure-no-auth",
+    ),
+    "serve: --api-key-file missing": (
+        _cli("serve", "--adapters-dir", "{tmp}", "--api-key-file", "{tmp}/nowhere"),
+        2,
+        r"--api-key-file: no such file: .*nowhere",
+    ),
+    "serve: empty --api-key-file": (
+        lambda w, tmp: (
+            _write(tmp / "key", "\n")
+            or ["serve", "--adapters-dir", str(tmp), "--api-key-file", str(tmp / "key")]
+        ),
+        2,
+        r"--api-key-file: .*key is empty",
+    ),
+    "serve: --api-key and --api-key-file": (
+        _cli("serve", "--adapters-dir", "{tmp}", "--api-key", "k", "--api-key-file", "{tmp}/k"),
+        2,
+        r"give --api-key or --api-key-file, not both",
+    ),
     # ---- adapters
+    "adapters: generate with a truncated adapter": (
+        _adapter_copy(lambda a: _truncate(a / "adapter_model.safetensors")),
+        2,
+        r"adapter 'a': damaged or truncated weights file .*adapter_model\.safetensors",
+    ),
     "adapters: generate with no adapter there": (
         _cli("generate", "--adapter", "a={tmp}/nowhere", "--prompt", "hi"),
         2,
@@ -790,4 +954,4 @@ def test_bad_input_catalogue(case, world, tmp_path, capsys, caplog):
 
 
 def test_the_catalogue_is_large():
-    assert len(CATALOGUE) >= 60
+    assert len(CATALOGUE) >= 100

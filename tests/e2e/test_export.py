@@ -4,6 +4,7 @@ bases; template lock; stop tokens; adapter-only exports and the vLLM check; fail
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -23,6 +24,12 @@ METHODS = {
     "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},
     "rslora": {"method": "lora", "r": 32, "alpha": 8, "dropout": 0.0, "use_rslora": True},
     "ia3": {"method": "ia3"},
+    "loha": {"method": "loha", "r": 4, "alpha": 8},
+    "lokr": {"method": "lokr", "r": 4, "alpha": 8},
+    "vera": {"method": "vera", "r": 16},
+    "oft": {"method": "oft", "block_size": 8},
+    "boft": {"method": "boft"},
+    "miss": {"method": "miss", "r": 8},
     "full": {"method": "full"},
     "partial": {"method": "partial", "top_layers": 1},
     "qlora": {"method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
@@ -68,7 +75,23 @@ def trained(tiny_model, tmp_path_factory):
 PROBE = torch.tensor([[1, 30, 41, 52, 63, 74, 85, 2, 1, 96, 107]])
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "full", "partial", "qlora"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lora",
+        "dora",
+        "ia3",
+        "loha",
+        "lokr",
+        "vera",
+        "oft",
+        "boft",
+        "miss",
+        "full",
+        "partial",
+        "qlora",
+    ],
+)
 def test_merged_export_reloads_with_transformers_and_matches_the_trained_model(
     name, trained, tmp_path
 ):
@@ -76,6 +99,10 @@ def test_merged_export_reloads_with_transformers_and_matches_the_trained_model(
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    # readable by others (a container serving the folder), as a plain open() leaves a file
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     model = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32
     )  # plain transformers, strict

@@ -110,15 +110,40 @@ def test_q8_0_gate_can_fail_and_leaves_nothing(lora_run, tmp_path, capsys):
         recipe_path.write_text(saved)
 
 
-def test_gguf_refuses_adapter_only_and_virtual_tokens(lora_run, tiny_model, tmp_path):
-    run, _ = lora_run
-    with pytest.raises(ExportError, match="no --adapter-only"):
-        export(run, tmp_path / "a", format="gguf", adapter_only=True, log=lambda *_: None)
+def test_lora_adapter_exports_as_a_llama_cpp_adapter(lora_run, tiny_model, tmp_path):
+    """--format gguf --adapter-only: llama.cpp's LoRA adapter file, gated by reading it back and
+    applying it to the base; adding it to the tiny base reproduces the trained model's logits."""
+    import gguf
+
+    from peftkit.export.gguf_lora import apply_lora_gguf
+
+    run, expected = lora_run
+    out = tmp_path / "lora-gguf"
+    args = ["export", str(run), "--out", str(out), "--format", "gguf", "--adapter-only"]
+    assert main([*args, "--quant", "f32"]) == 0
+    name = "test-lora-f32.gguf"
+    assert sorted(p.name for p in out.iterdir()) == sorted([name, "fidelity.json", "README.md"])
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["passed"] and report["fidelity"]["relative_error"] < 1e-5
+    assert gguf.GGUFReader(out / name).fields["adapter.type"].contents() == "lora"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        got = apply_lora_gguf(base, out / name).eval()(input_ids=PROBE).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    assert "--lora test-lora-f32.gguf" in (out / "README.md").read_text()
+    with pytest.raises(ExportError, match="not 'q8_0'"):  # refused before loading anything
+        export(run, tmp_path / "q", format="gguf", adapter_only=True, quant="q8_0", log=print)
+    assert not (tmp_path / "q").exists()
+
+
+def test_gguf_refuses_virtual_tokens(tiny_model, tmp_path):
     prompt_run, _ = _train(
         tmp_path, tiny_model, "prompt", {"method": "prompt_tuning", "num_virtual_tokens": 4}
     )
     with pytest.raises(ExportError, match="cannot be written as GGUF"):
         export(prompt_run, tmp_path / "p", format="gguf", log=lambda *_: None)
+    with pytest.raises(ExportError, match=r"no llama\.cpp GGUF form"):
+        export(prompt_run, tmp_path / "a", format="gguf", adapter_only=True, log=lambda *_: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
 
 
@@ -187,3 +212,41 @@ def test_real_smollm2_gguf_round_trips(tmp_path):
     with torch.no_grad():
         a, b = model(ids).logits, again.eval()(ids).logits
     assert ((a - b).norm() / a.norm()).item() < 2e-3  # measured 7.5e-4 (f16 rounding)
+
+
+def test_gemma3_run_exports_to_gguf_through_the_gate(tmp_path):
+    """A tiny Gemma 3 with a sentencepiece-style tokenizer: LoRA run, then `--format gguf`
+    (norms +1, local/global RoPE bases, "llama" vocabulary) passes the gate with every held-out row
+    re-encoded to the same ids."""
+    from tests.unit.test_gguf_arch import make_arch_model, sentencepiece_tokenizer
+
+    folder = tmp_path / "tiny-gemma3"
+    tok = sentencepiece_tokenizer("gemma")
+    tok.save_pretrained(folder)
+    make_arch_model("gemma3", len(tok)).save_pretrained(folder)
+    run, _ = _train(
+        tmp_path, folder, "gemma", {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+    )
+    out = tmp_path / "gguf"
+    report = export(run, out, format="gguf", quant="q8_0", log=lambda *_: None)
+    assert report["passed"], report["failures"]
+    tokens = report["gguf"]["tokenizer"]
+    assert tokens["identical_rows"] == tokens["rows"] > 0 and tokens["chat_template_kept"]
+    reread = AutoModelForCausalLM.from_pretrained(out, gguf_file="test-q8_0.gguf")
+    assert type(reread).__name__ == "Gemma3ForCausalLM"
+
+
+def test_unsupported_architecture_is_refused_before_loading(lora_run, tmp_path, monkeypatch):
+    from peftkit.errors import UnsupportedGGUFExport
+    from peftkit.export import build, gguf_arch
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(build, "load_trained", loaded)
+    monkeypatch.setattr(build, "dense_base", loaded)
+    monkeypatch.delitem(gguf_arch.ARCHITECTURES, "llama")
+    run, _ = lora_run
+    with pytest.raises(UnsupportedGGUFExport, match="not 'llama'"):
+        export(run, tmp_path / "g", format="gguf", log=lambda *_: None)
+    assert not (tmp_path / "g").exists()

@@ -29,9 +29,19 @@ SETTINGS = {
     "prompt_tuning": {"num_virtual_tokens": 4},
     "prefix_tuning": {"num_virtual_tokens": 4},
     "partial": {"top_layers": 1},
+    "peft": {"peft_type": "hra", "config": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
+    "vera": {"r": 16},
+    "oft": {"block_size": 8},
+    "miss": {"r": 8},
 }
 VARIANTS = {
     "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},
+    "loraplus": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "loraplus_lr_ratio": 16},
+    "peft_fourierft": {
+        "method": "peft",
+        "peft_type": "fourierft",
+        "config": {"n_frequency": 16, "target_modules": ["q_proj", "v_proj"]},
+    },
     "rslora_pissa": {
         "method": "lora",
         "r": 4,
@@ -160,3 +170,80 @@ def test_lora_halves_the_loss_on_a_memorisable_set(tmp_path, tiny_model):
     assert main(["train", str(recipe)]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_train_loss"] <= 0.5 * summary["first_train_loss"]
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_qlora_keeps_unquantized_layers_in_the_compute_dtype_unless_asked(
+    tmp_path, tiny_model, upcast
+):
+    """A 4-bit base's embeddings, norms and head stay bf16 under bf16 training (peft's QLoRA
+    preparation casts them to fp32: `quantization.upcast_unquantized: true` asks for that);
+    nothing of the base trains either way."""
+    from peftkit.methods.base import ApplyContext
+    from peftkit.models.load import load_model, load_tokenizer
+
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "q.yaml",
+            tiny_model,
+            tmp_path / "unused.jsonl",
+            adapter={"method": "qlora", "r": 4},
+            model={
+                "name": str(tiny_model),
+                "quantization": {"bits": 4, "upcast_unquantized": upcast},
+            },
+        )
+    )
+    model = load_model(recipe.model, torch.bfloat16, torch.device("cpu"))
+    ctx = ApplyContext(
+        load_tokenizer(recipe.model), "", False, True, tmp_path, upcast_unquantized=upcast
+    )
+    model = recipe.adapter.apply(model, ctx)
+    base = model.get_base_model()
+    kept = [base.model.embed_tokens.weight, base.model.norm.weight, base.lm_head.weight]
+    kept.append(base.model.layers[0].input_layernorm.weight)
+    assert {p.dtype for p in kept} == {torch.float32 if upcast else torch.bfloat16}
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "name", ["loraplus", "loha", "lokr", "vera", "oft", "boft", "miss", "peft"]
+)
+def test_resume_equals_an_uninterrupted_run(name, tmp_path, tiny_model):
+    """A crash after step 2 of 4, then --resume: the run ends bit for bit where the uninterrupted
+    one ends (losses and adapter weights); LoRA+'s two learning rates included."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import RESUME_TRAIN, chat_rows
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10, seed=1))
+    train = {**RESUME_TRAIN, "max_steps": 4}
+
+    def recipe(out):
+        return write_recipe(
+            tmp_path / f"{out}.yaml",
+            tiny_model,
+            data,
+            adapter=METHODS[name],
+            train=train,
+            output={"dir": str(tmp_path / out), "plot": False},
+        )
+
+    assert main(["train", str(recipe("full"))]) == 0
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    for lost in ("checkpoints/step-0000004", "adapter", "best"):
+        shutil.rmtree(crashed / lost, ignore_errors=True)
+    (crashed / "summary.json").unlink()
+    assert main(["train", str(recipe("crashed")), "--resume"]) == 0
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    assert losses(crashed) == losses(tmp_path / "full")
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peftkit import api
 from peftkit.cli import main
+from peftkit.training.linear_ce import chunk_bytes
 from tests.conftest import write_recipe
 
 
@@ -37,17 +38,46 @@ def test_plan_components_follow_the_recipe(tmp_path, tiny_model, chat_file):
     )
     full = plan(adapter={"method": "full"})
     dropout = plan(adapter={"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1})
+    attention_only = plan(
+        adapter={"method": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]}
+    )
+    qlora_bf16, qlora_upcast = (
+        plan(
+            adapter={"method": "qlora", "r": 8},
+            model={"name": str(tiny_model), "quantization": {"bits": 4, "upcast_unquantized": up}},
+            train={"precision": "bf16"},
+        )
+        for up in (False, True)
+    )
     unfused = plan(train={"supervised_logits_only": False})
+    answering = plan(
+        data={"train": str(chat_file), "max_length": 128, "eval_fraction": 0.25},
+        eval={"metric": "exact", "rows": 8, "batch_size": 3, "max_new_tokens": 16},
+    )
+    assert lora.workload.generation_rows == 0 and "generation" not in lora.estimate.parts
+    g = answering.workload  # the evaluation's generate call is counted (its excess, if any)
+    assert g.generation_rows == 3 and g.generation_tokens == g.prompt_tokens + 16 > 16
+    assert "generation" in answering.estimate.parts
     assert checkpointed.estimate.parts["activations"] < lora.estimate.parts["activations"]
-    # fp32 LoRA without dropout: the fused MLP keeps 2 of the 4 MLP-wide tensors per token
-    assert lora.counts.fused_mlp and not dropout.counts.fused_mlp
+    # the fused MLP (dropout or not, 4-bit base too) keeps 2 of the 4 MLP-wide tensors per token
+    assert lora.counts.fused_mlp and dropout.counts.fused_mlp and qlora.counts.fused_mlp
+    assert not attention_only.counts.fused_mlp
     c, tokens = lora.counts, lora.workload.tokens
-    fused_saving = dropout.estimate.parts["activations"] - lora.estimate.parts["activations"]
+    fused_saving = attention_only.estimate.parts["activations"] - lora.estimate.parts["activations"]
     assert fused_saving == c.layers * tokens * 4 * 2 * c.intermediate
+    assert dropout.estimate.parts["activations"] == lora.estimate.parts["activations"]
+    # fp32-upcast embeddings, norms and head (peft's QLoRA preparation): 2 more bytes per
+    # unquantized weight, priced; and the fused MLP does not run behind fp32 norms
+    rest = c.base_params - c.quantizable_params
+    upcast_cost = qlora_upcast.estimate.parts["weights"] - qlora_bf16.estimate.parts["weights"]
+    assert rest > 0 and upcast_cost == rest * 2
+    assert qlora_bf16.counts.fused_mlp
+    assert qlora_upcast.estimate.parts["activations"] > qlora_bf16.estimate.parts["activations"]
     # the fused head keeps one chunk of logits, not every supervised position's
     assert lora.counts.fused_head
     supervised = lora.workload.supervised
-    assert lora.estimate.parts["logits"] == min(supervised, 256) * c.vocab * 4 + (
+    rows = min(supervised, c.fused_chunk_rows)
+    assert lora.estimate.parts["logits"] == chunk_bytes(c.vocab, 4, False, rows) + (
         supervised * c.hidden * 4
     )
     assert lora.estimate.parts["backward"] < unfused.estimate.parts["backward"]

@@ -98,14 +98,14 @@ def test_fused_lora_mlp_trains_the_same_adapter_as_module_by_module(
 ):
     """The fused SwiGLU MLP (training/lora_mlp.py) runs in a LoRA run and changes nothing it
     trains: same loss at every step and the same adapter as the model's own MLP forward."""
-    from peftkit.training import objective
+    from peftkit.training import kernels
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16, seed=5))
     calls = lora_swiglu_calls
     runs = {}
     for name in ("fused", "own"):
         if name == "own":
-            monkeypatch.setattr(objective, "install_fused_lora_mlps", lambda model: 0)
+            monkeypatch.setattr(kernels, "install_fused_lora_mlps", lambda model: 0)
         recipe = write_recipe(
             tmp_path / f"{name}.yaml",
             tiny_model,
@@ -258,3 +258,27 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     _assert_same_adapter(_adapter(tmp_path / "single"), _adapter(tmp_path / "double"), tol=1e-5)
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "double")
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
+
+
+def test_bf16_with_lora_dropout_runs_the_fused_paths(tmp_path, tiny_model, caplog):
+    """The GPU defaults, on CPU: bf16 autocast over a bf16 base, fp32 LoRA weights, LoRA dropout
+    0.05, packed rows. summary.json and the printed summary say that the fused MLP, the fused
+    head and the varlen attention ran (and the fused MLP did, every training call)."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8, seed=2))
+    recipe = write_recipe(
+        tmp_path / "bf16.yaml",
+        tiny_model,
+        data,
+        adapter={**LORA, "dropout": 0.05},
+        train={"max_steps": 2, "micro_batch_size": 4, "precision": "bf16", "warmup_steps": 0},
+        output={"dir": str(tmp_path / "run"), "plot": False},
+    )
+    with caplog.at_level("INFO", logger="peftkit"):
+        assert main(["train", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    speedups = summary["speedups"]
+    assert speedups["fused_mlp"] == {"used": True}
+    assert speedups["fused_head"] == {"used": True}
+    assert speedups["varlen_attention"]["used"] is True
+    assert summary["attention"] == "sdpa per packed row"  # no flash-attn on CPU
+    assert "fused mlp on; fused head on; varlen attention on" in caplog.text

@@ -4,6 +4,9 @@ the same loss sum and the same gradients."""
 
 from __future__ import annotations
 
+import itertools
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.data.encode import IGNORE, EncodedRow
 from peftkit.data.step_plan import StepPlan, TokenBudget
-from peftkit.training.attention import register_varlen_sdpa, set_attention
+from peftkit.training import attention
+from peftkit.training.attention import use_varlen_attention
 from peftkit.training.batches import collate, collate_packed
 from peftkit.training.loss import causal_lm_loss_sum, chunked_cross_entropy_sum
 
@@ -38,7 +42,7 @@ def _lora_model(path, attn: str):
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(model, config)
     if varlen:
-        set_attention(model, register_varlen_sdpa())
+        use_varlen_attention(model)
     return model
 
 
@@ -78,6 +82,7 @@ def test_filler_rounding_keeps_loss_and_gradients(tiny_model, attn):
     assert rounded["input_ids"].shape == (1, 32)
     if attn == "varlen":
         assert rounded["cu_seq_lens_q"].tolist() == [0, 5, 22, 31, 32]
+        assert rounded["row_lengths"] == (5, 17, 9, 1) and rounded["max_length_q"] == 17
     assert (rounded["labels"][0, 31:] == IGNORE).all()
     _assert_same(_loss_and_grads(model, collate(rows, pad_id=7)), _loss_and_grads(model, rounded))
 
@@ -95,6 +100,44 @@ def test_packing_isolates_rows(tiny_model, attn):
         alone, with_a, a_only, with_c, c_only = loss(b), loss(a, b), loss(a), loss(b, c), loss(c)
     torch.testing.assert_close(with_a - a_only, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(with_c - c_only, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_reads_no_tensor_back_and_builds_no_mask(tiny_model, monkeypatch):
+    """Packed rows under the varlen attention: the row lengths come from the host (collate), so
+    no attention layer reads a tensor back from the device (`.tolist()` / `.item()`: a sync per
+    layer on a GPU), and no (tokens x tokens) mask is built; a padded call (generation) still
+    gets SDPA's own mask."""
+    import transformers.masking_utils as masking
+
+    model = _lora_model(tiny_model, "varlen")
+    rows = _rows(model.config.vocab_size, [5, 17, 9])
+    reads, masks = [], []
+    for name in ("tolist", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    sdpa_mask = masking.sdpa_mask
+
+    def counting_mask(*args, **kwargs):
+        masks.append(kwargs.get("q_length"))
+        return sdpa_mask(*args, **kwargs)
+
+    monkeypatch.setattr(masking, "sdpa_mask", counting_mask)
+    attention.CALLS.clear()
+    batch = collate_packed(rows, boundaries=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model(**inputs).logits.sum().backward()
+    assert dict(attention.CALLS) == {"sdpa_per_row": model.config.num_hidden_layers}
+    assert reads == [] and masks == []
+    padded = collate(rows, pad_id=7)
+    with torch.no_grad():
+        model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
+    assert masks == [padded["input_ids"].shape[1]]  # built once per forward, used by SDPA
+    assert attention.CALLS["sdpa"] == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -165,3 +208,75 @@ def test_token_budget_keeps_the_steps_rows_within_the_budget_on_every_rank(world
         assert len(counts) == 1
     # a budget larger than the step packs the whole step into one forward pass
     assert len(plan.micro_batches(order, 0, 0, budget=TokenBudget(lengths, 10**6))) == 1
+
+
+def _per_row_reference(
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False
+):
+    """flash-attn's `flash_attn_varlen_func` contract in plain torch: (tokens, heads, dim)
+    inputs, k/v with fewer heads (GQA), causal attention within each [cu[i], cu[i+1])."""
+    assert causal and dropout_p == 0.0 and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert max_q == max_k == int(cu_q.diff().max())
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu_q.tolist()
+    outs = []
+    for a, b in itertools.pairwise(bounds):
+        qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
+        ki, vi = ki.repeat_interleave(rep, 0), vi.repeat_interleave(rep, 0)
+        out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=softmax_scale)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_flash_varlen_call_follows_flash_attns_layout(tiny_model, monkeypatch):
+    """The flash-attn branch hands the packed micro-batch to `flash_attn_varlen_func` in its
+    layout: (tokens, heads, head_dim), int32 boundaries, the layer's scaling. Checked on CPU
+    against that function's contract written in torch (flash-attn itself needs a GPU; the
+    `gpu` test below runs the real kernel): the same output as per-row SDPA."""
+    model = _lora_model(tiny_model, "varlen")
+    rows = _rows(model.config.vocab_size, [5, 17, 9])
+    batch = collate_packed(rows, boundaries=True)
+    layer = model.base_model.model.model.layers[0].self_attn
+    torch.manual_seed(0)
+    heads, kv_heads, dim, tokens = 4, 2, 16, 31
+    q = torch.randn(1, heads, tokens, dim)
+    k, v = torch.randn(2, 1, kv_heads, tokens, dim)
+    per_row, _ = attention.varlen_sdpa_forward(
+        layer, q, k, v, None, row_lengths=batch["row_lengths"], scaling=dim**-0.5
+    )
+    fake = type(sys)("flash_attn")
+    fake.flash_attn_varlen_func = _per_row_reference
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    out = attention._flash_varlen(
+        layer, q, k, v, batch["cu_seq_lens_q"], batch["max_length_q"], {"scaling": dim**-0.5}
+    )
+    assert out.shape == per_row.shape == (1, tokens, heads, dim)
+    torch.testing.assert_close(out, per_row, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_flash_varlen_on_gpu_gives_the_padded_rows_logits(tiny_model):
+    """The real flash-attn varlen kernel on packed rows: each row's logits are its padded logits
+    (bf16: a few roundings)."""
+    if not torch.cuda.is_available() or not attention.flash_varlen_available():
+        pytest.skip("needs a CUDA device and flash-attn")
+    model = _lora_model(tiny_model, "varlen").cuda().to(torch.bfloat16)
+    rows = _rows(model.config.vocab_size, [5, 17, 9, 30])
+    batch = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v
+        for k, v in collate_packed(rows, True).items()
+    }
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    attention.CALLS.clear()
+    with torch.no_grad():
+        flash = model(**inputs).logits.float()
+    assert attention.CALLS["flash_varlen"] == model.config.num_hidden_layers
+    padded = collate(rows, pad_id=7)
+    with torch.no_grad():
+        ref = model(
+            input_ids=padded["input_ids"].cuda(), attention_mask=padded["attention_mask"].cuda()
+        ).logits.float()
+    start = 0
+    for i, n in enumerate(batch["row_lengths"]):
+        torch.testing.assert_close(flash[0, start : start + n], ref[i, :n], rtol=3e-2, atol=3e-2)
+        start += n

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from peftkit.cli import main
-from peftkit.data import cache, starts
 from peftkit.data.audit import SplitAudit
+from peftkit.data.cache import key, starts, store
+from peftkit.data.cache.prune import IN_USE_S, prune
 from peftkit.data.encode import EncodedRow
-from peftkit.data.prune import IN_USE_S, prune
 
 DAY = 86400.0
 NOW = time.time()
@@ -28,9 +28,9 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
 
 
-def entry(name: str, size: int, used_days_ago: float, layout: int = cache.LAYOUT) -> Path:
+def entry(name: str, size: int, used_days_ago: float, layout: int = key.LAYOUT) -> Path:
     """A finished cache folder of `size` bytes, last used that many days ago."""
-    folder = cache.data_root() / f"{name * 32}-v{layout}"
+    folder = store.data_root() / f"{name * 32}-v{layout}"
     folder.mkdir(parents=True)
     (folder / "meta.json").write_text("{}")
     (folder / "rows.arrow").write_bytes(b"\0" * size)
@@ -55,7 +55,7 @@ def names(report) -> set[str]:
 
 def test_unused_entries_then_the_least_recently_used_beyond_the_size_go():
     old, mid, new, recent = (entry(c, 1000, d) for c, d in zip("abcd", (40, 5, 2, 0.01)))
-    stale = entry("e", 10, 1, layout=cache.LAYOUT + 7)  # another peftkit's layout: never read
+    stale = entry("e", 10, 1, layout=key.LAYOUT + 7)  # another peftkit's layout: never read
     report = prune(max_bytes=2500, unused_days=30, dry_run=True, now=NOW)
     assert names(report) == {old.name, mid.name, stale.name}
     assert all(p.exists() for p in (old, mid, stale))  # a dry run removes nothing
@@ -69,21 +69,21 @@ def test_unused_entries_then_the_least_recently_used_beyond_the_size_go():
 
 
 def test_mapping_an_entry_marks_it_used():
-    folder = cache.cache_dir("a" * 64)
+    folder = store.cache_dir("a" * 64)
     row = EncodedRow(np.array([1, 2]), np.array([1, 2]), "row 1")
-    cache.write_rows(folder, {"train": [row]}, [SplitAudit("train", rows_kept=1)], "int64")
+    store.write_rows(folder, {"train": [row]}, [SplitAudit("train", rows_kept=1)], "int64")
     os.utime(folder / "meta.json", (NOW - 90 * DAY, NOW - 90 * DAY))
     assert names(prune(unused_days=30, dry_run=True, now=NOW)) == {folder.name}
-    cache.load(folder)  # what a training start or a cached prepare does
-    assert NOW - cache.last_used(folder) < 60
+    store.load(folder)  # what a training start or a cached prepare does
+    assert NOW - store.last_used(folder) < 60
     assert prune(unused_days=30, now=NOW).removed == []
 
 
 def test_a_build_in_progress_is_never_removed_and_a_killed_ones_debris_is():
-    folder = cache.cache_dir("f" * 64)
-    killed = cache.data_root() / f".{folder.name}.{dead_pid()}"
+    folder = store.cache_dir("f" * 64)
+    killed = store.data_root() / f".{folder.name}.{dead_pid()}"
     killed.mkdir(parents=True)
-    with cache._building(folder) as tmp:  # this process is writing the entry
+    with store.building(folder) as tmp:  # this process is writing the entry
         (tmp / "meta.json").write_text("{}")
         report = prune(max_bytes=0, unused_days=0, now=NOW + 365 * DAY)
         assert names(report) == {killed.name}
@@ -93,14 +93,14 @@ def test_a_build_in_progress_is_never_removed_and_a_killed_ones_debris_is():
 
 def test_start_records_of_removed_entries_go_too():
     gone, kept = entry("a", 10, 60), entry("b", 10, 0)
-    records = cache.data_root() / starts.STARTS
+    records = store.data_root() / starts.STARTS
     records.mkdir()
     for folder in (gone, kept):
         (records / f"{folder.name[:8]}.json").write_text(json.dumps({"folder": folder.name}))
-    (cache.data_root() / "notes.txt").write_text("someone else's file")
+    (store.data_root() / "notes.txt").write_text("someone else's file")
     prune(unused_days=30, now=NOW)
     assert [p.name for p in records.iterdir()] == [f"{kept.name[:8]}.json"]
-    assert (cache.data_root() / "notes.txt").is_file()
+    assert (store.data_root() / "notes.txt").is_file()
 
 
 def test_prepare_prune_verb(capsys):

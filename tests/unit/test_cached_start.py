@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from peftkit import api
-from peftkit.data import cache, starts
+from peftkit.data.cache import build, starts, store
 from peftkit.models import load
 from peftkit.models.source import tokenizer_folder
 from peftkit.recipe.load import load_recipe
@@ -38,7 +38,7 @@ def model_dir(tiny_model, tmp_path) -> Path:
 
 def no_loading(monkeypatch) -> None:
     monkeypatch.setattr(load, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
-    monkeypatch.setattr(cache, "build", lambda *a: pytest.fail("encoded again"))
+    monkeypatch.setattr(build, "build", lambda *a: pytest.fail("encoded again"))
 
 
 def test_a_second_prepare_maps_the_same_rows_without_the_tokenizer(
@@ -111,7 +111,7 @@ def test_a_prepare_after_training_starts_cached(task, model_dir, tmp_path, monke
     api.train(recipe, ["train.max_steps=1"])
     no_loading(monkeypatch)
     found = starts.find(load_recipe(recipe))
-    assert found is not None and Path(found.cache_dir).parent == cache.data_root()
+    assert found is not None and Path(found.cache_dir).parent == store.data_root()
     assert api.prepare(recipe).cache_dir == found.cache_dir
 
 

@@ -27,6 +27,9 @@ class FakeAdapters:
     def stop_ids(self, adapter):
         return set()
 
+    def system_prompt(self, adapter):
+        return None
+
     def generate_rows(self, rows):
         (row,) = rows
         text = f"{row.adapter}:{len(row.input_ids)}"

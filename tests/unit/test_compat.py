@@ -133,3 +133,22 @@ def test_the_cache_keyword_is_one_the_forward_takes_without_warning(tiny_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         model(input_ids=torch.tensor([[1, 2]]), use_cache=True, **{name: DynamicCache()})
+
+
+def test_head_gets_a_contiguous_input_when_generation_keeps_the_last_position(tiny_model):
+    """torch 2.13 CPU: a frozen bf16 head given the last position as a strided slice
+    materialises (batch, vocab, hidden); load_model installs the hook that hands it a copy."""
+    from peftkit.models.load import load_model
+    from peftkit.recipe.schema import ModelSpec
+
+    model = load_model(ModelSpec(name=str(tiny_model)), torch.bfloat16, torch.device("cpu"))
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(1, 50, (3, 9))
+    with torch.no_grad():
+        fast = model(input_ids=ids, logits_to_keep=1).logits  # the model slices [:, -1:]
+        full = model(input_ids=ids).logits[:, -1:]
+    assert seen[0] is True  # the compat hook (registered first) made the slice contiguous
+    torch.testing.assert_close(fast, full)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from peftkit.data import cache
-from peftkit.data.cache import EncodedRows
+from peftkit.data.cache import build
+from peftkit.data.cache.key import data_key
+from peftkit.data.cache.store import EncodedRows
 from peftkit.data.labeled import prepare_labeled_data
 from peftkit.data.pipeline import prepare_data
 from peftkit.errors import DataError
@@ -93,6 +94,7 @@ def assert_same(memory, cached) -> None:
         ]
     assert [a.to_dict() for a in memory.audits] == [a.to_dict() for a in cached.audits]
     assert memory.stop_tokens == cached.stop_tokens
+    assert memory.system_turns == cached.system_turns
 
 
 @pytest.mark.parametrize(
@@ -121,7 +123,7 @@ def test_cached_rows_equal_in_memory_rows(settings, sources, tokenizer, tmp_path
     np.testing.assert_array_equal(cached.train.tasks, [r.task for r in memory.train])
     np.testing.assert_array_equal(cached.train.lengths, [len(r.input_ids) for r in memory.train])
     # A second start maps the files: nothing is encoded again.
-    monkeypatch.setattr(cache, "build", lambda *a: pytest.fail("encoded twice"))
+    monkeypatch.setattr(build, "build", lambda *a: pytest.fail("encoded twice"))
     assert_same(memory, prepare_data(spec, tokenizer, seed=3))
 
 
@@ -145,7 +147,7 @@ def test_key_follows_what_changes_the_encoding(sources, tokenizer, tmp_path):
     spec = DataSpec(train=[sources["messages"]])
 
     def key(s=spec, template="t"):
-        return cache.data_key(s, tokenizer, template, seed=0)
+        return data_key(s, tokenizer, template, seed=0)
 
     base = key()
     assert key(spec.model_copy(update={"num_proc": 2, "cache": True})) == base
@@ -204,6 +206,6 @@ def test_prepare_verb_fills_the_cache_that_training_then_finds(
     assert "train: 12 rows kept of 12 read" in out
     folder = out.strip().splitlines()[-1].removeprefix("encoded data: ")
     assert (Path(folder) / "meta.json").is_file()
-    monkeypatch.setattr(cache, "build", lambda *a: pytest.fail("encoded twice"))
+    monkeypatch.setattr(build, "build", lambda *a: pytest.fail("encoded twice"))
     assert main(["prepare", str(recipe), "data.num_proc=2"]) == 0  # not part of the key
     assert main(["prepare", str(recipe), "data.cache=false"]) == 2  # nothing to prepare

@@ -155,5 +155,8 @@ def test_paths_the_manual_names_exist():
         named |= set(
             re.findall(r"`((?:recipes|benchmarks|peftkit|tests|docs)/[\w./-]+)`", page.read_text())
         )
-    missing = sorted(p for p in named if "*" not in p and not (ROOT / p).exists())
+    outputs = ("benchmarks/results/",)  # what the benchmarks write, not part of the repository
+    missing = sorted(
+        p for p in named if "*" not in p and not p.startswith(outputs) and not (ROOT / p).exists()
+    )
     assert not missing, missing

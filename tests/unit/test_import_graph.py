@@ -97,26 +97,10 @@ def test_no_cycle_between_packages():
     graph: dict[str, set[str]] = defaultdict(set)
     for src, dst in edges:
         graph[src].add(dst)
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-
-    def visit(node: str, path: list[str]) -> list[str] | None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
-            if nxt not in state:
-                found = visit(nxt, [*path, nxt])
-                if found:
-                    return found
-        state[node] = 2
-        return None
-
-    for start in sorted(graph):
-        if start not in state:
-            cycle = visit(start, [start])
-            if cycle:
-                where = [w for a, b in itertools.pairwise(cycle) for w in edges[(a, b)]]
-                raise AssertionError(f"import cycle {' -> '.join(cycle)}:\n" + "\n".join(where))
+    cycle = _find_cycle(graph)
+    if cycle:
+        where = [w for a, b in itertools.pairwise(cycle) for w in edges[(a, b)]]
+        raise AssertionError(f"import cycle {' -> '.join(cycle)}:\n" + "\n".join(where))
 
 
 def test_imports_point_down():
@@ -138,3 +122,49 @@ def test_the_check_sees_lazy_and_type_checking_imports(tmp_path):
     )
     found = {t for t, _ in _imports(tree, "peftkit.models.x", False)}
     assert "peftkit.cli" in found and "peftkit.api" in found
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt, [*path, nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_no_cycle_between_the_files_of_a_package():
+    """Inside a package, files import each other one way too (lazy imports included): a cycle
+    between two files means a concept without its own home."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    where: dict[tuple[str, str], str] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        module = _module_name(path)
+        tree = ast.parse(path.read_text(), str(path))
+        for target, line in _imports(tree, module, path.name == "__init__.py"):
+            if not target.startswith("peftkit.") or not _is_module(target) or target == module:
+                continue
+            if _package(target) != _package(module) or target.endswith(".__init__"):
+                continue
+            if (ROOT.parent.joinpath(*target.split(".")) / "__init__.py").is_file():
+                continue  # a package's face (its __init__), not one of its files
+            graph[module].add(target)
+            where.setdefault((module, target), f"{module}:{line} -> {target}")
+    cycle = _find_cycle(graph)
+    assert cycle is None, "file-level import cycle:\n" + "\n".join(
+        where[(a, b)] for a, b in itertools.pairwise(cycle)
+    )

@@ -35,3 +35,29 @@ def test_the_head_rule_names_the_methods_that_train_heads():
     assert "cannot train a task.type 'classification' head: use one of " + ", ".join(able) in str(
         e.value
     )
+
+
+@pytest.mark.parametrize(
+    "adapter, message",
+    [
+        ({"peft_type": "hrra"}, "did you mean 'hra'"),
+        (
+            {"peft_type": "hra", "config": {"rr": 4}},
+            "HRAConfig has no such field; did you mean 'r'",
+        ),
+        ({"peft_type": "hra", "config": {"task_type": "SEQ_CLS"}}, "set by peftkit"),
+        ({"peft_type": "vera"}, "use adapter.method: vera"),
+        ({"peft_type": "lora"}, "use adapter.method: lora"),
+        ({"peft_type": "adalora"}, "update_and_allocate"),
+        ({"peft_type": "p_tuning"}, "virtual tokens"),
+    ],
+)
+def test_method_peft_checks_type_and_keys_against_peft(adapter, message):
+    raw = {
+        "name": "t",
+        "model": {"name": "builtin:tiny-llama"},
+        "adapter": {"method": "peft", **adapter},
+        "data": {"train": "x.jsonl"},
+    }
+    with pytest.raises(RecipeError, match=message):
+        validate_recipe(raw)

@@ -111,10 +111,11 @@ def test_invalid_recipes_name_the_field_and_what_to_do(change, message):
 
 def test_every_registered_method_has_a_recipe_section():
     quantized = {"name": "m", "quantization": {"bits": 4}}
+    required = {"peft": {"peft_type": "hra"}}  # the one method with a key that has no default
     for name in method_names():
         raw = {
             **BASE,
-            "adapter": {"method": name},
+            "adapter": {"method": name, **required.get(name, {})},
             **({"model": quantized} if name == "qlora" else {}),
             **({"task": {"type": "classification"}} if name == "linear_probe" else {}),
         }

@@ -1,8 +1,8 @@
 """Keeping the data cache bounded: remove entries unused for a while, then the least recently used
 ones beyond a size (`peftkit prepare --prune`).
 
-An entry is a finished folder `<key>-v<layout>` (`cache.cache_dir`); its last use is when it was
-built or last mapped (`cache.load` stamps it). Pruning never touches a build in progress: a
+An entry is a finished folder `<key>-v<layout>` (`store.cache_dir`); its last use is when it was
+built or last mapped (`store.load` stamps it). Pruning never touches a build in progress: a
 build writes a hidden folder named after its process (`.<key>-v1.<pid>...`) and renames it into
 place only when complete, so a hidden folder whose process still runs is left alone, and one whose
 process is gone (a killed build) is removed. An entry used within the last hour (`IN_USE_S`) is
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit import units
-from peftkit.data import cache, starts
+from peftkit.data.cache import key, starts, store
 
 IN_USE_S = 3600.0
 """An entry used this recently (seconds) counts as in use and is never removed."""
 _ENTRY = re.compile(r"[0-9a-f]{32}-v(\d+)")
-_BUILDING = re.compile(r"\.+[0-9a-f]{32}-v\d+\.(\d+)(\..*)?")  # (see cache._building)
+_BUILDING = re.compile(r"\.+[0-9a-f]{32}-v\d+\.(\d+)(\..*)?")  # (see store.building)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class PruneReport:
         lines = [f"{verb} {name} ({units.size(n)}): {why}" for name, n, why in self.removed]
         freed = sum(n for _, n, _ in self.removed)
         lines.append(
-            f"data cache {cache.data_root()}: {self.kept} "
+            f"data cache {store.data_root()}: {self.kept} "
             f"entr{'y' if self.kept == 1 else 'ies'} left, {units.size(self.size)} "
             f"({verb} {len(self.removed)}, {units.size(freed)})"
         )
@@ -62,7 +62,7 @@ def prune(
     until the entries hold at most `max_bytes`; and what killed builds and older layouts left.
     Entries in use (`IN_USE_S`) and builds in progress are kept whatever the limits."""
     now = time.time() if now is None else now
-    root = cache.data_root()
+    root = store.data_root()
     report = PruneReport(dry_run=dry_run)
     doomed: list[tuple[Path, str]] = []
     entries: list[tuple[float, Path, int]] = []  # (last use, folder, bytes)
@@ -74,10 +74,10 @@ def prune(
                 doomed.append((path, "left by a build that no longer runs"))
         elif not entry or not path.is_dir():
             continue  # not an entry (the start records, or someone else's file)
-        elif int(entry[1]) != cache.LAYOUT or not (path / "meta.json").is_file():
+        elif int(entry[1]) != key.LAYOUT or not (path / "meta.json").is_file():
             doomed.append((path, f"written by another peftkit (layout v{entry[1]})"))
         else:
-            entries.append((cache.last_used(path), path, _size(path)))
+            entries.append((store.last_used(path), path, _size(path)))
     entries.sort()  # least recently used first
     total, kept = sum(n for _, _, n in entries), len(entries)
     for used, path, n in entries:
@@ -132,7 +132,7 @@ def _remove(path: Path) -> None:
 
 
 def _drop_stale_records(root: Path) -> None:
-    """Start records whose folder is gone (`peftkit.data.starts`)."""
+    """Start records whose folder is gone (`peftkit.data.cache.starts`)."""
     folder = root / starts.STARTS
     for record in folder.glob("*.json") if folder.is_dir() else []:
         try:

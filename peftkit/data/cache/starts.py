@@ -1,7 +1,7 @@
 """Finding a recipe's encoded data before its tokenizer is loaded: a cached start that imports
 neither transformers nor torch.
 
-The data cache is keyed by content (`cache.data_key`), and part of that content is the tokenizer's
+The data cache is keyed by content (`key.data_key`), and part of that content is the tokenizer's
 own serialisation, which needs the tokenizer loaded (transformers imports torch: seconds). So
 whenever a recipe's data is prepared, `remember` also records which cache folder holds it under a
 *start key*: everything the data key is made of, except that the tokenizer is given by what
@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit.data import cache
+from peftkit.data.cache import key, store
 from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
 from peftkit.data.labeled import LabeledRow
@@ -46,7 +46,7 @@ def start_key(recipe: Recipe) -> str | None:
     """The start key of a recipe's data (None: the data or the tokenizer cannot be pinned by
     files alone)."""
     task = recipe.task.model_dump(mode="json") if recipe.task.has_head else None
-    parts = cache.content_parts(recipe.data, recipe.data_seed, task)
+    parts = key.content_parts(recipe.data, recipe.data_seed, task)
     folder = tokenizer_folder(recipe.model)
     if parts is None or folder is None:
         return None
@@ -73,7 +73,7 @@ def start_key(recipe: Recipe) -> str | None:
 
 
 def _record(key: str) -> Path:
-    return cache.data_root() / STARTS / f"{key[:32]}.json"
+    return store.data_root() / STARTS / f"{key[:32]}.json"
 
 
 def key_of(recipe: Recipe) -> str | None:
@@ -93,7 +93,7 @@ def find(recipe: Recipe, key: str | None = None) -> PreparedData | None:
         return None
     try:
         record = json.loads(_record(key).read_text())
-        folder = cache.data_root() / record["folder"]
+        folder = store.data_root() / record["folder"]
         template = ChatTemplate(**record["chat_template"])
     except (OSError, ValueError, KeyError, TypeError):  # no record (or not one of ours)
         return None
@@ -117,5 +117,6 @@ def remember(key: str | None, data: PreparedData) -> None:
         },
     }
     path = _record(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    store.data_root().mkdir(mode=0o700, parents=True, exist_ok=True)  # (only this user's)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     atomic_write_json(path, record)

@@ -1,0 +1,35 @@
+"""`peftkit prepare` works on every shipped recipe whose model loads offline: SFT, task-head,
+preference and reward (GRPO) recipes alike. Recipes naming a hub model (they need the network)
+are checked by `peftkit validate` in tests/unit/test_recipes.py instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted(
+    p
+    for p in (ROOT / "recipes").rglob("*.yaml")
+    if p.parent.name not in ("accelerate", "sweep")
+    and str(yaml.safe_load(p.read_text())["model"]["name"]).startswith("builtin:")
+)
+
+
+def test_the_offline_recipes_cover_every_kind_of_objective():
+    kinds = [yaml.safe_load(p.read_text()).get("objective", "sft") for p in RECIPES]
+    types = {k if isinstance(k, str) else k["type"] for k in kinds}
+    assert {"sft", "dpo", "orpo", "grpo"} <= types, types
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_prepare_runs_on_every_offline_recipe(recipe, capsys):
+    if recipe.name == "pretrain.yaml":
+        pytest.skip("its corpus is generated (recipes/data/make_quickstart.py --pretrain-corpus)")
+    assert main(["prepare", str(recipe)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "kept of" in out and ("encoded data:" in out or "encoded and checked" in out)
