@@ -292,6 +292,8 @@ class TrainSpec(Section):
 
 
 class OutputSpec(Section):
+    """Where the run directory goes and what it holds besides the adapter."""
+
     dir: str = "runs/{name}"
     """Run directory; `{name}` is replaced by the recipe name."""
     overwrite: StrictBool = False
@@ -439,12 +441,15 @@ class Recipe(Section):
     """A whole fine-tuning run, validated before anything is loaded."""
 
     name: str = "run"
+    """The run's name: the output folder's default (`runs/{name}`) and the report's title."""
     model: ModelSpec
     adapter: AdapterSpec  # a union keyed on `method`, one member per method module
+    """The adapter method and its options: one section per method below, chosen by `method`."""
     data: DataSpec
     task: TaskSpec = TaskSpec()
     objective: Annotated[ObjectiveSpec, BeforeValidator(objective_from_shorthand)] = SFTObjective()
-    """What the loss optimises: `sft` (default) or a preference objective (dpo, kto, orpo, simpo)."""
+    """What the loss optimises: `sft` (default), a preference objective (dpo, kto, orpo, simpo)
+    or rewards (grpo)."""
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
     eval: EvalSpec = EvalSpec()
