@@ -154,6 +154,24 @@ def chat_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+def free_port() -> int:
+    """A free loopback port for a rendezvous, from a range of this pytest worker's own: two
+    workers launching 2-process runs at once never pick the same port (an OS-chosen free port can
+    be handed to both before either binds it)."""
+    import socket
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = 20000 + 2000 * (int(worker) if worker.isdigit() else 0)
+    for port in random.Random().sample(range(base, base + 2000), 2000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {base}-{base + 1999}")
+
+
 def train_in_two_processes(
     recipe: Path,
     *args: str,
@@ -165,13 +183,10 @@ def train_in_two_processes(
     loopback port: torch.distributed.run, or `launcher` (e.g. `accelerate launch --config_file
     ...`) with `{port}` in it replaced; `program` instead of `-m peftkit` (a script taking the
     same arguments). Returns the finished process (asserted successful unless told not to)."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     head = launcher or [
         "-m",
         "torch.distributed.run",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.conftest import (
     build_tokenizer,
     chat_rows,
     fingerprint,
+    free_port,
     write_jsonl,
     write_recipe,
 )
@@ -264,9 +264,7 @@ def test_every_process_resumes_from_the_same_checkpoint(reference_run, tmp_path)
     (checkpoints / "step-0000008" / "rng-1.pt").write_bytes(b"garbage")
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     command = [sys.executable, str(script), str(checkpoints), str(tmp_path)]
