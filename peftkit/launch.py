@@ -88,3 +88,15 @@ class Launch:
             stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
             return cls("deepspeed", processes, zero_stage=int(stage) if stage else None)
         return cls("ddp" if processes > 1 else "single", processes)
+
+
+def end_process_group() -> None:
+    """Leave the processes' group once the work is done (every process together): a process that
+    exits with its gloo or NCCL group still up can abort in the group's threads as the
+    interpreter shuts down ("terminate called without an active exception"). Does nothing in a
+    single process. What the command line calls after `peftkit train`; a notebook keeps its group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

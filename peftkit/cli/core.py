@@ -28,10 +28,12 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 def train(args: argparse.Namespace) -> int:
     from peftkit import api
+    from peftkit.launch import end_process_group
 
     api.train(
         args.recipe, args.overrides, resume=args.resume, trust_remote_code=args.trust_remote_code
     )
+    end_process_group()
     return 0
 
 

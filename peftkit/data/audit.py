@@ -99,10 +99,17 @@ def audit_lines(data, tokenizer: PreTrainedTokenizerBase, task_type: str, class_
 
 
 def audit_record(
-    data, tokenizer: PreTrainedTokenizerBase, task_type: str, class_names, rows: int = 3
+    data,
+    tokenizer: PreTrainedTokenizerBase,
+    task_type: str,
+    class_names,
+    rows: int = 3,
+    shown: list[tuple[str, EncodedRow]] | None = None,
 ) -> dict:
     """data_audit.json: every split's counts and, for causal LMs, the first train rows as
-    (text, supervised) stretches (what report.html highlights). `data` is a `PreparedData`."""
+    (text, supervised) stretches (what report.html highlights). `data` is a `PreparedData`;
+    `shown`: the rows to show instead, each with a label after its origin (a pair's chosen and
+    rejected answers, a prompt and its reference)."""
     record = {
         "splits": [a.to_dict() for a in data.audits],
         "task_type": task_type,
@@ -111,8 +118,12 @@ def audit_record(
     if task_type == "causal_lm":
         record["chat_template_source"] = data.chat_template.source
         record["stop_tokens"] = data.stop_tokens
+        labelled = shown or [("", row) for row in data.train[:rows]]
         record["rows"] = [
-            {"origin": row.origin, "segments": mask_segments(row, tokenizer)}
-            for row in data.train[:rows]
+            {
+                "origin": f"{row.origin} ({label})" if label else row.origin,
+                "segments": mask_segments(row, tokenizer),
+            }
+            for label, row in labelled
         ]
     return record

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from peftkit.data.audit import SplitAudit, mask_segments, render_mask
+from peftkit.data.audit import SplitAudit, audit_record, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import IGNORE, EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
@@ -310,17 +310,7 @@ def preference_audit_record(data: PreparedData, tokenizer: PreTrainedTokenizerBa
         if first.rejected is not None
         else [("desirable" if r.desirable else "undesirable", r.chosen) for r in data.train[:2]]
     )
-    return {
-        "splits": [a.to_dict() for a in data.audits],
-        "task_type": "causal_lm",
-        "class_names": None,
-        "chat_template_source": data.chat_template.source,
-        "stop_tokens": data.stop_tokens,
-        "rows": [
-            {"origin": f"{row.origin} ({kind})", "segments": mask_segments(row, tokenizer)}
-            for kind, row in rows
-        ],
-    }
+    return audit_record(data, tokenizer, "causal_lm", None, shown=rows)
 
 
 def prepare_scored_rows(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from peftkit.data.audit import SplitAudit, render_mask
+from peftkit.data.audit import SplitAudit, audit_record, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import IGNORE, EncodedRow, Encoder
 from peftkit.data.formats import ROLES, Example, messages_of
@@ -214,19 +214,5 @@ def prompt_audit_lines(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -
 
 def prompt_audit_record(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> dict:
     """data_audit.json of a reinforcement-learning run."""
-    from peftkit.data.audit import mask_segments
-
-    return {
-        "splits": [a.to_dict() for a in data.audits],
-        "task_type": "causal_lm",
-        "class_names": None,
-        "chat_template_source": data.chat_template.source,
-        "stop_tokens": data.stop_tokens,
-        "rows": [
-            {
-                "origin": f"{row.origin} (prompt + reference)",
-                "segments": mask_segments(row.scored, tokenizer),
-            }
-            for row in data.train[:2]
-        ],
-    }
+    shown = [("prompt + reference", row.scored) for row in data.train[:2]]
+    return audit_record(data, tokenizer, "causal_lm", None, shown=shown)

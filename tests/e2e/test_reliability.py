@@ -253,6 +253,8 @@ saved, damaged = ckpt.newest_intact(Path(sys.argv[1]), accelerator)
 Path(sys.argv[2], f"rank-{accelerator.process_index}.json").write_text(
     json.dumps({"chosen": saved.path.name, "damaged": [str(d) for d in damaged]})
 )
+from peftkit.launch import end_process_group
+end_process_group()  # as `peftkit train` does: no gloo threads left at interpreter exit
 """
 
 

@@ -73,3 +73,25 @@ def test_planner_divides_sharded_state_by_the_processes():
     one_layer = 800_000 * 4 / 4  # gathered one decoder layer at a time
     assert zero3["weights"] == one["weights"] / 4 + one_layer
     assert zero3["activations"] == one["activations"]  # each process its own micro-batch
+
+
+def test_peftkit_train_leaves_the_process_group_when_done(
+    tiny_model, chat_file, tmp_path, monkeypatch
+):
+    """A process that exits with its gloo group still up can abort in the group's threads at
+    interpreter exit; `peftkit train` leaves the group once the run is done."""
+    import torch.distributed as dist
+
+    from peftkit.cli import main
+    from tests.conftest import free_port, write_recipe
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, train={"max_steps": 1})
+        assert main(["train", str(recipe)]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
