@@ -81,8 +81,6 @@ class GRPO(Objective):
         self._eval: dict[str, list[float]] = {}
         self.samples: list[dict[str, Any]] = []
         """The last step's first completions with their rewards (completions.jsonl in the run)."""
-        self.record_rollout_logps = False
-        """Keep each completion's summed log-prob at rollout time in its batch (diagnostics)."""
         self._completions: MetricsLog | None = None
         self._run: Any = None
 
@@ -208,11 +206,6 @@ class GRPO(Objective):
         }
         if self.spec.beta != 0.0:
             rolled["ref_logps"] = self._reference_logps(model, rolled)
-        if self.record_rollout_logps:
-            rolled["logps_at_rollout"] = (
-                completion_logps(model, prompt_ids, prompt_mask, ids, mask, self.spec.temperature)
-                * mask
-            ).sum(-1)
         for i in range(min(len(expanded), 2 * g) if not self.samples else 0):
             self.samples.append(
                 {

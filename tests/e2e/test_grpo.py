@@ -81,27 +81,30 @@ def test_a_grpo_step_moves_the_policy_toward_its_advantages(tmp_path, tiny_model
     recipe = _recipe(tmp_path, tiny_model, "dir", max_steps=1, lr=1e-3)
     run = FineTuneRun(load_recipe(recipe))
     run.setup()
-    seen = []
+    seen = []  # (batch, summed log-probs of its completions before the update)
     prepare = run.objective.prepare_step
+    model = run.accelerator.unwrap_model(run.model)
 
-    def recording(model, batches, acc, step):
-        out = prepare(model, batches, acc, step)
-        seen.extend(out)
+    def summed_logps(b):
+        args = (b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+        with torch.no_grad():
+            return (completion_logps(model, *args, 1.0) * b["completion_mask"]).sum(-1)
+
+    def recording(model_, batches, acc, step):
+        out = prepare(model_, batches, acc, step)
+        was = model.training
+        model.eval()
+        seen.extend((b, summed_logps(b)) for b in out)  # the weights the rollouts came from
+        model.train(was)
         return out
 
     run.objective.prepare_step = recording
-    run.objective.record_rollout_logps = True
     run.train()
-    model = run.accelerator.unwrap_model(run.model)
     model.eval()
     gain = 0.0
-    with torch.no_grad():
-        for b in seen:
-            args = (b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
-            before = b["logps_at_rollout"]
-            after = (completion_logps(model, *args) * b["completion_mask"]).sum(-1)
-            gain += float((b["advantages"] * (after - before)).sum())
-    assert any(float(b["advantages"].abs().sum()) > 0 for b in seen)
+    for b, before in seen:
+        gain += float((b["advantages"] * (summed_logps(b) - before)).sum())
+    assert any(float(b["advantages"].abs().sum()) > 0 for b, _ in seen)
     assert gain > 0, gain
 
 
