@@ -359,7 +359,7 @@ class FineTuneRun(Evaluation):
                         f"checkpoint saved. {advice.last_checkpoint_note(self.run)}"
                     ) from None
                 if self.state.step > 0:
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.update.zero_grad()  # (the engine's buffers too, under DeepSpeed)
                     # A step cut short was not applied: save the state at the last step boundary.
                     path = self._save_checkpoint(rng_at_step_start)
                     raise TrainingStopped(
