@@ -20,12 +20,15 @@ ROOT = Path(peftkit.__file__).resolve().parent
 # section is their union), so recipe sits above methods and models. `launch` reads the process's
 # environment only (model loading asks it too); `report` draws pages from a run directory's files
 # (export and the sweep call it; the training loop is handed its writer by api and sweep).
+# `kernels` (the fused MLP, head and cross-entropy, varlen attention) sits below training and the
+# planner, which both read its facts; it reads models' layer helpers and data's IGNORE label.
 LAYERS = [
     {"peftkit", "errors", "io", "units", "_compat", "section", "launch"},
     {"models"},
     {"methods"},
     {"recipe"},
     {"data"},
+    {"kernels"},
     {"training"},
     {"planner", "export", "adapters", "serving", "sweep", "report"},
     {"api"},
