@@ -1,7 +1,7 @@
 """The data cache's key: a sha256 of everything that changes the encoding (the data files'
-contents and paths, the tokenizer's identity (`models.tokenizer_identity`), the chat template, the data section,
-the hold-out seed, the library versions), so a cached data set is reused only when it is the
-same data encoded the same way."""
+contents and paths, the tokenizer's identity (`models.tokenizer_identity`), the chat template,
+the data section, the hold-out seed, the library versions), so a cached data set is reused only
+when it is the same data encoded the same way."""
 
 from __future__ import annotations
 
