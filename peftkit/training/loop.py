@@ -24,6 +24,7 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
+from peftkit.kernels.apply import apply_kernels
 from peftkit.methods.base import ApplyContext
 from peftkit.models.layers import frozen_experts
 from peftkit.models.load import head_config, load_model, load_tokenizer
@@ -35,7 +36,6 @@ from peftkit.training import checkpoint as ckpt
 from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
-from peftkit.training.kernels import apply_kernels
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
@@ -173,7 +173,7 @@ class FineTuneRun(Evaluation):
             self.accelerator.device,
             self.accelerator.unwrap_model,
         )
-        self.kernels = apply_kernels(model, self.objective)  # fused paths (training/kernels.py)
+        self.kernels = apply_kernels(model, self.objective)  # fused paths (kernels/apply.py)
         for line in self.objective.audit_lines(self.data, self.tokenizer):
             self._print(line)
         if self.main:

@@ -5,6 +5,11 @@ depend on which other rows share its batch, on how many processes run, or on the
 resumed run and a run on 2 processes draw exactly the completions of the uninterrupted 1-process
 run. Prompts are left-padded (position ids follow the attention mask); a row ends at its first
 stop token and is padded after it.
+
+This loop is not `models.greedy.greedy_generate`: sampling needs one generator per row (which
+`generate` does not offer), and GRPO scores what it drew with the masks this loop returns. With
+`greedy=True` (GRPO's held-out evaluation) it picks the same tokens as `greedy_generate`, so the
+evaluation sees completions made exactly as training's are (tests/unit/test_greedy.py).
 """
 
 from __future__ import annotations

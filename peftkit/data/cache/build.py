@@ -6,10 +6,11 @@ same masks and audit as the in-memory pipeline (`pipeline._prepare_in_memory`), 
 - sources are read as a stream into an Arrow file (.jsonl line by line, .parquet batch by batch,
   `save_to_disk` folders and hub datasets row by row), so memory does not grow with the rows;
 - rows are encoded by `datasets.Dataset.map` in `data.num_proc` processes;
-- the result is kept under `cache_root()/data/<key>/`, written atomically, where `key` is a
+- the result is kept under `caches.data_cache()/<key>/`, written atomically, where `key` is a
   sha256 of everything that changes the encoding: the data files' contents and paths, the
-  tokenizer (its full serialisation), the chat template, the data section (max_length, loss_on,
-  truncation, system_prompt, formats, limits, ...), the hold-out seed, and the library versions.
+  tokenizer (its identity, `models.tokenizer_identity`), the chat template, the data section
+  (max_length, loss_on, truncation, system_prompt, formats, limits, ...), the hold-out seed, and
+  the library versions.
   A second run, a resume or another process of a multi-process run maps the files in seconds.
 
 A bad row (invalid JSON, a row that does not fit its format, a chat the template cannot render)

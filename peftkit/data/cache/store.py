@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from peftkit.caches import data_cache
 from peftkit.data.audit import SplitAudit
 from peftkit.data.encode import (
     EncodedRow,
 )
 from peftkit.io import atomic_dir, atomic_write_json, fsync_dir
-from peftkit.models.gguf import cache_root
 
 if TYPE_CHECKING:
     pass
@@ -58,8 +58,8 @@ def last_used(folder: Path) -> float:
 
 
 def data_root() -> Path:
-    """The data cache: $PEFTKIT_CACHE/data (default ~/.cache/peftkit/data)."""
-    return cache_root() / "data"
+    """The data cache: $PEFTKIT_CACHE/data (default ~/.cache/peftkit/data; `peftkit.caches`)."""
+    return data_cache()
 
 
 def cache_dir(key: str) -> Path:
