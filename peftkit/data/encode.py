@@ -76,10 +76,16 @@ class Encoder:
     `encode` does one example; `render` then `tokenize` (rows) or `tokenize_batch` (flat arrays)
     do a batch in one tokenizer call, with the same result row for row."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, loss_on: str) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        loss_on: str,
+        reasoning: str = "template",
+        template_variables: dict[str, Any] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.loss_on = loss_on
-        self.renderer = ChatRenderer(tokenizer)
+        self.renderer = ChatRenderer(tokenizer, reasoning, template_variables)
         self.stop_tokens: set[str] = set()
         self.system_turns: set[str] = set()
         """The chats' leading system turns ("" = none), up to two: one = every chat had it."""
@@ -91,7 +97,7 @@ class Encoder:
 
     def render(self, example: Example, first_turn: int = 0) -> RenderedText:
         if example.messages is not None:
-            chat = self.renderer.render(example.messages, example.origin)
+            chat = self.renderer.render(example.messages, example.origin, example.tools)
             self.stop_tokens |= chat.stop_tokens
             if len(self.system_turns) < 2:
                 self.system_turns.add(system_turn(example) or "")

@@ -255,12 +255,17 @@ class _BatchEncoder:
         self.system_prompt = spec.system_prompt
         self.max_length = spec.max_length
         self.truncation = spec.truncation
+        self.tools = spec.tools
+        self.reasoning, self.template_variables = spec.reasoning, spec.chat_template_kwargs
         self._encoders: dict[bool, Encoder] = {}
 
     def _encoder(self, reference: bool) -> Encoder:
         if reference not in self._encoders:  # the reference set: loss on every token
             self._encoders[reference] = Encoder(
-                self.tokenizer, "all" if reference else self.loss_on
+                self.tokenizer,
+                "all" if reference else self.loss_on,
+                self.reasoning,
+                self.template_variables,
             )
         return self._encoders[reference]
 
@@ -277,7 +282,12 @@ class _BatchEncoder:
             encoder.stop_tokens.clear()
             try:
                 data = parse_json_line(raw.decode(), origin) if is_line else json.loads(raw)
-                example = to_example(RawRow(data, origin), fmt, None if ref else self.system_prompt)
+                example = to_example(
+                    RawRow(data, origin),
+                    fmt,
+                    None if ref else self.system_prompt,
+                    None if ref else self.tools,
+                )
                 texts[i] = encoder.render(example)
             except DataError as e:
                 errors[i] = str(e)
