@@ -126,8 +126,6 @@ class ChatRenderer:
         specials = {t for t in tokenizer.all_special_tokens if t}
         specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         self._specials = sorted(specials, key=len, reverse=True)
-        alternation = "|".join(re.escape(t) for t in self._specials)
-        self._end_of_turn = re.compile(rf"\s*({alternation})") if alternation else None
         self._renderers: dict[tuple, Render] = {}
         self._probed: dict[tuple, dict[str, bool]] = {}
 
