@@ -1,6 +1,6 @@
 """A few training steps on tool-calling chats (the shipped tools data) with the tiny model: the
-rows encode with peftkit's tool-capable template, the loss falls, the run's audit shows the
-supervised tool calls and unsupervised tool results."""
+rows encode with peftkit's tool-capable template, the loss falls, the run's audit and report page
+show the supervised tool calls and the unsupervised tool results apart."""
 
 from __future__ import annotations
 
@@ -41,3 +41,6 @@ def test_training_on_tool_rows(tmp_path, tiny_model, monkeypatch):
     unsupervised = "".join(text for text, on in segments if not on)
     assert '<tool_call>{"name": "send_order"' in supervised
     assert "### Tool result:" in unsupervised and "order_id" not in supervised
+    parts = audit["rows"][0]["parts"]  # the run page shows calls and results apart
+    assert {"tool_call", "tool_result"} <= set(parts)
+    assert "class='part tool_call'" in (run / "report.html").read_text()

@@ -180,3 +180,30 @@ def test_inline_think_becomes_reasoning_content():
         "content": "the answer",
         "reasoning_content": "step one",
     }
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_audit_shows_tool_calls_results_and_reasoning_apart(
+    tmp_path, monkeypatch, tokenizers_by_template, cache
+):
+    from peftkit.data.audit import audit_lines, audit_record
+    from peftkit.report.run_page import _audit
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    row = agent_row()
+    row["messages"][3]["reasoning_content"] = "thinking it over"
+    path = write_jsonl(tmp_path / "rows.jsonl", [row] * 2)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers_by_template["chatml"])
+    spec = DataSpec(train=str(path), chat_template="fallback", cache=cache, num_proc=1)
+    data = prepare_data(spec, tokenizer, seed=0)
+    shown = audit_record(data, tokenizer, "causal_lm", None)["rows"][0]
+    by_part: dict[str, list[tuple[str, bool]]] = {}
+    for (text, supervised), part in zip(shown["segments"], shown["parts"]):
+        by_part.setdefault(part, []).append((text, supervised))
+    call = '<tool_call>{"name": "send_order", "arguments": {"item": "tea"}}</tool_call>'
+    assert by_part["tool_call"] == [(call, True)]
+    assert by_part["tool_result"] == [('{"status": "ok"}', False)]
+    assert by_part["reasoning"] == [("thinking it over", True)]
+    assert "«tool call: " + call + "»" in "\n".join(audit_lines(data, tokenizer, "causal_lm", None))
+    page = _audit(audit_record(data, tokenizer, "causal_lm", None) | {"splits": []})
+    assert "class='part tool_result'" in page and "class='part reasoning'" in page

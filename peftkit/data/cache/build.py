@@ -308,6 +308,10 @@ class _BatchEncoder:
         n_supervised[ok] = supervised
         was_truncated = np.zeros(n, dtype=bool)
         was_truncated[ok] = truncated
+        parts: list[str | None] = [None] * n  # agent parts as JSON token runs, for the audit
+        if encoded.parts:
+            for i, runs in zip(np.flatnonzero(ok), encoded.parts):
+                parts[i] = json.dumps(runs) if runs else None
         # the first `out` tokens of each rendered row, back to back
         starts = np.repeat(encoded.bounds[:-1] - np.cumsum(out) + out, out)
         take = np.arange(int(out.sum()), dtype=np.int64) + starts
@@ -323,6 +327,7 @@ class _BatchEncoder:
                 "stop": pa.array(stops, pa.string()),
                 "system": pa.array(systems, pa.string()),
                 "error": pa.array(errors, pa.string()),
+                "parts": pa.array(parts, pa.string()),
             }
         )
 
