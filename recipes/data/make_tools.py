@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 
-from make_orders import CITIES, DAYS, FIRST, HERE, ITEMS, LAST, TEMPLATES, plural, write_jsonl
+from make_orders import CITIES, FIRST, HERE, LAST, TEMPLATES, order_fields, plural, write_jsonl
 
 SEND_ORDER = {
     "type": "function",
@@ -46,13 +46,7 @@ GREETINGS = [
 
 
 def chat(rng: random.Random, n: int, firsts: list[str], lasts: list[str], cities: list[str]):
-    args = {
-        "name": f"{rng.choice(firsts)} {rng.choice(lasts)}",
-        "item": rng.choice(ITEMS),
-        "quantity": rng.choice([1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 24]),
-        "city": rng.choice(cities),
-        "day": rng.choice(DAYS),
-    }
+    args = order_fields(rng, firsts, lasts, cities)
     items = plural(args["item"], args["quantity"])
     call_id = f"call_{n:05d}"
     order_id = f"ORD-{rng.randint(10000, 99999)}"
