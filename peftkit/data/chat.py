@@ -11,6 +11,7 @@ assistant message, so the model always learns to stop.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,7 +271,7 @@ class ChatRenderer:
     def _capabilities(self, template: Render, origin: str) -> dict[str, bool]:
         """What the template renders, from probe chats: the tools list, tool calls, tool
         results and `reasoning_content` (each checked by its marker name appearing)."""
-        key = (self._key(), tuple(sorted(self.variables.items())))
+        key = (self._key(), json.dumps(self.variables, sort_keys=True, default=str))
         if key not in self._probed:
             probe = _probe_chat()
 
@@ -385,11 +386,11 @@ _PROBE_REASONING = "peftkit probe reasoning"
 
 
 def _probe_tools() -> list[dict[str, Any]]:
+    """The probe's tools list: one function, not the one the probe calls (so that a template
+    listing the tools but ignoring the calls is not taken for one that writes them)."""
     schema = {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}
-    return [
-        {"type": "function", "function": {"name": n, "description": "probe", "parameters": schema}}
-        for n in (_PROBE_TOOL, _PROBE_CALL)
-    ]
+    function = {"name": _PROBE_TOOL, "description": "probe", "parameters": schema}
+    return [{"type": "function", "function": function}]
 
 
 def _probe_chat() -> list[dict[str, Any]]:

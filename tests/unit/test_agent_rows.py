@@ -87,14 +87,27 @@ def test_bad_agent_rows_name_file_and_line(
         prepare_data(spec, tokenizer, seed=0)
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama3", "plain"])
+# ChatML that lists the tools but drops the calls and the results
+TOOLS_ONLY = (
+    "{% if tools %}{{ '<|im_start|>system\\n' }}{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endif %}{% for m in messages %}{% if m.role != 'tool' %}"
+    "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "plain", "tools_only"])
 def test_templates_that_ignore_tools_are_refused(tokenizers_by_template, template):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizers_by_template[template])
-    resolve_chat_template(tokenizer, "auto")
+    folder = tokenizers_by_template["chatml" if template == "tools_only" else template]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    resolve_chat_template(tokenizer, TOOLS_ONLY if template == "tools_only" else "auto")
     example = to_example(RawRow(agent_row(), "rows.jsonl line 4"), "messages", None)
     with pytest.raises(DataError, match=r"rows.jsonl line 4: the chat template ignores") as e:
         Encoder(tokenizer, "completion").encode(example)
     assert "data.chat_template: fallback" in str(e.value)
+    if template == "tools_only":  # it lists the tools: what it drops is named
+        assert "ignores tool calls and tool results" in str(e.value)
+        return
     # only the tools list, no calls: refused too (the model would never see the functions)
     only_tools = {
         "tools": TOOLS,
