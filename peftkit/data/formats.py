@@ -141,8 +141,8 @@ def _messages(
         content = turn.get(content_key)
         if role == "tool":
             content = agent.result_text(content, f"turn {i} {content_key}")
-        elif role == "assistant" and content is None:
-            content = ""
+        elif role == "assistant" and content is None and turn.get("tool_calls"):
+            content = ""  # a turn that only calls tools (OpenAI writes content: null)
         out.append(
             {"role": role, "content": _text(content, f"turn {i} {content_key}")}
             | agent.turn_fields(role, turn, i)
