@@ -313,6 +313,9 @@ class ChatRenderer:
         for i, message in enumerate(messages):
             if message["role"] == "tool" and (result := message["content"].strip()):
                 at = text.find(result, position)
+                if at < 0:  # written as a JSON string (Llama 3.1's template does)
+                    result = json.dumps(message["content"])
+                    at = text.find(result, position)
                 if at >= 0:
                     chat.parts.append((at, at + len(result), "tool_result"))
                     position = at + len(result)

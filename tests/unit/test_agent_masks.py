@@ -266,6 +266,11 @@ def test_llama3_1_json_tool_calls_and_ipython_results(tokenizers):
     check(tok, row(), turns)
     text = tok.apply_chat_template(canonical(row()), tools=TOOLS, tokenize=False)
     assert "<|start_header_id|>ipython<|end_header_id|>" in text  # the result's own role
+    example = to_example(RawRow(row(), "rows.jsonl line 1"), "messages", None)
+    got = Encoder(tok, "completion").encode(example)
+    (start, end, _), *_ = [p for p in got.parts if p[2] == "tool_result"]
+    assert json.dumps(RESULT) in tok.decode(got.input_ids[start:end])  # found for the audit
+    assert (got.labels[start:end] == IGNORE).all()
 
 
 def test_mistral_tool_calls_available_tools_and_results(tokenizers):
