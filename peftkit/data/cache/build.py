@@ -256,12 +256,17 @@ class _BatchEncoder:
         self.system_prompt = spec.system_prompt
         self.max_length = spec.max_length
         self.truncation = spec.truncation
+        self.tools = spec.tools
+        self.reasoning, self.template_variables = spec.reasoning, spec.chat_template_kwargs
         self._encoders: dict[bool, Encoder] = {}
 
     def _encoder(self, reference: bool) -> Encoder:
         if reference not in self._encoders:  # the reference set: loss on every token
             self._encoders[reference] = Encoder(
-                self.tokenizer, "all" if reference else self.loss_on
+                self.tokenizer,
+                "all" if reference else self.loss_on,
+                self.reasoning,
+                self.template_variables,
             )
         return self._encoders[reference]
 
@@ -278,7 +283,12 @@ class _BatchEncoder:
             encoder.stop_tokens.clear()
             try:
                 data = parse_json_line(raw.decode(), origin) if is_line else json.loads(raw)
-                example = to_example(RawRow(data, origin), fmt, None if ref else self.system_prompt)
+                example = to_example(
+                    RawRow(data, origin),
+                    fmt,
+                    None if ref else self.system_prompt,
+                    None if ref else self.tools,
+                )
                 texts[i] = encoder.render(example)
             except DataError as e:
                 errors[i] = str(e)
@@ -299,6 +309,10 @@ class _BatchEncoder:
         n_supervised[ok] = supervised
         was_truncated = np.zeros(n, dtype=bool)
         was_truncated[ok] = truncated
+        parts: list[str | None] = [None] * n  # agent parts as JSON token runs, for the audit
+        if encoded.parts:
+            for i, runs in zip(np.flatnonzero(ok), encoded.parts):
+                parts[i] = json.dumps(runs) if runs else None
         # the first `out` tokens of each rendered row, back to back
         starts = np.repeat(encoded.bounds[:-1] - np.cumsum(out) + out, out)
         take = np.arange(int(out.sum()), dtype=np.int64) + starts
@@ -314,6 +328,7 @@ class _BatchEncoder:
                 "stop": pa.array(stops, pa.string()),
                 "system": pa.array(systems, pa.string()),
                 "error": pa.array(errors, pa.string()),
+                "parts": pa.array(parts, pa.string()),
             }
         )
 

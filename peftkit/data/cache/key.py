@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-LAYOUT = 2
+LAYOUT = 3
 """Bumped whenever the files or the encoding change, so older caches are never read."""
 
 

@@ -79,6 +79,7 @@ class EncodedRows(Sequence[EncodedRow]):
         self._origin = table.column("origin")
         self._truncated = table.column("truncated")
         self._task = table.column("task")
+        self._parts = table.column("parts") if "parts" in table.column_names else None
         self._index = index
         self.lengths = _numbers(pc.list_value_length(self._ids))[index].astype(np.int64)
         tasks = pc.dictionary_encode(self._task).combine_chunks()
@@ -98,10 +99,15 @@ class EncodedRows(Sequence[EncodedRow]):
             self._origin[j].as_py(),
             truncated=self._truncated[j].as_py(),
             task=self._task[j].as_py(),
+            **({"parts": _runs(self._parts[j].as_py())} if self._parts is not None else {}),
         )
 
     def __iter__(self) -> Iterator[EncodedRow]:
         return (self[i] for i in range(len(self)))
+
+
+def _runs(stored: str | None) -> list[tuple[int, int, str]] | None:
+    return [tuple(run) for run in json.loads(stored)] if stored else None
 
 
 def _numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
