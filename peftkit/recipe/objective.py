@@ -178,6 +178,10 @@ class GRPOObjective(Section):
     """Weight the KL term by the probability ratio (unbiased reverse-KL gradient, TRL's default)."""
     num_iterations: int = Field(default=1, ge=1, le=1)
     """Optimizer steps per batch of rollouts; only 1 (fresh rollouts every step) for now."""
+    min_completion_length: int = Field(default=0, ge=0)
+    """Stop tokens cannot be sampled before this many tokens (0 = off). Not a TRL knob (there:
+    `generation_kwargs: {min_new_tokens: N}`); it exists so that a benchmark can make every
+    completion exactly max_completion_length long, i.e. runs do equal work."""
 
     @property
     def preference(self) -> bool:

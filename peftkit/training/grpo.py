@@ -33,6 +33,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftkit import _compat
 from peftkit.data.prompts import PromptRow, prompt_audit_lines, prompt_audit_record
 from peftkit.recipe.objective import GRPOObjective
 from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
@@ -40,6 +41,7 @@ from peftkit.training.metrics import MetricsLog
 from peftkit.training.objective import Objective
 from peftkit.training.rewards import Reward, reward_metrics, score
 from peftkit.training.rollouts import row_seed, sample_completions
+from peftkit.training.shared_prefix import group_prompts, shared_prefix_logps, support_problem
 
 
 class GRPO(Objective):
@@ -83,6 +85,10 @@ class GRPO(Objective):
         """The last step's first completions with their rewards (completions.jsonl in the run)."""
         self._completions: MetricsLog | None = None
         self._run: Any = None
+        self._prefix: str | None = None
+        """The forward's cache keyword when the training forward shares each group's prompt."""
+        self.prefix_problem: str | None = "not set up"
+        """Why the training forward runs row by row (None: it shares each group's prompt)."""
 
     # ----------------------------------------------------------------- batches
     def collate(self, rows: list[PromptRow]) -> dict[str, torch.Tensor]:
@@ -158,6 +164,9 @@ class GRPO(Objective):
         self, model: nn.Module, data: Any, batch_rows: int, accelerator: Accelerator, run: Any
     ) -> str | None:
         self._run = run
+        inner = self.unwrap(model)
+        self.prefix_problem = support_problem(inner, accelerator.distributed_type)
+        self._prefix = None if self.prefix_problem else _compat.cache_keyword(inner)
         return None
 
     def _log_samples(self, step: int, accelerator: Accelerator) -> None:
@@ -173,13 +182,14 @@ class GRPO(Objective):
         self, model: nn.Module, batch: dict[str, torch.Tensor], rows: list[PromptRow], device
     ):
         g = self.spec.num_generations
-        prompt_ids = batch["input_ids"].to(device).repeat_interleave(g, dim=0)
-        prompt_mask = batch["attention_mask"].to(device).repeat_interleave(g, dim=0)
+        prompts, prompts_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        prompt_ids = prompts.repeat_interleave(g, dim=0)
+        prompt_mask = prompts_mask.repeat_interleave(g, dim=0)
         seeds = [row_seed(self.seed, self.step, r.origin, j) for r in rows for j in range(g)]
         ids, mask, truncated = sample_completions(
             model,
-            prompt_ids,
-            prompt_mask,
+            prompts,  # each prefilled once, its cache shared by its g samples
+            prompts_mask,
             seeds,
             self.spec.max_completion_length,
             self.stop_ids,
@@ -187,6 +197,8 @@ class GRPO(Objective):
             self.spec.temperature,
             self.spec.top_p,
             self.spec.top_k,
+            group=g,
+            min_new_tokens=self.spec.min_completion_length,
         )
         expanded = [r for r in rows for _ in range(g)]
         texts = [
@@ -243,32 +255,43 @@ class GRPO(Objective):
             adv = (r - mean.repeat_interleave(self.spec.num_generations)) / (std + 1e-4)
             rolled["advantages"] = torch.nan_to_num(adv, nan=0.0).to(rolled["advantages"].device)
 
-    @torch.no_grad()
-    def _reference_logps(self, model: nn.Module, rolled: dict[str, torch.Tensor]) -> torch.Tensor:
-        args = (
-            rolled["prompt_ids"],
-            rolled["prompt_mask"],
-            rolled["completion_ids"],
-            rolled["completion_mask"],
-            self.spec.temperature,
-        )
-        if self.frozen is not None:
-            return completion_logps(self.frozen, *args)
-        with model.disable_adapter():
-            return completion_logps(model, *args)
-
-    # ----------------------------------------------------------------- loss
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        s = self.spec
-        mask = self._loss_mask(batch)
-        logps = completion_logps(
+    def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) completion log-probs: each group's prompt run once (shared_prefix.py), or
+        row by row where that cannot run (`prefix_problem`)."""
+        if self._prefix is not None:
+            g = self.spec.num_generations
+            ids, mask = group_prompts(batch["prompt_ids"], batch["prompt_mask"], g)
+            return shared_prefix_logps(
+                model,
+                ids,
+                mask,
+                batch["completion_ids"],
+                batch["completion_mask"],
+                g,
+                self.spec.temperature,
+                self._prefix,
+            )
+        return completion_logps(
             model,
             batch["prompt_ids"],
             batch["prompt_mask"],
             batch["completion_ids"],
             batch["completion_mask"],
-            s.temperature,
+            self.spec.temperature,
         )
+
+    @torch.no_grad()
+    def _reference_logps(self, model: nn.Module, rolled: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.frozen is not None:
+            return self._logps(self.frozen, rolled)
+        with model.disable_adapter():
+            return self._logps(model, rolled)
+
+    # ----------------------------------------------------------------- loss
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        s = self.spec
+        mask = self._loss_mask(batch)
+        logps = self._logps(model, batch)
         out = policy_loss(
             logps,
             None,  # one optimizer step per rollout batch: the sampling policy is this one
@@ -378,7 +401,11 @@ class GRPO(Objective):
         out: dict[str, Any] = {
             "loss_type": self.spec.loss_type,
             "rewards": [r.name for r in self.rewards],
+            # what the training forward ran: each group's prompt once, or every row whole
+            "shared_prefix": self.prefix_problem is None,
         }
+        if self.prefix_problem:
+            out["shared_prefix_off"] = self.prefix_problem
         train = metrics.series("reward")
         if train:
             out["train_reward_first"], out["train_reward_last"] = train[0][1], train[-1][1]
