@@ -35,11 +35,20 @@ from transformers import PreTrainedTokenizerBase
 
 from peftkit import _compat
 from peftkit.data.prompts import PromptRow, prompt_audit_lines, prompt_audit_record
+from peftkit.data.step_plan import StepPlan
 from peftkit.recipe.objective import GRPOObjective
+from peftkit.training.checkpoint import complete_checkpoints
 from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
 from peftkit.training.metrics import MetricsLog
 from peftkit.training.objective import Objective
 from peftkit.training.rewards import Reward, reward_metrics, score
+from peftkit.training.rollout_buffer import (
+    Reuse,
+    ReusePlan,
+    load_buffer,
+    prune_buffers,
+    save_buffer,
+)
 from peftkit.training.rollouts import row_seed, sample_completions
 from peftkit.training.shared_prefix import group_prompts, shared_prefix_logps, support_problem
 
@@ -79,6 +88,10 @@ class GRPO(Objective):
         self.step = 0
         """The optimizer step being prepared (seeds the rollouts)."""
         self._stats: dict[str, list[float]] = {}
+        self.reuse = Reuse(1, 1)
+        """How a generation of rollouts serves optimizer steps (set by `step_plan`)."""
+        self._buffer: tuple[int, list, list] | None = None
+        """(generation step, slices, their statistics) under rollout reuse."""
         self._loss_sums = torch.zeros(5)  # kl, low clip, high clip, counted, kl tokens
         self._eval: dict[str, list[float]] = {}
         self.samples: list[dict[str, Any]] = []
@@ -130,8 +143,12 @@ class GRPO(Objective):
         accelerator: Accelerator,
         step: int,
     ) -> list[dict[str, torch.Tensor]]:
-        """Sample, score and turn into advantages the completions of every prompt of the step."""
+        """Sample, score and turn into advantages the completions of every prompt of the step
+        (of the whole generation, under rollout reuse); a step that reuses a generation gets
+        its slice of it (rollout_buffer.py)."""
         self.step = step
+        if not self.reuse.generates(step):
+            return self._buffered(batches, accelerator, step)
         inner = self.unwrap(model)
         was_training = inner.training
         inner.eval()
@@ -146,19 +163,68 @@ class GRPO(Objective):
                 lengths.append(rolled["completion_mask"].sum(-1).float().cpu())
                 truncated.append(rolled["truncated"].cpu())
                 zero_std.append(adv.zero_std.cpu())
+                if self.reuse.cycle > 1:  # the policy moves before these are used: keep pi_old
+                    with torch.no_grad():
+                        rolled["old_logps"] = self._logps(inner, rolled)
         finally:
             inner.train(was_training)
-        if self.spec.scale_rewards == "batch":  # std over the whole step, all processes
+        if self.spec.scale_rewards == "batch":  # std over the whole generation, all processes
             self._rescale_by_batch(out, tables, accelerator)
-        table = torch.cat(tables)
         self._log_samples(step, accelerator)
-        self._stats = {
-            "table": table.tolist(),
-            "lengths": torch.cat(lengths).tolist(),
-            "truncated": torch.cat(truncated).float().tolist(),
-            "zero_std": torch.cat(zero_std).float().tolist(),
-        }
-        return out
+        k = self.reuse.slices
+        per = len(out) // k  # each slice: one optimizer step's micro-batches
+        slices = [out[i * per : (i + 1) * per] for i in range(k)]
+        stats = [
+            {
+                "table": torch.cat(tables[i * per : (i + 1) * per]),
+                "lengths": torch.cat(lengths[i * per : (i + 1) * per]),
+                "truncated": torch.cat(truncated[i * per : (i + 1) * per]).float(),
+                "zero_std": torch.cat(zero_std[i * per : (i + 1) * per]).float(),
+            }
+            for i in range(k)
+        ]
+        if k > 1 and self.spec.loss_type == "dapo":
+            self._dapo_scales(slices, accelerator)
+        if self.reuse.cycle > 1:
+            self._buffer = (step, slices, stats)
+            if self._run is not None:
+                folder = self._run.work / "rollouts"
+                save_buffer(folder, step, accelerator.process_index, slices, stats)
+                kept = complete_checkpoints(self._run.checkpoints)
+                prune_buffers(folder, kept, self.reuse, step)
+        self._stats = {name: v.tolist() for name, v in stats[0].items()}
+        return slices[0]
+
+    def step_plan(self, plan: StepPlan) -> StepPlan:
+        s = self.spec
+        self.reuse = Reuse.of(s.steps_per_generation, s.num_iterations, plan.grad_accum)
+        return ReusePlan(plan, self.reuse) if self.reuse.cycle > 1 else plan
+
+    def _buffered(self, batches, accelerator: Accelerator, step: int):
+        """The slice of the buffered generation that step `step` trains on (read back from the
+        run's state folder by a run resumed inside the generation's cycle)."""
+        for batch in batches:  # the slice's prompts, rolled out at the generation step
+            self._rows.pop(int(batch["rows_key"]))
+        start = self.reuse.generation_step(step)
+        if self._buffer is None or self._buffer[0] != start:
+            folder = self._run.work / "rollouts"
+            self._buffer = (start, *load_buffer(folder, start, accelerator.process_index, step))
+        _, slices, stats = self._buffer
+        i = self.reuse.slice_of(step)
+        self.samples = []
+        self._stats = {name: v.tolist() for name, v in stats[i].items()}
+        return slices[i]
+
+    def _dapo_scales(self, slices, accelerator: Accelerator) -> None:
+        """dapo normalises by the generation's completion tokens / k (TRL: num_items_in_batch x
+        grad_accum / steps_per_generation) where the loop divides by the step's own: scale each
+        slice's loss by the quotient (all processes' tokens)."""
+        local = torch.stack([sum(self._loss_mask(b).sum() for b in sl) for sl in slices]).float()
+        tokens = accelerator.reduce(local.to(accelerator.device), "sum")
+        scales = tokens * len(slices) / tokens.sum().clamp(min=1.0)
+        for sl, scale in zip(slices, scales):
+            for b in sl:
+                b["dapo_scale"] = scale.reshape(())
 
     def before_training(
         self, model: nn.Module, data: Any, batch_rows: int, accelerator: Accelerator, run: Any
@@ -294,7 +360,7 @@ class GRPO(Objective):
         logps = self._logps(model, batch)
         out = policy_loss(
             logps,
-            None,  # one optimizer step per rollout batch: the sampling policy is this one
+            batch.get("old_logps"),  # None: used in the step that sampled it, pi_old = pi
             batch.get("ref_logps"),
             batch["advantages"],
             mask,
@@ -314,6 +380,8 @@ class GRPO(Objective):
         )
         if s.loss_type in ("grpo", "dr_grpo"):  # a mean over the micro-batch's completions
             return out.loss * batch["completion_ids"].shape[0]
+        if "dapo_scale" in batch:
+            return out.loss * batch["dapo_scale"]
         return out.loss  # bnpo: one micro-batch's mean; dapo: the token sum (normaliser 1)
 
     def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
