@@ -203,6 +203,7 @@ def _child(name: str, out: Path, steps: int, fixed: bool) -> None:
 
 
 def main() -> None:
+    global MODEL
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--configs", default="peftkit,trl")
@@ -217,7 +218,6 @@ def main() -> None:
         "--model", default=MODEL, help="the model both sides train (default %(default)s)"
     )
     a = p.parse_args()
-    global MODEL
     MODEL = a.model
     if a.child:
         _child(a.child, a.out, a.steps, a.fixed_length)
