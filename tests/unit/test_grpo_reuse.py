@@ -15,7 +15,7 @@ from peftkit.data.step_plan import StepPlan
 from peftkit.recipe.objective import GRPOObjective
 from peftkit.training.grpo import GRPO
 from peftkit.training.rollout_buffer import Reuse, ReusePlan
-from tests.unit.test_grpo_losses import G, T, TEMPERATURE, _batch, trl_setup  # noqa: F401
+from tests.unit.test_grpo_losses import TEMPERATURE, G, T, _batch, trl_setup  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -122,3 +122,58 @@ def test_the_second_iteration_equals_trl(trl_setup, loss_type, beta):  # noqa: F
     assert low / counted == pytest.approx(logged["clip_ratio/low_mean"][-1], abs=1e-6)
     assert high / counted == pytest.approx(logged["clip_ratio/high_mean"][-1], abs=1e-6)
     assert low + high > 0  # the clipping is active
+
+
+def test_dapo_normalises_a_slice_by_the_generations_tokens_as_trl(trl_setup):  # noqa: F811
+    """steps_per_generation = 2 x grad_accum: TRL divides each slice's token sum by the whole
+    generation's completion tokens x grad_accum / steps_per_generation."""
+    trainer_for, tokenizer = trl_setup
+    trainer = trainer_for(loss_type="dapo", beta=0.0, steps_per_generation=2)
+    model = trainer.model
+    spec = GRPOObjective(
+        type="grpo",
+        rewards=[{"metric": "exact"}],
+        num_generations=G,
+        max_completion_length=T + 2,
+        temperature=TEMPERATURE,
+        loss_type="dapo",
+        steps_per_generation=2,
+    )
+    grpo = GRPO(spec, [], tokenizer, [0], 0, lambda m: m, None, 8)
+    grpo.step_plan(StepPlan(16, 2, 1, 1, 0))
+    assert (grpo.reuse.slices, grpo.reuse.cycle) == (2, 2)
+    grpo.before_training(model, None, 2, SimpleNamespace(distributed_type="NO"), None)
+    slices = []
+    for cut in (None, 2):  # two slices with different completion tokens
+        prompt_ids, prompt_mask, completion_ids, completion_mask, advantages = _batch(
+            model.config.vocab_size
+        )
+        if cut:
+            completion_mask[:, cut:] = 0
+        batch = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "truncated": torch.zeros(len(prompt_ids), dtype=torch.bool),
+            "advantages": advantages,
+        }
+        with torch.no_grad():
+            batch["old_logps"] = grpo._logps(model, batch)
+        slices.append([batch])
+    grpo._dapo_scales(slices, SimpleNamespace(reduce=lambda t, op: t, device=torch.device("cpu")))
+    items = sum(int(s[0]["completion_mask"].sum()) for s in slices)
+    for (batch,) in slices:
+        theirs = trainer._compute_loss(
+            model,
+            {
+                **{k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids")},
+                "completion_mask": batch["completion_mask"],
+                "advantages": batch["advantages"],
+                "old_per_token_logps": batch["old_logps"],
+                "num_items_in_batch": torch.tensor(items),
+            },
+        )
+        mine = grpo.loss_sum(model, batch) / grpo.units(batch)
+        assert mine.item() == pytest.approx(theirs.item(), abs=1e-6, rel=1e-5)
+    assert slices[0][0]["dapo_scale"] != slices[1][0]["dapo_scale"]
