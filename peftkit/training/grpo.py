@@ -496,4 +496,10 @@ class GRPO(Objective):
             f"{s.max_completion_length} tokens, temperature {s.temperature}; loss {s.loss_type}, "
             f"beta {s.beta}; reference: {ref}; rewards: "
             + ", ".join(f"{r.name} x{r.weight:g}" for r in self.rewards)
+            + (
+                f"; each generation fills {s.steps_per_generation or 'grad_accum'} micro-batches "
+                f"and is optimised {s.num_iterations} times"
+                if s.num_iterations > 1 or s.steps_per_generation
+                else ""
+            )
         )
