@@ -565,6 +565,18 @@ class Recipe(Section):
             )
         if self.data.mixing.strategy != "concat":
             problems.append(f"data.mixing: {kind} reads one prompt set; remove data.mixing")
+        spg, accum = self.objective.steps_per_generation, self.train.grad_accum
+        if spg is not None and spg % accum:
+            problems.append(
+                f"objective.steps_per_generation {spg}: one generation fills whole optimizer "
+                f"steps here, so it must be a multiple of train.grad_accum ({accum}): set "
+                f"{max(accum, spg - spg % accum)} or {spg - spg % accum + accum}"
+            )
+        if self.objective.min_completion_length > self.objective.max_completion_length:
+            problems.append(
+                "objective.min_completion_length: above max_completion_length "
+                f"({self.objective.max_completion_length}); lower it"
+            )
         if self.output.sample_prompts:
             problems.append(
                 f"output.sample_prompts: {kind} reports its held-out reward and keeps sampled "

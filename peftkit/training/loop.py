@@ -196,13 +196,15 @@ class FineTuneRun(Evaluation):
                 "expert weights; set adapter.target_parameters: auto to adapt them"
             )
 
-        self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
-            self.data.train,
-            r.data,
-            r.train.micro_batch_size,
-            r.train.grad_accum,
-            self.accelerator.num_processes,
-            self.seed,
+        self.plan = self.objective.step_plan(  # every row once per epoch, or tasks mixed
+            step_plan(
+                self.data.train,
+                r.data,
+                r.train.micro_batch_size,
+                r.train.grad_accum,
+                self.accelerator.num_processes,
+                self.seed,
+            )
         )
         self.total_steps = r.train.max_steps or math.ceil(
             r.train.epochs * self.plan.steps_per_epoch
