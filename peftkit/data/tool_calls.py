@@ -24,6 +24,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from peftkit.errors import PeftkitError
@@ -69,6 +70,45 @@ def require_family(template: str | None) -> Family:
             "[TOOL_CALLS])"
         )
     return family
+
+
+class NoToolSupport(PeftkitError):
+    """The chat template leaves the tools out of the prompt: the model would never see them."""
+
+
+def tool_family(template: str, rendered: str, tools: list[dict[str, Any]]) -> Family:
+    """The call format of a template that rendered `tools` into `rendered` (a prompt).
+
+    Raises:
+        NoToolSupport: a tool's name is not in the prompt (the template ignores `tools`).
+        UnknownToolFormat: the template renders tools but writes calls in no known format.
+    """
+    missing = [t["function"]["name"] for t in tools if t["function"]["name"] not in rendered]
+    if missing:
+        raise NoToolSupport(
+            f"the chat template has no tool support (the tools {', '.join(missing)} do not "
+            "appear in the prompt it renders)"
+        )
+    return require_family(template)
+
+
+def read_tools(path: str | Path) -> list[dict[str, Any]]:
+    """OpenAI tool definitions from a JSON file: a list of {"type": "function", "function":
+    {"name", "description", "parameters"}}, or of the function objects alone."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PeftkitError(f"{path}: cannot read tools ({e})") from None
+    if not isinstance(value, list):
+        raise PeftkitError(f"{path}: a JSON list of tools, not {type(value).__name__}")
+    tools = []
+    for i, tool in enumerate(value):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise PeftkitError(f"{path}: tool {i} has no function name (want {{'name': ...}})")
+        tools.append({"type": "function", "function": function})
+    return tools
 
 
 def has_reasoning(template: str | None) -> bool:
