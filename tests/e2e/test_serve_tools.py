@@ -281,3 +281,13 @@ def test_cli_chat_shows_a_call_and_asks_for_its_result(trained, tmp_path, monkey
     assert 'tool call: get_weather({"city": "Paris"})' in out
     assert "<tool_call>" not in out
     assert asked == ["[tools] > ", "result of get_weather > ", "[tools] > "]
+
+
+def test_the_answer_message_goes_back_as_history(client, server):
+    first = ask(client, tools=TOOLS).choices[0].message  # the client's own message object
+    (call,) = first.tool_calls
+    history = [*QUESTION, first, {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+    again = ask(client, history, tools=TOOLS, max_tokens=4)
+    turn = {"role": "assistant", "content": "", "tool_calls": [{**HISTORY_CALL, "id": call.id}]}
+    tool = {"role": "tool", "tool_call_id": call.id, "content": "18 C"}
+    assert again.usage.prompt_tokens == len(_rendered(server[1], [*QUESTION, turn, tool], TOOLS))
