@@ -133,34 +133,29 @@ class ChatSession:
             except (NoToolSupport, UnknownToolFormat) as e:
                 if self.history[-1]["role"] == "user":  # unanswered: not kept
                     self.history.pop()
-                raise ServingError(f"--tools with {adapter or BASE}: {e}") from None
+                raise ServingError(f"tools on {adapter or BASE}: {e}") from None
         stream = ReplyStream(family, reasoning, started)
 
-        def piece(text: str) -> None:
-            for delta in stream.feed(text) if on_text else ():
-                shown = delta.get("content") or delta.get("reasoning_content")
-                if shown:
-                    on_text(shown)
+        def show(deltas: list[dict[str, Any]]) -> None:  # content and reasoning, not calls
+            for delta in deltas if on_text else ():
+                text = delta.get("content") or delta.get("reasoning_content")
+                if text:
+                    on_text(text)
 
         ids = aset.encode(messages, adapter, tools=self.tools)
-        row = Row(ids, adapter, self.options, aset.stop_ids(adapter), piece)
+        streamed = (lambda text: show(stream.feed(text))) if on_text else None
+        row = Row(ids, adapter, self.options, aset.stop_ids(adapter), streamed)
         (completion,) = aset.generate_rows([row])
-        for delta in stream.finish() if on_text else ():
-            if delta.get("content") or delta.get("reasoning_content"):
-                on_text(delta.get("content") or delta["reasoning_content"])
+        show(stream.finish())
         reply = parse_reply(completion.text, family, reasoning, started)
         self.reasoning, self.calls = reply.reasoning, reply.tool_calls
         turn: dict[str, Any] = {"role": "assistant", "content": reply.content}
-        if reply.tool_calls:
-            turn["tool_calls"] = [
-                {
-                    **c,
-                    "function": {
-                        **c["function"],
-                        "arguments": json.loads(c["function"]["arguments"]),
-                    },
-                }
-                for c in reply.tool_calls
-            ]  # fmt: skip  (templates write the arguments object with tojson)
+        if reply.tool_calls:  # templates write the arguments object with tojson
+            turn["tool_calls"] = [_with_object_arguments(c) for c in reply.tool_calls]
         self.history.append(turn)
         return completion
+
+
+def _with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call["function"]
+    return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}

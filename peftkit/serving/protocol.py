@@ -121,12 +121,12 @@ class ChatMessage(BaseModel):
             "role": "system" if self.role == "developer" else self.role,
             "content": self.text(),
         }
-        if self.tool_calls:
-            out["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name,
-                 "arguments": _arguments(c.function.arguments, f"messages.{index}.tool_calls.{j}")}}
-                for j, c in enumerate(self.tool_calls)
-            ]  # fmt: skip
+        for j, call in enumerate(self.tool_calls or []):
+            arguments = _arguments(call.function.arguments, f"messages.{index}.tool_calls.{j}")
+            function = {"name": call.function.name, "arguments": arguments}
+            out.setdefault("tool_calls", []).append(
+                {"id": call.id, "type": "function", "function": function}
+            )
         if self.role == "tool":
             out["tool_call_id"] = self.tool_call_id
         if self.name is not None:
