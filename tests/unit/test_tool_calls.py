@@ -175,3 +175,74 @@ def test_streamed_deltas_add_up_to_the_whole_text_parse(family, reasoning, start
         plain = not any(m in text for m in ("<tool_call>", "[TOOL_CALLS]", "{", "["))
         if plain and size == 1 and len(whole.content) > 3:
             assert len([d for d in deltas if d.get("content")]) > 1  # text still streams
+
+
+def _published(name: str) -> str:
+    """A chat template as its model publishes it (the copies TRL ships)."""
+    trl = pytest.importorskip("trl")
+    from pathlib import Path
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("qwen2_5", "hermes"),
+        ("qwen3", "hermes"),
+        ("llama3_1", "llama3"),
+        ("llama3_2", "llama3"),
+        ("llama3", None),  # Llama 3.0: no tools
+        ("gemma", None),
+    ],
+)
+def test_the_family_of_published_templates(name, family):
+    assert detect_family(_published(name)) == family
+
+
+def test_the_tool_probe_on_published_templates(tiny_model):
+    from transformers import AutoTokenizer
+
+    from peftkit.data.tool_calls import NoToolSupport, tool_family
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [{"role": "user", "content": "Weather?"}]
+    for name, family in (("qwen2_5", "hermes"), ("llama3_1", "llama3")):
+        template = _published(name)
+        rendered = tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=template, tokenize=False
+        )
+        assert tool_family(template, rendered, tools) == family
+    plain = _published("llama3")
+    rendered = tokenizer.apply_chat_template(
+        messages, tools=tools, chat_template=plain, tokenize=False
+    )
+    with pytest.raises(NoToolSupport, match="the tools get_weather do not appear"):
+        tool_family(plain, rendered, tools)
+
+
+QWEN_ANSWERS = [
+    '<think>\nplan\n</think>\n\nLooking.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>',
+    '<tool_call>\n{"name": "a", "arguments": {"x": [1, {"y": "z"}], "s": "é"}}\n</tool_call>',
+    "<think>\nhmm\n</think>\n\nIt is sunny.",
+    "Just text, no call.",
+]
+
+
+@pytest.mark.parametrize("text", QWEN_ANSWERS)
+def test_hermes_parses_as_transformers_serve_does(text, tiny_model):
+    """transformers' own server parses Qwen answers with a response template; ours agrees."""
+    serving = pytest.importorskip("transformers.cli.serving.utils")
+    from transformers import AutoTokenizer
+
+    qwen = next(v for k, v in serving._RESPONSE_TEMPLATE_FALLBACKS.items() if "qwen3" in k)
+    theirs = AutoTokenizer.from_pretrained(tiny_model).parse_response(text, qwen, prefix="")
+    ours = parse_reply(text, "hermes", reasoning=True)
+    assert ours.reasoning == theirs.get("reasoning_content")
+    assert ours.content == theirs.get("content", "")
+    expected = [
+        (c["function"]["name"], c["function"]["arguments"]) for c in theirs.get("tool_calls", [])
+    ]
+    assert calls_of(ours.tool_calls) == expected
