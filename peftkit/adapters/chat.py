@@ -150,6 +150,8 @@ class ChatSession:
         reply = parse_reply(completion.text, family, reasoning, started)
         self.reasoning, self.calls = reply.reasoning, reply.tool_calls
         turn: dict[str, Any] = {"role": "assistant", "content": reply.content}
+        if reply.reasoning is not None:  # templates that keep it in the history render it
+            turn["reasoning_content"] = reply.reasoning
         if reply.tool_calls:  # templates write the arguments object with tojson
             turn["tool_calls"] = [_with_object_arguments(c) for c in reply.tool_calls]
         self.history.append(turn)

@@ -87,6 +87,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     """A tool turn: the call whose result it is."""
     name: str | None = None
+    reasoning_content: str | None = None
+    """An earlier answer's reasoning, as this server returned it (templates that keep reasoning
+    in the history, as Qwen3's do, render it)."""
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessage:
@@ -131,6 +134,8 @@ class ChatMessage(BaseModel):
             out["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             out["name"] = self.name
+        if self.reasoning_content is not None and self.role == "assistant":
+            out["reasoning_content"] = self.reasoning_content
         return out
 
 

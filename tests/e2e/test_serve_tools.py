@@ -255,7 +255,8 @@ def test_chat_session_holds_the_call_until_its_result_is_given(trained):
     answer = session.resume()
     expected = [
         *QUESTION,
-        {"role": "assistant", "content": "", "tool_calls": [{**HISTORY_CALL, "id": call_id}]},
+        {"role": "assistant", "content": "", "reasoning_content": THOUGHT,
+         "tool_calls": [{**HISTORY_CALL, "id": call_id}]},
         {"role": "tool", "tool_call_id": call_id, "name": "get_weather", "content": '{"sky": "clear"}'},
     ]  # fmt: skip
     # the second answer saw the call and its result, rendered as transformers renders them
@@ -289,5 +290,6 @@ def test_the_answer_message_goes_back_as_history(client, server):
     history = [*QUESTION, first, {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
     again = ask(client, history, tools=TOOLS, max_tokens=4)
     turn = {"role": "assistant", "content": "", "tool_calls": [{**HISTORY_CALL, "id": call.id}]}
+    turn["reasoning_content"] = THOUGHT  # returned apart, and rendered back by the template
     tool = {"role": "tool", "tool_call_id": call.id, "content": "18 C"}
     assert again.usage.prompt_tokens == len(_rendered(server[1], [*QUESTION, turn, tool], TOOLS))
