@@ -10,10 +10,11 @@ off the template text (`detect_family`):
 Reasoning is the text between `<think>` and `</think>` at the start of the answer (or before
 `</think>` when the prompt already opened the block), kept apart from the content.
 
-A call that does not parse (bad JSON, no name, arguments that are not an object) leaves the whole
-text as content: generated text never raises. The markers `<|python_tag|>` and `[TOOL_CALLS]` are
-special tokens, which decoding usually drops, so their families also read a text that is nothing
-but the call JSON as a call; so does hermes (for tokenizers whose `<tool_call>` is special).
+A call that does not parse (bad JSON, no name or no arguments, arguments that are not an object)
+leaves the whole text as content: generated text never raises. The markers `<|python_tag|>` and
+`[TOOL_CALLS]` are special tokens, which decoding usually drops, so their families also read a
+text that is nothing but the call JSON as a call; so does hermes (for tokenizers whose
+`<tool_call>` is special).
 Each call gets a fresh `id` (9 letters and digits for mistral, whose templates require that) and
 its arguments as a JSON string, as OpenAI returns them.
 """
@@ -157,7 +158,9 @@ def _call(value: Any, family: Family) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     key = "parameters" if family == "llama3" and "parameters" in value else "arguments"
-    arguments = value.get(key, {})
+    if key not in value:  # {"name": "Ada"} is an answer in JSON, not a call
+        return None
+    arguments = value[key]
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)

@@ -75,6 +75,8 @@ def test_hermes_one_call_several_calls_and_text_around():
         '<tool_call>{"name": "a", "arguments": [1]}</tool_call>',  # arguments not an object
         '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>oops</tool_call>',
         '{"name": "a", "arguments": {}, "extra": 1}',  # not a call's keys
+        '{"name": "Ada Byron"}',  # an answer in JSON with a name field
+        '<tool_call>{"name": "a"}</tool_call>',  # no arguments
         "no call here",
     ],
 )
