@@ -333,10 +333,13 @@ class EvalSpec(Section):
     step 0 (the base), at every evaluation and at the end; logged as `answer_*` in metrics.jsonl,
     plotted, and summarised before -> after. The answer of a row is its last assistant turn."""
 
-    metric: Literal["none", "exact", "contains", "json_fields", "python"] = "none"
+    metric: Literal["none", "exact", "contains", "json_fields", "tool_call", "python"] = "none"
     """exact = equal text; contains = the reference occurs in the answer; json_fields = the
     answer's first JSON object has exactly the reference's keys and values (field accuracy is
-    reported beside); python = `function` decides. none = loss only."""
+    reported beside); tool_call = the answer's tool calls, parsed in the chat template's call
+    format, have the reference's function names and exactly its arguments (name and field
+    accuracy beside; only rows whose answer is a tool call are scored); python = `function`
+    decides. none = loss only."""
     function: str | None = None
     """For metric python: `module:function` or `file.py:function` (relative to the recipe), called
     as `function(answer: str, reference: str) -> float` (1.0 = right)."""

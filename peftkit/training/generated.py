@@ -156,12 +156,27 @@ class AnswerEval:
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],
     ) -> None:
-        from peftkit.training.answer_metrics import BUILTIN, REFERENCE_CHECKS, load_function
+        from peftkit.training.answer_metrics import (
+            BUILTIN,
+            REFERENCE_CHECKS,
+            ToolCallMetric,
+            load_function,
+        )
 
         self.spec = spec
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.items = held_out_answers(rows[: spec.rows], tokenizer)
+        tool_call = ToolCallMetric(tokenizer.chat_template) if spec.metric == "tool_call" else None
+        if tool_call is not None:  # the calls are scored; other held-out rows are not
+            scored = [item for item in self.items if tool_call.applies(item.reference)]
+            if not scored:
+                raise DataError(
+                    f"eval.metric tool_call: none of the {len(self.items)} held-out rows scored "
+                    "ends with an assistant turn that calls a tool; add such rows to the eval "
+                    "data, or set eval.metric to exact, contains or none"
+                )
+            self.items = scored
         check = REFERENCE_CHECKS.get(spec.metric)
         for item in self.items if check else []:  # before any training, not at its first eval
             problem = check(item.reference)
@@ -172,7 +187,9 @@ class AnswerEval:
                     "none"
                 )
         self.scorer = (
-            load_function(spec.function) if spec.metric == "python" else BUILTIN[spec.metric]
+            load_function(spec.function)
+            if spec.metric == "python"
+            else tool_call or BUILTIN[spec.metric]
         )
         self.last_rows: list[dict[str, str | float]] = []
 
