@@ -142,6 +142,7 @@ class MergedWeights(Mapping[str, torch.Tensor]):
             or getattr(skeleton, "_keep_in_fp32_modules_strict", None)
         ):
             raise CannotStream(f"{type(skeleton).__name__} keeps some modules in fp32")
+        self._fill_saved_base_weights(skeleton, Path(adapter_dir))
         try:
             peft_model = PeftModel.from_pretrained(skeleton, str(adapter_dir))
         except (RuntimeError, ValueError, KeyError) as e:
@@ -182,6 +183,18 @@ class MergedWeights(Mapping[str, torch.Tensor]):
                 f"the base checkpoint has no tensor {missing[0]} of the model (transformers "
                 "converts its tensors at load)"
             )
+
+    def _fill_saved_base_weights(self, skeleton: nn.Module, adapter_dir: Path) -> None:
+        """Base weights the adapter file carries too (peft saves the embeddings when it adapts
+        them) are loaded into the base as in the in-memory merge: those few get real values
+        first, from the checkpoint, with their ties kept."""
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            keys = f.keys()
+        saved = {k.removeprefix("base_model.model.").replace(".base_layer.", ".") for k in keys}
+        for name, p in skeleton.state_dict(keep_vars=True).items():
+            if name in saved and id(p) in self._placeholders and name in self._checkpoint.files:
+                p.data = self._base(name)
+                self._placeholders.discard(id(p))
 
     @classmethod
     def of_run(cls, source: ExportSource) -> MergedWeights:

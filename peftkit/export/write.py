@@ -75,7 +75,7 @@ def write_streamed(
     nbytes = {k: weights.shape(k).numel() * out_dtype[k].itemsize for k in weights}
     shards: list[list[str]] = []
     limit, size = shard_bytes(max_shard_size), 0
-    for key in weights:  # huggingface_hub's greedy split, in state-dict order
+    for key in sorted(weights):  # huggingface_hub's greedy split, in name order as transformers
         if not shards or nbytes[key] > limit or size + nbytes[key] > limit:
             shards.append([])
             size = 0
@@ -95,7 +95,7 @@ def write_streamed(
         for name, keys in zip(names, shards)
     }
     try:
-        for key in weights:
+        for key in sorted(weights):
             files[file_of[key]].write(key, weights[key].to(out_dtype[key]))
     finally:
         for f in files.values():
