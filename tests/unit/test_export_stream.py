@@ -11,9 +11,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from peftkit.export.gguf import write_gguf
 from peftkit.export.stream import MergedWeights
 from peftkit.export.write import write_model, write_streamed
-from tests.conftest import build_model
+from tests.conftest import CHATML, build_model, build_tokenizer
 
 CASES = {
     "lora": ({}, {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
@@ -152,3 +153,20 @@ def test_streamed_folder_is_the_one_save_pretrained_writes(dtype, shard, tmp_pat
     probe = torch.tensor([[1, 5, 9, 13, 2]])
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=probe).logits, before(input_ids=probe).logits)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_written_from_the_stream_is_the_file_written_from_the_model(tied, tmp_path):
+    tokenizer = build_tokenizer(tmp_path / "base", CHATML)
+    build_model(tmp_path / "base", len(tokenizer), tie_word_embeddings=tied)
+    _adapter(tmp_path / "base", tmp_path / "adapter", {"target_modules": "all-linear"})
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    from_model = write_gguf(
+        _peft_merged(tmp_path / "base", tmp_path / "adapter"),
+        tokenizer,
+        tmp_path / "a" / "m.gguf",
+        "q8_0",
+    )
+    streamed = MergedWeights(tmp_path / "base", tmp_path / "adapter")
+    from_stream = write_gguf(streamed, tokenizer, tmp_path / "b" / "m.gguf", "q8_0")
+    assert from_stream.read_bytes() == from_model.read_bytes()
