@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from peftkit.errors import ExportError
-from peftkit.export.build import _trained_dtype
+from peftkit.export.build import trained_dtype
 from peftkit.export.source import ExportSource
 from peftkit.models.source import model_source
 
@@ -72,7 +72,7 @@ class _Checkpoint:
             return cls({k: folder / v for k, v in weight_map.items()})
         single = folder / "model.safetensors"
         if not single.is_file():
-            raise ExportError(f"no model.safetensors or its index in {folder}")
+            raise CannotStream(f"no model.safetensors or its index in {folder}")
         with safe_open(str(single), framework="pt") as f:
             return cls(dict.fromkeys(f.keys(), single))
 
@@ -200,7 +200,7 @@ class MergedWeights(Mapping[str, torch.Tensor]):
     def of_run(cls, source: ExportSource) -> MergedWeights:
         """The merge `peftkit export` writes for a run: its adapter over its base."""
         spec = source.recipe.model
-        return cls(model_source(spec), source.result_dir, _trained_dtype(source), spec.revision)
+        return cls(model_source(spec), source.result_dir, trained_dtype(source), spec.revision)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._params)

@@ -170,3 +170,15 @@ def test_gguf_written_from_the_stream_is_the_file_written_from_the_model(tied, t
     streamed = MergedWeights(tmp_path / "base", tmp_path / "adapter")
     from_stream = write_gguf(streamed, tokenizer, tmp_path / "b" / "m.gguf", "q8_0")
     assert from_stream.read_bytes() == from_model.read_bytes()
+
+
+def test_a_sharded_base_checkpoint_is_read_through_its_index(tmp_path):
+    build_model(tmp_path / "single", 64)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "single", dtype=torch.float32)
+    model.save_pretrained(str(tmp_path / "base"), max_shard_size="60KB")
+    assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
+    _adapter(tmp_path / "base", tmp_path / "adapter", {"target_modules": ["q_proj", "up_proj"]})
+    expected = _peft_merged(tmp_path / "base", tmp_path / "adapter")
+    _assert_same_tensors(
+        MergedWeights(tmp_path / "base", tmp_path / "adapter"), _unique_state(expected)
+    )
