@@ -38,7 +38,9 @@ def write_model(
         write_streamed(model, out, dtype, max_shard_size)
         return
     model.to(DTYPES[dtype])
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    # In bytes: the hub's size parser takes 2GB but not 2GiB, which the recipe allows.
+    limit = shard_bytes(max_shard_size)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=limit)
 
 
 _SAFETENSORS_DTYPES = {
