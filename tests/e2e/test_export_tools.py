@@ -115,7 +115,7 @@ def test_the_exports_render_a_tool_chat_as_training_did(exported):
 
 
 def test_the_modelfile_has_a_tool_template_for_the_fallback_or_says_why_not(exported):
-    case, _, run, tmp = exported
+    case, _, _, tmp = exported
     modelfile = (tmp / "gguf" / "Modelfile").read_text()
     if case != "fallback":
         assert "TEMPLATE" not in modelfile.replace("# TEMPLATE: none written", "")
