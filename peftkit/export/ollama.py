@@ -1,8 +1,8 @@
 """The Ollama Modelfile's chat template: a Go template, not the Jinja one the GGUF file carries.
 
-Ollama does not run Jinja: `ollama create` reads the GGUF's `tokenizer.chat_template` and picks,
-from the templates it ships, the one closest to it, or uses the Modelfile's `TEMPLATE` when there
-is one. peftkit does not translate arbitrary Jinja into Go templates (no general translation
+Ollama does not run Jinja: `ollama create` uses the Modelfile's `TEMPLATE` when there is one, else
+reads the GGUF's `tokenizer.chat_template` and takes, from the templates it ships, one within a
+small edit distance of it, or none (then the prompt is passed as it is, no chat turns). peftkit does not translate arbitrary Jinja into Go templates (no general translation
 exists). For peftkit's own fallback template it writes the Go twin, tools included in Ollama's
 style (`{{ if .Tools }}`, `{{ range .ToolCalls }}`), so a model trained with
 `data.chat_template: fallback` is prompted in Ollama as in training; any other template is left to
@@ -67,9 +67,9 @@ def template_lines(tokenizer) -> list[str]:
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if not is_fallback(template):
         return [
-            "# TEMPLATE: none written. Ollama picks the chat template closest to the GGUF file's",
-            "# Jinja template from those it ships (peftkit does not translate Jinja into Go",
-            "# templates); tools work in Ollama only if its match handles them.",
+            "# TEMPLATE: none written. Ollama takes one of the chat templates it ships if it is close",
+            "# to the GGUF file's Jinja template, else none (peftkit does not translate Jinja into",
+            "# Go templates); chat turns and tools work in Ollama only as far as its match does.",
         ]
     bos_id = tokenizer.bos_token_id
     adds_bos = bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]

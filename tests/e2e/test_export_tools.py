@@ -119,7 +119,7 @@ def test_the_modelfile_has_a_tool_template_for_the_fallback_or_says_why_not(expo
     modelfile = (tmp / "gguf" / "Modelfile").read_text()
     if case != "fallback":
         assert "TEMPLATE" not in modelfile.replace("# TEMPLATE: none written", "")
-        assert "peftkit does not translate Jinja into Go" in modelfile
+        assert "peftkit does not translate Jinja into" in modelfile
         return
     template = modelfile.split('TEMPLATE """', 1)[1].rsplit('"""', 1)[0]
     assert "{{ if .Tools }}### Tools:" in template and "{{ range .Tools }}{{ json . }}" in template
