@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from peftkit.models.manifest import (
     check_compatible,
     default_system_prompt,
     read_manifest,
+    template_kwargs,
 )
 from peftkit.models.spec import Quantize
 from peftkit.recipe.schema import ModelSpec, QuantizationSpec
@@ -60,6 +61,8 @@ class LoadedAdapter:
     stop_ids: set[int]
     system_prompt: str | None = None
     """The system prompt training gave chats without one (None: none, or an older manifest)."""
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The extra template variables training rendered with (`data.chat_template_kwargs`)."""
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:
@@ -263,6 +266,7 @@ class AdapterSet:
             template,
             stop | self._base_stop,
             default_system_prompt(manifest),
+            template_kwargs(manifest),
         )
         self.adapters[name] = loaded
         self._refresh_layers()
@@ -361,13 +365,17 @@ class AdapterSet:
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Chat messages (and `tools`, for a template that renders them) as the text the
-        adapter's chat template makes of them, with the assistant's turn opened."""
+        adapter's chat template makes of them, with the assistant's turn opened: the prompt
+        training conditioned that turn on, with the template's extra variables training set
+        (`data.chat_template_kwargs`, e.g. enable_thinking)."""
+        variables = self.adapters[adapter].template_kwargs if adapter else {}
         return self.tokenizer.apply_chat_template(
             messages,
             tools=tools or None,
             chat_template=self.chat_template(adapter),
             tokenize=False,
             add_generation_prompt=True,
+            **variables,
         )
 
     def generate(

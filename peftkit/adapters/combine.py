@@ -190,7 +190,13 @@ def _write(aset: AdapterSet, dirs: dict[str, Path], out: Path, how, weights, den
             chat_template=template,
             stop_tokens=stop_tokens,
             recipe=None,
-            prompt=training_prompt(template, "adapter", shared, [shared] if shared else []),
+            prompt=training_prompt(
+                template,
+                "adapter",
+                shared,
+                [shared] if shared else [],
+                aset.adapters[next(iter(dirs))].template_kwargs,  # (the first's, as its template)
+            ),
             derived_from={
                 "combine": how,
                 "sources": {n: str(d) for n, d in dirs.items()},

@@ -81,7 +81,7 @@ def turn_fields(role: str, turn: dict[str, Any], i: int) -> dict[str, Any]:
             calls = [calls]
         if not isinstance(calls, list):
             raise TypeError(f"turn {i} tool_calls must be a list")
-        out["tool_calls"] = [_call(c, f"turn {i} tool call {j}") for j, c in enumerate(calls)]
+        out["tool_calls"] = [one_call(c, f"turn {i} tool call {j}") for j, c in enumerate(calls)]
     reasoning = next(
         (turn[k] for k in ("reasoning_content", "reasoning") if turn.get(k) is not None), None
     )
@@ -92,7 +92,8 @@ def turn_fields(role: str, turn: dict[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
-def _call(call: Any, what: str) -> dict[str, Any]:
+def one_call(call: Any, what: str) -> dict[str, Any]:
+    """One tool call in OpenAI's shape, its arguments an object (`what` names it in errors)."""
     if not isinstance(call, dict):
         raise TypeError(f"{what} must be an object")
     function = call.get("function", call)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 
@@ -85,6 +86,33 @@ def wrap(template: str, system: str) -> str:
         f"{{% set messages = [{{'role': 'system', 'content': {literal(system)}}}] + messages %}}"
         "{% endif %}" + template
     )
+
+
+def with_default_variables(template: str, variables: dict[str, Any]) -> str:
+    """`template` whose extra variables (`data.chat_template_kwargs`, e.g. enable_thinking)
+    default to the values training rendered with: a leading block sets each one the caller does
+    not pass, so a runtime that applies the template with none renders as training did, and one
+    that passes a value (`enable_thinking=True`) still gets it."""
+    head = "".join(
+        f"{{%- if {name} is not defined %}}{{%- set {name} = {_value(value)} %}}{{%- endif %}}"
+        for name, value in variables.items()
+    )
+    return head + template
+
+
+def _value(value: Any) -> str:
+    """A JSON value as a Jinja literal."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return literal(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{literal(str(k))}: {_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"chat_template_kwargs: {value!r} is not a JSON value")
 
 
 def literal(text: str, quote: str = "'") -> str:

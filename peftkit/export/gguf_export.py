@@ -24,6 +24,7 @@ from peftkit.export.gguf_lora import (
     write_lora_gguf,
 )
 from peftkit.export.gguf_vocab import build_vocab
+from peftkit.export.ollama import template_lines
 from peftkit.export.source import ExportSource
 from peftkit.io import atomic_write_text
 from peftkit.models.source import model_source
@@ -113,7 +114,7 @@ def export_gguf(
     path = write_gguf(model, tokenizer, out / name, spec.quant, tokenizer.chat_template, stops)
     atomic_write_text(
         out / MODELFILE,
-        modelfile(name, stops, system_prompt, source.recipe.name),
+        modelfile(name, stops, system_prompt, source.recipe.name, template_lines(tokenizer)),
     )
     log("reading it back with transformers' GGUF loader ...")
     try:
@@ -172,9 +173,16 @@ def compare_tokenizers(trained, reread, rows: list[EncodedRow]) -> dict[str, Any
     }
 
 
-def modelfile(gguf_name: str, stop_tokens: list[str], system: str | None, model_name: str) -> str:
+def modelfile(
+    gguf_name: str,
+    stop_tokens: list[str],
+    system: str | None,
+    model_name: str,
+    template: list[str] | None = None,
+) -> str:
     """An Ollama Modelfile: the GGUF beside it, one `PARAMETER stop` per end-of-turn token training
-    supervised, and the recipe's system prompt. Ollama takes the chat template from the GGUF."""
+    supervised, the recipe's system prompt and `template` (`ollama.template_lines`: a Go TEMPLATE
+    for peftkit's fallback template, else a note that Ollama picks one from the GGUF's)."""
     lines = [
         f"# ollama create {model_name} -f Modelfile && ollama run {model_name}",
         f"FROM ./{gguf_name}",
@@ -182,4 +190,5 @@ def modelfile(gguf_name: str, stop_tokens: list[str], system: str | None, model_
     ]
     if system:
         lines.append(f'SYSTEM """{system}"""')
+    lines += template or []
     return "\n".join(lines) + "\n"

@@ -1,11 +1,15 @@
 """The export's prompt: training's system prompt as the exported template's default system turn,
-and the held-out prompts rendered both ways for the fidelity gate's client check.
+training's template variables as its defaults, and the held-out prompts rendered both ways for
+the fidelity gate's client check.
 
 A run trained with `data.system_prompt` rendered every chat without a system turn with it. The
 exported chat template (chat_template.jinja, the GGUF's `tokenizer.chat_template`) gets that
 prompt as its default system turn (`peftkit.data.default_system`), replacing the base template's
 own default, so a runtime applying the template to a request without a system message renders
-what training saw. A run without a system prompt exports its template unchanged.
+what training saw. Likewise the variables training rendered with (`data.chat_template_kwargs`,
+e.g. enable_thinking: false) become the template's defaults (`with_default_variables`). A run
+with neither exports its template unchanged (tools support included: the template training
+rendered the tools and calls with is the one exported).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from peftkit.data.default_system import (
     TemplateNotTransformable,
     tokenizer_renderer,
     with_default_system,
+    with_default_variables,
 )
 from peftkit.data.pipeline import held_out_chats
 from peftkit.errors import ExportError
 from peftkit.export.fidelity import ClientPrompt
 from peftkit.export.source import ExportSource
-from peftkit.models.manifest import default_system_prompt, read_manifest
+from peftkit.models.manifest import default_system_prompt, read_manifest, template_kwargs
 
 
 @dataclass
@@ -38,6 +43,8 @@ class ExportPrompt:
     replaced_default: str | None = None
     """The base template's own default system prompt, which the export no longer uses."""
     client_prompts: list[ClientPrompt] = field(default_factory=list)
+    template_variables: dict[str, Any] = field(default_factory=dict)
+    """Training's `data.chat_template_kwargs`, now the exported template's defaults."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +52,7 @@ class ExportPrompt:
             "template_change": self.how,
             "replaced_default": self.replaced_default,
             "client_prompts": len(self.client_prompts),
+            "template_variables": self.template_variables,
         }
 
 
@@ -57,16 +65,22 @@ def training_system_prompt(source: ExportSource) -> str | None:
 
 
 def apply_training_prompt(source: ExportSource, tokenizer, samples: int) -> ExportPrompt:
-    """Give `tokenizer`'s chat template training's system prompt as its default system turn (in
-    place: everything the export writes from the tokenizer carries it), and pair up to `samples`
-    held-out prompts as training rendered them and as a client's request renders now.
+    """Give `tokenizer`'s chat template training's template variables as defaults and its
+    system prompt as its default system turn (in place: everything the export writes from the
+    tokenizer carries them), and pair up to `samples` held-out prompts as training rendered them
+    and as a client's request renders now.
 
     Raises:
         ExportError: the template cannot be given a default system turn that renders as training.
     """
+    variables = template_kwargs(read_manifest(source.result_dir)) or dict(
+        source.recipe.data.chat_template_kwargs
+    )
+    if variables and isinstance(tokenizer.chat_template, str):  # (training rendered with them)
+        tokenizer.chat_template = with_default_variables(tokenizer.chat_template, variables)
     system = training_system_prompt(source)
     if system is None or not isinstance(tokenizer.chat_template, str):
-        return ExportPrompt(None)
+        return ExportPrompt(None, template_variables=variables)
     trained = tokenizer.chat_template
     render = tokenizer_renderer(tokenizer)
     try:
@@ -81,7 +95,7 @@ def apply_training_prompt(source: ExportSource, tokenizer, samples: int) -> Expo
             training = _ids(tokenizer, render(trained, given, True))
             client = _ids(tokenizer, render(change.template, chat, True))
             pairs.append(ClientPrompt(training, client))
-    return ExportPrompt(system, change.how, change.replaced_default, pairs)
+    return ExportPrompt(system, change.how, change.replaced_default, pairs, variables)
 
 
 def _system(text: str) -> dict[str, str]:

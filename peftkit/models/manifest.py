@@ -132,6 +132,7 @@ def training_prompt(
     template_source: str,
     system_prompt: str | None,
     system_turns: list[str],
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest's `prompt` record: how training rendered the chats.
 
@@ -140,6 +141,8 @@ def training_prompt(
         template_source: 'tokenizer', 'fallback', 'recipe' or the file it was read from.
         system_prompt: the recipe's `data.system_prompt` (given to chats that had no system turn).
         system_turns: the chats' leading system turns as rendered ("" = none), up to two distinct.
+        chat_template_kwargs: the extra template variables (`data.chat_template_kwargs`, e.g.
+            enable_thinking), which serving and exports render with too.
 
     `system_prompt` is the default system prompt: what serving and exports give a request
     without a system turn (only the recipe's: a recipe without one is served as before, whatever
@@ -153,12 +156,23 @@ def training_prompt(
         "chat_template_source": template_source,
         "system_prompt": system_prompt,
         "system_turns": VARIED if len(distinct) > 1 else "one" if one else "none",
+        "chat_template_kwargs": dict(chat_template_kwargs or {}),
     }
 
 
 def default_system_prompt(manifest: dict[str, Any] | None) -> str | None:
     """The system prompt training gave chats without one; None for manifests that predate it."""
     return ((manifest or {}).get("prompt") or {}).get("system_prompt")
+
+
+def template_kwargs(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The extra chat-template variables training rendered with (`data.chat_template_kwargs`);
+    manifests that predate the record give the recipe's."""
+    prompt = (manifest or {}).get("prompt") or {}
+    if "chat_template_kwargs" in prompt:
+        return dict(prompt["chat_template_kwargs"])
+    data = ((manifest or {}).get("recipe") or {}).get("data") or {}
+    return dict(data.get("chat_template_kwargs") or {})
 
 
 @dataclass

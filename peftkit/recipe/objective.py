@@ -114,8 +114,10 @@ class RewardSpec(Section):
 
     function: str | None = None
     """`module:function` or `path/to/file.py:function` (relative to the recipe's folder first)."""
-    metric: Literal["exact", "contains", "json_fields"] | None = None
-    """A task metric as the reward, scored against the row's `reference` column."""
+    metric: Literal["exact", "contains", "json_fields", "tool_call"] | None = None
+    """A task metric as the reward, scored against the row's `reference` column (tool_call: the
+    completion's calls, in the chat template's call format, against the reference's: a call as
+    the template writes it, or OpenAI `tool_calls` / a {"name", "arguments"} object)."""
     reference: str = "answer"
     """The data column a `metric` reward compares each completion with."""
     weight: float = 1.0

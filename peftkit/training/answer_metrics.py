@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peftkit.data.agent import one_call
 from peftkit.data.tool_calls import UnknownToolFormat, has_reasoning, parse_reply, require_family
 from peftkit.errors import RecipeError
 
@@ -72,11 +73,11 @@ class ToolCallMetric:
     """`tool_call`: the answer's calls against the reference's, both parsed in the call format
     of the chat template training rendered them with (`peftkit.data.tool_calls`)."""
 
-    def __init__(self, chat_template: str | None) -> None:
+    def __init__(self, chat_template: str | None, key: str = "eval.metric tool_call") -> None:
         try:
             self.family = require_family(chat_template)
         except UnknownToolFormat as e:
-            raise RecipeError(f"eval.metric tool_call: {e}") from None
+            raise RecipeError(f"{key}: {e}") from None
         self.reasoning = has_reasoning(chat_template)
 
     def calls(self, text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -90,8 +91,21 @@ class ToolCallMetric:
         """Whether a held-out row's reference answer is a tool call (only those are scored)."""
         return bool(self.calls(reference))
 
-    def __call__(self, answer: str, reference: str) -> dict[str, float]:
-        expected, got = self.calls(reference), self.calls(answer)
+    @staticmethod
+    def structured(reference: Any) -> list[tuple[str, dict[str, Any]]]:
+        """Calls given as data: OpenAI `tool_calls` (a list, arguments an object or JSON text)
+        or one {"name", "arguments"} object."""
+        items = reference if isinstance(reference, list) else [reference]
+        calls = [one_call(item, f"tool call {i}") for i, item in enumerate(items)]
+        return [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+    def __call__(self, answer: str, reference: Any) -> dict[str, float]:
+        """Scores of `answer` against `reference`: a call as the template writes it (text), or
+        calls given as data (`structured`)."""
+        expected = (
+            self.calls(reference) if isinstance(reference, str) else self.structured(reference)
+        )
+        got = self.calls(answer)
         pairs = list(zip(expected, got))  # the i-th call against the i-th call
         keys = sum(len(args) for _, args in expected)
         right = sum(

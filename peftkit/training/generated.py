@@ -10,6 +10,7 @@ one training conditioned on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,23 +37,34 @@ class HeldOutAnswer:
 
 
 def held_out_answers(
-    rows: list[EncodedRow], tokenizer: PreTrainedTokenizerBase
+    rows: list[EncodedRow],
+    tokenizer: PreTrainedTokenizerBase,
+    applies: Callable[[str], bool] | None = None,
 ) -> list[HeldOutAnswer]:
     """Prompt (everything before the last supervised span) and reference text of each row that
-    has a supervised span; rows without one (or whose span starts at token 0) are skipped."""
+    has a supervised span; rows without one (or whose span starts at token 0) are skipped.
+
+    `applies` (a metric's test of a reference): the answer is the last supervised span whose
+    reference it accepts instead, and rows with none are skipped. An agent chat (call, tool
+    result, confirmation) is then scored on the turn that calls, its prompt the chat up to it."""
     out = []
     for row in rows:
         supervised = np.flatnonzero(row.labels != IGNORE)
         if supervised.size == 0:
             continue
-        # the last contiguous run of supervised positions
+        # contiguous runs of supervised positions, the last one first
         breaks = np.flatnonzero(np.diff(supervised) > 1)
-        start = int(supervised[breaks[-1] + 1] if breaks.size else supervised[0])
-        end = int(supervised[-1]) + 1
-        if start == 0:
-            continue
-        reference = tokenizer.decode(row.input_ids[start:end], skip_special_tokens=True).strip()
-        out.append(HeldOutAnswer([int(t) for t in row.input_ids[:start]], reference, row.origin))
+        starts = [int(supervised[0]), *(int(supervised[b + 1]) for b in breaks)]
+        ends = [*(int(supervised[b]) + 1 for b in breaks), int(supervised[-1]) + 1]
+        for start, end in reversed(list(zip(starts, ends))):
+            if start == 0:
+                break
+            ids = row.input_ids[start:end]
+            reference = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if applies is None or applies(reference):
+                prompt = [int(t) for t in row.input_ids[:start]]
+                out.append(HeldOutAnswer(prompt, reference, row.origin))
+                break
     return out
 
 
@@ -166,17 +178,17 @@ class AnswerEval:
         self.spec = spec
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
-        self.items = held_out_answers(rows[: spec.rows], tokenizer)
         tool_call = ToolCallMetric(tokenizer.chat_template) if spec.metric == "tool_call" else None
-        if tool_call is not None:  # the calls are scored; other held-out rows are not
-            scored = [item for item in self.items if tool_call.applies(item.reference)]
-            if not scored:
-                raise DataError(
-                    f"eval.metric tool_call: none of the {len(self.items)} held-out rows scored "
-                    "ends with an assistant turn that calls a tool; add such rows to the eval "
-                    "data, or set eval.metric to exact, contains or none"
-                )
-            self.items = scored
+        # tool_call scores the turns that call a tool; other held-out rows are not scored
+        self.items = held_out_answers(
+            rows[: spec.rows], tokenizer, tool_call.applies if tool_call else None
+        )
+        if tool_call is not None and not self.items:
+            raise DataError(
+                f"eval.metric tool_call: none of the {min(len(rows), spec.rows)} held-out rows "
+                "scored has an assistant turn that calls a tool; add such rows to the eval "
+                "data, or set eval.metric to exact, contains or none"
+            )
         check = REFERENCE_CHECKS.get(spec.metric)
         for item in self.items if check else []:  # before any training, not at its first eval
             problem = check(item.reference)

@@ -574,6 +574,7 @@ class FineTuneRun(Evaluation):
                             self.data.chat_template.source,
                             self.recipe.data.system_prompt,
                             self.data.system_turns,
+                            self.recipe.data.chat_template_kwargs,
                         ),
                     )
         self.accelerator.wait_for_everyone()

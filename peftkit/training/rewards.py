@@ -26,7 +26,7 @@ import torch
 
 from peftkit.errors import RecipeError, TrainingStopped
 from peftkit.recipe.objective import RewardSpec
-from peftkit.training.answer_metrics import BUILTIN, import_callable
+from peftkit.training.answer_metrics import BUILTIN, ToolCallMetric, import_callable
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -40,8 +40,11 @@ class Reward:
     fn: RewardFn
 
 
-def _metric_reward(metric: str, reference: str) -> RewardFn:
-    scorer = BUILTIN[metric]
+def _metric_reward(
+    metric: str, reference: str, chat_template: str | None = None, key: str = ""
+) -> RewardFn:
+    scorer = ToolCallMetric(chat_template, key) if metric == "tool_call" else BUILTIN[metric]
+    keep = metric == "tool_call"  # (scores references given as data, not only as text)
 
     def reward(completions: list[Any], **columns: Any) -> list[float | None]:
         refs = columns.get(reference)
@@ -49,21 +52,27 @@ def _metric_reward(metric: str, reference: str) -> RewardFn:
             raise KeyError(f"the data rows have no {reference!r} column to score against")
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [
-            None if ref is None else scorer(t, ref if isinstance(ref, str) else str(ref))["score"]
+            None
+            if ref is None
+            else scorer(t, ref if isinstance(ref, str) or keep else str(ref))["score"]
             for t, ref in zip(texts, refs)
         ]
 
     return reward
 
 
-def build_rewards(specs: Sequence[RewardSpec], base_dir: Path | None) -> list[Reward]:
-    """The recipe's rewards, each function imported once (a bad path is a named recipe error)."""
+def build_rewards(
+    specs: Sequence[RewardSpec], base_dir: Path | None, chat_template: str | None = None
+) -> list[Reward]:
+    """The recipe's rewards, each function imported once (a bad path is a named recipe error);
+    `chat_template` (the run's) fixes the call format a `tool_call` metric reads."""
     rewards = []
     for i, spec in enumerate(specs):
         if spec.function is not None:
             fn = import_callable(spec.function, base_dir, f"objective.rewards[{i}].function")
         else:
-            fn = _metric_reward(spec.metric, spec.reference)
+            key = f"objective.rewards[{i}].metric {spec.metric}"
+            fn = _metric_reward(spec.metric, spec.reference, chat_template, key)
         rewards.append(Reward(spec.label, spec.weight, fn))
     names = [r.name for r in rewards]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -99,7 +99,7 @@ def _grpo(
     )
     return GRPO(
         spec,
-        build_rewards(spec.rewards, None),
+        build_rewards(spec.rewards, None, tokenizer.chat_template),
         tokenizer,
         stop_ids,
         recipe.train.seed,

@@ -68,3 +68,75 @@ def test_tool_call_metric_scores_the_calls_of_held_out_rows(tmp_path):
     assert {summary[f"{f}_{when}"] for f in figures for when in ("before", "after")} == {0.0}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum("answer_call_parsed" in r for r in records) == 2  # step 0 and the end
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _agent_rows(name: str, n: int) -> list[dict]:
+    """The shipped agent chats (structured `tool_calls`, a tool result, the confirmation), with
+    the tools list cut to the function's name (its schema alone outgrows the tiny model)."""
+    lines = (ROOT / "recipes" / "data" / f"tools-{name}.jsonl").read_text().splitlines()[:n]
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        row["tools"] = [{"type": "function", "function": {"name": "send_order"}}]
+    return rows
+
+
+def _hermes_call(row: dict, **changed) -> str:
+    """The row's reference call as the fallback template writes one (`<tool_call>` JSON)."""
+    (call,) = next(m["tool_calls"] for m in row["messages"] if m.get("tool_calls"))
+    arguments = {**json.loads(call["function"]["arguments"]), **changed}
+    body = json.dumps({"name": call["function"]["name"], "arguments": arguments})
+    return f"<tool_call>{body}</tool_call>"
+
+
+def test_tool_call_metric_scores_structured_rows_on_the_call_turn(tmp_path, tiny_model):
+    from peftkit.data.chat import FALLBACK_TEMPLATE
+    from peftkit.training.answer_metrics import ToolCallMetric
+    from tests.conftest import write_jsonl, write_recipe
+
+    train = write_jsonl(tmp_path / "train.jsonl", _agent_rows("train", 8))
+    eval_rows = _agent_rows("eval", 6)
+    evals = write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_model,
+        train,
+        data={"train": str(train), "eval": str(evals), "max_length": 512},
+        train={"max_steps": 1, "micro_batch_size": 4, "precision": "fp32", "eval_every": None},
+    )
+    out = tmp_path / "run"
+    api.train(
+        recipe,
+        [
+            "data.chat_template=fallback",
+            "eval.metric=tool_call",
+            "eval.max_new_tokens=4",  # the wiring: the random model writes no call anyway
+            "output.sample_prompts=[]",
+        ],
+    )
+    summary = json.loads((out / "summary.json").read_text())["answers"]
+    assert summary["metric"] == "tool_call" and summary["rows"] == len(eval_rows)
+    assert {"call_parsed_after", "name_accuracy_after", "field_accuracy_after"} <= set(summary)
+    answers = json.loads((out / "answers.json").read_text())
+    metric = ToolCallMetric(FALLBACK_TEMPLATE)
+    for row, answer in zip(eval_rows, answers):
+        # the prompt is the chat up to the call: the tools list, the request, no tool result
+        request = [m for m in row["messages"] if m["role"] == "user"][-1]["content"]
+        assert answer["prompt"].startswith("### Tools:\n{") and "send_order" in answer["prompt"]
+        assert answer["prompt"].rstrip().endswith(request + "\n\n### Assistant:")
+        assert "### Tool result" not in answer["prompt"]
+        # the reference is the row's structured call, parsed back from the template's text
+        (call,) = next(m["tool_calls"] for m in row["messages"] if m.get("tool_calls"))
+        assert metric.calls(answer["reference"]) == [
+            ("send_order", json.loads(call["function"]["arguments"]))
+        ]
+        assert metric(_hermes_call(row), answer["reference"]) == {
+            "score": 1.0,
+            "name_accuracy": 1.0,
+            "field_accuracy": 1.0,
+            "call_parsed": 1.0,
+        }
+        wrong = metric(_hermes_call(row, quantity=99), answer["reference"])
+        assert wrong["score"] == 0.0 and wrong["field_accuracy"] == 0.8  # 4 of 5 arguments

@@ -149,5 +149,29 @@ def test_tool_call_scores_only_rows_whose_answer_is_a_call():
     evaluation = AnswerEval(spec, rows, _TextTok(), [0])
     assert [item.reference for item in evaluation.items] == [WEATHER]
     assert isinstance(evaluation.scorer, m.ToolCallMetric)
-    with pytest.raises(DataError, match="none of the 1 held-out rows scored ends with an"):
+    with pytest.raises(
+        DataError, match="none of the 1 held-out rows scored has an assistant turn that calls"
+    ):
         AnswerEval(spec, rows[1:], _TextTok(), [0])
+
+
+def test_tool_call_scores_the_turn_that_calls_not_the_confirmation_after_it():
+    from peftkit.recipe.schema import EvalSpec
+    from peftkit.training.generated import AnswerEval
+
+    # prompt, the call (supervised), the tool's result (not), the confirmation (supervised)
+    agent_chat = _row([1, 2, 1, 3], supervised=[1, 3])
+    (item,) = AnswerEval(EvalSpec(metric="tool_call"), [agent_chat], _TextTok(), [0]).items
+    assert item.reference == WEATHER and item.prompt_ids == [1]
+    (last,) = held_out_answers([agent_chat], _TextTok())  # other metrics: the last turn
+    assert last.reference == "plain answer" and last.prompt_ids == [1, 2, 1]
+
+
+def test_peftkit_fallback_template_is_the_hermes_call_format():
+    from peftkit.data.chat import FALLBACK_TEMPLATE
+    from peftkit.data.tool_calls import detect_family
+
+    assert detect_family(FALLBACK_TEMPLATE) == "hermes"
+    metric = m.ToolCallMetric(FALLBACK_TEMPLATE)
+    compact = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}'
+    assert metric(compact + "</tool_call>", WEATHER)["score"] == 1.0

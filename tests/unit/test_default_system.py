@@ -119,3 +119,20 @@ def test_a_template_that_refuses_system_turns_cannot_get_one(render):
     )
     with pytest.raises(TemplateNotTransformable, match="system turn"):
         with_default_system(refuses, SYSTEM, render)
+
+
+def test_template_variables_become_defaults_a_caller_can_still_override():
+    from jinja2 import Environment
+
+    from peftkit.data.default_system import with_default_variables
+
+    template = "{{ enable_thinking }}|{{ style }}|{{ tags | join(',') }}|{{ extra['k'] }}"
+    values = {
+        "enable_thinking": False,
+        "style": 'it\'s "short"\n',
+        "tags": ["a", 1],
+        "extra": {"k": None},
+    }
+    wrapped = Environment().from_string(with_default_variables(template, values))
+    assert wrapped.render() == 'False|it\'s "short"\n|a,1|None'
+    assert wrapped.render(enable_thinking=True).startswith("True|")

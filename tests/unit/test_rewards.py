@@ -3,6 +3,7 @@ that misbehaves stops the run with."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -116,3 +117,30 @@ def test_a_tensor_reward_is_read_as_a_number(rewards_dir):
 
     rewards = [Reward("t", 1.0, lambda completions, **_: [torch.tensor(0.5) for _ in completions])]
     assert _score(rewards, ["a"], ["a"]).tolist() == [[0.5]]
+
+
+def test_tool_call_metric_as_a_reward_reads_the_template_call_format():
+    from peftkit.data.chat import FALLBACK_TEMPLATE
+
+    (reward,) = build_rewards(
+        [RewardSpec(metric="tool_call", reference="call")], None, FALLBACK_TEMPLATE
+    )
+    call = {"name": "send_order", "arguments": {"item": "tea", "quantity": 2}}
+    right = (
+        '<tool_call>{"name": "send_order", "arguments": {"item": "tea", "quantity": 2}}</tool_call>'
+    )
+    wrong = right.replace("2}", "3}")
+    references = [
+        [{"type": "function", "function": {**call, "arguments": json.dumps(call["arguments"])}}],
+        call,  # one {"name", "arguments"} object
+        right,  # a call as the template writes it
+        call,
+        None,
+    ]
+    completions = [right, right, right, wrong, "no call"]
+    table = _score([reward], completions, ["-"] * 5, call=references)
+    assert table[:4, 0].tolist() == [1.0, 1.0, 1.0, 0.0] and math.isnan(table[4, 0])
+    with pytest.raises(
+        RecipeError, match=r"objective.rewards\[0\].metric tool_call: the chat template writes"
+    ):
+        build_rewards([RewardSpec(metric="tool_call")], None, "{{ messages }}")
