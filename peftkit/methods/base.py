@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -12,6 +13,7 @@ from peftkit.models.spec import ModelSpec
 from peftkit.section import Section
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
@@ -58,6 +60,15 @@ class ApplyContext:
     task_type: str = "CAUSAL_LM"
     """peft's task type: CAUSAL_LM, or SEQ_CLS for a classification/regression head (peft then
     trains and saves the head in full, with the adapter)."""
+    resuming: bool = False
+    """The run continues from a checkpoint (`--resume`)."""
+    total_steps: int | None = None
+    """The run's optimizer steps (train.max_steps, or the epochs over the step plan): AdaLoRA's
+    rank budget is scheduled over them."""
+    batches: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
+    """`batches(n)`: the first n micro-batches of the run's training rows, in training order,
+    collated (input_ids, attention_mask, labels) on the CPU; for initialisations that
+    read activations (EVA, CorDA). None where the run's rows are not token rows."""
 
 
 class MethodSpec(Section):
@@ -142,9 +153,29 @@ class MethodSpec(Section):
         faster than others (LoRA+); None when every parameter trains at `train.lr`."""
         return None
 
+    def sharded_problems(self, engine: str) -> list[str]:
+        """What this method cannot do when `engine` (FSDP, DeepSpeed) splits the weights or
+        gradients over processes, as messages (checked before anything loads)."""
+        return []
+
+    def export_refusal(self, adapter_only: bool) -> str | None:
+        """Why this trained adapter cannot be exported (merged, or adapter-only when
+        `adapter_only`), beyond what the class's capabilities say; None when it can."""
+        return None
+
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         """Attach the method to a loaded base model and return the model to train."""
         raise NotImplementedError
+
+    # Per-step hooks, called by the training loop for every method (most do nothing).
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added once per optimizer step to the loss being minimised (a regulariser on
+        the adapter's own weights, e.g. AdaLoRA's orthogonality penalty); `model` is unwrapped."""
+        return None
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called after the optimizer applied step `step` (0-based) and before the gradients are
+        cleared (AdaLoRA reallocates its ranks from them); `model` is unwrapped."""
 
     def save(self, model: nn.Module, out_dir: Path, ctx: ApplyContext) -> None:
         """Write the trained result (adapter or weights) in its standard format to `out_dir`."""

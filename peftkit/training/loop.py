@@ -36,6 +36,7 @@ from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
 from peftkit.training.kernels import apply_kernels
+from peftkit.training.method_context import method_context
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
@@ -141,6 +142,7 @@ class FineTuneRun(Evaluation):
             and r.model.quantization.upcast_unquantized,
             work_dir=self.run.work,
             task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
+            resuming=self.resume,
         )
         fresh = not self.run.path.exists()
         if self.main:
@@ -158,6 +160,21 @@ class FineTuneRun(Evaluation):
 
     def _setup_training(self, model: torch.nn.Module) -> None:
         r = self.recipe
+        self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
+            self.data.train,
+            r.data,
+            r.train.micro_batch_size,
+            r.train.grad_accum,
+            self.accelerator.num_processes,
+            self.seed,
+        )
+        self.total_steps = r.train.max_steps or math.ceil(
+            r.train.epochs * self.plan.steps_per_epoch
+        )
+        # What a method may need of the run (AdaLoRA's schedule, EVA's and CorDA's activations).
+        self.ctx = method_context(
+            self.ctx, self.data.train, self.plan, self.tokenizer.pad_token_id, self.total_steps
+        )
         model = r.adapter.apply(model, self.ctx)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.eos_token_id = self.stop_ids
@@ -196,17 +213,6 @@ class FineTuneRun(Evaluation):
                 "expert weights; set adapter.target_parameters: auto to adapt them"
             )
 
-        self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
-            self.data.train,
-            r.data,
-            r.train.micro_batch_size,
-            r.train.grad_accum,
-            self.accelerator.num_processes,
-            self.seed,
-        )
-        self.total_steps = r.train.max_steps or math.ceil(
-            r.train.epochs * self.plan.steps_per_epoch
-        )
         # Gradual unfreezing / layer lr decay: the optimizer gets every parameter that will ever
         # train (before any is frozen for now), each layer group at its own lr.
         self.layers = LayerSchedule.for_run(
@@ -399,9 +405,9 @@ class FineTuneRun(Evaluation):
                 with self.update.no_sync(last):
                     token_loss_sum = objective.loss_sum(self.model, batch)
                     # DDP averages gradients over processes, hence the factor num_processes.
-                    self.update.backward(
-                        token_loss_sum * acc.num_processes / max(n_supervised, 1), last
-                    )
+                    scaled = token_loss_sum * acc.num_processes / max(n_supervised, 1)
+                    extra = r.adapter.extra_loss(acc.unwrap_model(self.model)) if last else None
+                    self.update.backward(scaled if extra is None else scaled + extra, last)
                 loss_sum += token_loss_sum.detach()
         except torch.OutOfMemoryError as e:
             raise TrainingStopped(
@@ -431,6 +437,7 @@ class FineTuneRun(Evaluation):
         self._updated_uncounted = True
         self.update.step()
         self.scheduler.step()
+        r.adapter.on_optimizer_step(acc.unwrap_model(self.model), self.state.step)
         self.update.zero_grad()
         if acc.device.type == "cpu":
             _compat.release_freed_cpu_memory()

@@ -33,6 +33,7 @@ SETTINGS = {
     "vera": {"r": 16},
     "oft": {"block_size": 8},
     "miss": {"r": 8},
+    "adalora": {"init_r": 8, "target_r": 4},
 }
 VARIANTS = {
     "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},

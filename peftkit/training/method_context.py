@@ -1,0 +1,46 @@
+"""What an adapter method may read of the run when it attaches itself: the run's length (AdaLoRA
+schedules its rank budget over it) and its first training batches (EVA and CorDA initialise from
+the activations they cause), added to the `ApplyContext` once, before the method is applied."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from peftkit.data.encode import EncodedRow
+from peftkit.data.step_plan import StepPlan
+from peftkit.methods.base import ApplyContext
+from peftkit.training.batches import collate
+
+
+def method_context(
+    ctx: ApplyContext,
+    rows: Sequence[Any],
+    plan: StepPlan,
+    pad_id: int,
+    total_steps: int,
+) -> ApplyContext:
+    """`ctx` with the run's step count and a source of its first training batches (token rows
+    only: preference pairs and labeled rows have no single sequence to read activations from)."""
+    tokens = len(rows) > 0 and isinstance(rows[0], EncodedRow)
+    return dataclasses.replace(
+        ctx,
+        total_steps=total_steps,
+        batches=(lambda n: first_batches(rows, plan, pad_id, n)) if tokens else None,
+    )
+
+
+def first_batches(
+    rows: Sequence[EncodedRow], plan: StepPlan, pad_id: int, n: int
+) -> list[dict[str, torch.Tensor]]:
+    """The first `n` micro-batches of the first epoch's order, padded (on the CPU). Every process
+    gets the same ones, so a data-aware initialisation agrees across processes."""
+    order = plan.epoch_order(0)[: n * plan.micro_batch_size]
+    size = plan.micro_batch_size
+    return [
+        collate([rows[int(i)] for i in order[j : j + size]], pad_id)
+        for j in range(0, len(order), size)
+    ]
