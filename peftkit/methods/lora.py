@@ -168,6 +168,13 @@ class LoraSpec(PeftMethod):
 
         extra = {}
         if self.init == "loftq":
+            import importlib.util
+
+            if importlib.util.find_spec("scipy") is None:
+                raise RecipeError(
+                    "adapter.init loftq needs scipy (peft's LoftQ requires it): "
+                    "pip install 'peftkit[loftq]'"
+                )
             extra["loftq_config"] = LoftQConfig(
                 loftq_bits=self._loftq.bits, loftq_iter=self._loftq.iter
             )
@@ -217,9 +224,10 @@ class LoraSpec(PeftMethod):
             run_corda(
                 model, self.peft_config(model, ctx), token_batches(ctx, "corda", self.init_batches)
             )
+        batches = token_batches(ctx, "eva", self.init_batches) if self.init == "eva" else None
         model = super().apply(model, ctx)
-        if self.init == "eva":
-            run_eva(model, token_batches(ctx, "eva", self.init_batches), ctx.work_dir)
+        if batches is not None:
+            run_eva(model, batches, ctx.work_dir)
         if self.init in _CONVERTIBLE:
             init_dir = ctx.work_dir / _INIT_DIR
             if not init_dir.exists():

@@ -86,18 +86,35 @@ def token_batches(ctx: ApplyContext, init: str, n: int) -> list:
 
 def run_corda(model: nn.Module, config: LoraConfig, batches: list) -> None:
     """peft's `preprocess_corda` on the base model (before the adapter is attached), its
-    covariances collected from a forward pass over `batches`."""
+    covariances collected from a forward pass over each row of `batches`."""
     import torch
-    from peft.tuners.lora.corda import preprocess_corda
 
+    from peftkit import _compat
+
+    preprocess_corda = _compat.peft_corda().preprocess_corda
     device = next(model.parameters()).device
+    if config.target_modules == "all-linear":  # resolved by get_peft_model, not by CorDA's matcher
+        config.target_modules = _linear_names(model)
 
     @torch.no_grad()
-    def run_model() -> None:
+    def run_model() -> None:  # one unpadded row per call: peft's hook reads (seq, dim) inputs
         for batch in batches:
-            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                model(input_ids=ids[mask.bool()].unsqueeze(0).to(device))  # (1, seq)
 
     preprocess_corda(model, config, run_model=run_model)
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    """The names (last part) of the linear layers but the output head, as peft's all-linear."""
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    }
 
 
 def run_eva(model: nn.Module, batches: list, work_dir: Path) -> None:

@@ -36,11 +36,14 @@ def method_context(
 def first_batches(
     rows: Sequence[EncodedRow], plan: StepPlan, pad_id: int, n: int
 ) -> list[dict[str, torch.Tensor]]:
-    """The first `n` micro-batches of the first epoch's order, padded (on the CPU). Every process
+    """Up to `n` micro-batches of the first epoch's steps, padded (on the CPU): the rows the
+    first steps train on (those of the first process; length grouping aside). Every process
     gets the same ones, so a data-aware initialisation agrees across processes."""
-    order = plan.epoch_order(0)[: n * plan.micro_batch_size]
-    size = plan.micro_batch_size
-    return [
-        collate([rows[int(i)] for i in order[j : j + size]], pad_id)
-        for j in range(0, len(order), size)
-    ]
+    order = plan.epoch_order(0)
+    out: list[dict[str, torch.Tensor]] = []
+    for step in range(plan.steps_per_epoch):
+        for micro in plan.micro_batches(order, step, 0):
+            if len(out) == n:
+                return out
+            out.append(collate([rows[int(i)] for i in micro], pad_id))
+    return out

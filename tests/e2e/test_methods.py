@@ -51,6 +51,15 @@ VARIANTS = {
         "use_rslora": True,
         "init": "pissa",
     },
+    "eva": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "init": "eva", "init_batches": 2},
+    "corda": {
+        "method": "lora",
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "init": "corda",
+        "init_batches": 2,
+    },
 }
 METHODS = {
     **{name: {"method": name, **SETTINGS.get(name, {})} for name in registered_methods()},
@@ -208,7 +217,7 @@ def test_qlora_keeps_unquantized_layers_in_the_compute_dtype_unless_asked(
 
 
 @pytest.mark.parametrize(
-    "name", ["loraplus", "loha", "lokr", "vera", "oft", "boft", "miss", "peft"]
+    "name", ["loraplus", "loha", "lokr", "vera", "oft", "boft", "miss", "peft", "eva"]
 )
 def test_resume_equals_an_uninterrupted_run(name, tmp_path, tiny_model):
     """A crash after step 2 of 4, then --resume: the run ends bit for bit where the uninterrupted
