@@ -406,6 +406,7 @@ class FineTuneRun(Evaluation):
                     token_loss_sum = objective.loss_sum(self.model, batch)
                     # DDP averages gradients over processes, hence the factor num_processes.
                     scaled = token_loss_sum * acc.num_processes / max(n_supervised, 1)
+                    # the method's term, once a step (equal on every process: DDP's mean keeps it)
                     extra = r.adapter.extra_loss(acc.unwrap_model(self.model)) if last else None
                     self.update.backward(scaled if extra is None else scaled + extra, last)
                 loss_sum += token_loss_sum.detach()

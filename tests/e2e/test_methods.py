@@ -51,6 +51,14 @@ VARIANTS = {
         "use_rslora": True,
         "init": "pissa",
     },
+    "pissa_niter": {
+        "method": "lora",
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "init": "pissa",
+        "pissa_niter": 2,
+    },
     "eva": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "init": "eva", "init_batches": 2},
     "corda": {
         "method": "lora",
