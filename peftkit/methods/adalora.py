@@ -79,6 +79,9 @@ class AdaLoraSpec(PeftMethod):
             "launch it with DDP or on one process"
         ]
 
+    def for_counting(self) -> AdaLoraSpec:
+        return self.model_copy(update={"tinit": 0, "tfinal": 0})  # a schedule one step long
+
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> AdaLoraConfig:
         from peft import AdaLoraConfig
 

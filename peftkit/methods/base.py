@@ -163,6 +163,12 @@ class MethodSpec(Section):
         `adapter_only`), beyond what the class's capabilities say; None when it can."""
         return None
 
+    def for_counting(self) -> MethodSpec:
+        """A spec with the same trainable parameters whose `apply` runs on a meta-device model
+        without data, in a context of one step (the planner counts parameters so): initialisations
+        that read weights or data give way to the default one."""
+        return self
+
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         """Attach the method to a loaded base model and return the model to train."""
         raise NotImplementedError

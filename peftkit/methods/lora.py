@@ -158,6 +158,19 @@ class LoraSpec(PeftMethod):
             f"full-precision base peftkit's export loads (merged or checked): use RUN/adapter over {base}"
         )
 
+    def for_counting(self) -> LoraSpec:
+        if self.init in ("default", "gaussian"):
+            return self
+        # SVD/QR/quantization cannot run on meta weights, nor EVA/CorDA without data
+        cleared = {
+            "init": "default",
+            "pissa_niter": None,
+            "loftq": None,
+            "eva": None,
+            "corda": None,
+        }
+        return self.model_copy(update=cleared)
+
     @property
     def _loftq(self) -> LoftQSpec:
         return self.loftq or LoftQSpec()

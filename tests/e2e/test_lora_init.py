@@ -198,3 +198,40 @@ def test_data_aware_inits_need_token_rows_and_an_unsharded_model(tmp_path, init)
     for kind, stage in (("deepspeed", 3), ("fsdp", None)):
         problems = launch_problems(Launch(kind=kind, processes=2, zero_stage=stage), recipe)
         assert any(f"adapter.init {init} under" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {**LORA, "init": "eva"},
+        {**LORA, "init": "corda"},
+        {**LORA, "init": "loftq"},
+        {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 3, "tfinal": 3},
+    ],
+    ids=lambda a: a.get("init", a["method"]),
+)
+def test_the_planner_counts_data_aware_and_scheduled_methods(tmp_path, tiny_model, adapter):
+    """The planner counts on a meta model without data or a step count: the init gives way to
+    the default one (the same parameters), and AdaLoRA counts its init_r ranks."""
+    from peftkit.models.load import load_tokenizer
+    from peftkit.planner.counts import count
+
+    def counted(adapter):
+        recipe = load_recipe(
+            write_recipe(tmp_path / "p.yaml", tiny_model, tmp_path / "x.jsonl", adapter=adapter)
+        )
+        return count(recipe, load_tokenizer(recipe.model)).trainable_params
+
+    if adapter["method"] == "adalora":  # the trainable count of a real (not meta) model
+        from peftkit.methods.adalora import AdaLoraSpec
+
+        real = AdaLoraSpec(**{k: v for k, v in adapter.items() if k != "method"}).apply(
+            AutoModelForCausalLM.from_pretrained(tiny_model),
+            _ctx(tmp_path, total_steps=10),
+        )
+        trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
+        adapted = sum(1 for n, _ in real.named_modules() if n.endswith(".lora_E"))
+        # on meta weights peft leaves each layer's rank counter (one scalar) trainable
+        assert trainable <= counted(adapter) <= trainable + adapted
+    else:
+        assert counted(adapter) == counted(LORA)
