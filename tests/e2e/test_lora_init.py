@@ -235,3 +235,24 @@ def test_the_planner_counts_data_aware_and_scheduled_methods(tmp_path, tiny_mode
         assert trainable <= counted(adapter) <= trainable + adapted
     else:
         assert counted(adapter) == counted(LORA)
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_data_aware_adapters_export_as_llama_cpp_adapters(init, tiny_model, tmp_path):
+    """EVA's per-layer ranks and scales, and CorDA's adapter converted back to the original base,
+    survive `--format gguf --adapter-only`: adding the file to the base reproduces the trained
+    model's logits."""
+    from peftkit.cli import main
+    from peftkit.export.gguf_lora import apply_lora_gguf
+    from tests.e2e.test_export_gguf import PROBE, _train
+
+    adapter = {**LORA, "target_modules": "all-linear", "init": init, "init_batches": 2}
+    run, expected = _train(tmp_path, tiny_model, init, adapter)
+    out = tmp_path / "gguf"
+    args = ["export", str(run), "--out", str(out), "--format", "gguf", "--adapter-only"]
+    assert main([*args, "--quant", "f32"]) == 0
+    (written,) = out.glob("*.gguf")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        got = apply_lora_gguf(base, written).eval()(input_ids=PROBE).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
