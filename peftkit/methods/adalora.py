@@ -12,7 +12,7 @@ least importance (an EMA of |w * grad|, times its uncertainty) get E_i masked to
 which peft adds inside `AdaLoraModel.forward` only when the model computes the loss itself
 (labels given); peftkit computes its own loss, so the method adds it (`extra_loss`). The budget
 step is `update_and_allocate(step)` after each optimizer step (`on_optimizer_step`), with
-peft's `total_step` the run's step count. The saved adapter holds the ranks kept (peft prunes
+peft's `total_step` the run's step count (`set_run_length`). The saved adapter holds the ranks kept (peft prunes
 the masked triplets on save); it merges into the base like LoRA.
 """
 
@@ -79,18 +79,9 @@ class AdaLoraSpec(PeftMethod):
             "launch it with DDP or on one process"
         ]
 
-    def for_counting(self) -> AdaLoraSpec:
-        return self.model_copy(update={"tinit": 0, "tfinal": 0})  # a schedule one step long
-
     def peft_config(self, model: nn.Module, ctx: ApplyContext) -> AdaLoraConfig:
         from peft import AdaLoraConfig
 
-        total = ctx.total_steps
-        if total is None or self.tinit + self.tfinal >= total:
-            raise RecipeError(
-                f"adapter.tinit ({self.tinit}) + adapter.tfinal ({self.tfinal}) leave no "
-                f"budget phase in a run of {total} steps: lower them or train longer"
-            )
         return AdaLoraConfig(
             task_type=ctx.task_type,
             init_r=self.init_r,
@@ -105,7 +96,8 @@ class AdaLoraSpec(PeftMethod):
             beta1=self.beta1,
             beta2=self.beta2,
             orth_reg_weight=self.orth_reg_weight,
-            total_step=total,
+            # the shortest schedule peft accepts; `set_run_length` gives it the run's own length
+            total_step=self.tinit + self.tfinal + 1,
         )
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
@@ -116,6 +108,16 @@ class AdaLoraSpec(PeftMethod):
                 "ranks than an uninterrupted one; start the run again"
             )
         return super().apply(model, ctx)
+
+    def set_run_length(self, model: nn.Module, total_steps: int) -> None:
+        """peft's `total_step` is the run's step count (train.max_steps, or the epochs over the
+        data), so it is never typed twice."""
+        if self.tinit + self.tfinal >= total_steps:
+            raise RecipeError(
+                f"adapter.tinit ({self.tinit}) + adapter.tfinal ({self.tfinal}) leave no "
+                f"budget phase in a run of {total_steps} steps: lower them or train longer"
+            )
+        model.base_model.rankallocator.set_total_step(total_steps)  # (the config's, too)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """peft's orthogonality penalty (`AdaLoraModel.forward`), for the trainable adapter."""

@@ -62,9 +62,6 @@ class ApplyContext:
     trains and saves the head in full, with the adapter)."""
     resuming: bool = False
     """The run continues from a checkpoint (`--resume`)."""
-    total_steps: int | None = None
-    """The run's optimizer steps (train.max_steps, or the epochs over the step plan): AdaLoRA's
-    rank budget is scheduled over them."""
     batches: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
     """`batches(n)`: the first n micro-batches of the run's training rows, in training order,
     collated (input_ids, attention_mask, labels) on the CPU; for initialisations that
@@ -165,15 +162,19 @@ class MethodSpec(Section):
 
     def for_counting(self) -> MethodSpec:
         """A spec with the same trainable parameters whose `apply` runs on a meta-device model
-        without data, in a context of one step (the planner counts parameters so): initialisations
-        that read weights or data give way to the default one."""
+        without data (the planner counts parameters so): initialisations that read weights or
+        data give way to the default one."""
         return self
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         """Attach the method to a loaded base model and return the model to train."""
         raise NotImplementedError
 
-    # Per-step hooks, called by the training loop for every method (most do nothing).
+    # Hooks the training loop calls for every method (most do nothing).
+    def set_run_length(self, model: nn.Module, total_steps: int) -> None:
+        """Called once at setup, when the run's step count is known (after `apply`, before the
+        optimizer is built); raises `RecipeError` for a schedule that cannot fit in it."""
+
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added once per optimizer step to the loss being minimised (a regulariser on
         the adapter's own weights, e.g. AdaLoRA's orthogonality penalty); `model` is unwrapped."""

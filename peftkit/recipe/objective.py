@@ -176,8 +176,19 @@ class GRPOObjective(Section):
     """token = one probability ratio per token; sequence = one per completion (GSPO)."""
     use_bias_correction_kl: bool = True
     """Weight the KL term by the probability ratio (unbiased reverse-KL gradient, TRL's default)."""
-    num_iterations: int = Field(default=1, ge=1, le=1)
-    """Optimizer steps per batch of rollouts; only 1 (fresh rollouts every step) for now."""
+    num_iterations: int = Field(default=1, ge=1)
+    """Optimizer passes over each generation of rollouts (TRL's num_iterations, the paper's mu).
+    Above 1 each prompt is drawn once per num_iterations passes, the rollouts' log-probs are
+    kept from generation time and the ratio to them is clipped (epsilon)."""
+    steps_per_generation: int | None = Field(default=None, ge=1)
+    """Micro-batches one generation of rollouts fills (TRL's steps_per_generation); null =
+    train.grad_accum, fresh rollouts every optimizer step. A multiple of train.grad_accum: a
+    generation then serves steps_per_generation / grad_accum optimizer steps (times
+    num_iterations), one slice of it each."""
+    min_completion_length: int = Field(default=0, ge=0)
+    """Stop tokens cannot be sampled before this many tokens (0 = off). Not a TRL knob (there:
+    `generation_kwargs: {min_new_tokens: N}`); it exists so that a benchmark can make every
+    completion exactly max_completion_length long, i.e. runs do equal work."""
 
     @property
     def preference(self) -> bool:

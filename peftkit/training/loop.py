@@ -24,6 +24,7 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
+from peftkit.kernels.apply import apply_kernels
 from peftkit.methods.base import ApplyContext
 from peftkit.models.layers import frozen_experts
 from peftkit.models.load import head_config, load_model, load_tokenizer
@@ -35,7 +36,6 @@ from peftkit.training import checkpoint as ckpt
 from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
-from peftkit.training.kernels import apply_kernels
 from peftkit.training.method_context import method_context
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective
@@ -160,20 +160,13 @@ class FineTuneRun(Evaluation):
 
     def _setup_training(self, model: torch.nn.Module) -> None:
         r = self.recipe
-        self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
-            self.data.train,
-            r.data,
-            r.train.micro_batch_size,
-            r.train.grad_accum,
-            self.accelerator.num_processes,
-            self.seed,
-        )
-        self.total_steps = r.train.max_steps or math.ceil(
-            r.train.epochs * self.plan.steps_per_epoch
-        )
-        # What a method may need of the run (AdaLoRA's schedule, EVA's and CorDA's activations).
+        # The run's first training batches, for initialisations that read activations (EVA, CorDA).
         self.ctx = method_context(
-            self.ctx, self.data.train, self.plan, self.tokenizer.pad_token_id, self.total_steps
+            self.ctx,
+            self.data.train,
+            r,
+            self.accelerator.num_processes,
+            self.tokenizer.pad_token_id,
         )
         model = r.adapter.apply(model, self.ctx)
         if getattr(model, "generation_config", None) is not None:
@@ -190,7 +183,7 @@ class FineTuneRun(Evaluation):
             self.accelerator.device,
             self.accelerator.unwrap_model,
         )
-        self.kernels = apply_kernels(model, self.objective)  # fused paths (training/kernels.py)
+        self.kernels = apply_kernels(model, self.objective)  # fused paths (kernels/apply.py)
         for line in self.objective.audit_lines(self.data, self.tokenizer):
             self._print(line)
         if self.main:
@@ -213,6 +206,20 @@ class FineTuneRun(Evaluation):
                 "expert weights; set adapter.target_parameters: auto to adapt them"
             )
 
+        self.plan = self.objective.step_plan(  # every row once per epoch, or tasks mixed
+            step_plan(
+                self.data.train,
+                r.data,
+                r.train.micro_batch_size,
+                r.train.grad_accum,
+                self.accelerator.num_processes,
+                self.seed,
+            )
+        )
+        self.total_steps = r.train.max_steps or math.ceil(
+            r.train.epochs * self.plan.steps_per_epoch
+        )
+        r.adapter.set_run_length(model, self.total_steps)  # (AdaLoRA's rank schedule)
         # Gradual unfreezing / layer lr decay: the optimizer gets every parameter that will ever
         # train (before any is frozen for now), each layer group at its own lr.
         self.layers = LayerSchedule.for_run(

@@ -1,6 +1,6 @@
-"""What an adapter method may read of the run when it attaches itself: the run's length (AdaLoRA
-schedules its rank budget over it) and its first training batches (EVA and CorDA initialise from
-the activations they cause), added to the `ApplyContext` once, before the method is applied."""
+"""What an adapter method may read of the run when it attaches itself: the run's first training
+batches (EVA and CorDA initialise from the activations they cause), added to the `ApplyContext`
+once, before the method is applied."""
 
 from __future__ import annotations
 
@@ -11,26 +11,26 @@ from typing import Any
 import torch
 
 from peftkit.data.encode import EncodedRow
+from peftkit.data.mixing import step_plan
 from peftkit.data.step_plan import StepPlan
 from peftkit.methods.base import ApplyContext
+from peftkit.recipe.schema import Recipe
 from peftkit.training.batches import collate
 
 
 def method_context(
-    ctx: ApplyContext,
-    rows: Sequence[Any],
-    plan: StepPlan,
-    pad_id: int,
-    total_steps: int,
+    ctx: ApplyContext, rows: Sequence[Any], recipe: Recipe, processes: int, pad_id: int
 ) -> ApplyContext:
-    """`ctx` with the run's step count and a source of its first training batches (token rows
-    only: preference pairs and labeled rows have no single sequence to read activations from)."""
-    tokens = len(rows) > 0 and isinstance(rows[0], EncodedRow)
-    return dataclasses.replace(
-        ctx,
-        total_steps=total_steps,
-        batches=(lambda n: first_batches(rows, plan, pad_id, n)) if tokens else None,
+    """`ctx` with a source of the run's first training batches (token rows only: preference pairs,
+    prompts and labeled rows have no single sequence to read activations from), drawn by the
+    data's step plan, as the loop draws them."""
+    if not (len(rows) > 0 and isinstance(rows[0], EncodedRow)):
+        return dataclasses.replace(ctx, batches=None)
+    t = recipe.train
+    plan = step_plan(
+        rows, recipe.data, t.micro_batch_size, t.grad_accum, processes, recipe.data_seed
     )
+    return dataclasses.replace(ctx, batches=lambda n: first_batches(rows, plan, pad_id, n))
 
 
 def first_batches(

@@ -23,10 +23,10 @@ from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.encode import EncodedRow
 from peftkit.data.pipeline import PreparedData
 from peftkit.data.step_plan import StepPlan, TokenBudget
+from peftkit.kernels.linear_ce import fused_head
 from peftkit.recipe.schema import DataSpec
 from peftkit.training.batches import Batching, collate, collate_packed
 from peftkit.training.heads import collate_labeled, head_metrics, head_outputs, head_row_losses
-from peftkit.training.linear_ce import fused_head
 from peftkit.training.loss import causal_lm_loss_sum, supervised_tokens
 from peftkit.training.metrics import MetricsLog
 from peftkit.training.tasks import TaskLosses, task_summary
@@ -71,6 +71,11 @@ class Objective:
         rollouts of a reinforcement-learning objective); `step` is the optimizer step about to
         run. Default: none."""
         return batches
+
+    def step_plan(self, plan: StepPlan) -> StepPlan:
+        """The plan of which rows each optimizer step draws, as this objective consumes rows
+        (GRPO's rollout reuse draws prompts once per generation). Default: the data's plan."""
+        return plan
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

@@ -6,6 +6,7 @@ are refused by name."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -89,6 +90,8 @@ def test_training_equals_peft_s_own_flow(runs):
     trained = run.accelerator.unwrap_model(run.model)
     config = trained.peft_config["default"]
     assert config.total_step == STEPS  # the run's step count, typed once
+    saved = json.loads((run.run.path / "adapter" / "adapter_config.json").read_text())
+    assert saved["total_step"] == STEPS
     assert config.rank_pattern is not None  # the final allocation happened
     # (saving drops the adapter name from the keys of the run's config)
     theirs_pattern = {
@@ -145,16 +148,26 @@ def test_merged_export_round_trips_and_gguf_adapter_is_refused(runs, tmp_path, c
     assert "adalora adapters have no llama.cpp GGUF form" in capsys.readouterr().err
 
 
-def test_schedule_must_leave_a_budget_phase_and_resume_is_refused(runs, tiny_model, tmp_path):
+def test_schedule_must_leave_a_budget_phase_and_resume_is_refused(
+    runs, tiny_model, tmp_path, capsys
+):
     recipe, run, _ = runs
     from peftkit.methods.base import ApplyContext
     from peftkit.models.load import load_model
 
-    short = recipe.adapter.model_copy(update={"tinit": 4, "tfinal": 3})
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8, seed=1))
+    short = write_recipe(
+        tmp_path / "short.yaml",
+        tiny_model,
+        data,
+        adapter={**ADALORA, "tinit": 4, "tfinal": 3},
+        train=TRAIN,  # 7 steps
+    )
+    assert main(["train", str(short)]) != 0
+    err = capsys.readouterr().err
+    assert "tinit (4) + adapter.tfinal (3) leave no budget phase in a run of 7 steps" in err
+    assert not (tmp_path / "run").exists()  # refused at setup, nothing left behind
     model = load_model(recipe.model, torch.float32, torch.device("cpu"))
-    ctx = ApplyContext(run.tokenizer, "", False, False, tmp_path, total_steps=STEPS)
-    with pytest.raises(RecipeError, match=r"tinit \(4\) \+ adapter.tfinal \(3\) leave no budget"):
-        short.apply(model, ctx)
     with pytest.raises(RecipeError, match="adalora cannot --resume"):
         recipe.adapter.apply(
             model, ApplyContext(run.tokenizer, "", False, False, tmp_path, resuming=True)

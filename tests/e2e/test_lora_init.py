@@ -227,7 +227,7 @@ def test_the_planner_counts_data_aware_and_scheduled_methods(tmp_path, tiny_mode
 
         real = AdaLoraSpec(**{k: v for k, v in adapter.items() if k != "method"}).apply(
             AutoModelForCausalLM.from_pretrained(tiny_model),
-            _ctx(tmp_path, total_steps=10),
+            _ctx(tmp_path),
         )
         trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
         adapted = sum(1 for n, _ in real.named_modules() if n.endswith(".lora_E"))

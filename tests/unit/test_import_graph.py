@@ -18,14 +18,19 @@ ROOT = Path(peftkit.__file__).resolve().parent
 # Bottom to top. A package is a subfolder of peftkit/ or a top-level module; "peftkit" is the root
 # package itself (__version__). The recipe composes the methods' own spec classes (its `adapter:`
 # section is their union), so recipe sits above methods and models. `launch` reads the process's
-# environment only (model loading asks it too); `report` draws pages from a run directory's files
-# (export and the sweep call it; the training loop is handed its writer by api and sweep).
+# environment only (model loading asks it too); `caches` names every cache folder (data, GGUF,
+# built-in models) under one root, which data and models both use; `report` draws pages from a
+# run directory's files (export and the sweep call it; the training loop is handed its writer by
+# api and sweep). `kernels` (the fused MLP, head and cross-entropy, varlen attention) sits below
+# training and the planner, which both read its facts; it reads models' layer helpers and data's
+# IGNORE label.
 LAYERS = [
-    {"peftkit", "errors", "io", "units", "_compat", "section", "launch"},
+    {"peftkit", "errors", "io", "caches", "units", "_compat", "section", "launch"},
     {"models"},
     {"methods"},
     {"recipe"},
     {"data"},
+    {"kernels"},
     {"training"},
     {"planner", "export", "adapters", "serving", "sweep", "report"},
     {"api"},

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftkit.data.encode import IGNORE
-from peftkit.training.linear_ce import (
+from peftkit.kernels.linear_ce import (
     HEAD_LOGITS,
     LogitMap,
     fused_head,
@@ -225,7 +225,8 @@ def test_the_fused_head_sees_through_ddp(monkeypatch):
     from peft import LoraConfig, get_peft_model
     from torch.nn.parallel import DistributedDataParallel
 
-    from peftkit.training import linear_ce, loss
+    from peftkit.kernels import linear_ce
+    from peftkit.training import loss
 
     torch.manual_seed(0)
     model = get_peft_model(_tiny("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
