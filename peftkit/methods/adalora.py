@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from peftkit.errors import RecipeError
@@ -29,6 +28,7 @@ from peftkit.methods.peft_method import PeftMethod
 from peftkit.methods.registry import register
 
 if TYPE_CHECKING:
+    import torch
     from peft import AdaLoraConfig
     from torch import nn
 
@@ -121,16 +121,20 @@ class AdaLoraSpec(PeftMethod):
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """peft's orthogonality penalty (`AdaLoraModel.forward`), for the trainable adapter."""
+        import torch
+
         tuner = model.base_model
         name = tuner.trainable_adapter_name
         weight = tuner.peft_config[name].orth_reg_weight
+        if weight == 0:
+            return None
         terms = []
         for n, p in tuner.model.named_parameters():
             if ("lora_A" in n or "lora_B" in n) and name in n:
                 cov = p @ p.T if "lora_A" in n else p.T @ p  # (r, r)
                 eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
                 terms.append(torch.norm(cov - eye, p="fro"))
-        if not terms or weight == 0:
+        if not terms:
             return None
         return weight * (sum(terms) / len(terms))
 
