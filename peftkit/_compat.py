@@ -430,3 +430,32 @@ def cache_keyword(model: Any) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(type(base).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+CORDA_ATTRS_PEFT = (Version("0.14"), Version("0.22"))
+"""peft versions whose `peft.tuners.lora.corda` imports `dataclass` from attrs, a package peft
+does not depend on (checked: 0.21; it decorates one plain record class, `CordaEigens`)."""
+
+
+def peft_corda() -> Any:
+    """`peft.tuners.lora.corda`. Where attrs is not installed and peft is one of
+    `CORDA_ATTRS_PEFT`, the import sees a stand-in `attr` module whose `dataclass` is the
+    standard library's (what attrs' does for that class), present only during the import."""
+    import importlib
+    import importlib.util
+
+    name = "peft.tuners.lora.corda"
+    low, high = CORDA_ATTRS_PEFT
+    if importlib.util.find_spec("attr") is not None or not low <= installed("peft") < high:
+        return importlib.import_module(name)
+    import dataclasses
+    import types
+
+    stand_in = types.ModuleType("attr")
+    stand_in.dataclass = dataclasses.dataclass
+    sys.modules["attr"] = stand_in
+    try:
+        return importlib.import_module(name)
+    finally:
+        if sys.modules.get("attr") is stand_in:
+            del sys.modules["attr"]

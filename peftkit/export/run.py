@@ -142,6 +142,9 @@ def export(
             f"{source.recipe.adapter.method} cannot be merged into the weights, so it cannot be "
             "written as GGUF; export it with --adapter-only instead"
         )
+    refusal = None if source.whole_model else source.recipe.adapter.export_refusal(adapter_only)
+    if refusal is not None:
+        raise ExportError(refusal)
     if not source.mergeable and not adapter_only:
         log(
             f"{source.recipe.adapter.method} cannot be merged into the base model (virtual tokens, "

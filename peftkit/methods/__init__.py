@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from peftkit.methods import (  # noqa: F401 - registration side effect
+    adalora,
     any_peft,
     boft,
     full,

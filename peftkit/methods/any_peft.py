@@ -10,9 +10,7 @@ The keys of `config` are checked against the fields of peft's config dataclass f
 peftkit sets `task_type` itself. The result is saved in PEFT format and exported adapter-only
 (merging is declared only by the first-class methods, whose merge is tested).
 Types with their own section (lora, loha, lokr, vera, oft, boft, miss, ia3, prompt/prefix
-tuning) are pointed there,
-and AdaLoRA is refused: its rank schedule needs `update_and_allocate` every step, which this
-method does not call.
+tuning, adalora) are pointed there.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ if TYPE_CHECKING:
 # peft types that have their own `adapter.method` (with options peftkit validates and tests)
 FIRST_CLASS = {
     "LORA": "lora",
+    "ADALORA": "adalora",
     "LOHA": "loha",
     "LOKR": "lokr",
     "IA3": "ia3",
@@ -45,8 +44,6 @@ FIRST_CLASS = {
     "PREFIX_TUNING": "prefix_tuning",
 }
 REFUSED = {
-    "ADALORA": "AdaLoRA's rank schedule needs update_and_allocate() at every step, which "
-    "method: peft does not call",
     "XLORA": "X-LoRA mixes several trained LoRA adapters; train those with method: lora",
     "POLY": "Poly needs task ids in every batch",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -12,6 +13,7 @@ from peftkit.models.spec import ModelSpec
 from peftkit.section import Section
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
@@ -58,6 +60,12 @@ class ApplyContext:
     task_type: str = "CAUSAL_LM"
     """peft's task type: CAUSAL_LM, or SEQ_CLS for a classification/regression head (peft then
     trains and saves the head in full, with the adapter)."""
+    resuming: bool = False
+    """The run continues from a checkpoint (`--resume`)."""
+    batches: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
+    """`batches(n)`: the first n micro-batches of the run's training rows, in training order,
+    collated (input_ids, attention_mask, labels) on the CPU; for initialisations that
+    read activations (EVA, CorDA). None where the run's rows are not token rows."""
 
 
 class MethodSpec(Section):
@@ -142,9 +150,39 @@ class MethodSpec(Section):
         faster than others (LoRA+); None when every parameter trains at `train.lr`."""
         return None
 
+    def sharded_problems(self, engine: str) -> list[str]:
+        """What this method cannot do when `engine` (FSDP, DeepSpeed) splits the weights or
+        gradients over processes, as messages (checked before anything loads)."""
+        return []
+
+    def export_refusal(self, adapter_only: bool) -> str | None:
+        """Why this trained adapter cannot be exported (merged, or adapter-only when
+        `adapter_only`), beyond what the class's capabilities say; None when it can."""
+        return None
+
+    def for_counting(self) -> MethodSpec:
+        """A spec with the same trainable parameters whose `apply` runs on a meta-device model
+        without data (the planner counts parameters so): initialisations that read weights or
+        data give way to the default one."""
+        return self
+
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         """Attach the method to a loaded base model and return the model to train."""
         raise NotImplementedError
+
+    # Hooks the training loop calls for every method (most do nothing).
+    def set_run_length(self, model: nn.Module, total_steps: int) -> None:
+        """Called once at setup, when the run's step count is known (after `apply`, before the
+        optimizer is built); raises `RecipeError` for a schedule that cannot fit in it."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added once per optimizer step to the loss being minimised (a regulariser on
+        the adapter's own weights, e.g. AdaLoRA's orthogonality penalty); `model` is unwrapped."""
+        return None
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called after the optimizer applied step `step` (0-based) and before the gradients are
+        cleared (AdaLoRA reallocates its ranks from them); `model` is unwrapped."""
 
     def save(self, model: nn.Module, out_dir: Path, ctx: ApplyContext) -> None:
         """Write the trained result (adapter or weights) in its standard format to `out_dir`."""

@@ -61,9 +61,7 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
     quantizable = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
     )
-    adapter = recipe.adapter
-    if getattr(adapter, "init", "default") in ("pissa", "olora"):  # SVD/QR cannot run on meta
-        adapter = adapter.model_copy(update={"init": "default"})
+    adapter = recipe.adapter.for_counting()  # no SVD of meta weights, no data
     with tempfile.TemporaryDirectory() as work, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter from peft/transformers
         model = adapter.apply(model, ApplyContext(tokenizer, "", False, False, Path(work)))

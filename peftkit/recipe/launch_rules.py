@@ -31,6 +31,7 @@ def launch_problems(launch: Launch, recipe: Recipe) -> list[str]:
             f"adapter.method {recipe.adapter.method} under {name}: saving the whole sharded "
             "model is not supported yet; use an adapter method (lora, qlora, ia3, ...) or DDP"
         )
+    problems += recipe.adapter.sharded_problems(name)  # what the method itself declares
     return problems
 
 

@@ -36,6 +36,7 @@ from peftkit.training import checkpoint as ckpt
 from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
+from peftkit.training.method_context import method_context
 from peftkit.training.metrics import MetricsLog, plot_losses
 from peftkit.training.objective import Objective
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
@@ -141,6 +142,7 @@ class FineTuneRun(Evaluation):
             and r.model.quantization.upcast_unquantized,
             work_dir=self.run.work,
             task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
+            resuming=self.resume,
         )
         fresh = not self.run.path.exists()
         if self.main:
@@ -158,6 +160,14 @@ class FineTuneRun(Evaluation):
 
     def _setup_training(self, model: torch.nn.Module) -> None:
         r = self.recipe
+        # The run's first training batches, for initialisations that read activations (EVA, CorDA).
+        self.ctx = method_context(
+            self.ctx,
+            self.data.train,
+            r,
+            self.accelerator.num_processes,
+            self.tokenizer.pad_token_id,
+        )
         model = r.adapter.apply(model, self.ctx)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.eos_token_id = self.stop_ids
@@ -209,6 +219,7 @@ class FineTuneRun(Evaluation):
         self.total_steps = r.train.max_steps or math.ceil(
             r.train.epochs * self.plan.steps_per_epoch
         )
+        r.adapter.set_run_length(model, self.total_steps)  # (AdaLoRA's rank schedule)
         # Gradual unfreezing / layer lr decay: the optimizer gets every parameter that will ever
         # train (before any is frozen for now), each layer group at its own lr.
         self.layers = LayerSchedule.for_run(
@@ -401,9 +412,10 @@ class FineTuneRun(Evaluation):
                 with self.update.no_sync(last):
                     token_loss_sum = objective.loss_sum(self.model, batch)
                     # DDP averages gradients over processes, hence the factor num_processes.
-                    self.update.backward(
-                        token_loss_sum * acc.num_processes / max(n_supervised, 1), last
-                    )
+                    scaled = token_loss_sum * acc.num_processes / max(n_supervised, 1)
+                    # the method's term, once a step (equal on every process: DDP's mean keeps it)
+                    extra = r.adapter.extra_loss(acc.unwrap_model(self.model)) if last else None
+                    self.update.backward(scaled if extra is None else scaled + extra, last)
                 loss_sum += token_loss_sum.detach()
         except torch.OutOfMemoryError as e:
             raise TrainingStopped(
@@ -433,6 +445,7 @@ class FineTuneRun(Evaluation):
         self._updated_uncounted = True
         self.update.step()
         self.scheduler.step()
+        r.adapter.on_optimizer_step(acc.unwrap_model(self.model), self.state.step)
         self.update.zero_grad()
         if acc.device.type == "cpu":
             _compat.release_freed_cpu_memory()

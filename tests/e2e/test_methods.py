@@ -33,6 +33,7 @@ SETTINGS = {
     "vera": {"r": 16},
     "oft": {"block_size": 8},
     "miss": {"r": 8},
+    "adalora": {"init_r": 8, "target_r": 4},
 }
 VARIANTS = {
     "dora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "use_dora": True},
@@ -49,6 +50,23 @@ VARIANTS = {
         "dropout": 0.0,
         "use_rslora": True,
         "init": "pissa",
+    },
+    "pissa_niter": {
+        "method": "lora",
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "init": "pissa",
+        "pissa_niter": 2,
+    },
+    "eva": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "init": "eva", "init_batches": 2},
+    "corda": {
+        "method": "lora",
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "init": "corda",
+        "init_batches": 2,
     },
 }
 METHODS = {
@@ -207,7 +225,7 @@ def test_qlora_keeps_unquantized_layers_in_the_compute_dtype_unless_asked(
 
 
 @pytest.mark.parametrize(
-    "name", ["loraplus", "loha", "lokr", "vera", "oft", "boft", "miss", "peft"]
+    "name", ["loraplus", "loha", "lokr", "vera", "oft", "boft", "miss", "peft", "eva"]
 )
 def test_resume_equals_an_uninterrupted_run(name, tmp_path, tiny_model):
     """A crash after step 2 of 4, then --resume: the run ends bit for bit where the uninterrupted

@@ -154,6 +154,21 @@ def test_head_gets_a_contiguous_input_when_generation_keeps_the_last_position(ti
     torch.testing.assert_close(fast, full)
 
 
+def test_peft_corda_imports_without_attrs_and_leaves_no_stand_in():
+    """peft's CorDA module imports attrs (not a peft dependency): the shim makes it importable
+    and removes its stand-in afterwards; outside the guarded versions it is a plain import."""
+    import importlib.util
+    import sys
+
+    had_attr = "attr" in sys.modules
+    corda = _compat.peft_corda()
+    assert callable(corda.preprocess_corda)
+    eigens = corda.CordaEigens(S_WC=torch.ones(2), U_WC=torch.ones(2, 2), V_WC=torch.ones(2, 2))
+    assert torch.equal(eigens.S_WC, torch.ones(2))
+    if importlib.util.find_spec("attr") is None:
+        assert "attr" not in sys.modules or had_attr
+
+
 @pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "llama3_1", "mistral"])
 def test_chat_renderer_renders_tools_and_reasoning_as_apply_chat_template(template, tmp_path):
     """Agent chats (tools, tool calls, results, reasoning, extra template variables) render

@@ -48,7 +48,7 @@ def test_the_head_rule_names_the_methods_that_train_heads():
         ({"peft_type": "hra", "config": {"task_type": "SEQ_CLS"}}, "set by peftkit"),
         ({"peft_type": "vera"}, "use adapter.method: vera"),
         ({"peft_type": "lora"}, "use adapter.method: lora"),
-        ({"peft_type": "adalora"}, "update_and_allocate"),
+        ({"peft_type": "adalora"}, "use adapter.method: adalora"),
         ({"peft_type": "p_tuning"}, "virtual tokens"),
     ],
 )
