@@ -17,6 +17,9 @@ type per tensor as `llama-quantize` would write:
 - the rest: the mix's base type. A tensor whose rows are not whole super-blocks falls back as
   llama.cpp's does: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K / Q2_K -> Q4_0, and to F16
   when the rows do not split into blocks of 32 either.
+
+Not replicated: llama.cpp's rules for mixture-of-experts models and Falcon (neither is an
+architecture peftkit writes) and its bump of `attn_v` to Q5_K for 80-layer Llama 2/3 70B models.
 """
 
 from __future__ import annotations
