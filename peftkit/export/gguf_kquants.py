@@ -184,7 +184,8 @@ def _uint6(v: np.ndarray) -> np.ndarray:
 
 def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Q4_K/Q5_K's shared part: 8 sub-blocks of 32 with scale and min, both quantized to 6 bits
-    against the super-block's f16 `d` and `dmin`; returns (d, dmin, scale bytes, levels)."""
+    against the super-block's f16 `d` and `dmin`; returns (the d and dmin bytes, the 12 scale
+    bytes, the levels)."""
     n = len(x)
     xs = _subblocks(x, 32)  # (32, n * 8)
     av_x = np.sqrt(_seqsum(xs * xs) / _F32(32))

