@@ -177,9 +177,35 @@ def _scale_bytes(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     )
 
 
-def _uint6(v: np.ndarray) -> np.ndarray:
-    """`MIN(63, (uint8_t)nearest_int(v))`."""
-    return np.minimum(np.rint(v).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+def _superblock_scales(scales: np.ndarray, mins: np.ndarray, top: int, clamp: bool):
+    """Sub-block scales and mins (blocks, sub-blocks) as integers against the super-block's
+    largest: `(uint8_t)nearest_int(top / max * s)` (then `MIN(top, .)` with `clamp`), and the
+    f16 `d = max / top` and `dmin` they multiply (stored, read back)."""
+    max_scale = np.maximum(scales.max(axis=1), 0)
+    max_min = np.maximum(mins.max(axis=1), 0)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, _F32(top) / max_scale, _F32(0))
+        inv_min = np.where(max_min > 0, _F32(top) / max_min, _F32(0))
+    ls, lm = (
+        np.rint(inv[:, None] * v).astype(np.int64) & 0xFF
+        for inv, v in ((inv_scale, scales), (inv_min, mins))
+    )
+    if clamp:
+        ls, lm = np.minimum(ls, top), np.minimum(lm, top)
+    return (
+        ls.astype(np.uint8),
+        lm.astype(np.uint8),
+        _f16(max_scale / _F32(top)),
+        _f16(max_min / _F32(top)),
+    )
+
+
+def _requantize(x, sub_d, sub_m, nmax: int, levels) -> np.ndarray:
+    """Levels again against the stored scales, x ~ sub_d * L - sub_m (sub-blocks whose scale is
+    0 keep the search's levels, as the C code's `if (!d) continue`)."""
+    safe_d = np.where(sub_d == 0, _F32(1), sub_d)[..., None]
+    requant = _round((x.reshape(levels.shape) + sub_m[..., None]) / safe_d, 0, nmax)
+    return np.where((sub_d != 0)[..., None], requant, levels).astype(np.uint8)
 
 
 def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -192,21 +218,8 @@ def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
     scales, mins, levels = _make_qkx2(xs, av_x + np.abs(xs), nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     levels = levels.T.reshape(n, 8, 32)
-    max_scale = np.maximum(scales.max(axis=1), 0)
-    max_min = np.maximum(mins.max(axis=1), 0)
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0))
-        inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0))
-    ls = _uint6(inv_scale[:, None] * scales)
-    lm = _uint6(inv_min[:, None] * mins)
-    d16, d = _f16(max_scale / _F32(63))
-    m16, dmin = _f16(max_min / _F32(63))
-    sub_d = d[:, None] * ls
-    sub_m = dmin[:, None] * lm
-    nonzero = (sub_d != 0)[..., None]
-    safe_d = np.where(sub_d == 0, _F32(1), sub_d)[..., None]
-    requant = _round((x.reshape(n, 8, 32) + sub_m[..., None]) / safe_d, 0, nmax)
-    levels = np.where(nonzero, requant, levels).astype(np.uint8).reshape(n, 256)
+    ls, lm, (d16, d), (m16, dmin) = _superblock_scales(scales, mins, 63, clamp=True)
+    levels = _requantize(x, d[:, None] * ls, dmin[:, None] * lm, nmax, levels).reshape(n, 256)
     head = np.concatenate([d16.view(np.uint8).reshape(n, 2), m16.view(np.uint8).reshape(n, 2)], 1)
     return head, _scale_bytes(ls, lm), levels
 
@@ -296,21 +309,9 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     scales, mins, levels = _make_qkx2(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
     scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
     levels = levels.T.reshape(n, 16, 16)
-    max_scale = np.maximum(scales.max(axis=1), 0)
-    max_min = np.maximum(mins.max(axis=1), 0)
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, _F32(15) / max_scale, _F32(0))
-        inv_min = np.where(max_min > 0, _F32(15) / max_min, _F32(0))
-    ls = (np.rint(inv_scale[:, None] * scales).astype(np.int64) & 0xFF).astype(np.uint8)
-    lm = (np.rint(inv_min[:, None] * mins).astype(np.int64) & 0xFF).astype(np.uint8)
+    ls, lm, (d16, d), (m16, dmin) = _superblock_scales(scales, mins, 15, clamp=False)
     packed = ls | (lm << 4)
-    d16, d = _f16(np.where(max_scale > 0, max_scale / _F32(15), _F32(0)))
-    m16, dmin = _f16(np.where(max_min > 0, max_min / _F32(15), _F32(0)))
-    sub_d = d[:, None] * (packed & 0xF)
-    sub_m = dmin[:, None] * (packed >> 4)
-    safe_d = np.where(sub_d == 0, _F32(1), sub_d)[..., None]
-    requant = _round((x.reshape(n, 16, 16) + sub_m[..., None]) / safe_d, 0, 3)
-    levels = np.where((sub_d != 0)[..., None], requant, levels).astype(np.uint8)
+    levels = _requantize(x, d[:, None] * (packed & 0xF), dmin[:, None] * (packed >> 4), 3, levels)
     q = levels.reshape(n, 2, 4, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(n, 64)
     return np.concatenate(
