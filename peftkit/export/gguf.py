@@ -9,8 +9,10 @@ out the way that converter lays it out, so llama.cpp and transformers' GGUF load
 - weights rounded by `gguf.quants.quantize` (f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0); 1-D
   tensors (norms, biases) stay f32, and a 2-D tensor whose rows do not split into whole blocks of
   32 falls back to f16, as llama.cpp does. With a 4- or 5-bit quant the output head (the embedding
-  when tied) is written as q8_0: llama.cpp's quantizer keeps it at 6 bits, which `gguf` cannot
-  write;
+  when tied) is written as q8_0, the closest type to llama.cpp's 6-bit head that these mixes have;
+- or as one of llama.cpp's k-quant mixes (q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_m, q2_k):
+  the type of each tensor is chosen by `gguf_mix` as `llama-quantize` chooses it, and the k-quant
+  blocks are written by `gguf_kquants`, byte for byte as llama.cpp's reference quantizer;
 - no `output.weight` when the head is tied to the embedding (readers infer the tie from its absence).
 
 Supported: see `gguf_arch.ARCHITECTURES` (Llama incl. SmolLM2, Mistral, Qwen2, Qwen3, Phi-3,
@@ -31,6 +33,8 @@ from torch import nn
 from peftkit._compat import readable_gguf_name
 from peftkit.errors import UnsupportedGGUFExport
 from peftkit.export.gguf_arch import ArchSpec, add_hyperparameters, check_config
+from peftkit.export.gguf_kquants import K_TYPES, quantize_k
+from peftkit.export.gguf_mix import K_MIXES, k_mix_type
 from peftkit.export.gguf_vocab import build_vocab
 
 _T, _F = gguf.GGMLQuantizationType, gguf.LlamaFileType
@@ -44,6 +48,8 @@ QUANTS = {
     "q5_0": (_T.Q5_0, _F.MOSTLY_Q5_0),
     "q4_1": (_T.Q4_1, _F.MOSTLY_Q4_1),
     "q4_0": (_T.Q4_0, _F.MOSTLY_Q4_0),
+    # llama.cpp's k-quant mixes: the base type; `gguf_mix` gives some tensors more bits
+    **{name: (mix.base, mix.file_type) for name, mix in K_MIXES.items()},
 }
 LOW_BIT = (_T.Q5_1, _T.Q5_0, _T.Q4_1, _T.Q4_0)  # the head stays q8_0 with these
 
@@ -85,7 +91,7 @@ def write_gguf(
     weights = model.state_dict() if isinstance(model, nn.Module) else model  # or a stream
     tensors = named_tensors(weights, spec, config)  # raises before any file is opened
     head = "token_embd.weight" if "output.weight" not in dict(tensors) else "output.weight"
-    qtype, file_type = QUANTS[quant]
+    file_type = QUANTS[quant][1]
 
     def write(writer: gguf.GGUFWriter) -> None:
         writer.add_name(readable_gguf_name(path.stem))
@@ -95,8 +101,7 @@ def write_gguf(
         vocab.add_to(writer)
         for name, hf_name in tensors:
             data = gguf_layout(name, weights[hf_name], spec, config)
-            tensor_type = _T.Q8_0 if name == head and qtype in LOW_BIT else qtype
-            add_tensor(writer, name, data, tensor_type)
+            add_tensor(writer, name, data, tensor_type(quant, name, data, name == head, config))
 
     return write_atomically(path, spec.arch, write)
 
@@ -106,6 +111,19 @@ def check_quant(quant: str) -> None:
         raise UnsupportedGGUFExport(
             f"unknown GGUF quant {quant!r}; choose one of {', '.join(QUANTS)}"
         )
+
+
+def tensor_type(
+    quant: str, name: str, data: np.ndarray, head: bool, config
+) -> gguf.GGMLQuantizationType:
+    """The GGML type `quant` gives the tensor `name` (before `add_tensor`'s fallbacks for 1-D
+    tensors and rows that do not fill whole blocks)."""
+    qtype = QUANTS[quant][0]
+    if quant in K_MIXES and data.ndim >= 2:
+        heads = config.num_attention_heads
+        n_gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
+        return k_mix_type(quant, name, data.shape[-1], config.num_hidden_layers, n_gqa, head)
+    return _T.Q8_0 if head and qtype in LOW_BIT else qtype
 
 
 def write_atomically(path: Path, arch: gguf.MODEL_ARCH, fill) -> Path:
@@ -193,6 +211,9 @@ def gguf_layout(name: str, tensor: torch.Tensor, spec: ArchSpec, config) -> np.n
 def add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype) -> None:
     if data.ndim < 2:
         qtype = _T.F32  # norms and biases: tiny, and precision-sensitive
+    if qtype in K_TYPES:
+        writer.add_tensor(name, quantize_k(data, qtype), raw_dtype=qtype)
+        return
     try:
         packed = gguf.quants.quantize(data, qtype)
     except gguf.quants.QuantError:

@@ -34,12 +34,13 @@ MODELFILE = "Modelfile"
 
 
 def gguf_thresholds(spec: ExportSpec) -> FidelityThresholds:
-    """8-, 5- and 4-bit weights get their own, looser gates; f32/f16/bf16 use the usual one."""
-    if spec.quant == "q8_0":
+    """8- (and 6-), 5- and 4-bit (and lower) weights get their own, looser gates; f32/f16/bf16
+    use the usual one."""
+    if spec.quant in ("q8_0", "q6_k"):
         return spec.q8_0_thresholds
     if spec.quant.startswith("q5"):
         return spec.q5_thresholds
-    if spec.quant.startswith("q4"):
+    if spec.quant.startswith(("q4", "q3", "q2")):
         return spec.q4_thresholds
     return spec.thresholds
 

@@ -18,7 +18,10 @@ from peftkit.recipe.objective import ObjectiveSpec, SFTObjective, objective_from
 from peftkit.section import RESUMABLE, Section
 
 ExportFormat = Literal["safetensors", "gguf"]
-GgufQuant = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+GgufQuant = Literal[
+    "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0",
+    "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q2_k",
+]  # fmt: skip
 ExportDType = Literal["bfloat16", "float16", "float32"]
 MergeBase = Literal["auto", "original", "dequantized"]
 
