@@ -151,9 +151,10 @@ def test_k_mix_file_reads_back(quant, tmp_path):
         gguf.LlamaFileType, f"MOSTLY_{quant.upper()}"
     )
     config, spec = model.config, check_config(model.config)
+    weights = model.state_dict()
     original = {
-        name: gguf_layout(name, tensor, spec, config)
-        for name, tensor in named_tensors(model.state_dict(), spec, config)
+        name: gguf_layout(name, weights[hf_name], spec, config)
+        for name, hf_name in named_tensors(weights, spec, config)
     }
     assert {t.name for t in reader.tensors} == set(original)
     for tensor in reader.tensors:
