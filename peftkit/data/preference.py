@@ -27,11 +27,11 @@ from peftkit.data.audit import SplitAudit, audit_record, render_mask
 from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import IGNORE, EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
-from peftkit.data.pipeline import PreparedData, prepare_data
+from peftkit.data.pipeline import PreparedData
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.spec import DataSource, DataSpec
 from peftkit.data.split import split_eval
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSource, DataSpec, Recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -311,28 +311,6 @@ def preference_audit_record(data: PreparedData, tokenizer: PreTrainedTokenizerBa
         else [("desirable" if r.desirable else "undesirable", r.chosen) for r in data.train[:2]]
     )
     return audit_record(data, tokenizer, "causal_lm", None, shown=rows)
-
-
-def prepare_scored_rows(
-    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int
-) -> PreparedData:
-    """The rows a causal LM trained by `recipe` is scored on outside training (export's fidelity
-    check, combine's evaluation): the recipe's own rows, or for a preference recipe the preferred
-    answers (chosen, or KTO's desirable ones) as supervised rows; for a reinforcement-learning
-    recipe its prompts with their reference answers (`PromptRow.scored`)."""
-    if recipe.objective.type == "grpo":
-        from peftkit.data.prompts import prepare_prompt_data
-
-        data = prepare_prompt_data(recipe.data, tokenizer, seed, recipe.objective.reference_column)
-        return replace(
-            data, train=[r.scored for r in data.train], eval=[r.scored for r in data.eval]
-        )
-    if not recipe.objective.preference:
-        return prepare_data(recipe.data, tokenizer, seed)
-    data = prepare_preference_data(
-        recipe.data, tokenizer, seed, unpaired=recipe.objective.type == "kto"
-    )
-    return replace(data, train=preferred_answers(data.train), eval=preferred_answers(data.eval))
 
 
 def preferred_answers(rows: list[PreferenceRow]) -> list[EncodedRow]:

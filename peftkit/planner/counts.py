@@ -74,8 +74,8 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         for name, m in model.named_modules()
         if name.endswith("base_layer") and isinstance(m, nn.Linear) and ".layers.0." in name
     )
+    from peftkit.kernels.linear_ce import fused_head, logit_map, rows_per_chunk
     from peftkit.training.generated import kv_width
-    from peftkit.training.linear_ce import fused_head, logit_map, rows_per_chunk
     from peftkit.training.lora_mlp import fused_in_training
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

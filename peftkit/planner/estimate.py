@@ -51,10 +51,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from peftkit.kernels.linear_ce import chunk_bytes
+from peftkit.objectives.loss import CE_CHUNK_ROWS
 from peftkit.planner.counts import ModelCounts
 from peftkit.training.generated import row_bytes
-from peftkit.training.linear_ce import chunk_bytes
-from peftkit.training.loss import CE_CHUNK_ROWS
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 STORAGE = {"bfloat16": 2, "float16": 2, "float32": 4}

@@ -113,31 +113,16 @@ def make_plan(
     from peftkit.data.encode import row_lengths
     from peftkit.data.pipeline import prepare_data
     from peftkit.models.load import load_tokenizer
-    from peftkit.training.batches import pack_multiple, resolve_packing
+    from peftkit.objectives.batches import pack_multiple, resolve_packing
     from peftkit.training.precision import resolve_precision, weights_dtype
 
-    if recipe.task.has_head:
+    kind = recipe.objective_kind
+    if kind.support.plan is not None:
         from peftkit.errors import RecipeError
 
         raise RecipeError(
-            f"peftkit plan models causal-LM training; task.type {recipe.task.type!r} (a task head: "
-            "one prediction per row, no vocabulary-sized logits) is not modelled yet"
-        )
-    if recipe.objective.type == "grpo":
-        from peftkit.errors import RecipeError
-
-        raise RecipeError(
-            "peftkit plan models supervised fine-tuning; objective 'grpo' (rollouts of "
-            "num_generations completions per prompt with a KV cache, reference forwards) is not "
-            "modelled yet"
-        )
-    if recipe.objective.preference:
-        from peftkit.errors import RecipeError
-
-        raise RecipeError(
-            f"peftkit plan models supervised fine-tuning; objective {recipe.objective.type!r} "
-            "(chosen and rejected answers in one micro-batch, reference forwards) is not "
-            "modelled yet"
+            f"peftkit plan models supervised fine-tuning of a causal LM; objective {kind.name!r} "
+            f"({kind.support.plan}) is not modelled yet"
         )
     on_gpu = gpu_memory is not None or torch.cuda.is_available()
     if (

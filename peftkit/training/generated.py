@@ -20,11 +20,11 @@ from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.encode import IGNORE, EncodedRow
 from peftkit.errors import DataError
-from peftkit.training.answer_metrics import Scorer
+from peftkit.objectives.answer_metrics import Scorer
 
 if TYPE_CHECKING:
+    from peftkit.metrics import MetricsLog
     from peftkit.recipe.schema import EvalSpec
-    from peftkit.training.metrics import MetricsLog
 
 
 @dataclass
@@ -188,7 +188,7 @@ class AnswerEval:
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],
     ) -> None:
-        from peftkit.training.answer_metrics import BUILTIN, REFERENCE_CHECKS, load_function
+        from peftkit.objectives.answer_metrics import BUILTIN, REFERENCE_CHECKS, load_function
 
         self.spec = spec
         self.tokenizer = tokenizer

@@ -19,7 +19,7 @@ from peftkit.training import attention
 from peftkit.training.lora_mlp import fused_mlp_status, install_fused_lora_mlps
 
 if TYPE_CHECKING:
-    from peftkit.training.objective import Objective
+    from peftkit.objectives.runtime import Objective
 
 
 @dataclass

@@ -25,26 +25,26 @@ from peftkit.data.mixing import step_plan
 from peftkit.errors import RunDirError, TrainingStopped
 from peftkit.io import atomic_dir, atomic_write_json
 from peftkit.methods.base import ApplyContext
+from peftkit.metrics import MetricsLog, plot_losses
 from peftkit.models.layers import frozen_experts
-from peftkit.models.load import head_config, load_model, load_tokenizer
+from peftkit.models.load import load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity, training_prompt, write_manifest
+from peftkit.objectives import BuildContext, prepare_run_data
+from peftkit.objectives.batches import to_device
+from peftkit.objectives.runtime import Objective
 from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers, update
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
 from peftkit.training.kernels import apply_kernels
-from peftkit.training.metrics import MetricsLog, plot_losses
-from peftkit.training.objective import Objective
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
-from peftkit.training.setup_objective import build_objective, prepare_run_data
 from peftkit.training.sharded import gathered_trainable
 from peftkit.training.signals import StopRequest
 from peftkit.training.unfreeze import LayerSchedule
@@ -100,7 +100,8 @@ class FineTuneRun(Evaluation):
             self._print(f"resuming with {key} changed: {before} -> {now}")
         torch.manual_seed(r.train.seed)
 
-        self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
+        self.kind = r.objective_kind  # what the run optimises (peftkit.objectives)
+        self.tokenizer = load_tokenizer(r.model, needs_eos=self.kind.needs_eos)
         self.seed = r.data_seed
         # The first process builds the data cache (if no earlier run did); the others map it.
         with self.accelerator.main_process_first():
@@ -118,9 +119,7 @@ class FineTuneRun(Evaluation):
         self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
-        head = (
-            head_config(self.class_names, self.tokenizer.pad_token_id) if r.task.has_head else None
-        )
+        head = self.kind.head_config(self.class_names, self.tokenizer.pad_token_id)
         # Placed once, here (a sharding engine places the weights it shards itself): what is
         # made from the model later (a frozen reference, PiSSA's SVD) is made on its device.
         model = load_model(
@@ -140,7 +139,7 @@ class FineTuneRun(Evaluation):
             upcast_unquantized=r.model.quantization is not None
             and r.model.quantization.upcast_unquantized,
             work_dir=self.run.work,
-            task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
+            task_type=self.kind.peft_task_type,
         )
         fresh = not self.run.path.exists()
         if self.main:
@@ -163,15 +162,17 @@ class FineTuneRun(Evaluation):
             model.generation_config.eos_token_id = self.stop_ids
         self.params = count_parameters(model)
         # What the run optimises, chosen once: collation, loss, metrics, audit (objective.py).
-        self.objective: Objective = build_objective(
-            r,
-            self.data,
-            model,
-            self.tokenizer,
-            self.precision,
-            self.class_names,
-            self.accelerator.device,
-            self.accelerator.unwrap_model,
+        self.objective: Objective = self.kind.build(
+            BuildContext(
+                r,
+                self.data,
+                model,
+                self.tokenizer,
+                self.precision,
+                self.class_names,
+                self.accelerator.device,
+                self.accelerator.unwrap_model,
+            )
         )
         self.kernels = apply_kernels(model, self.objective)  # fused paths (training/kernels.py)
         for line in self.objective.audit_lines(self.data, self.tokenizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peftkit import api
 from peftkit.cli import main
-from peftkit.training.linear_ce import chunk_bytes
+from peftkit.kernels.linear_ce import chunk_bytes
 from tests.conftest import write_recipe
 
 

@@ -1,6 +1,6 @@
 """GRPO's loss equals TRL 1.16's `GRPOTrainer._compute_loss`: the same LoRA model, prompts,
 completions, advantages, sampling log-probs and reference log-probs go through TRL's own method
-and through `peftkit.training.grpo_losses`; the losses and every LoRA gradient agree to 1e-5, for
+and through `peftkit.objectives.grpo_losses`; the losses and every LoRA gradient agree to 1e-5, for
 each loss type, with and without the KL term, at token and at sequence level (GSPO)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
+from peftkit.objectives.grpo_losses import completion_logps, group_advantages, policy_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from peftkit.kernels.linear_ce import chunk_bytes, rows_per_chunk
 from peftkit.planner.counts import ModelCounts
 from peftkit.planner.estimate import GPU_ALLOCATOR_SLACK, Workload, estimate, generation_bytes
 from peftkit.training.generated import row_bytes, rows_per_generate
-from peftkit.training.linear_ce import chunk_bytes, rows_per_chunk
 
 GEMMA_LIKE = ModelCounts(  # Gemma 3 270M's shape: 262k vocabulary, head_dim 256 > hidden / heads
     base_params=268_000_000,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.data.fingerprint import source_sha
 from peftkit.data.sources import looks_like_local_path
-from peftkit.recipe.schema import DataSpec
+from peftkit.data.spec import DataSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -34,23 +34,23 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.prompts import PromptRow, prompt_audit_lines, prompt_audit_record
-from peftkit.recipe.objective import GRPOObjective
-from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
-from peftkit.training.metrics import MetricsLog
-from peftkit.training.objective import Objective
-from peftkit.training.rewards import Reward, reward_metrics, score
-from peftkit.training.rollouts import row_seed, sample_completions
+from peftkit.metrics import MetricsLog
+from peftkit.objectives.grpo_losses import completion_logps, group_advantages, policy_loss
+from peftkit.objectives.rewards import Reward, reward_metrics, score
+from peftkit.objectives.rollouts import row_seed, sample_completions
+from peftkit.objectives.runtime import Objective
 
 
-class GRPO(Objective):
-    """Group Relative Policy Optimization with Python rewards (`objective: {type: grpo}`)."""
+class GRPORun(Objective):
+    """The GRPO runtime: rollouts before each step's forwards, the clipped surrogate, rewards as
+    metrics."""
 
     unit = "completions"
     sort_eval_by_length = True
 
     def __init__(
         self,
-        spec: GRPOObjective,
+        spec: Any,  # the recipe's `objective:` section (grpo.GRPOObjective)
         rewards: list[Reward],
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from peftkit.errors import RecipeError, TrainingStopped
-from peftkit.recipe.objective import RewardSpec
-from peftkit.training.answer_metrics import BUILTIN, import_callable
+from peftkit.objectives.answer_metrics import BUILTIN, import_callable
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -56,8 +55,9 @@ def _metric_reward(metric: str, reference: str) -> RewardFn:
     return reward
 
 
-def build_rewards(specs: Sequence[RewardSpec], base_dir: Path | None) -> list[Reward]:
-    """The recipe's rewards, each function imported once (a bad path is a named recipe error)."""
+def build_rewards(specs: Sequence[Any], base_dir: Path | None) -> list[Reward]:
+    """The recipe's rewards (`objective.rewards`: `peftkit.objectives.grpo.RewardSpec`), each
+    function imported once (a bad path is a named recipe error)."""
     rewards = []
     for i, spec in enumerate(specs):
         if spec.function is not None:

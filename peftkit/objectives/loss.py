@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peftkit.data.encode import IGNORE
+from peftkit.kernels.linear_ce import fused_head, linear_cross_entropy_sum, logit_map
 from peftkit.models.layers import unwrap_peft
-from peftkit.training.linear_ce import fused_head, linear_cross_entropy_sum, logit_map
 
 CE_CHUNK_ROWS = 1024
 """Rows of logits per fp32 cross-entropy chunk: the transient fp32 memory is chunk x vocab x 4 B."""

@@ -1,0 +1,159 @@
+"""What the preference objectives share (dpo.py, kto.py, orpo.py and simpo.py each add their loss):
+the `objective:` section's common knob, the recipe rules, the data (pairs, or KTO's labelled rows),
+the reference model, the metrics and the summary.
+
+A pair micro-batch is one padded batch of the chosen answers followed by the rejected ones
+(`input_ids` (2 x pairs, seq)), as TRL builds it, so one forward scores both. The log-probability
+of an answer is the sum over its supervised tokens: every token after the prompt, as TRL scores a
+completion (`peftkit.data.preference.scored_after_prompt`).
+
+The reference pi_ref (DPO, KTO) is the model as it started: for adapter methods the same weights
+with the adapter switched off (no second copy), for full/partial fine-tuning a frozen copy taken
+before the first step, or, with `precompute_ref: true`, log-probs computed once before training
+and kept in the run directory (`reference_logps.safetensors`), so a resume does not recompute them.
+
+Per step and per evaluation the objective logs TRL's metrics: rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies (the preference accuracy), logps/chosen, logps/rejected, and
+nll_loss / log_odds_ratio / log_odds_chosen (ORPO) or kl (KTO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field
+
+from peftkit.data.pipeline import PreparedData
+from peftkit.data.preference import PreferenceRow, preferred_answers, prepare_preference_data
+from peftkit.objectives.base import BuildContext, ObjectiveKind, RecipeView, Support
+from peftkit.objectives.sft import causal_lm_rules
+from peftkit.section import Section
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from peftkit.objectives.runtime import Objective
+
+
+class PreferenceSpec(Section):
+    """What every preference objective's section has."""
+
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the preference term (DPO/KTO: the KL penalty's inverse temperature)."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    @property
+    def precomputed_reference(self) -> bool:
+        """The reference's log-probs are computed once before training (DPO's precompute_ref)."""
+        return False
+
+
+class PreferenceKind(ObjectiveKind):
+    """What DPO, ORPO, SimPO and KTO declare alike: causal-LM answers scored as whole sequences,
+    rows of pairs (or KTO's labelled rows), a reference model where the loss has one."""
+
+    held_out_chats = False  # (preference rows are pairs, not chats)
+    row_type = PreferenceRow
+    unpaired: ClassVar[bool] = False
+    """Rows are KTO's {prompt, completion, label} (pairs are split into two rows)."""
+    reference_fix: ClassVar[str] = "use lora/dora/ia3 with their default init"
+    """What to change when the reference cannot be the adapter switched off."""
+    support = Support(plan="chosen and rejected answers in one micro-batch, reference forwards")
+
+    @classmethod
+    def rules(cls, recipe: RecipeView) -> list[str]:
+        kind = f"objective {recipe.objective.type}"
+        problems = causal_lm_rules(recipe)
+        if recipe.task.type != "causal_lm":
+            problems.append(f"{kind} tunes a causal LM's answers; task.type must be causal_lm")
+        if recipe.train.packing:
+            problems.append(
+                f"train.packing: {kind} scores each answer as its own sequence; remove it"
+            )
+        if recipe.data.reference:
+            problems.append(
+                f"data.reference: the forgetting report is for sft runs, not {kind} yet; remove it"
+            )
+        if recipe.data.mixing.strategy != "concat":
+            problems.append(f"data.mixing: {kind} reads one preference set; remove data.mixing")
+        if recipe.data.loss_on != "completion":
+            problems.append(f"data.loss_on: {kind} always scores the answers only; remove it")
+        spec, adapter = recipe.objective, recipe.adapter
+        if (
+            spec.needs_reference
+            and not spec.precomputed_reference
+            and not adapter.full_weights
+            and not adapter.off_is_start
+        ):
+            problems.append(
+                f"{kind}: the reference is the model as training starts, and adapter.method "
+                f"{adapter.method!r} (this init) does not start as the base, so switching the "
+                f"adapter off would score against another model: {cls.reference_fix}"
+            )
+        return problems
+
+    @classmethod
+    def packing_refusal(cls, recipe: RecipeView) -> str | None:
+        return f"objective {recipe.objective.type} scores each answer as its own sequence"
+
+    @classmethod
+    def data_key(cls, recipe: RecipeView) -> dict[str, Any] | None:
+        return {"rows": "preference", "unpaired": cls.unpaired}
+
+    @classmethod
+    def prepare_data(
+        cls, recipe: RecipeView, tokenizer: PreTrainedTokenizerBase, seed: int
+    ) -> tuple[PreparedData, list[str] | None]:
+        return prepare_preference_data(recipe.data, tokenizer, seed, cls.unpaired), None
+
+    @classmethod
+    def scored_rows(
+        cls, recipe: RecipeView, tokenizer: PreTrainedTokenizerBase, seed: int
+    ) -> PreparedData:
+        """The preferred answers (chosen, or KTO's desirable ones) as supervised rows."""
+        data, _ = cls.prepare_data(recipe, tokenizer, seed)
+        return replace(data, train=preferred_answers(data.train), eval=preferred_answers(data.eval))
+
+    @classmethod
+    def runtime(cls) -> type[Objective]:
+        """Its runtime class (`peftkit.objectives.preference_run`), imported when built."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> Objective:
+        from peftkit.objectives.causal_lm import run_batching
+        from peftkit.objectives.preference_run import frozen_copy
+
+        spec, batching = ctx.recipe.objective, run_batching(ctx)
+        is_adapter = hasattr(ctx.model, "disable_adapter")
+        frozen = (
+            frozen_copy(ctx.model)
+            if spec.needs_reference and not is_adapter and not spec.precomputed_reference
+            else None
+        )
+        return cls.runtime()(
+            spec,
+            ctx.tokenizer.pad_token_id,
+            batching.supervised_only,
+            ctx.unwrap,
+            frozen,
+            batching.lengths,
+        )
+
+    @classmethod
+    def summary_rows(cls, summary: dict[str, Any]) -> list[tuple[str, str]]:
+        """Held-out preference accuracy and reward margin, before -> after."""
+        p = summary.get("preference")
+        if not p or "eval_margins_before" not in p:
+            return []
+        line = f"margin {p['eval_margins_before']:+.4f} -> {p['eval_margins_after']:+.4f}"
+        if "eval_accuracies_before" in p:
+            line = (
+                f"accuracy {p['eval_accuracies_before']:.1%} -> {p['eval_accuracies_after']:.1%}, "
+                + line
+            )
+        return [(f"preference ({p['objective']})", line + " (held-out rows)")]
