@@ -147,7 +147,7 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
     kind = recipe.objective_kind
     tokenizer = load_tokenizer(recipe.model, needs_eos=kind.needs_eos)
     data, _ = kind.prepare_data(recipe, tokenizer, recipe.data_seed)
-    if data.cache_dir is None:
+    if data.cache_dir is None and kind.caches_rows:
         raise RecipeError(
             "this data cannot be cached: a hub dataset without data.train[...].revision may "
             "change under the same name; pin a revision"

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
-from peftkit.data.pipeline import PreparedData
+from peftkit.data.pipeline import PreparedData, mapped_data
 from peftkit.section import Section
 
 if TYPE_CHECKING:
@@ -93,6 +95,9 @@ class ObjectiveKind:
     """The tokenizer must have an EOS token (rows end with it)."""
     row_type: ClassVar[type] = EncodedRow
     """The class of its encoded rows (how the data cache maps them back)."""
+    caches_rows: ClassVar[bool] = True
+    """Its rows are kept in the data cache (`data.cache`); False: encoded (and checked) anew by
+    every run and every `peftkit prepare`."""
     held_out_chats: ClassVar[bool] = True
     """Its held-out rows are chats export can render for the prompt check (not preference pairs)."""
     support: ClassVar[Support] = Support()
@@ -126,6 +131,12 @@ class ObjectiveKind:
     ) -> tuple[PreparedData, list[str] | None]:
         """Read, split and encode the recipe's rows: (data, class names or None)."""
         raise NotImplementedError
+
+    @classmethod
+    def mapped_data(cls, folder: Path, template: ChatTemplate) -> PreparedData:
+        """Its rows as the data cache folder `folder` holds them (a start found by
+        `peftkit.data.cache.starts`)."""
+        return mapped_data(folder, template, cls.row_type)[0]
 
     @classmethod
     def scored_rows(

@@ -114,6 +114,7 @@ class GRPO(ObjectiveKind):
     name = "grpo"
     spec = GRPOObjective
     row_type = PromptRow
+    caches_rows = False  # (its rows carry the data's own columns for the reward functions)
     support = Support(
         plan="rollouts of num_generations completions per prompt with a KV cache, reference "
         "forwards",

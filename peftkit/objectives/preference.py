@@ -1,31 +1,26 @@
-"""What the preference objectives share (dpo.py, kto.py, orpo.py and simpo.py each add their loss):
-the `objective:` section's common knob, the recipe rules, the data (pairs, or KTO's labelled rows),
-the reference model, the metrics and the summary.
-
-A pair micro-batch is one padded batch of the chosen answers followed by the rejected ones
-(`input_ids` (2 x pairs, seq)), as TRL builds it, so one forward scores both. The log-probability
-of an answer is the sum over its supervised tokens: every token after the prompt, as TRL scores a
-completion (`peftkit.data.preference.scored_after_prompt`).
-
-The reference pi_ref (DPO, KTO) is the model as it started: for adapter methods the same weights
-with the adapter switched off (no second copy), for full/partial fine-tuning a frozen copy taken
-before the first step, or, with `precompute_ref: true`, log-probs computed once before training
-and kept in the run directory (`reference_logps.safetensors`), so a resume does not recompute them.
-
-Per step and per evaluation the objective logs TRL's metrics: rewards/chosen, rewards/rejected,
-rewards/margins, rewards/accuracies (the preference accuracy), logps/chosen, logps/rejected, and
-nll_loss / log_odds_ratio / log_odds_chosen (ORPO) or kl (KTO).
+"""What the preference objectives declare alike (dpo.py, kto.py, orpo.py and simpo.py each add
+their section and loss): the `objective:` section's common knob, the recipe rules, the data
+(pairs, or KTO's labelled rows, cached as supervised rows are), the reference model and the summary
+lines. The runtime is `peftkit.objectives.preference_run`.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
+from peftkit.data.chat import ChatTemplate
 from peftkit.data.pipeline import PreparedData
-from peftkit.data.preference import PreferenceRow, preferred_answers, prepare_preference_data
+from peftkit.data.preference import (
+    PreferenceRow,
+    mapped_preference_data,
+    preference_key,
+    preferred_answers,
+    prepare_preference_data,
+)
 from peftkit.objectives.base import BuildContext, ObjectiveKind, RecipeView, Support
 from peftkit.objectives.sft import causal_lm_rules
 from peftkit.section import Section
@@ -102,7 +97,11 @@ class PreferenceKind(ObjectiveKind):
 
     @classmethod
     def data_key(cls, recipe: RecipeView) -> dict[str, Any] | None:
-        return {"rows": "preference", "unpaired": cls.unpaired}
+        return preference_key(cls.unpaired)
+
+    @classmethod
+    def mapped_data(cls, folder: Path, template: ChatTemplate) -> PreparedData:
+        return mapped_preference_data(folder, template)
 
     @classmethod
     def prepare_data(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.data.cache import key, store
 from peftkit.data.chat import ChatTemplate
-from peftkit.data.pipeline import PreparedData, mapped_data
+from peftkit.data.pipeline import PreparedData
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json
 from peftkit.models.source import tokenizer_files_sha, tokenizer_folder
@@ -98,7 +98,7 @@ def find(recipe: Recipe, key: str | None = None) -> PreparedData | None:
     if not (folder / "meta.json").is_file():
         return None  # pruned since
     log.info("encoded data found in %s", folder)
-    return mapped_data(folder, template, recipe.objective_kind.row_type)[0]
+    return recipe.objective_kind.mapped_data(folder, template)
 
 
 def remember(key: str | None, data: PreparedData) -> None:
