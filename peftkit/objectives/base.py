@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
 from peftkit.data.pipeline import PreparedData, mapped_data
+from peftkit.metrics import ChartPanel
 from peftkit.section import Section
 
 if TYPE_CHECKING:
@@ -101,6 +102,9 @@ class ObjectiveKind:
     held_out_chats: ClassVar[bool] = True
     """Its held-out rows are chats export can render for the prompt check (not preference pairs)."""
     support: ClassVar[Support] = Support()
+    charts: ClassVar[tuple[ChartPanel, ...]] = ()
+    """Panels of the loss plot below the losses (`peftkit.metrics.plot_losses`): (draw, the series
+    whose presence shows it)."""
     summary_line: ClassVar[str] = ""
     """What it optimises, in one line (the objectives table)."""
 

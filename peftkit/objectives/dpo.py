@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+from peftkit.objectives.base import Support
 from peftkit.objectives.preference import PreferenceKind, PreferenceSpec
 from peftkit.objectives.registry import register
 
@@ -45,6 +46,7 @@ class DPO(PreferenceKind):
     spec = DPOObjective
     reference_fix = "set objective.precompute_ref: true"
     summary_line = "Direct Preference Optimization on {prompt, chosen, rejected} pairs."
+    support = Support(plan="chosen and rejected answers in one micro-batch, reference forwards")
 
     @classmethod
     def runtime(cls) -> type[Objective]:

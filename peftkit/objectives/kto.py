@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from peftkit.objectives.base import Support
 from peftkit.objectives.preference import PreferenceKind, PreferenceSpec
 from peftkit.objectives.registry import register
 
@@ -38,6 +39,9 @@ class KTO(PreferenceKind):
     spec = KTOObjective
     unpaired = True
     summary_line = "Kahneman-Tversky Optimization on answers labelled desirable or undesirable."
+    support = Support(
+        plan="answers and their mismatched KL rows in one micro-batch, reference forwards"
+    )
 
     @classmethod
     def runtime(cls) -> type[Objective]:

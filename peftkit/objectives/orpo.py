@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+from peftkit.objectives.base import Support
 from peftkit.objectives.preference import PreferenceKind, PreferenceSpec
 from peftkit.objectives.registry import register
 
@@ -27,6 +28,7 @@ class ORPO(PreferenceKind):
     name = "orpo"
     spec = ORPOObjective
     summary_line = "Odds Ratio Preference Optimization: NLL plus an odds-ratio term, no reference."
+    support = Support(plan="chosen and rejected answers in one micro-batch")
 
     @classmethod
     def runtime(cls) -> type[Objective]:

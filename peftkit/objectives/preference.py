@@ -21,7 +21,8 @@ from peftkit.data.preference import (
     preferred_answers,
     prepare_preference_data,
 )
-from peftkit.objectives.base import BuildContext, ObjectiveKind, RecipeView, Support
+from peftkit.metrics import MetricsLog
+from peftkit.objectives.base import BuildContext, ObjectiveKind, RecipeView
 from peftkit.objectives.sft import causal_lm_rules
 from peftkit.section import Section
 
@@ -47,6 +48,36 @@ class PreferenceSpec(Section):
         return False
 
 
+def plot_rewards(log: MetricsLog, ax: Any) -> None:
+    """Reward margins (train per step, eval per evaluation) and held-out preference accuracy."""
+    steps, margins = zip(*log.series("rewards/margins"))
+    ax.plot(steps, margins, color="tab:purple", alpha=0.5, label="reward margin (train)")
+    evals = log.series("eval_rewards/margins")
+    if evals:
+        steps, margins = zip(*evals)
+        ax.plot(steps, margins, "o-", color="tab:purple", label="reward margin (eval)")
+    ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    accuracy = log.series("eval_rewards/accuracies")
+    if accuracy:
+        right = ax.twinx()
+        steps, values = zip(*accuracy)
+        right.plot(
+            steps,
+            [100 * v for v in values],
+            "s-",
+            color="tab:green",
+            label="preference accuracy (eval)",
+        )
+        right.set_ylabel("accuracy %", color="tab:green")
+        right.set_ylim(-5, 105)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize="small", loc="upper left")
+    ax.set_xlabel("optimizer step")
+
+
 class PreferenceKind(ObjectiveKind):
     """What DPO, ORPO, SimPO and KTO declare alike: causal-LM answers scored as whole sequences,
     rows of pairs (or KTO's labelled rows), a reference model where the loss has one."""
@@ -57,7 +88,7 @@ class PreferenceKind(ObjectiveKind):
     """Rows are KTO's {prompt, completion, label} (pairs are split into two rows)."""
     reference_fix: ClassVar[str] = "use lora/dora/ia3 with their default init"
     """What to change when the reference cannot be the adapter switched off."""
-    support = Support(plan="chosen and rejected answers in one micro-batch, reference forwards")
+    charts = ((plot_rewards, "rewards/margins"),)
 
     @classmethod
     def rules(cls, recipe: RecipeView) -> list[str]:

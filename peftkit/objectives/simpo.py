@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from peftkit.objectives.base import Support
 from peftkit.objectives.preference import PreferenceKind, PreferenceSpec
 from peftkit.objectives.registry import register
 
@@ -34,6 +35,7 @@ class SimPO(PreferenceKind):
     name = "simpo"
     spec = SimPOObjective
     summary_line = "Simple Preference Optimization: length-normalised margins, no reference."
+    support = Support(plan="chosen and rejected answers in one micro-batch")
 
     @classmethod
     def runtime(cls) -> type[Objective]:

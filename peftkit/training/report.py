@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import resource
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +13,6 @@ from torch import nn
 
 import peftkit
 from peftkit import _compat, units
-from peftkit.metrics import peak_memory_bytes
 from peftkit.objectives.registry import registered_objectives
 from peftkit.training import generated, reference
 
@@ -263,3 +264,12 @@ def format_summary(
                 f"      after:  {a[:120]!r}",
             ]
     return "\n".join(lines)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """Peak memory of this process: on GPU the caching allocator's peak reservation (what the
+    GPU holds for torch; allocated is less, the CUDA context more), else peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved(), "cuda max reserved"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS"

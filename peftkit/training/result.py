@@ -77,4 +77,4 @@ def write_run_files(
         atomic_write_json(run.answers, answers)
     if recipe.output.plot:
         title = f"{recipe.name}: {recipe.adapter.method} on {recipe.model.name}"
-        plot_losses(metrics, run.plot, title)
+        plot_losses(metrics, run.plot, title, recipe.objective_kind.charts)
