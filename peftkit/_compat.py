@@ -203,41 +203,57 @@ def switch_lora_adapter(peft_model, tuner_layers: list, name: str | None) -> Non
         peft_model.base_model.active_adapter = name
 
 
-def chat_renderer(tokenizer) -> Callable[[list[dict[str, str]], bool], str]:
-    """`render(messages, add_generation_prompt)`: the text of
-    `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` with the
-    tokenizer's template and special tokens as they are now, for messages that are plain
-    {"role": str, "content": str} dicts (what `peftkit.data.formats` makes).
+def chat_renderer(tokenizer) -> Callable[..., str]:
+    """`render(messages, add_generation_prompt, tools=None, **variables)`: the text of
+    `tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+    add_generation_prompt=..., **variables)` with the tokenizer's template and special tokens as
+    they are now, for messages in the canonical form `peftkit.data.formats` makes (plain dicts of
+    JSON types, no None values, reasoning under `reasoning_content`).
 
-    transformers 5.x (checked: 5.24) normalises every conversation before rendering (message objects
-    to dicts, None values dropped, reasoning fields aliased, everything rebuilt from JSON types),
-    a no-op for such messages; and jinja (3.1) merges the template's globals into every render's
-    context. Together two thirds of the cost of rendering a short chat. This renders the same
-    compiled template (`_compile_jinja_template`, cached per template) with the same variables
-    (the globals, then messages, tools=None, documents=None, add_generation_prompt and the
-    special tokens) merged once, as `Template.render` does, so the text is identical
-    (tests/unit/test_compat.py compares them). Outside `FAST_CHAT_RENDER_TRANSFORMERS`,
+    transformers 5.x (checked: 5.24-5.25) normalises every conversation before rendering (message
+    objects to dicts, None values dropped, reasoning fields aliased, everything rebuilt from JSON
+    types), a no-op for such messages but for the `thinking` alias of `reasoning_content` that it
+    adds (for gpt-oss templates; added here too); and jinja (3.1) merges the template's globals
+    into every render's context. Together two thirds of the cost of rendering a short chat. This
+    renders the same compiled template (`_compile_jinja_template`, cached per template) with the
+    same variables (the globals, then messages, tools, documents=None, add_generation_prompt, the
+    special tokens and the extra variables) merged once, as `Template.render` does, so the text is
+    identical (tests/unit/test_compat.py compares them). Outside `FAST_CHAT_RENDER_TRANSFORMERS`,
     `apply_chat_template` itself."""
     if not _fast_chat_render_supported():
-        return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+
+        def slow(messages, add_generation_prompt, tools=None, **variables):
+            return tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+
+        return slow
     from transformers.utils import chat_template_utils
 
     compile_template = _private(chat_template_utils, "_compile_jinja_template", "transformers")
     template = compile_template(tokenizer.get_chat_template())
-    variables = {
-        **template.globals,
-        **tokenizer.special_tokens_map,
-        "tools": None,
-        "documents": None,
-    }
+    base = {**template.globals, **tokenizer.special_tokens_map, "documents": None}
 
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def render(messages, add_generation_prompt, tools=None, **variables) -> str:
         if not messages:  # apply_chat_template's own refusal
             raise ValueError("Cannot apply chat template to an empty conversation.")
+        if any("reasoning_content" in m for m in messages):
+            messages = [
+                {"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m
+                for m in messages
+            ]
         context = template.new_context(
-            {**variables, "messages": messages, "add_generation_prompt": add_generation_prompt},
+            {
+                **base,
+                "tools": tools,
+                **variables,
+                "messages": messages,
+                "add_generation_prompt": add_generation_prompt,
+            },
             shared=True,  # the globals are in already
         )
         try:

@@ -289,8 +289,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def lora_swiglu_calls(monkeypatch) -> list[int]:
-    """How many times the fused LoRA SwiGLU MLP (training/lora_mlp.py) ran: [count]."""
-    from peftkit.training import lora_mlp
+    """How many times the fused LoRA SwiGLU MLP (kernels/lora_mlp.py) ran: [count]."""
+    from peftkit.kernels import lora_mlp
 
     count = [0]
     apply = lora_mlp.LoraSwiGLU.apply

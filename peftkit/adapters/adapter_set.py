@@ -324,15 +324,23 @@ class AdapterSet:
             return None
         return self.adapters[adapter].system_prompt
 
-    def encode(self, prompt: Prompt, adapter: str | None, default_system: bool = True) -> list[int]:
+    def encode(
+        self,
+        prompt: Prompt,
+        adapter: str | None,
+        default_system: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """Token ids of a prompt: chat messages through the adapter's chat template, text as is.
 
         Messages whose first turn is not a system turn get the adapter's training system prompt
-        first (`system_prompt`), unless `default_system` is False."""
+        first (`system_prompt`), unless `default_system` is False. `tools` (OpenAI function
+        definitions) go to the template, which writes them into the prompt."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
         messages = self.with_system(prompt, adapter) if default_system else prompt
-        return self.tokenizer(self.render(messages, adapter), add_special_tokens=False)["input_ids"]
+        text = self.render(messages, adapter, tools)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def with_system(self, messages: list[dict[str, str]], adapter: str | None) -> list[dict]:
         """`messages` with the adapter's training system prompt first when they have no system
@@ -342,12 +350,24 @@ class AdapterSet:
             return [{"role": "system", "content": system}, *messages]
         return messages
 
-    def render(self, messages: list[dict[str, str]], adapter: str | None) -> str:
-        """Chat messages as the text the adapter's chat template makes of them (with the
-        assistant's turn opened)."""
-        template = self.adapters[adapter].chat_template if adapter else self._base_template
+    def chat_template(self, adapter: str | None) -> str:
+        """The chat template prompts on `adapter` (None: the base model) are rendered with."""
+        return self.adapters[adapter].chat_template if adapter else self._base_template
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        adapter: str | None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Chat messages (and `tools`, for a template that renders them) as the text the
+        adapter's chat template makes of them, with the assistant's turn opened."""
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            messages,
+            tools=tools or None,
+            chat_template=self.chat_template(adapter),
+            tokenize=False,
+            add_generation_prompt=True,
         )
 
     def generate(

@@ -5,6 +5,10 @@ differ go through peft's mixed-adapter path (`adapter_names=[...]`: each LoRA la
 row's own low-rank update to that row only), and a streamer hands every new token to its row.
 A row stops at its own token limit, at a stop token, or when its `cancelled()` says its client is
 gone; finished rows are padded, and `generate` ends as soon as every row is finished.
+
+Greedy rows (temperature 0) go through this same call rather than `models.greedy`: serving
+streams each row's tokens, stops rows one by one and routes rows to their own adapters, which
+`greedy_generate`'s one-shot call does not; the prompts are padded by the same `left_pad`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+
+from peftkit.models.greedy import left_pad
 
 
 class SamplingOptions(BaseModel):
@@ -153,12 +159,7 @@ def generate_rows(
         raise ValueError("rows of one generate call must share temperature, top_p and top_k")
     device = next(p.device for p in model.parameters())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(r.input_ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's next token is at the same column
-        input_ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
-        attention_mask[i, width - len(r.input_ids) :] = 1
+    input_ids, attention_mask = left_pad([r.input_ids for r in rows], pad)
     stop_ids = sorted(set().union(*(r.stop_ids for r in rows)))
     config = GenerationConfig(
         max_new_tokens=max(r.options.max_new_tokens for r in rows),

@@ -74,6 +74,11 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     _sampling_arguments(p)
     p.add_argument("--use", help="adapter to start with ('base' = none)")
     p.add_argument("--system", help="system prompt (default: the adapter's training one)")
+    p.add_argument(
+        "--tools",
+        metavar="FILE.json",
+        help="OpenAI tool definitions the model may call (a JSON list); you type each result",
+    )
 
 
 SERVE_LIMITS = ("max_queue", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
@@ -257,11 +262,14 @@ def generate(args: argparse.Namespace) -> int:
 
 def chat(args: argparse.Namespace) -> int:
     from peftkit.adapters.chat import HELP, ChatSession
+    from peftkit.data.tool_calls import read_tools
 
+    tools = read_tools(args.tools) if args.tools else None  # before the model loads
     aset = _load(args)
     start = _default_adapter(aset, args.use)[0]
     aset.activate(start)
-    session = ChatSession(aset, None if start == "base" else start, _options(args), args.system)
+    adapter = None if start == "base" else start
+    session = ChatSession(aset, adapter, _options(args), args.system, tools)
 
     def write(text: str) -> None:
         print(text, end="", flush=True)
@@ -281,8 +289,24 @@ def chat(args: argparse.Namespace) -> int:
                 return 0
             write(f"{reply}\n")
             continue
-        session.answer(line, on_text=write)
+        try:
+            session.answer(line, on_text=write)
+        except ServingError as e:  # e.g. --tools with an adapter whose template has none
+            write(f"error: {e}\n")
+            continue
         write("\n")
+        while session.calls:  # each call's result, typed by the user, then the answer goes on
+            for call in list(session.calls):
+                name, arguments = call["function"]["name"], call["function"]["arguments"]
+                write(f"tool call: {name}({arguments})\n")
+                try:
+                    result = input(f"result of {name} > ")
+                except EOFError:
+                    write("\n")
+                    return 0
+                session.add_tool_result(call["id"], result)
+            session.resume(on_text=write)
+            write("\n")
 
 
 def serve(args: argparse.Namespace) -> int:

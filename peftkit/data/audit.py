@@ -56,28 +56,47 @@ class SplitAudit:
         return lines
 
 
-def mask_segments(row: EncodedRow, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
-    """The row's text as (text, supervised) stretches: where the loss mask switches on and off."""
-    segments, current, supervised = [], [], None
-    for token, label in zip(row.input_ids.tolist(), row.labels.tolist()):
-        flag = label != IGNORE
-        if flag != supervised and current:
-            segments.append((tokenizer.decode(current), bool(supervised)))
+PART_LABELS = {"reasoning": "reasoning", "tool_call": "tool call", "tool_result": "tool result"}
+"""The agent parts of a chat the audit shows apart (`RenderedChat.parts`)."""
+
+
+def mask_stretches(
+    row: EncodedRow, tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str, bool, str]]:
+    """The row's text as (text, supervised, part) stretches: where the loss mask switches on
+    and off, and where an agent part (a `PART_LABELS` key; "" = none) starts or ends."""
+    kinds = [""] * len(row.input_ids)
+    for start, end, kind in row.parts or []:
+        kinds[start:end] = [kind] * len(kinds[start:end])
+    stretches, current, key = [], [], None
+    for token, label, kind in zip(row.input_ids.tolist(), row.labels.tolist(), kinds):
+        here = (label != IGNORE, kind)
+        if here != key and current:
+            stretches.append((tokenizer.decode(current), *key))
             current = []
-        supervised = flag
+        key = here
         current.append(token)
     if current:
-        segments.append((tokenizer.decode(current), bool(supervised)))
-    return segments
+        stretches.append((tokenizer.decode(current), *key))
+    return stretches
+
+
+def mask_segments(row: EncodedRow, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """The row's text as (text, supervised) stretches: where the loss mask switches on and off
+    (split further where an agent part starts or ends)."""
+    return [(text, supervised) for text, supervised, _ in mask_stretches(row, tokenizer)]
 
 
 def render_mask(row: EncodedRow, tokenizer: PreTrainedTokenizerBase, limit: int = 400) -> str:
-    """The row's text with supervised stretches in ⟦brackets⟧, to check the mask by eye."""
-    text = "".join(_wrap(t, s) for t, s in mask_segments(row, tokenizer))
+    """The row's text with supervised stretches in ⟦brackets⟧ and agent parts labelled
+    («tool call: ...»), to check the mask by eye."""
+    text = "".join(_wrap(t, s, k) for t, s, k in mask_stretches(row, tokenizer))
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def _wrap(text: str, supervised: bool | None) -> str:
+def _wrap(text: str, supervised: bool | None, kind: str = "") -> str:
+    if kind:
+        text = f"«{PART_LABELS[kind]}: {text}»"
     return f"⟦{text}⟧" if supervised else text
 
 
@@ -119,11 +138,18 @@ def audit_record(
         record["chat_template_source"] = data.chat_template.source
         record["stop_tokens"] = data.stop_tokens
         labelled = shown or [("", row) for row in data.train[:rows]]
-        record["rows"] = [
-            {
-                "origin": f"{row.origin} ({label})" if label else row.origin,
-                "segments": mask_segments(row, tokenizer),
-            }
-            for label, row in labelled
-        ]
+        record["rows"] = [_audit_row(row, label, tokenizer) for label, row in labelled]
     return record
+
+
+def _audit_row(row: EncodedRow, label: str, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """A shown row: its (text, supervised) segments and, for agent chats, each segment's part
+    ("reasoning", "tool_call", "tool_result" or "")."""
+    stretches = mask_stretches(row, tokenizer)
+    out = {
+        "origin": f"{row.origin} ({label})" if label else row.origin,
+        "segments": [(text, supervised) for text, supervised, _ in stretches],
+    }
+    if any(kind for _, _, kind in stretches):
+        out["parts"] = [kind for _, _, kind in stretches]
+    return out

@@ -11,7 +11,7 @@ import contextlib
 import gc
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -33,6 +33,9 @@ class EncodedRow:
     truncated: bool = False
     task: str = ""
     """The task the row belongs to (`DataSource.task_name`); set by the data pipeline."""
+    parts: list[tuple[int, int, str]] | None = None
+    """Agent parts of a chat as token runs [start, end) with their kind ("reasoning",
+    "tool_call", "tool_result"), for the audit; None for rows without any."""
 
     @property
     def n_supervised(self) -> int:
@@ -50,6 +53,8 @@ class RenderedText:
     chat: bool
     """Chats carry their special tokens in the text; plain text gets the tokenizer's own (BOS)
     and an EOS appended."""
+    parts: list[tuple[int, int, str]] = field(default_factory=list)
+    """Character ranges of the chat's agent parts and their kind (`RenderedChat.parts`)."""
 
 
 @dataclass
@@ -60,6 +65,8 @@ class EncodedBatch:
     ids: np.ndarray  # (tokens,) int64
     labels: np.ndarray  # (tokens,) int64, IGNORE where no loss
     bounds: np.ndarray  # (rows + 1,) int64
+    parts: list[list[tuple[int, int, str]] | None] = field(default_factory=list)
+    """Each row's agent parts as token runs (`EncodedRow.parts`); empty when no row has any."""
 
     @property
     def lengths(self) -> np.ndarray:
@@ -67,7 +74,8 @@ class EncodedBatch:
 
     def row(self, i: int, origin: str) -> EncodedRow:
         a, b = self.bounds[i], self.bounds[i + 1]
-        return EncodedRow(self.ids[a:b].copy(), self.labels[a:b].copy(), origin)
+        parts = self.parts[i] if self.parts else None
+        return EncodedRow(self.ids[a:b].copy(), self.labels[a:b].copy(), origin, parts=parts)
 
 
 class Encoder:
@@ -76,10 +84,16 @@ class Encoder:
     `encode` does one example; `render` then `tokenize` (rows) or `tokenize_batch` (flat arrays)
     do a batch in one tokenizer call, with the same result row for row."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, loss_on: str) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        loss_on: str,
+        reasoning: str = "template",
+        template_variables: dict[str, Any] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.loss_on = loss_on
-        self.renderer = ChatRenderer(tokenizer)
+        self.renderer = ChatRenderer(tokenizer, reasoning, template_variables)
         self.stop_tokens: set[str] = set()
         self.system_turns: set[str] = set()
         """The chats' leading system turns ("" = none), up to two: one = every chat had it."""
@@ -91,7 +105,7 @@ class Encoder:
 
     def render(self, example: Example, first_turn: int = 0) -> RenderedText:
         if example.messages is not None:
-            chat = self.renderer.render(example.messages, example.origin)
+            chat = self.renderer.render(example.messages, example.origin, example.tools)
             self.stop_tokens |= chat.stop_tokens
             if len(self.system_turns) < 2:
                 self.system_turns.add(system_turn(example) or "")
@@ -100,7 +114,7 @@ class Encoder:
                 if self.loss_on == "all"
                 else chat.assistant_spans[first_turn:]
             )
-            return RenderedText(chat.text, spans, example.origin, chat=True)
+            return RenderedText(chat.text, spans, example.origin, chat=True, parts=chat.parts)
         if example.text is not None:
             prompt, completion, supervise_prompt = "", example.text, True
         else:
@@ -126,7 +140,13 @@ class Encoder:
         for i, text in enumerate(texts):
             a, b = bounds[i], bounds[i + 1]
             _mark_spans(mask[a:b], chars[a:b, 0], chars[a:b, 1], text.spans)
-        return EncodedBatch(flat_ids, np.where(mask, flat_ids, IGNORE), bounds)
+        parts = []
+        if any(t.parts for t in texts):
+            parts = [
+                _token_runs(chars[bounds[i] : bounds[i + 1]], t.parts) if t.parts else None
+                for i, t in enumerate(texts)
+            ]
+        return EncodedBatch(flat_ids, np.where(mask, flat_ids, IGNORE), bounds, parts)
 
     def _flat_ids_and_offsets(
         self, texts: list[RenderedText]
@@ -207,6 +227,16 @@ def _mark_spans(
     straddling the prompt/answer boundary is supervised: the answer needs it)."""
     for lo, hi in spans:
         mask |= (starts < hi) & (ends > lo)
+
+
+def _token_runs(chars: np.ndarray, parts: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Character ranges as runs of the tokens that overlap them: [(first, end, kind)]."""
+    runs = []
+    for lo, hi, kind in parts:
+        hit = np.flatnonzero((chars[:, 0] < hi) & (chars[:, 1] > lo))
+        if len(hit):
+            runs.append((int(hit[0]), int(hit[-1]) + 1, kind))
+    return runs
 
 
 KEPT, TOO_LONG, UNSUPERVISED = 0, 1, 2

@@ -1,11 +1,14 @@
 """Normalise the common row layouts into one `Example` type.
 
 Layouts (detected from the first row's keys, or declared per source):
-  messages           {"messages": [{"role": "user"|"assistant"|"system", "content": "..."}]}
+  messages           {"messages": [{"role": "user"|"assistant"|"system"|"tool", "content": "..."}]}
   sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}]}
   alpaca             {"instruction": ..., "input": optional, "output": ..., "system": optional}
   prompt_completion  {"prompt": "...", "completion": "..."} (or lists of messages for both)
   text               {"text": "..."}
+
+Chats may carry agent turns (`peftkit.data.agent` checks them): an assistant turn's
+`tool_calls` and `reasoning_content`, `tool` turns with the results, and the row's `tools`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from peftkit.data import agent
 from peftkit.data.sources import RawRow
 from peftkit.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -24,6 +28,9 @@ _SHAREGPT_ROLES = {
     "assistant": "assistant",
     "model": "assistant",
     "system": "system",
+    "tool": "tool",
+    "observation": "tool",  # LLaMA-Factory's names for a tool call and its result
+    "function_call": "assistant",
 }
 
 
@@ -32,10 +39,14 @@ class Example:
     """One training row in canonical form: exactly one of messages, (prompt, completion), text."""
 
     origin: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    """Turns {"role", "content"}; assistant turns may add `tool_calls` (OpenAI shape, arguments
+    as objects) and `reasoning_content`, tool turns `tool_call_id` and `name`."""
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    """The functions the chat may call (OpenAI shape: {"type": "function", "function": {...}})."""
 
 
 def detect_format(row: RawRow) -> str:
@@ -57,10 +68,20 @@ def detect_format(row: RawRow) -> str:
     )
 
 
-def to_example(row: RawRow, fmt: str, system_prompt: str | None) -> Example:
-    """Convert one raw row; a row that does not fit its format is a `DataError` naming its origin."""
+def to_example(
+    row: RawRow,
+    fmt: str,
+    system_prompt: str | None,
+    tools: list[dict[str, Any]] | None = None,
+) -> Example:
+    """Convert one raw row; a row that does not fit its format is a `DataError` naming its origin.
+    `tools`: the data set's function list (`data.tools`), for chats whose row has none."""
     try:
         example = _CONVERTERS[fmt](row.data, row.origin)
+        if example.messages is not None:
+            own = row.data.get("tools")
+            example.tools = agent.tool_list(own) if own else agent.tool_list(tools)
+            agent.check_turns(example.messages, example.tools)
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{row.origin}: not a valid {fmt} row: {e}") from None
     if example.messages is not None and system_prompt and example.messages[0]["role"] != "system":
@@ -92,28 +113,40 @@ def text_of(value: Any, what: str) -> str:
     return _text(value, what)
 
 
-def messages_of(items: Any, roles: dict[str, str]) -> list[dict[str, str]]:
+def messages_of(items: Any, roles: dict[str, str]) -> list[dict[str, Any]]:
     """A list of {"role", "content"} turns, checked (ValueError/TypeError/KeyError otherwise)."""
     return _messages(items, "role", "content", roles)
 
 
 def _messages(
     items: Any, role_key: str, content_key: str, roles: dict[str, str]
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     if not isinstance(items, list) or not items:
         raise ValueError("expected a non-empty list of turns")
     out = []
     for i, turn in enumerate(items):
         if not isinstance(turn, dict):
             raise TypeError(f"turn {i} must be an object")
-        if role_key not in turn or content_key not in turn:
+        if role_key not in turn:
             raise KeyError(f"turn {i} needs {role_key!r} and {content_key!r}")
         role = roles.get(turn[role_key])
         if role is None:
             raise ValueError(
                 f"turn {i} has role {turn[role_key]!r}; supported: {', '.join(sorted(roles))}"
             )
-        out.append({"role": role, "content": _text(turn[content_key], f"turn {i} {content_key}")})
+        if turn[role_key] == "function_call":  # the value is the call: {"name", "arguments"}
+            turn = {"tool_calls": agent.json_value(turn.get(content_key), f"turn {i} value")}
+        elif content_key not in turn and not (role == "assistant" and turn.get("tool_calls")):
+            raise KeyError(f"turn {i} needs {role_key!r} and {content_key!r}")
+        content = turn.get(content_key)
+        if role == "tool":
+            content = agent.result_text(content, f"turn {i} {content_key}")
+        elif role == "assistant" and content is None and turn.get("tool_calls"):
+            content = ""  # a turn that only calls tools (OpenAI writes content: null)
+        out.append(
+            {"role": role, "content": _text(content, f"turn {i} {content_key}")}
+            | agent.turn_fields(role, turn, i)
+        )
     return out
 
 

@@ -75,10 +75,12 @@ def mapped_data(
 def _prepare_in_memory(
     spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, template: ChatTemplate
 ) -> PreparedData:
-    train_examples = _read_examples(spec.train, spec.system_prompt, lambda s: s.task_name)
-    eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task)
+    train_examples = _read_examples(
+        spec.train, spec.system_prompt, lambda s: s.task_name, spec.tools
+    )
+    eval_examples = _read_examples(spec.eval, spec.system_prompt, spec.eval_task, spec.tools)
     train_examples, eval_examples = split_eval(train_examples, eval_examples, spec, seed)
-    encoder = Encoder(tokenizer, spec.loss_on)
+    encoder = Encoder(tokenizer, spec.loss_on, spec.reasoning, spec.chat_template_kwargs)
     train, train_audit = _encode_split("train", train_examples, encoder, spec)
     evals, eval_audit = (
         _encode_split("eval", eval_examples, encoder, spec) if eval_examples else ([], None)
@@ -130,7 +132,10 @@ def held_out_chats(spec: DataSpec, seed: int, n: int) -> list[list[dict[str, str
 
 
 def _read_examples(
-    sources: list[DataSource], system_prompt: str | None, task_of: Callable[[DataSource], str]
+    sources: list[DataSource],
+    system_prompt: str | None,
+    task_of: Callable[[DataSource], str],
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[Tagged]:
     examples: list[Tagged] = []
     for source in sources:
@@ -139,7 +144,7 @@ def _read_examples(
             raise DataError(f"{source.path}: the dataset is empty")
         fmt = source.format if source.format != "auto" else detect_format(rows[0])
         task = task_of(source)
-        examples += [(task, to_example(row, fmt, system_prompt)) for row in rows]
+        examples += [(task, to_example(row, fmt, system_prompt, tools)) for row in rows]
     return examples
 
 

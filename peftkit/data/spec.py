@@ -101,6 +101,20 @@ class DataSpec(Section):
     num_proc: int | None = Field(default=None, gt=0)
     """Processes that encode a cached data set; null = one per 2,000 rows, up to the CPUs."""
 
+    # Agent data (tool calls, tool results, reasoning): see docs/data.md, "Tools and reasoning".
+    tools: list[dict[str, Any]] | None = None
+    """Functions every chat may call, for rows without their own `tools` (JSON schema, OpenAI
+    shape: {type: function, function: {name, description, parameters}}); passed to the chat
+    template, and a tool call naming another function is a data error."""
+    reasoning: Literal["template", "train", "mask", "drop"] = "template"
+    """Assistant reasoning (`reasoning_content`, or `<think>...</think>` before the answer):
+    template = supervised where the chat template writes it (Qwen3-style templates drop it
+    before the last user turn); train = supervised in every turn (an error where the template
+    drops it); mask = written, no loss; drop = removed. Templates without a reasoning field get
+    it inline as <think>...</think>."""
+    chat_template_kwargs: dict[str, Any] = {}
+    """Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3."""
+
     _coerce = field_validator("train", "eval", "reference", mode="before")(
         lambda cls, v: _as_list(v)
     )

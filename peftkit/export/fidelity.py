@@ -26,6 +26,7 @@ from torch import nn
 
 from peftkit.data.encode import IGNORE, EncodedRow
 from peftkit.errors import FidelityGateFailed
+from peftkit.models.greedy import greedy_generate
 from peftkit.recipe.schema import FidelityThresholds
 
 
@@ -132,20 +133,10 @@ def _logits(model: nn.Module, ids: np.ndarray) -> torch.Tensor:
     ].float()  # (seq, vocab); prompt tuning prepends virtual positions
 
 
-@torch.no_grad()
 def _greedy(
     model: nn.Module, ids: np.ndarray, n: int, stop_ids: list[int], pad_id: int
 ) -> list[int]:
-    t = torch.from_numpy(ids).unsqueeze(0)
-    out = model.generate(
-        input_ids=t,
-        attention_mask=torch.ones_like(t),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-    )
-    return out[0, len(ids) :].tolist()
+    return greedy_generate(model, [ids.tolist()], pad_id, stop_ids, n, keep_stop=True)[0]
 
 
 def reference_outputs(

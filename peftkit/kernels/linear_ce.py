@@ -30,6 +30,7 @@ ordinary tensors (not sharded).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,6 +86,9 @@ HEAD_LOGITS: dict[str, Callable[[object], LogitMap]] = {
 config. Each is tested against the model's own logits (tests/unit/test_linear_ce.py)."""
 
 FUSED_HEAD_TYPES = frozenset(HEAD_LOGITS)
+
+CALLS: Counter[str] = Counter()
+"""Calls of `linear_cross_entropy_sum`: `training` (autograd on), `other` (evaluation)."""
 
 CHUNK_ROWS = 256
 """Most rows per chunk (fewer at large vocabularies, `rows_per_chunk`)."""
@@ -189,6 +193,7 @@ def linear_cross_entropy_sum(
         logit_map: f, what the architecture applies after the head (default: nothing).
     """
     f = logit_map or LogitMap()
+    CALLS["training" if torch.is_grad_enabled() else "other"] += 1
     rows = chunk_rows or rows_per_chunk(weight.shape[0])
     return LinearCrossEntropy.apply(
         h.reshape(-1, h.shape[-1]),

@@ -23,8 +23,8 @@ import os
 import shutil
 from pathlib import Path
 
+from peftkit.caches import builtin_cache
 from peftkit.errors import ModelLoadError
-from peftkit.models.gguf import cache_root
 
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -109,7 +109,7 @@ def materialize(name: str, log=None) -> str:
     for f in sorted(assets.iterdir()):
         if pretrained or f.name != WEIGHTS:
             digest.update(f.read_bytes())
-    target = cache_root() / "builtin" / f"{key}-{digest.hexdigest()[:12]}"
+    target = builtin_cache() / f"{key}-{digest.hexdigest()[:12]}"
     if (target / "config.json").exists():
         return str(target)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")

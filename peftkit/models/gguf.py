@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from peftkit.caches import gguf_cache
 from peftkit.errors import ModelLoadError
 
 SUFFIX = ".gguf"
@@ -35,11 +36,6 @@ _HASH_INDEX = "hashes.json"
 
 def is_gguf(name: str) -> bool:
     return name.lower().endswith(SUFFIX)
-
-
-def cache_root() -> Path:
-    """peftkit's cache (materialised built-in and GGUF models): $PEFTKIT_CACHE or ~/.cache/peftkit."""
-    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
 
 
 def locate(name: str, gguf_file: str | None = None, revision: str | None = None) -> Path:
@@ -77,7 +73,7 @@ def file_sha256(path: Path) -> str:
     path = path.resolve()
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_path = cache_root() / "gguf" / _HASH_INDEX
+    index_path = gguf_cache() / _HASH_INDEX
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
@@ -101,7 +97,7 @@ def materialize(path: Path, log=None) -> str:
     on first use (atomically: a half-built folder is never seen by another process)."""
     digest = file_sha256(path)
     stem = path.name[: -len(SUFFIX)] if is_gguf(path.name) else path.name
-    target = cache_root() / "gguf" / f"{stem}-{digest[:16]}-v{LAYOUT}"
+    target = gguf_cache() / f"{stem}-{digest[:16]}-v{LAYOUT}"
     if (target / INFO).exists():
         return str(target)
     if log is not None:

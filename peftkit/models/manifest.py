@@ -12,9 +12,11 @@ Base fingerprint, computed from the loaded model *before* the adapter is attache
   weights  sha256 of every 1-D floating tensor (norms, biases) rounded to bf16 — a few thousand
            values that differ between fine-tunes sharing one architecture (base vs instruct), and
            that the storage dtype and 4/8-bit loading leave unchanged after that rounding.
-Tokenizer fingerprint: sha256 of the vocabulary and the special tokens (not the pad token, which
-peftkit may set). The chat template is fingerprinted separately: a different template does not make
-an adapter unusable, it is the adapter's own template that generation must use.
+Tokenizer fingerprint: the tokenizer's identity (`models.tokenizer_identity`: vocabulary, special
+and added tokens, encoding rules) without its chat template, which is fingerprinted separately: a
+different template does not make an adapter unusable, it is the adapter's own template that
+generation must use. Manifests of format 1 recorded a narrower fingerprint (vocabulary and special
+tokens); they are checked against that one.
 
 How training rendered its prompts is recorded under `prompt` (`training_prompt`): the chat template
 (its text and where it came from) and the system prompt every chat without one was given, so that
@@ -27,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,10 @@ from peftkit.errors import AdapterMismatchError
 from peftkit.io import MANIFEST, atomic_write_json
 from peftkit.models import gguf
 from peftkit.models.layers import TASK_HEADS
+from peftkit.models.tokenizer_identity import tokenizer_identity
 
-FORMAT = 1
+FORMAT = 2
+"""2: the tokenizer fingerprint is `tokenizer_identity` (1: vocabulary and special tokens)."""
 _CONFIG_IGNORED = {
     "_name_or_path",
     "transformers_version",
@@ -101,6 +105,13 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The manifest's tokenizer fingerprint: the identity less the chat template."""
+    return tokenizer_identity(tokenizer).sha(without=("chat template",))
+
+
+def _format1_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What manifests of format 1 recorded (vocabulary and special tokens but the pad and the
+    additional ones): read only to check adapters written by those versions."""
     specials = {
         k: str(v)
         for k, v in tokenizer.special_tokens_map.items()
@@ -157,14 +168,28 @@ class BaseIdentity:
     name: str
     fingerprint: dict[str, str]
     tokenizer: str
+    """`tokenizer_fingerprint` of the base's tokenizer."""
     gguf: dict[str, Any] | None = None
     """For a base read from a GGUF file: that file's name, sha256, architecture and tensor types
     (the dequantized weights of exactly that file are the base)."""
+    tokenizer_parts: dict[str, str | None] = field(default_factory=dict)
+    """The tokenizer identity's parts but the chat template (manifests name the ones that differ)."""
+    format1_tokenizer: str | None = None
+    """The fingerprint manifests of format 1 recorded, to check adapters written by those."""
 
     @classmethod
     def of(cls, name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> BaseIdentity:
         source = gguf.read_info(getattr(model, "name_or_path", "") or "")
-        return cls(name, base_fingerprint(model), tokenizer_fingerprint(tokenizer), source)
+        parts = dict(tokenizer_identity(tokenizer).parts)
+        parts.pop("chat template")
+        return cls(
+            name,
+            base_fingerprint(model),
+            tokenizer_fingerprint(tokenizer),
+            source,
+            parts,
+            _format1_fingerprint(tokenizer),
+        )
 
 
 def write_manifest(
@@ -195,6 +220,7 @@ def write_manifest(
         },
         "tokenizer": {
             "fingerprint": base.tokenizer,
+            "parts": base.tokenizer_parts,
             "chat_template": chat_template_fingerprint(chat_template),
         },
         "stop_tokens": stop_tokens,
@@ -240,8 +266,7 @@ def check_compatible(
                     f"base model {part} differ (trained on {trained['name']!r}, "
                     f"{str(theirs)[:12]}; loaded {base.name!r}, {mine[:12]})"
                 )
-        if manifest["tokenizer"]["fingerprint"] != base.tokenizer:
-            problems.append("tokenizer differs (vocabulary or special tokens)")
+        problems += _tokenizer_problems(manifest, base)
     if not problems:
         return []
     message = f"adapter {name!r} ({adapter_dir}) does not belong to this base model: " + "; ".join(
@@ -253,6 +278,20 @@ def check_compatible(
             "allow the mismatch knowingly (allow_mismatch=True, --allow-base-mismatch)"
         )
     return [message + " (loaded anyway: mismatch allowed)"]
+
+
+def _tokenizer_problems(manifest: dict[str, Any], base: BaseIdentity) -> list[str]:
+    recorded = manifest["tokenizer"]
+    if manifest.get("format", 1) < 2:
+        if recorded["fingerprint"] != base.format1_tokenizer:
+            return ["tokenizer differs (vocabulary or special tokens)"]
+        return []
+    if recorded["fingerprint"] == base.tokenizer:
+        return []
+    named = [
+        p for p, v in base.tokenizer_parts.items() if (recorded.get("parts") or {}).get(p) != v
+    ]
+    return [f"tokenizer differs ({', '.join(named) or 'vocabulary, special tokens or rules'})"]
 
 
 def _check_plain_peft(adapter_dir: Path, base: BaseIdentity) -> list[str]:

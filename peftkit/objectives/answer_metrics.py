@@ -4,6 +4,10 @@
     contains     1 if the reference occurs in the answer (case-insensitive)
     json_fields  1 if the answer's first JSON object has exactly the reference's fields and values;
                  `field_accuracy` (share of the reference's fields that are right) is kept beside
+    tool_call    1 if the answer's tool calls (parsed in the chat template's call format) have
+                 the reference's function names and exactly its arguments; `name_accuracy` and
+                 `field_accuracy` (share of the reference's argument keys that are right) beside.
+                 Only rows whose reference is a tool call are scored
     python       a user's function `(answer: str, reference: str) -> float | bool`, named in the
                  recipe as `module:function` or `path/to/file.py:function`
 
@@ -20,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peftkit.data.tool_calls import UnknownToolFormat, has_reasoning, parse_reply, require_family
 from peftkit.errors import RecipeError
 
 Scorer = Callable[[str, str], dict[str, float]]
@@ -61,6 +66,50 @@ def json_fields(answer: str, reference: str) -> dict[str, float]:
         "field_accuracy": right / max(len(expected), 1),
         "json_parsed": 1.0,
     }
+
+
+class ToolCallMetric:
+    """`tool_call`: the answer's calls against the reference's, both parsed in the call format
+    of the chat template training rendered them with (`peftkit.data.tool_calls`)."""
+
+    def __init__(self, chat_template: str | None) -> None:
+        try:
+            self.family = require_family(chat_template)
+        except UnknownToolFormat as e:
+            raise RecipeError(f"eval.metric tool_call: {e}") from None
+        self.reasoning = has_reasoning(chat_template)
+
+    def calls(self, text: str) -> list[tuple[str, dict[str, Any]]]:
+        reply = parse_reply(text, self.family, self.reasoning)
+        return [
+            (c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in reply.tool_calls
+        ]
+
+    def applies(self, reference: str) -> bool:
+        """Whether a held-out row's reference answer is a tool call (only those are scored)."""
+        return bool(self.calls(reference))
+
+    def __call__(self, answer: str, reference: str) -> dict[str, float]:
+        expected, got = self.calls(reference), self.calls(answer)
+        pairs = list(zip(expected, got))  # the i-th call against the i-th call
+        keys = sum(len(args) for _, args in expected)
+        right = sum(
+            1
+            for (_, want), (_, have) in pairs
+            for k, v in want.items()
+            if k in have and have[k] == v
+        )
+        if keys:
+            fields = right / keys
+        else:  # calls without arguments: right when the answer's are empty too
+            fields = float(len(got) >= len(expected) and all(w[1] == h[1] for w, h in pairs))
+        return {
+            "score": float(got == expected),
+            "name_accuracy": sum(w[0] == h[0] for w, h in pairs) / max(len(expected), 1),
+            "field_accuracy": fields,
+            "call_parsed": float(bool(got)),
+        }
 
 
 BUILTIN: dict[str, Scorer] = {"exact": exact, "contains": contains, "json_fields": json_fields}

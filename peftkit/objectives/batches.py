@@ -70,7 +70,7 @@ def collate_packed(
     varlen boundaries), so no token attends across rows. The first token of each row gets label
     IGNORE, so nothing is predicted across a row boundary either, exactly as with padding, where
     the shift drops each row's first label. With `boundaries`, the row boundaries for the varlen
-    attention (`training/attention.py`), computed here on the host once per micro-batch:
+    attention (`kernels/attention.py`), computed here on the host once per micro-batch:
     `cu_seq_lens_q/k` (cumulative lengths, int32), `max_length_q/k` and `row_lengths` (ints).
     With `pad_to_multiple`, a filler segment of pad tokens (its own positions, no labels) rounds
     the length up, so the CPU's bf16 kernels see few distinct shapes (oneDNN builds and caches
@@ -107,7 +107,7 @@ class Batching:
     packing: bool
     supervised_only: bool
     varlen: bool
-    """Packed rows run through peftkit's varlen attention (`training/attention.py`)."""
+    """Packed rows run through peftkit's varlen attention (`kernels/attention.py`)."""
     pack_multiple: int
     lengths: np.ndarray | None
     """Row lengths for length grouping of padded batches (None: no grouping)."""

@@ -94,8 +94,19 @@ class GRPOObjective(Section):
     """token = one probability ratio per token; sequence = one per completion (GSPO)."""
     use_bias_correction_kl: bool = True
     """Weight the KL term by the probability ratio (unbiased reverse-KL gradient, TRL's default)."""
-    num_iterations: int = Field(default=1, ge=1, le=1)
-    """Optimizer steps per batch of rollouts; only 1 (fresh rollouts every step) for now."""
+    num_iterations: int = Field(default=1, ge=1)
+    """Optimizer passes over each generation of rollouts (TRL's num_iterations, the paper's mu).
+    Above 1 each prompt is drawn once per num_iterations passes, the rollouts' log-probs are
+    kept from generation time and the ratio to them is clipped (epsilon)."""
+    steps_per_generation: int | None = Field(default=None, ge=1)
+    """Micro-batches one generation of rollouts fills (TRL's steps_per_generation); null =
+    train.grad_accum, fresh rollouts every optimizer step. A multiple of train.grad_accum: a
+    generation then serves steps_per_generation / grad_accum optimizer steps (times
+    num_iterations), one slice of it each."""
+    min_completion_length: int = Field(default=0, ge=0)
+    """Stop tokens cannot be sampled before this many tokens (0 = off). Not a TRL knob (there:
+    `generation_kwargs: {min_new_tokens: N}`); it exists so that a benchmark can make every
+    completion exactly max_completion_length long, i.e. runs do equal work."""
 
     @property
     def needs_reference(self) -> bool:
@@ -137,6 +148,18 @@ class GRPO(ObjectiveKind):
             )
         if recipe.data.mixing.strategy != "concat":
             problems.append(f"data.mixing: {kind} reads one prompt set; remove data.mixing")
+        spg, accum = recipe.objective.steps_per_generation, recipe.train.grad_accum
+        if spg is not None and spg % accum:
+            problems.append(
+                f"objective.steps_per_generation {spg}: one generation fills whole optimizer "
+                f"steps here, so it must be a multiple of train.grad_accum ({accum}): set "
+                f"{max(accum, spg - spg % accum)} or {spg - spg % accum + accum}"
+            )
+        if recipe.objective.min_completion_length > recipe.objective.max_completion_length:
+            problems.append(
+                "objective.min_completion_length: above max_completion_length "
+                f"({recipe.objective.max_completion_length}); lower it"
+            )
         if recipe.output.sample_prompts:
             problems.append(
                 f"output.sample_prompts: {kind} reports its held-out reward and keeps sampled "

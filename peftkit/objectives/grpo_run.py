@@ -33,12 +33,22 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftkit import _compat
 from peftkit.data.prompts import PromptRow, prompt_audit_lines, prompt_audit_record
+from peftkit.data.step_plan import StepPlan
 from peftkit.metrics import MetricsLog
 from peftkit.objectives.grpo_losses import completion_logps, group_advantages, policy_loss
 from peftkit.objectives.rewards import Reward, reward_metrics, score
+from peftkit.objectives.rollout_buffer import (
+    Reuse,
+    ReusePlan,
+    load_buffer,
+    prune_buffers,
+    save_buffer,
+)
 from peftkit.objectives.rollouts import row_seed, sample_completions
 from peftkit.objectives.runtime import Objective
+from peftkit.objectives.shared_prefix import group_prompts, shared_prefix_logps, support_problem
 
 
 class GRPORun(Objective):
@@ -77,12 +87,20 @@ class GRPORun(Objective):
         self.step = 0
         """The optimizer step being prepared (seeds the rollouts)."""
         self._stats: dict[str, list[float]] = {}
+        self.reuse = Reuse(1, 1)
+        """How a generation of rollouts serves optimizer steps (set by `step_plan`)."""
+        self._buffer: tuple[int, list, list] | None = None
+        """(generation step, slices, their statistics) under rollout reuse."""
         self._loss_sums = torch.zeros(5)  # kl, low clip, high clip, counted, kl tokens
         self._eval: dict[str, list[float]] = {}
         self.samples: list[dict[str, Any]] = []
         """The last step's first completions with their rewards (completions.jsonl in the run)."""
         self._completions: MetricsLog | None = None
         self._run: Any = None
+        self._prefix: str | None = None
+        """The forward's cache keyword when the training forward shares each group's prompt."""
+        self.prefix_problem: str | None = "not set up"
+        """Why the training forward runs row by row (None: it shares each group's prompt)."""
 
     # ----------------------------------------------------------------- batches
     def collate(self, rows: list[PromptRow]) -> dict[str, torch.Tensor]:
@@ -124,8 +142,12 @@ class GRPORun(Objective):
         accelerator: Accelerator,
         step: int,
     ) -> list[dict[str, torch.Tensor]]:
-        """Sample, score and turn into advantages the completions of every prompt of the step."""
+        """Sample, score and turn into advantages the completions of every prompt of the step
+        (of the whole generation, under rollout reuse); a step that reuses a generation gets
+        its slice of it (rollout_buffer.py)."""
         self.step = step
+        if not self.reuse.generates(step):
+            return self._buffered(batches, accelerator, step)
         inner = self.unwrap(model)
         was_training = inner.training
         inner.eval()
@@ -140,24 +162,76 @@ class GRPORun(Objective):
                 lengths.append(rolled["completion_mask"].sum(-1).float().cpu())
                 truncated.append(rolled["truncated"].cpu())
                 zero_std.append(adv.zero_std.cpu())
+                if self.reuse.cycle > 1:  # the policy moves before these are used: keep pi_old
+                    with torch.no_grad():
+                        rolled["old_logps"] = self._logps(inner, rolled)
         finally:
             inner.train(was_training)
-        if self.spec.scale_rewards == "batch":  # std over the whole step, all processes
+        if self.spec.scale_rewards == "batch":  # std over the whole generation, all processes
             self._rescale_by_batch(out, tables, accelerator)
-        table = torch.cat(tables)
         self._log_samples(step, accelerator)
-        self._stats = {
-            "table": table.tolist(),
-            "lengths": torch.cat(lengths).tolist(),
-            "truncated": torch.cat(truncated).float().tolist(),
-            "zero_std": torch.cat(zero_std).float().tolist(),
-        }
-        return out
+        k = self.reuse.slices
+        per = len(out) // k  # each slice: one optimizer step's micro-batches
+        slices = [out[i * per : (i + 1) * per] for i in range(k)]
+        stats = [
+            {
+                "table": torch.cat(tables[i * per : (i + 1) * per]),
+                "lengths": torch.cat(lengths[i * per : (i + 1) * per]),
+                "truncated": torch.cat(truncated[i * per : (i + 1) * per]).float(),
+                "zero_std": torch.cat(zero_std[i * per : (i + 1) * per]).float(),
+            }
+            for i in range(k)
+        ]
+        if k > 1 and self.spec.loss_type == "dapo":
+            self._dapo_scales(slices, accelerator)
+        if self.reuse.cycle > 1:
+            self._buffer = (step, slices, stats)
+            if self._run is not None:
+                folder = self._run.work / "rollouts"
+                save_buffer(folder, step, accelerator.process_index, slices, stats)
+                kept = self._run.complete_checkpoints()  # (the run directory, `training.run_dir`)
+                prune_buffers(folder, kept, self.reuse, step)
+        self._stats = {name: v.tolist() for name, v in stats[0].items()}
+        return slices[0]
+
+    def step_plan(self, plan: StepPlan) -> StepPlan:
+        s = self.spec
+        self.reuse = Reuse.of(s.steps_per_generation, s.num_iterations, plan.grad_accum)
+        return ReusePlan(plan, self.reuse) if self.reuse.cycle > 1 else plan
+
+    def _buffered(self, batches, accelerator: Accelerator, step: int):
+        """The slice of the buffered generation that step `step` trains on (read back from the
+        run's state folder by a run resumed inside the generation's cycle)."""
+        for batch in batches:  # the slice's prompts, rolled out at the generation step
+            self._rows.pop(int(batch["rows_key"]))
+        start = self.reuse.generation_step(step)
+        if self._buffer is None or self._buffer[0] != start:
+            folder = self._run.work / "rollouts"
+            self._buffer = (start, *load_buffer(folder, start, accelerator.process_index, step))
+        _, slices, stats = self._buffer
+        i = self.reuse.slice_of(step)
+        self.samples = []
+        self._stats = {name: v.tolist() for name, v in stats[i].items()}
+        return slices[i]
+
+    def _dapo_scales(self, slices, accelerator: Accelerator) -> None:
+        """dapo normalises by the generation's completion tokens / k (TRL: num_items_in_batch x
+        grad_accum / steps_per_generation) where the loop divides by the step's own: scale each
+        slice's loss by the quotient (all processes' tokens)."""
+        local = torch.stack([sum(self._loss_mask(b).sum() for b in sl) for sl in slices]).float()
+        tokens = accelerator.reduce(local.to(accelerator.device), "sum")
+        scales = tokens * len(slices) / tokens.sum().clamp(min=1.0)
+        for sl, scale in zip(slices, scales):
+            for b in sl:
+                b["dapo_scale"] = scale.reshape(())
 
     def before_training(
         self, model: nn.Module, data: Any, batch_rows: int, accelerator: Accelerator, run: Any
     ) -> str | None:
         self._run = run
+        inner = self.unwrap(model)
+        self.prefix_problem = support_problem(inner, accelerator.distributed_type)
+        self._prefix = None if self.prefix_problem else _compat.cache_keyword(inner)
         return None
 
     def _log_samples(self, step: int, accelerator: Accelerator) -> None:
@@ -173,13 +247,14 @@ class GRPORun(Objective):
         self, model: nn.Module, batch: dict[str, torch.Tensor], rows: list[PromptRow], device
     ):
         g = self.spec.num_generations
-        prompt_ids = batch["input_ids"].to(device).repeat_interleave(g, dim=0)
-        prompt_mask = batch["attention_mask"].to(device).repeat_interleave(g, dim=0)
+        prompts, prompts_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        prompt_ids = prompts.repeat_interleave(g, dim=0)
+        prompt_mask = prompts_mask.repeat_interleave(g, dim=0)
         seeds = [row_seed(self.seed, self.step, r.origin, j) for r in rows for j in range(g)]
         ids, mask, truncated = sample_completions(
             model,
-            prompt_ids,
-            prompt_mask,
+            prompts,  # each prefilled once, its cache shared by its g samples
+            prompts_mask,
             seeds,
             self.spec.max_completion_length,
             self.stop_ids,
@@ -187,6 +262,8 @@ class GRPORun(Objective):
             self.spec.temperature,
             self.spec.top_p,
             self.spec.top_k,
+            group=g,
+            min_new_tokens=self.spec.min_completion_length,
         )
         expanded = [r for r in rows for _ in range(g)]
         texts = [
@@ -243,35 +320,46 @@ class GRPORun(Objective):
             adv = (r - mean.repeat_interleave(self.spec.num_generations)) / (std + 1e-4)
             rolled["advantages"] = torch.nan_to_num(adv, nan=0.0).to(rolled["advantages"].device)
 
-    @torch.no_grad()
-    def _reference_logps(self, model: nn.Module, rolled: dict[str, torch.Tensor]) -> torch.Tensor:
-        args = (
-            rolled["prompt_ids"],
-            rolled["prompt_mask"],
-            rolled["completion_ids"],
-            rolled["completion_mask"],
-            self.spec.temperature,
-        )
-        if self.frozen is not None:
-            return completion_logps(self.frozen, *args)
-        with model.disable_adapter():
-            return completion_logps(model, *args)
-
-    # ----------------------------------------------------------------- loss
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        s = self.spec
-        mask = self._loss_mask(batch)
-        logps = completion_logps(
+    def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) completion log-probs: each group's prompt run once (shared_prefix.py), or
+        row by row where that cannot run (`prefix_problem`)."""
+        if self._prefix is not None:
+            g = self.spec.num_generations
+            ids, mask = group_prompts(batch["prompt_ids"], batch["prompt_mask"], g)
+            return shared_prefix_logps(
+                model,
+                ids,
+                mask,
+                batch["completion_ids"],
+                batch["completion_mask"],
+                g,
+                self.spec.temperature,
+                self._prefix,
+            )
+        return completion_logps(
             model,
             batch["prompt_ids"],
             batch["prompt_mask"],
             batch["completion_ids"],
             batch["completion_mask"],
-            s.temperature,
+            self.spec.temperature,
         )
+
+    @torch.no_grad()
+    def _reference_logps(self, model: nn.Module, rolled: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.frozen is not None:
+            return self._logps(self.frozen, rolled)
+        with model.disable_adapter():
+            return self._logps(model, rolled)
+
+    # ----------------------------------------------------------------- loss
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        s = self.spec
+        mask = self._loss_mask(batch)
+        logps = self._logps(model, batch)
         out = policy_loss(
             logps,
-            None,  # one optimizer step per rollout batch: the sampling policy is this one
+            batch.get("old_logps"),  # None: used in the step that sampled it, pi_old = pi
             batch.get("ref_logps"),
             batch["advantages"],
             mask,
@@ -291,6 +379,8 @@ class GRPORun(Objective):
         )
         if s.loss_type in ("grpo", "dr_grpo"):  # a mean over the micro-batch's completions
             return out.loss * batch["completion_ids"].shape[0]
+        if "dapo_scale" in batch:
+            return out.loss * batch["dapo_scale"]
         return out.loss  # bnpo: one micro-batch's mean; dapo: the token sum (normaliser 1)
 
     def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
@@ -378,7 +468,11 @@ class GRPORun(Objective):
         out: dict[str, Any] = {
             "loss_type": self.spec.loss_type,
             "rewards": [r.name for r in self.rewards],
+            # what the training forward ran: each group's prompt once, or every row whole
+            "shared_prefix": self.prefix_problem is None,
         }
+        if self.prefix_problem:
+            out["shared_prefix_off"] = self.prefix_problem
         train = metrics.series("reward")
         if train:
             out["train_reward_first"], out["train_reward_last"] = train[0][1], train[-1][1]
@@ -401,4 +495,10 @@ class GRPORun(Objective):
             f"{s.max_completion_length} tokens, temperature {s.temperature}; loss {s.loss_type}, "
             f"beta {s.beta}; reference: {ref}; rewards: "
             + ", ".join(f"{r.name} x{r.weight:g}" for r in self.rewards)
+            + (
+                f"; each generation fills {s.steps_per_generation or 'grad_accum'} micro-batches "
+                f"and is optimised {s.num_iterations} times"
+                if s.num_iterations > 1 or s.steps_per_generation
+                else ""
+            )
         )

@@ -18,16 +18,12 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from peftkit.data.encode import IGNORE
+from peftkit.kernels.chunked_ce import chunked_cross_entropy_sum, chunked_cross_entropy_terms
 from peftkit.kernels.linear_ce import fused_head, linear_cross_entropy_sum, logit_map
 from peftkit.models.layers import unwrap_peft
-
-CE_CHUNK_ROWS = 1024
-"""Rows of logits per fp32 cross-entropy chunk: the transient fp32 memory is chunk x vocab x 4 B."""
 
 
 def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -71,7 +67,7 @@ def causal_lm_token_losses(
     positions or None = all seq - 1); `losses.sum()` is `causal_lm_loss_sum` up to float order.
     """
     logits, targets, keep = _logits_and_targets(model, batch, supervised_only)
-    return torch.cat(_chunked(_ce_terms, logits, targets)).reshape(targets.shape), keep
+    return chunked_cross_entropy_terms(logits, targets).reshape(targets.shape), keep
 
 
 def _inputs_and_targets(
@@ -130,38 +126,3 @@ def _hidden_and_targets(
             hook.remove()
     hidden = taken["hidden"]
     return hidden, targets.to(hidden.device)[:, keep.to(hidden.device)], taken["dtype"]
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-
-
-def _ce_terms(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="none")
-
-
-def chunked_cross_entropy_sum(
-    logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
-) -> torch.Tensor:
-    """sum of fp32 cross-entropy over non-IGNORE targets, `chunk_rows` logit rows at a time."""
-    total = logits.new_zeros((), dtype=torch.float32)
-    for part in _chunked(_ce_sum, logits, targets, chunk_rows):
-        total = total + part
-    return total
-
-
-def _chunked(
-    fn, logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CE_CHUNK_ROWS
-) -> list[torch.Tensor]:
-    """`fn(logits, targets)` over `chunk_rows` logit rows at a time.
-
-    Each chunk is checkpointed when gradients flow, so backward recomputes its fp32 log-softmax
-    instead of keeping all of them alive at once.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])  # (rows, vocab)
-    # split, not slicing: a split's backward is one concatenation, while each slice's backward
-    # would fill a zero tensor the size of all the logits.
-    return [
-        checkpoint(fn, *args, use_reentrant=False) if flat.requires_grad else fn(*args)
-        for args in zip(flat.split(chunk_rows), targets.reshape(-1).split(chunk_rows), strict=True)
-    ]

@@ -65,6 +65,11 @@ class Objective:
         run. Default: none."""
         return batches
 
+    def step_plan(self, plan: StepPlan) -> StepPlan:
+        """The plan of which rows each optimizer step draws, as this objective consumes rows
+        (GRPO's rollout reuse draws prompts once per generation). Default: the data's plan."""
+        return plan
+
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 

@@ -34,9 +34,9 @@ class ModelCounts:
     kv_heads: int
     vocab: int
     fused_mlp: bool = False
-    """Every decoder MLP runs as the fused LoRA SwiGLU in training (training/lora_mlp.py)."""
+    """Every decoder MLP runs as the fused LoRA SwiGLU in training (kernels/lora_mlp.py)."""
     fused_head: bool = False
-    """The head and cross-entropy run fused (training/linear_ce.py): no logits kept."""
+    """The head and cross-entropy run fused (kernels/linear_ce.py): no logits kept."""
     head_softcap: bool = False
     """The fused head soft-caps its logits (one more fp32 chunk buffer)."""
     kv_width: int = 0
@@ -75,8 +75,8 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         if name.endswith("base_layer") and isinstance(m, nn.Linear) and ".layers.0." in name
     )
     from peftkit.kernels.linear_ce import fused_head, logit_map, rows_per_chunk
+    from peftkit.kernels.lora_mlp import fused_in_training
     from peftkit.training.generated import kv_width
-    from peftkit.training.lora_mlp import fused_in_training
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads

@@ -14,11 +14,11 @@ largest micro-batch and compute dtype of b bytes:
                gate/up/act/product:  b (8h + 3 h_kv + 4 I) + 4 (2h)  bytes, plus, for LoRA under
                half precision, the fp32 copy of each adapted layer's input peft casts. With
                gradient checkpointing: only each layer's input (b h) plus one layer's full set.
-               The fused LoRA MLP (training/lora_mlp.py; any precision, 4-bit bases included,
+               The fused LoRA MLP (kernels/lora_mlp.py; any precision, 4-bit bases included,
                not 8-bit or an fp32-upcast 4-bit base) keeps 2 I, not 4 I, and none of the
                fp32 input copies of its three projections (2h + I).
   logits       supervised-only: K supervised positions x vocab in b bytes, plus fp32 chunks;
-               fused with the head (training/linear_ce.py): one chunk's transients
+               fused with the head (kernels/linear_ce.py): one chunk's transients
                (`linear_ce.chunk_bytes`: rows_per_chunk(vocab) x vocab x (8 + b), + 4 when
                soft-capped) and the kept gradient K x h (fp32 under fp16, else b); otherwise T x
                vocab in b bytes, its fp32 upcast and the fp32 log-softmax
@@ -51,8 +51,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from peftkit.kernels.chunked_ce import CE_CHUNK_ROWS
 from peftkit.kernels.linear_ce import chunk_bytes
-from peftkit.objectives.loss import CE_CHUNK_ROWS
 from peftkit.planner.counts import ModelCounts
 from peftkit.training.generated import row_bytes
 

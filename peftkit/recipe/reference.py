@@ -109,6 +109,8 @@ def _field_table(cls: type[Section], prefix: str) -> list[str]:
         subs = _sections(info.annotation)
         if not text and len(subs) == 1 and subs[0].__doc__:
             text = _first_sentence(subs[0].__doc__)
+        if (info.json_schema_extra or {}).get("resumable"):  # section.RESUMABLE
+            text = f"{text or ''} May change on `--resume`.".strip()
         lines.append(f"| `{prefix}{name}` | {kind} | {_default(info)} | {_description(text)} |")
     return lines
 

@@ -21,7 +21,7 @@ from peftkit.models.spec import QuantizationSpec as QuantizationSpec
 from peftkit.objectives import registry as objective_registry
 from peftkit.objectives.base import ObjectiveKind
 from peftkit.objectives.sft import SFTObjective
-from peftkit.section import Section
+from peftkit.section import RESUMABLE, Section
 
 ExportFormat = Literal["safetensors", "gguf"]
 GgufQuant = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
@@ -54,75 +54,77 @@ class EarlyStoppingSpec(Section):
 class TrainSpec(Section):
     """The optimisation: batch, schedule, precision, evaluation and checkpoints."""
 
-    epochs: float = Field(default=1.0, gt=0)
-    max_steps: int | None = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0, json_schema_extra=RESUMABLE)
+    max_steps: int | None = Field(default=None, gt=0, json_schema_extra=RESUMABLE)
     """Optimizer steps; overrides epochs when set."""
     micro_batch_size: int = Field(default=4, gt=0)
     """Rows per forward pass per process (memory scales with it)."""
     grad_accum: int = Field(default=1, gt=0)
     """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x processes."""
-    micro_batch_tokens: int | None = Field(default=None, gt=0)
+    micro_batch_tokens: int | None = Field(default=None, gt=0, json_schema_extra=RESUMABLE)
     """Packed runs: cut each optimizer step's rows (still micro_batch_size x grad_accum per
     process) into as few forward passes as hold at most this many tokens each (a longer row goes
     alone). Bounds activation memory by tokens rather than rows; same loss per step. null = cut
     every micro_batch_size rows."""
-    lr: float = Field(default=2e-4, gt=0)
+    lr: float = Field(default=2e-4, gt=0, json_schema_extra=RESUMABLE)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     """8-bit / paged variants come from bitsandbytes and save optimizer memory."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0, json_schema_extra=RESUMABLE)
     """Linear warmup steps (overrides warmup_ratio). As in transformers' schedulers, step k of
     the warmup runs at lr x k / warmup_steps: the first step at lr 0."""
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, json_schema_extra=RESUMABLE)
     """Share of steps for linear warmup (ignored when warmup_steps is set)."""
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     """Floor of cosine/linear decay as a share of lr."""
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0, json_schema_extra=RESUMABLE)
     """Clip gradients to this global norm (null = no clipping)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision of the forward/backward. auto = bf16 where the hardware has it (GPUs with
     bf16; CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32."""
-    packing: bool | None = None
+    packing: bool | None = Field(default=None, json_schema_extra=RESUMABLE)
     """Padding-free packing: each micro-batch's rows are concatenated into one sequence whose
     position ids restart per row, so attention never crosses rows and no pad token is computed.
     Same loss as padding. null = on, except for methods with virtual tokens (prompt/prefix)."""
-    group_by_length: bool = True
+    group_by_length: bool = Field(default=True, json_schema_extra=RESUMABLE)
     """Without packing: sort each optimizer step's rows by length before cutting micro-batches,
     so rows of similar length are padded together. The step's rows (and its loss) are unchanged."""
-    supervised_logits_only: bool = True
+    supervised_logits_only: bool = Field(default=True, json_schema_extra=RESUMABLE)
     """Project to the vocabulary only at positions that carry loss, and compute the fp32
     cross-entropy in checkpointed chunks, so full (tokens x vocab) fp32 logits never exist."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: ~30% slower, far less activation memory."""
-    eval_every: int | None = Field(default=None, gt=0)
+    eval_every: int | None = Field(default=None, gt=0, json_schema_extra=RESUMABLE)
     """Evaluate every N steps (and always at the end when there is eval data)."""
-    save_every: int | None = Field(default=None, gt=0)
+    save_every: int | None = Field(default=None, gt=0, json_schema_extra=RESUMABLE)
     """Write a resumable checkpoint every N steps."""
-    keep_last: int = Field(default=2, ge=1)
+    keep_last: int = Field(default=2, ge=1, json_schema_extra=RESUMABLE)
     """Checkpoints kept on disk (older ones are deleted)."""
-    early_stopping: EarlyStoppingSpec | None = None
-    log_every: int = Field(default=1, gt=0)
+    early_stopping: EarlyStoppingSpec | None = Field(default=None, json_schema_extra=RESUMABLE)
+    log_every: int = Field(default=1, gt=0, json_schema_extra=RESUMABLE)
     seed: int = 42
 
 
 class OutputSpec(Section):
     """Where the run directory goes and what it holds besides the adapter."""
 
-    dir: str = "runs/{name}"
+    dir: str = Field(default="runs/{name}", json_schema_extra=RESUMABLE)
     """Run directory; `{name}` is replaced by the recipe name."""
-    overwrite: StrictBool = False
+    overwrite: StrictBool = Field(default=False, json_schema_extra=RESUMABLE)
     """Replace an existing run directory (a previous run only) instead of refusing to start.
     `true` or `false` only: what deletes is never turned on by a guess."""
-    save_best: bool = True
+    save_best: bool = Field(default=True, json_schema_extra=RESUMABLE)
     """Keep the adapter with the best eval loss in `best/` as well as the final one."""
-    plot: bool = True
+    plot: bool = Field(default=True, json_schema_extra=RESUMABLE)
     """Write loss.png (train and eval loss) at the end."""
-    sample_prompts: list[str] = []
+    sample_prompts: list[str] = Field(default=[], json_schema_extra=RESUMABLE)
     """User messages answered (greedy) before and after training, saved in samples.json."""
-    sample_max_new_tokens: int = Field(default=48, gt=0)
-    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    sample_max_new_tokens: int = Field(default=48, gt=0, json_schema_extra=RESUMABLE)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default=[], json_schema_extra=RESUMABLE
+    )
     """Experiment trackers that also get the recipe (as hyper-parameters) and every metric, through
     accelerate's tracker integration; each needs its extra (`pip install 'peftkit[wandb]'`). All
     write under the run directory by default: W&B offline (unless WANDB_MODE is set), MLflow to a
@@ -134,10 +136,13 @@ class EvalSpec(Section):
     step 0 (the base), at every evaluation and at the end; logged as `answer_*` in metrics.jsonl,
     plotted, and summarised before -> after. The answer of a row is its last assistant turn."""
 
-    metric: Literal["none", "exact", "contains", "json_fields", "python"] = "none"
+    metric: Literal["none", "exact", "contains", "json_fields", "tool_call", "python"] = "none"
     """exact = equal text; contains = the reference occurs in the answer; json_fields = the
     answer's first JSON object has exactly the reference's keys and values (field accuracy is
-    reported beside); python = `function` decides. none = loss only."""
+    reported beside); tool_call = the answer's tool calls, parsed in the chat template's call
+    format, have the reference's function names and exactly its arguments (name and field
+    accuracy beside; only rows whose answer is a tool call are scored); python = `function`
+    decides. none = loss only."""
     function: str | None = None
     """For metric python: `module:function` or `file.py:function` (relative to the recipe), called
     as `function(answer: str, reference: str) -> float` (1.0 = right)."""
@@ -221,38 +226,6 @@ class ExportSpec(Section):
     0.72, 0.11. Like q5's, this gate catches a broken file, not the loss 4 bits cost."""
 
 
-# Recipe fields that may change between a run and its resumption: they do not change the math
-# of the steps already taken, only how long or how often things happen, or (lr, clipping, warmup:
-# what the advice after a divergence tells the user to change) the steps still to come. Each
-# change is recorded in RUN/resumes.jsonl. A prefix ending in "." covers the whole section.
-RESUMABLE_CHANGES = (
-    "train.lr",
-    "train.max_grad_norm",
-    "train.warmup_steps",
-    "train.warmup_ratio",
-    "train.max_steps",
-    "train.epochs",
-    "train.eval_every",
-    "train.save_every",
-    "train.keep_last",
-    "train.log_every",
-    # batching only changes float summation order, not the math (tests/e2e/test_training_math.py)
-    "train.packing",
-    "train.micro_batch_tokens",
-    "train.group_by_length",
-    "train.supervised_logits_only",
-    "train.early_stopping",
-    "output.plot",
-    "output.report_to",
-    "output.save_best",
-    "output.overwrite",
-    "output.sample_prompts",
-    "output.sample_max_new_tokens",
-    "output.dir",
-    "export.",
-)
-
-
 def _objective_from_shorthand(value: Any) -> Any:
     """`objective: dpo` means `objective: {type: dpo}`."""
     return {"type": value} if isinstance(value, str) else value
@@ -283,7 +256,7 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
     eval: EvalSpec = EvalSpec()
-    export: ExportSpec = ExportSpec()
+    export: ExportSpec = Field(default=ExportSpec(), json_schema_extra=RESUMABLE)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:

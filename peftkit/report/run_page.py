@@ -142,13 +142,35 @@ def _audit(audit: dict[str, Any] | None) -> str:
             f"{esc(', '.join(audit['stop_tokens']))}. The first training rows, "
             "<mark>supervised tokens highlighted</mark> (the loss is computed on these only):</p>"
         )
+        if any(row.get("parts") for row in audit["rows"]):
+            out += "<p>Agent parts: " + ", ".join(
+                _part(label, kind) for kind, label in _PARTS.items()
+            )
+            out += " (tool results never carry loss).</p>"
         for row in audit["rows"]:
+            parts = row.get("parts") or [""] * len(row["segments"])
             text = "".join(
-                f"<mark>{esc(t)}</mark>" if supervised else esc(t)
-                for t, supervised in row["segments"]
+                _part(f"<mark>{esc(t)}</mark>" if supervised else esc(t), kind, escaped=True)
+                for (t, supervised), kind in zip(row["segments"], parts)
             )
             out += f"<h3>{esc(row['origin'])}</h3><div class='row'>{text}</div>"
     return out
+
+
+_PARTS = {"reasoning": "reasoning", "tool_call": "tool call", "tool_result": "tool result"}
+_PART_STYLE = {
+    "reasoning": "border-bottom:2px dotted #7a5195;font-style:italic",
+    "tool_call": "border-bottom:2px solid #ef5675",
+    "tool_result": "border-bottom:2px dashed #ffa600;background:#fff6e0",
+}
+
+
+def _part(text: str, kind: str, escaped: bool = False) -> str:
+    """`text` marked as an agent part of a chat (reasoning, tool call, tool result)."""
+    body = text if escaped else esc(text)
+    if kind not in _PART_STYLE:
+        return body
+    return f"<span class='part {kind}' title='{_PARTS[kind]}' style='{_PART_STYLE[kind]}'>{body}</span>"
 
 
 def _before_after(rows: list[dict[str, Any]], first: str, scored: bool) -> str:

@@ -20,15 +20,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from peftkit.adapters.adapter_set import BASE, AdapterSet
 from peftkit.adapters.generation import Completion, SamplingOptions
+from peftkit.data.tool_calls import has_reasoning
 from peftkit.serving import protocol as p
 from peftkit.serving.engine import Engine, EngineBusy, EngineClosed, RequestTooLarge
 from peftkit.serving.engine import Request as EngineRequest
 from peftkit.serving.security import SecurityMiddleware, ServeSecurity, docs_routes, encode_chat
+from peftkit.serving.tools import ToolPlan, plan_tools
 
 
 class ServeLimits(BaseModel):
@@ -139,18 +142,33 @@ def create_app(
             messages = (
                 adapters.with_system(req.chat(), adapter) if req.default_system else req.chat()
             )
-            ids = encode_chat(adapters, messages, adapter, security.special_tokens_in_content)
-            ids = _nonempty(ids, "messages")
+            tools = req.active_tools
+            mode = security.special_tokens_in_content
+            ids = _nonempty(encode_chat(adapters, messages, adapter, mode, tools), "messages")
+            template = adapters.chat_template(adapter)
+            rendered = (
+                adapters.render(messages, adapter, tools)
+                if tools or has_reasoning(template)
+                else ""
+            )
+            plan, prefill = plan_tools(req, template, rendered, adapters.tokenizer)
         except ValueError as e:  # a client error (an image part, ...), not a server one
             raise p.ApiError(400, str(e), "invalid_request_error") from None
+        except TemplateError as e:  # the template refuses the messages (roles, tool turns)
+            raise p.ApiError(
+                400,
+                f"messages: the chat template of `{req.model}` cannot render them: {e}",
+                "invalid_request_error",
+            ) from None
+        ids += prefill
         opts = options(req, len(ids))
         rid = p.new_id("chatcmpl")
         # submitted before the response starts, so a full queue is still a 503
         pending = _submit(engine, [ids], adapter, opts, req.stream, req.seed)
         if req.stream:
-            return _sse(_stream_chat(pending.events[0], rid, req), pending)
+            return _sse(_stream_chat(pending.events[0], rid, req, plan), pending)
         (completion,) = await _results(pending, request)
-        return p.chat_response(rid, req.model, completion)
+        return p.chat_response(rid, req.model, completion, plan.reply(completion.text))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -286,16 +304,31 @@ async def _events(events: asyncio.Queue) -> AsyncIterator[tuple[str, Any]]:
 
 
 async def _stream_chat(
-    events: asyncio.Queue, rid: str, req: p.ChatRequest
+    events: asyncio.Queue, rid: str, req: p.ChatRequest, plan: ToolPlan
 ) -> AsyncIterator[dict[str, Any]]:
+    """Content and reasoning deltas as they are generated; a call (held back from its opener
+    on) as `tool_calls` deltas once the answer is complete, one per call."""
     yield p.chat_chunk(rid, req.model, {"role": "assistant", "content": ""})
+    stream = plan.stream()
     async for kind, value in _events(events):
         if kind == "text":
-            yield p.chat_chunk(rid, req.model, {"content": value})
+            for delta in stream.feed(value):
+                yield p.chat_chunk(rid, req.model, delta)
         elif kind == "error":
             yield {"error": {"message": value, "type": "internal_error"}}
         else:
-            yield p.chat_chunk(rid, req.model, {}, value.finish_reason)
+            deltas = stream.finish()
+            calls = [c for d in deltas for c in d.get("tool_calls", [])]
+            try:
+                kept = {c["index"] for c in plan.allowed(calls)}
+            except p.ApiError as e:
+                yield e.body()
+                return
+            for delta in deltas:
+                if "tool_calls" not in delta or delta["tool_calls"][0]["index"] in kept:
+                    yield p.chat_chunk(rid, req.model, delta)
+            finish = "tool_calls" if kept else value.finish_reason
+            yield p.chat_chunk(rid, req.model, {}, finish)
             if req.include_usage:
                 yield p.usage_chunk(rid, req.model, "chat.completion.chunk", value)
 

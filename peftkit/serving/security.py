@@ -232,7 +232,13 @@ def special_tokens(tokenizer: Any) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def encode_chat(adapters: Any, messages: list[dict[str, str]], adapter: str | None, mode: str):
+def encode_chat(
+    adapters: Any,
+    messages: list[dict[str, Any]],
+    adapter: str | None,
+    mode: str,
+    tools: list[dict[str, Any]] | None = None,
+):
     """Token ids of chat messages, with special tokens inside their content handled by `mode`.
 
     `messages` already carry whatever system turn they get (`AdapterSet.with_system`). Content
@@ -241,15 +247,26 @@ def encode_chat(adapters: Any, messages: list[dict[str, str]], adapter: str | No
     placeholder for each content, then tokenizes the template's text as usual and each content
     with special-token parsing off, so `<|im_start|>` in a message is the characters, never the
     turn marker (the placeholder encoding of vLLM's proposal, llama.cpp's
-    `--escape-special-in-input`).
+    `--escape-special-in-input`). Tools and earlier calls (`tools`, `tool_calls`) cannot be
+    escaped that way: holding a special token, they are refused unless `mode` is `allow`.
     """
     tokens = special_tokens(adapters.tokenizer)
+    structured = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False)
+    forged = next((t for t in tokens if t in structured), None)
+    if mode != "allow" and forged is not None:
+        raise p.ApiError(
+            400,
+            f"tools or tool_calls hold the special token {forged!r}, which this server refuses "
+            "there (it would be read as a turn marker)",
+            "invalid_request_error",
+            "special_token_in_content",
+        )
     hits = [
         (i, next((t for t in tokens if t in m["content"]), None)) for i, m in enumerate(messages)
     ]
     hits = [(i, t) for i, t in hits if t is not None]
     if mode == "allow" or not hits:
-        return adapters.encode(messages, adapter, default_system=False)
+        return adapters.encode(messages, adapter, default_system=False, tools=tools)
     if mode == "refuse":
         i, token = hits[0]
         raise p.ApiError(
@@ -259,11 +276,16 @@ def encode_chat(adapters: Any, messages: list[dict[str, str]], adapter: str | No
             "invalid_request_error",
             "special_token_in_content",
         )
-    marks = [f"\x00peftkit-content-{uuid.uuid4().hex}-{i}\x00" for i in range(len(messages))]
-    text = adapters.render([{**m, "content": mk} for m, mk in zip(messages, marks)], adapter)
+    # empty contents (an assistant turn that only calls tools) stay empty: templates test them
+    marks = [
+        f"\x00peftkit-content-{uuid.uuid4().hex}-{i}\x00" if m["content"] else ""
+        for i, m in enumerate(messages)
+    ]
+    marked = [{**m, "content": mk} if mk else m for m, mk in zip(messages, marks)]
+    text = adapters.render(marked, adapter, tools)
     tokenizer = adapters.tokenizer
     ids: list[int] = []
-    for mark, message in zip(marks, messages):
+    for mark, message in ((mk, m) for mk, m in zip(marks, messages) if mk):
         before, found, text = text.partition(mark)
         if not found or mark in text:  # the template changed or repeated the content
             raise p.ApiError(

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftkit.data.encode import IGNORE, EncodedRow
 from peftkit.errors import DataError
+from peftkit.models.greedy import greedy_generate
 from peftkit.objectives.answer_metrics import Scorer
 
 if TYPE_CHECKING:
@@ -103,38 +103,6 @@ def rows_per_generate(requested: int, one_row: int, budget: int | None = None) -
     return max(1, min(requested, budget // max(one_row, 1)))
 
 
-@torch.no_grad()
-def generate_batch(
-    model: nn.Module,
-    prompts: list[list[int]],
-    pad_id: int,
-    stop_ids: list[int],
-    max_new_tokens: int,
-) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts (new tokens only, stop token excluded)."""
-    device = next(p.device for p in model.parameters())
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-    answers = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-        answers.append(row[:cut])
-    return answers
-
-
 def score_answers(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -156,7 +124,7 @@ def score_answers(
     try:
         for a in range(0, len(order), batch_size):
             chunk = order[a : a + batch_size]
-            new = generate_batch(
+            new = greedy_generate(
                 model,
                 [items[i].prompt_ids for i in chunk],
                 tokenizer.pad_token_id,
@@ -188,12 +156,27 @@ class AnswerEval:
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],
     ) -> None:
-        from peftkit.objectives.answer_metrics import BUILTIN, REFERENCE_CHECKS, load_function
+        from peftkit.objectives.answer_metrics import (
+            BUILTIN,
+            REFERENCE_CHECKS,
+            ToolCallMetric,
+            load_function,
+        )
 
         self.spec = spec
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.items = held_out_answers(rows[: spec.rows], tokenizer)
+        tool_call = ToolCallMetric(tokenizer.chat_template) if spec.metric == "tool_call" else None
+        if tool_call is not None:  # the calls are scored; other held-out rows are not
+            scored = [item for item in self.items if tool_call.applies(item.reference)]
+            if not scored:
+                raise DataError(
+                    f"eval.metric tool_call: none of the {len(self.items)} held-out rows scored "
+                    "ends with an assistant turn that calls a tool; add such rows to the eval "
+                    "data, or set eval.metric to exact, contains or none"
+                )
+            self.items = scored
         check = REFERENCE_CHECKS.get(spec.metric)
         for item in self.items if check else []:  # before any training, not at its first eval
             problem = check(item.reference)
@@ -204,7 +187,9 @@ class AnswerEval:
                     "none"
                 )
         self.scorer = (
-            load_function(spec.function) if spec.metric == "python" else BUILTIN[spec.metric]
+            load_function(spec.function)
+            if spec.metric == "python"
+            else tool_call or BUILTIN[spec.metric]
         )
         self.last_rows: list[dict[str, str | float]] = []
 

@@ -2,7 +2,10 @@
 
 The recipe names a data file by path; `--resume` must also notice when the file behind the path
 changed (it would continue silently on other data). The fingerprints are recorded in the run at
-its start (RUN/inputs.json) and compared on every resume.
+its start (RUN/inputs.json) and compared on every resume. The tokenizer is recorded by its whole
+identity (`models.tokenizer_identity`: vocabulary, special and added tokens, rules, its own chat
+template), so a resume names the part that changed. (Runs recorded before identities hold one
+narrower sha there: their resume is refused as a changed tokenizer.)
 """
 
 from __future__ import annotations
@@ -15,27 +18,28 @@ from transformers import PreTrainedTokenizerBase
 from peftkit.data.fingerprint import source_sha
 from peftkit.errors import RunDirError
 from peftkit.io import RunLayout, atomic_write_json
-from peftkit.models.manifest import chat_template_fingerprint, tokenizer_fingerprint
+from peftkit.models.manifest import chat_template_fingerprint
+from peftkit.models.tokenizer_identity import tokenizer_identity
 from peftkit.recipe.schema import DataSpec
+
+Print = str | dict[str, str | None] | None
 
 
 def fingerprints(
     data: DataSpec, tokenizer: PreTrainedTokenizerBase, chat_template: str | None
-) -> dict[str, str | None]:
+) -> dict[str, Print]:
     """{what: fingerprint} of every local data source, the tokenizer and the chat template."""
-    out: dict[str, str | None] = {
-        f"data file {s.path}": source_sha(Path(s.path)) for s in data.sources
-    }
-    out["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    out: dict[str, Print] = {f"data file {s.path}": source_sha(Path(s.path)) for s in data.sources}
+    out["tokenizer"] = tokenizer_identity(tokenizer).parts
     out["chat template"] = chat_template_fingerprint(chat_template)
     return out
 
 
-def record(run: RunLayout, prints: dict[str, str | None]) -> None:
+def record(run: RunLayout, prints: dict[str, Print]) -> None:
     atomic_write_json(run.inputs, prints)
 
 
-def check_unchanged(run: RunLayout, prints: dict[str, str | None]) -> None:
+def check_unchanged(run: RunLayout, prints: dict[str, Print]) -> None:
     """Refuse a resume whose inputs differ from those the run started with, naming each one."""
     if not run.inputs.is_file():
         return  # a run made before inputs were recorded: nothing to compare with
@@ -64,4 +68,7 @@ def _describe(what: str, saved: dict, now: dict) -> str:
         return f"{what} is no longer used"
     if now[what] is None:
         return f"{what} is gone"
+    if isinstance(now[what], dict) and isinstance(saved[what], dict):  # the tokenizer's parts
+        parts = [p for p in now[what] if saved[what].get(p) != now[what][p]]
+        return f"{what} has other {', '.join(parts)}"
     return f"{what} has other contents"

@@ -23,6 +23,7 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.errors import TrainingStopped
 from peftkit.io import atomic_write_json
+from peftkit.kernels.apply import apply_kernels
 from peftkit.methods.base import ApplyContext
 from peftkit.metrics import MetricsLog
 from peftkit.models.layers import frozen_experts
@@ -37,7 +38,6 @@ from peftkit.training import advice, inputs, trackers, update
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
-from peftkit.training.kernels import apply_kernels
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
@@ -173,7 +173,7 @@ class FineTuneRun(Evaluation):
                 self.accelerator.unwrap_model,
             )
         )
-        self.kernels = apply_kernels(model, self.objective)  # fused paths (training/kernels.py)
+        self.kernels = apply_kernels(model, self.objective)  # fused paths (kernels/apply.py)
         for line in self.objective.audit_lines(self.data, self.tokenizer):
             self._print(line)
         if self.main:
@@ -196,13 +196,15 @@ class FineTuneRun(Evaluation):
                 "expert weights; set adapter.target_parameters: auto to adapt them"
             )
 
-        self.plan = step_plan(  # every row once per epoch, or tasks mixed by data.mixing
-            self.data.train,
-            r.data,
-            r.train.micro_batch_size,
-            r.train.grad_accum,
-            self.accelerator.num_processes,
-            self.seed,
+        self.plan = self.objective.step_plan(  # every row once per epoch, or tasks mixed
+            step_plan(
+                self.data.train,
+                r.data,
+                r.train.micro_batch_size,
+                r.train.grad_accum,
+                self.accelerator.num_processes,
+                self.seed,
+            )
         )
         self.total_steps = r.train.max_steps or math.ceil(
             r.train.epochs * self.plan.steps_per_epoch

@@ -6,6 +6,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -13,11 +14,18 @@ import yaml
 from peftkit.errors import RunDirError
 from peftkit.io import RunLayout, atomic_write_text, guard_output, recover_atomic_dirs
 from peftkit.recipe.load import load_run_recipe
-from peftkit.recipe.schema import RESUMABLE_CHANGES
+from peftkit.recipe.schema import Recipe
+from peftkit.section import resumable_paths
 
 
 class RunDir(RunLayout):
     """A run directory's layout (`peftkit.io.RunLayout`) and the rules for creating and resuming it."""
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Its checkpoint folders whose last file was written, oldest first."""
+        from peftkit.training.checkpoint import complete_checkpoints
+
+        return complete_checkpoints(self.checkpoints)
 
     def check_can_start(
         self,
@@ -39,7 +47,8 @@ class RunDir(RunLayout):
             # (the command that resumes has checked model.trust_remote_code: see api.train)
             saved = load_run_recipe(self.recipe, trust_remote_code=True).model_dump(mode="json")
             diff = _diff(saved, recipe_dump)
-            changed = [k for k in diff if not k.startswith(RESUMABLE_CHANGES)]
+            resumable = resumable_paths(Recipe)  # the fields marked RESUMABLE in the schema
+            changed = [k for k in diff if not any(_within(k, p) for p in resumable)]
             if changed:
                 raise RunDirError(
                     f"--resume: the recipe differs from the one {self.path} was trained with in "
@@ -74,6 +83,10 @@ class RunDir(RunLayout):
             with self.resumes.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         atomic_write_text(self.recipe, yaml.safe_dump(recipe_dump, sort_keys=False))
+
+
+def _within(key: str, path: str) -> bool:
+    return key == path or key.startswith(path + ".")
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftkit.models.greedy import greedy_generate
+
 
 @torch.no_grad()
 def generate_answers(
@@ -19,22 +21,15 @@ def generate_answers(
     """Answer each prompt as a single user turn (after `system_prompt`) through the chat template, greedily."""
     was_training = model.training
     model.eval()
-    device = next(p.device for p in model.parameters())
     answers = []
     for prompt in prompts:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        new = greedy_generate(
+            model, [ids], tokenizer.pad_token_id, stop_ids, max_new_tokens, keep_stop=True
+        )[0]
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     model.train(was_training)
     return answers

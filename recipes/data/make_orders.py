@@ -63,14 +63,21 @@ def plural(item: str, quantity: int) -> str:
     return item[:-1] + "ves" if item.endswith("f") else item + ("es" if item[-1] in "sh" else "s")
 
 
-def order(rng: random.Random, firsts: list[str], lasts: list[str], cities: list[str]) -> dict:
-    fields = {
+def order_fields(
+    rng: random.Random, firsts: list[str], lasts: list[str], cities: list[str]
+) -> dict:
+    """One order's name, item, quantity, city and day (also make_tools.py's call arguments)."""
+    return {
         "name": f"{rng.choice(firsts)} {rng.choice(lasts)}",
         "item": rng.choice(ITEMS),
         "quantity": rng.choice([1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 24]),
         "city": rng.choice(cities),
         "day": rng.choice(DAYS),
     }
+
+
+def order(rng: random.Random, firsts: list[str], lasts: list[str], cities: list[str]) -> dict:
+    fields = order_fields(rng, firsts, lasts, cities)
     text = rng.choice(TEMPLATES).format(**fields, items=plural(fields["item"], fields["quantity"]))
     return {
         "messages": [

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peftkit import api
+from peftkit.caches import gguf_cache
 from peftkit.errors import ModelLoadError, RecipeError
 from peftkit.export.gguf import write_gguf
 from peftkit.models import gguf
@@ -86,7 +87,7 @@ def test_materialised_once_per_content_and_rebuilt_when_the_file_changes(tmp_pat
     other, _ = _gguf(tmp_path / "b", "llama", quant="f16")
     assert gguf.file_sha256(other) != gguf.file_sha256(path)
     assert resolve_source(str(other)) != first
-    assert not list((gguf.cache_root() / "gguf").glob("*.tmp-*"))
+    assert not list(gguf_cache().glob("*.tmp-*"))
 
 
 def test_gguf_file_inside_a_folder(tmp_path):
@@ -114,7 +115,7 @@ def test_unreadable_or_unsupported_files_get_named_errors(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError, match=r"architecture 'rwkv7' cannot be read"):
         resolve_source(str(odd))
-    assert not list((gguf.cache_root() / "gguf").glob("odd-*"))  # nothing half-built is kept
+    assert not list(gguf_cache().glob("odd-*"))  # nothing half-built is kept
 
 
 def test_gguf_file_rules_in_the_recipe():

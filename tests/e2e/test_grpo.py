@@ -134,6 +134,7 @@ def test_grpo_logs_trl_metrics_and_keeps_completions(tmp_path, tiny_model):
     g = summary["grpo"]
     assert g["eval_reward_before"] == evals[0]["eval_reward"]
     assert g["train_reward_first"] == steps[0]["reward"]
+    assert g["shared_prefix"] is True  # each group's prompt ran once in the training forward
     lines = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
     samples = [json.loads(x) for x in lines]
     assert [s["step"] for s in samples] == [1, 2, 3]

@@ -37,3 +37,12 @@ def test_prepare_runs_on_every_offline_recipe(recipe, capsys):
     assert "kept of" in out and ("encoded data:" in out or "encoded and checked" in out)
     if load_recipe(recipe).objective_kind.caches_rows:  # preference data too, as SFT data
         assert "encoded data:" in out, out
+
+
+def test_the_tools_recipe_refuses_smollm2s_own_template_naming_the_remedy(capsys):
+    # SmolLM2's template ignores tools: with it the tool rows are refused, not silently dropped.
+    recipe = ROOT / "recipes" / "smollm2-135m" / "tools.yaml"
+    assert main(["prepare", str(recipe), "data.chat_template=auto"]) != 0
+    err = capsys.readouterr().err
+    assert "tools-train.jsonl line 1: the chat template ignores the tools list" in err
+    assert "data.chat_template: fallback" in err

@@ -96,9 +96,9 @@ def test_accumulation_and_batching_modes_match_one_big_padded_batch(tmp_path, ti
 def test_fused_lora_mlp_trains_the_same_adapter_as_module_by_module(
     tmp_path, tiny_model, monkeypatch, lora_swiglu_calls
 ):
-    """The fused SwiGLU MLP (training/lora_mlp.py) runs in a LoRA run and changes nothing it
+    """The fused SwiGLU MLP (kernels/lora_mlp.py) runs in a LoRA run and changes nothing it
     trains: same loss at every step and the same adapter as the model's own MLP forward."""
-    from peftkit.training import kernels
+    from peftkit.kernels import apply as kernels
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16, seed=5))
     calls = lora_swiglu_calls

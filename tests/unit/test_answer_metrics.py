@@ -81,3 +81,73 @@ def test_eval_metric_rules_name_the_key_to_change():
         )
     with pytest.raises(RecipeError, match=r"set eval\.metric: python"):
         validate_recipe({**base, "eval": {"function": "m:f"}})
+
+
+HERMES_T = "{{ tools | tojson }} <tool_call></tool_call>"
+WEATHER = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+)
+
+
+def test_tool_call_needs_the_name_and_exactly_the_arguments():
+    metric = m.ToolCallMetric(HERMES_T)
+    assert metric(WEATHER, WEATHER) == {
+        "score": 1.0,
+        "name_accuracy": 1.0,
+        "field_accuracy": 1.0,
+        "call_parsed": 1.0,
+    }
+    one_wrong = WEATHER.replace('"days": 2', '"days": "2"')  # JSON types count
+    assert metric(one_wrong, WEATHER) == {
+        "score": 0.0,
+        "name_accuracy": 1.0,
+        "field_accuracy": 0.5,
+        "call_parsed": 1.0,
+    }
+    renamed = WEATHER.replace("get_weather", "get_time")
+    assert metric(renamed, WEATHER)["name_accuracy"] == 0.0
+    assert metric(renamed, WEATHER)["score"] == 0.0
+    assert metric("It is sunny in Paris.", WEATHER) == {
+        "score": 0.0,
+        "name_accuracy": 0.0,
+        "field_accuracy": 0.0,
+        "call_parsed": 0.0,
+    }
+    twice = WEATHER + WEATHER
+    assert metric(WEATHER, twice)["score"] == 0.0  # one call of the two
+    assert metric(WEATHER, twice)["field_accuracy"] == 0.5
+    no_args = '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
+    assert metric(no_args, no_args)["field_accuracy"] == 1.0
+    # a reasoning template: the <think> block before the call is not the call
+    thinking = m.ToolCallMetric(HERMES_T + "<think>")
+    assert thinking("<think>Paris, 2 days</think>" + WEATHER, WEATHER)["score"] == 1.0
+    assert metric.applies(WEATHER) and not metric.applies("plain answer")
+
+
+def test_tool_call_needs_a_template_with_a_known_call_format():
+    with pytest.raises(RecipeError, match=r"eval\.metric tool_call: the chat template writes"):
+        m.ToolCallMetric("{% for m in messages %}{{ m.content }}{% endfor %}")
+
+
+class _TextTok:
+    """Decodes each id to one of a few texts: a tool-call answer, a plain one, a prompt."""
+
+    chat_template = HERMES_T
+    texts = {1: "prompt", 2: WEATHER, 3: "plain answer"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.texts[int(i)] for i in ids)
+
+
+def test_tool_call_scores_only_rows_whose_answer_is_a_call():
+    from peftkit.errors import DataError
+    from peftkit.recipe.schema import EvalSpec
+    from peftkit.training.generated import AnswerEval
+
+    spec = EvalSpec(metric="tool_call")
+    rows = [_row([1, 2], supervised=[1]), _row([1, 3], supervised=[1])]
+    evaluation = AnswerEval(spec, rows, _TextTok(), [0])
+    assert [item.reference for item in evaluation.items] == [WEATHER]
+    assert isinstance(evaluation.scorer, m.ToolCallMetric)
+    with pytest.raises(DataError, match="none of the 1 held-out rows scored ends with an"):
+        AnswerEval(spec, rows[1:], _TextTok(), [0])

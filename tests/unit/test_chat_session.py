@@ -21,8 +21,11 @@ class FakeAdapters:
             raise ServingError(f"no adapter named {name!r}")
         self.active = None if name == "base" else name
 
-    def encode(self, messages, adapter):
+    def encode(self, messages, adapter, tools=None):
         return messages
+
+    def chat_template(self, adapter):
+        return "{{ messages }}"  # neither tools nor <think>: answers are plain text
 
     def stop_ids(self, adapter):
         return set()

@@ -152,3 +152,32 @@ def test_head_gets_a_contiguous_input_when_generation_keeps_the_last_position(ti
         full = model(input_ids=ids).logits[:, -1:]
     assert seen[0] is True  # the compat hook (registered first) made the slice contiguous
     torch.testing.assert_close(fast, full)
+
+
+@pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "llama3_1", "mistral"])
+def test_chat_renderer_renders_tools_and_reasoning_as_apply_chat_template(template, tmp_path):
+    """Agent chats (tools, tool calls, results, reasoning, extra template variables) render
+    identically through the fast path and `apply_chat_template`."""
+    from pathlib import Path
+
+    from tests.conftest import CHATML, build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path, CHATML)
+    fixtures = Path(__file__).parent.parent / "fixtures" / "chat_templates"
+    tokenizer.chat_template = (fixtures / f"{template}.jinja").read_text()
+    render = _compat.chat_renderer(tokenizer)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    call = {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": {}}}
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "call f"},
+        {"role": "assistant", "content": "", "tool_calls": [call], "reasoning_content": "hm"},
+        {"role": "tool", "tool_call_id": "abcdefghi", "name": "f", "content": "42"},
+        {"role": "assistant", "content": "It is 42.", "reasoning_content": "so"},
+    ]
+    for variables in ({}, {"enable_thinking": False}):
+        for end in (2, 3, 4, 5):
+            expected = tokenizer.apply_chat_template(
+                chat[:end], tools=tools, tokenize=False, add_generation_prompt=True, **variables
+            )
+            assert render(chat[:end], True, tools, **variables) == expected

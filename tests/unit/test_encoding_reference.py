@@ -4,20 +4,22 @@ reference encoder that uses only the tokenizer's public calls, one row at a time
 The reference is the encoder as it was before rendering and tokenization were batched: every
 prefix of a chat rendered with `apply_chat_template`, every row tokenized alone with
 `return_offsets_mapping`, each token labelled by a loop over its character offsets, each row
-truncated or dropped by itself. Only the end-of-turn search (`ChatRenderer._close_turn`, which
-the batching did not touch) is shared with the code under test.
+truncated or dropped by itself, and each turn's end found by the end-of-turn search peftkit
+used before it located turns by their own text (`close_turn` below): nothing is shared with the
+code under test.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from peftkit.data.chat import ChatRenderer, resolve_chat_template
+from peftkit.data.chat import resolve_chat_template
 from peftkit.data.encode import IGNORE
 from peftkit.data.formats import detect_format, to_example
 from peftkit.data.pipeline import prepare_data
@@ -61,7 +63,28 @@ class ReferenceEncoder:
 
     def __init__(self, tokenizer, loss_on: str) -> None:
         self.tokenizer, self.loss_on = tokenizer, loss_on
-        self.close_turn = ChatRenderer(tokenizer)._close_turn
+        specials = {t for t in tokenizer.all_special_tokens if t}
+        specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        alternation = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+        self.end_of_turn = re.compile(rf"\s*({alternation})")
+
+    def close_turn(self, text: str, start: int, end: int, content: str):
+        """Turn [start, end) ends after the end-of-turn token that follows its content (an
+        empty answer: its start), or gets the EOS inserted there when none does."""
+        segment = text[start:end]
+        needle = content.strip()
+        found = segment.rfind(needle) if needle else -1
+        if found >= 0:
+            content_end = start + found + len(needle)
+        elif not needle:  # an empty answer: the turn is its end-of-turn token alone
+            content_end = start
+        else:
+            content_end = end - (len(segment) - len(segment.rstrip()))
+        match = self.end_of_turn.match(text, content_end, end)
+        if match:
+            return text, (start, match.end()), match.group(1)
+        eos = self.tokenizer.eos_token
+        return text[:content_end] + eos + text[content_end:], (start, content_end + len(eos)), eos
 
     def _render(self, messages: list[dict], **kwargs) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)

@@ -1,7 +1,9 @@
 """GRPO's loss equals TRL 1.16's `GRPOTrainer._compute_loss`: the same LoRA model, prompts,
 completions, advantages, sampling log-probs and reference log-probs go through TRL's own method
 and through `peftkit.objectives.grpo_losses`; the losses and every LoRA gradient agree to 1e-5, for
-each loss type, with and without the KL term, at token and at sequence level (GSPO)."""
+each loss type, with and without the KL term, at token and at sequence level (GSPO), with the
+policy's log-probs from the plain per-row forward and from the shared-prefix forward (each
+group's prompt run once, objectives/shared_prefix.py) that GRPO runs."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import math
 import pytest
 import torch
 
+from peftkit import _compat
 from peftkit.objectives.grpo_losses import completion_logps, group_advantages, policy_loss
+from peftkit.objectives.shared_prefix import group_prompts, shared_prefix_logps
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -67,9 +71,10 @@ def trl_setup(tiny_model, tmp_path_factory):
 def _batch(vocab: int):
     g = torch.Generator().manual_seed(1)
     b = G * PROMPTS
-    prompt_ids = torch.randint(3, vocab, (b, 5), generator=g)
+    # the G completions of a prompt share it, as rollouts lay them out
+    prompt_ids = torch.randint(3, vocab, (PROMPTS, 5), generator=g).repeat_interleave(G, dim=0)
     prompt_mask = torch.ones(b, 5, dtype=torch.long)
-    prompt_mask[0, :2] = 0  # a left-padded prompt
+    prompt_mask[:G, :2] = 0  # a left-padded prompt
     completion_ids = torch.randint(3, vocab, (b, T), generator=g)
     completion_mask = torch.ones(b, T, dtype=torch.long)
     completion_mask[1, 3:] = 0  # a completion that ended early
@@ -89,10 +94,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("forward", ["rows", "shared_prefix"])
 @pytest.mark.parametrize(
     ("loss_type", "beta", "level"), CASES, ids=[f"{a}-b{b}-{c}" for a, b, c in CASES]
 )
-def test_loss_and_lora_gradients_equal_trl(trl_setup, loss_type, beta, level):
+def test_loss_and_lora_gradients_equal_trl(trl_setup, loss_type, beta, level, forward):
     trainer_for, _ = trl_setup
     trainer = trainer_for(
         loss_type=loss_type,
@@ -137,10 +143,24 @@ def test_loss_and_lora_gradients_equal_trl(trl_setup, loss_type, beta, level):
     their_grads = {n: p.grad.clone() for n, p in lora.items()}
 
     model.zero_grad()
-    mine = policy_loss(
-        completion_logps(
+    if forward == "rows":
+        logps = completion_logps(
             model, prompt_ids, prompt_mask, completion_ids, completion_mask, TEMPERATURE
-        ),
+        )
+    else:
+        ids, mask = group_prompts(prompt_ids, prompt_mask, G)
+        logps = shared_prefix_logps(
+            model,
+            ids,
+            mask,
+            completion_ids,
+            completion_mask,
+            G,
+            TEMPERATURE,
+            _compat.cache_keyword(model),
+        )
+    mine = policy_loss(
+        logps,
         old,
         ref if beta else None,
         advantages,

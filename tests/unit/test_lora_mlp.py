@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit._compat import keep_bnb_4bit_cpu_weights_unpacked
-from peftkit.training import lora_mlp
-from peftkit.training.lora_mlp import install_fused_lora_mlps
+from peftkit.kernels import lora_mlp
+from peftkit.kernels.lora_mlp import install_fused_lora_mlps
 
 INTER = 80
 

@@ -108,9 +108,9 @@ def test_answer_evaluation_generates_in_batches_that_fit_the_budget(tiny_model, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     items = [generated.HeldOutAnswer([5, 6, 7, 8][: 1 + i % 4], "x") for i in range(7)]
     sizes = []
-    real = generated.generate_batch
+    real = generated.greedy_generate
     monkeypatch.setattr(
-        generated, "generate_batch", lambda m, p, *a: sizes.append(len(p)) or real(m, p, *a)
+        generated, "greedy_generate", lambda m, p, *a: sizes.append(len(p)) or real(m, p, *a)
     )
     one_row = generated.model_row_bytes(model, 4, 3)
     monkeypatch.setattr(generated, "GENERATION_BUDGET", 2 * one_row)

@@ -6,10 +6,11 @@ same masks and audit as the in-memory pipeline (`pipeline._prepare_in_memory`), 
 - sources are read as a stream into an Arrow file (.jsonl line by line, .parquet batch by batch,
   `save_to_disk` folders and hub datasets row by row), so memory does not grow with the rows;
 - rows are encoded by `datasets.Dataset.map` in `data.num_proc` processes;
-- the result is kept under `cache_root()/data/<key>/`, written atomically, where `key` is a
+- the result is kept under `caches.data_cache()/<key>/`, written atomically, where `key` is a
   sha256 of everything that changes the encoding: the data files' contents and paths, the
-  tokenizer (its full serialisation), the chat template, the data section (max_length, loss_on,
-  truncation, system_prompt, formats, limits, ...), the hold-out seed, and the library versions.
+  tokenizer (its identity, `models.tokenizer_identity`), the chat template, the data section
+  (max_length, loss_on, truncation, system_prompt, formats, limits, ...), the hold-out seed, and
+  the library versions.
   A second run, a resume or another process of a multi-process run maps the files in seconds.
 
 A bad row (invalid JSON, a row that does not fit its format, a chat the template cannot render)
@@ -255,12 +256,17 @@ class _BatchEncoder:
         self.system_prompt = spec.system_prompt
         self.max_length = spec.max_length
         self.truncation = spec.truncation
+        self.tools = spec.tools
+        self.reasoning, self.template_variables = spec.reasoning, spec.chat_template_kwargs
         self._encoders: dict[bool, Encoder] = {}
 
     def _encoder(self, reference: bool) -> Encoder:
         if reference not in self._encoders:  # the reference set: loss on every token
             self._encoders[reference] = Encoder(
-                self.tokenizer, "all" if reference else self.loss_on
+                self.tokenizer,
+                "all" if reference else self.loss_on,
+                self.reasoning,
+                self.template_variables,
             )
         return self._encoders[reference]
 
@@ -277,7 +283,12 @@ class _BatchEncoder:
             encoder.stop_tokens.clear()
             try:
                 data = parse_json_line(raw.decode(), origin) if is_line else json.loads(raw)
-                example = to_example(RawRow(data, origin), fmt, None if ref else self.system_prompt)
+                example = to_example(
+                    RawRow(data, origin),
+                    fmt,
+                    None if ref else self.system_prompt,
+                    None if ref else self.tools,
+                )
                 texts[i] = encoder.render(example)
             except DataError as e:
                 errors[i] = str(e)
@@ -298,6 +309,10 @@ class _BatchEncoder:
         n_supervised[ok] = supervised
         was_truncated = np.zeros(n, dtype=bool)
         was_truncated[ok] = truncated
+        parts: list[str | None] = [None] * n  # agent parts as JSON token runs, for the audit
+        if encoded.parts:
+            for i, runs in zip(np.flatnonzero(ok), encoded.parts):
+                parts[i] = json.dumps(runs) if runs else None
         # the first `out` tokens of each rendered row, back to back
         starts = np.repeat(encoded.bounds[:-1] - np.cumsum(out) + out, out)
         take = np.arange(int(out.sum()), dtype=np.int64) + starts
@@ -313,6 +328,7 @@ class _BatchEncoder:
                 "stop": pa.array(stops, pa.string()),
                 "system": pa.array(systems, pa.string()),
                 "error": pa.array(errors, pa.string()),
+                "parts": pa.array(parts, pa.string()),
             }
         )
 

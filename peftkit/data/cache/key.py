@@ -1,7 +1,7 @@
 """The data cache's key: a sha256 of everything that changes the encoding (the data files'
-contents and paths, the tokenizer's whole serialisation, the chat template, the data section,
-the hold-out seed, the library versions), so a cached data set is reused only when it is the
-same data encoded the same way."""
+contents and paths, the tokenizer's identity (`models.tokenizer_identity`), the chat template,
+the data section, the hold-out seed, the library versions), so a cached data set is reused only
+when it is the same data encoded the same way."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from peftkit.data.fingerprint import source_sha
 from peftkit.data.sources import looks_like_local_path
 from peftkit.data.spec import DataSpec
+from peftkit.models.tokenizer_identity import tokenizer_identity
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-LAYOUT = 2
+LAYOUT = 3
 """Bumped whenever the files or the encoding change, so older caches are never read."""
 
 
@@ -39,7 +40,7 @@ def data_key(
     parts = content_parts(spec, seed, task)
     if parts is None:
         return None
-    payload = {**parts, "tokenizer": tokenizer_sha(tokenizer), "chat_template": template}
+    payload = {**parts, "tokenizer": tokenizer_identity(tokenizer).sha(), "chat_template": template}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -66,16 +67,3 @@ def content_parts(
         "seed": seed if spec.eval_fraction > 0 and not spec.eval else None,
         "versions": [metadata.version(n) for n in ("transformers", "tokenizers", "datasets")],
     }
-
-
-def tokenizer_sha(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Everything that decides how text becomes ids: a fast tokenizer's whole serialisation
-    (normaliser, pre-tokenizer, model, post-processor, added tokens) and the special tokens."""
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        digest.update(backend.to_str().encode())
-    else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return digest.hexdigest()

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from peftkit.caches import data_cache
 from peftkit.data.audit import SplitAudit
 from peftkit.data.encode import (
     EncodedRow,
 )
 from peftkit.io import atomic_dir, atomic_write_json, fsync_dir
-from peftkit.models.gguf import cache_root
 
 if TYPE_CHECKING:
     pass
@@ -58,8 +58,8 @@ def last_used(folder: Path) -> float:
 
 
 def data_root() -> Path:
-    """The data cache: $PEFTKIT_CACHE/data (default ~/.cache/peftkit/data)."""
-    return cache_root() / "data"
+    """The data cache: $PEFTKIT_CACHE/data (default ~/.cache/peftkit/data; `peftkit.caches`)."""
+    return data_cache()
 
 
 def cache_dir(key: str) -> Path:
@@ -79,6 +79,7 @@ class EncodedRows(Sequence[EncodedRow]):
         self._origin = table.column("origin")
         self._truncated = table.column("truncated")
         self._task = table.column("task")
+        self._parts = table.column("parts") if "parts" in table.column_names else None
         self._index = index
         self.lengths = _numbers(pc.list_value_length(self._ids))[index].astype(np.int64)
         tasks = pc.dictionary_encode(self._task).combine_chunks()
@@ -98,10 +99,15 @@ class EncodedRows(Sequence[EncodedRow]):
             self._origin[j].as_py(),
             truncated=self._truncated[j].as_py(),
             task=self._task[j].as_py(),
+            **({"parts": _runs(self._parts[j].as_py())} if self._parts is not None else {}),
         )
 
     def __iter__(self) -> Iterator[EncodedRow]:
         return (self[i] for i in range(len(self)))
+
+
+def _runs(stored: str | None) -> list[tuple[int, int, str]] | None:
+    return [tuple(run) for run in json.loads(stored)] if stored else None
 
 
 def _numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -3,23 +3,32 @@ end what each did, so that summary.json (`attention`, `speedups`) says why a run
 
 The kernels themselves live in their own modules: the fused LoRA SwiGLU MLP (`lora_mlp.py`), the
 fused head and cross-entropy (`linear_ce.py`, chosen by the objective's loss) and the varlen
-attention for packed rows (`attention.py`).
+attention for packed rows (`attention.py`). Each counts its own training calls, so the report
+says what ran, not only what was installed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from peftkit import _compat
+from peftkit.kernels import attention, linear_ce
+from peftkit.kernels.lora_mlp import fused_mlp_status, install_fused_lora_mlps
 from peftkit.models.layers import unwrap_peft
-from peftkit.training import attention
-from peftkit.training.lora_mlp import fused_mlp_status, install_fused_lora_mlps
 
-if TYPE_CHECKING:
-    from peftkit.objectives.runtime import Objective
+
+class KernelChoices(Protocol):
+    """What the fused paths ask of a run's objective (training's `Objective` has both)."""
+
+    varlen: bool
+    """Packed micro-batches carry row boundaries for the varlen attention."""
+
+    def fused_head_status(self, model: nn.Module) -> dict[str, Any]:
+        """Whether the objective's loss runs the fused head: {"used": bool, "reason": why not}."""
+        ...
 
 
 @dataclass
@@ -31,7 +40,7 @@ class Kernels:
     varlen: bool
     """Packed rows run through `attention.py`'s varlen implementation."""
 
-    def report(self, model: nn.Module, objective: Objective) -> dict[str, Any]:
+    def report(self, model: nn.Module, objective: KernelChoices) -> dict[str, Any]:
         """summary.json's `attention` (the kernel packed training rows ran) and `speedups` (each
         fused path: {"used": bool, "reason": why not})."""
         calls = attention.CALLS
@@ -52,10 +61,17 @@ class Kernels:
             "attention": kernel,
             "speedups": {
                 "fused_mlp": fused_mlp_status(model),
-                "fused_head": objective.fused_head_status(model),
+                "fused_head": _fused_head(model, objective),
                 "varlen_attention": varlen,
             },
         }
+
+
+def _fused_head(model: nn.Module, objective: KernelChoices) -> dict[str, Any]:
+    status = objective.fused_head_status(model)
+    if status.get("used") and not linear_ce.CALLS["training"]:
+        return {"used": False, "reason": "no training forward ran"}
+    return status
 
 
 def _why_not_varlen(kernel: str | None) -> str:
@@ -64,12 +80,14 @@ def _why_not_varlen(kernel: str | None) -> str:
     return f"batches are not packed rows under SDPA (attention: {kernel})"
 
 
-def apply_kernels(model: nn.Module, objective: Objective) -> Kernels:
+def apply_kernels(model: nn.Module, objective: KernelChoices) -> Kernels:
     """Install the fused paths the model and the objective's batching allow (before accelerate
-    wraps the model). Each checks at every call that it applies, else the model's own code runs."""
+    wraps the model), and start their call counts afresh. Each checks at every call that it
+    applies, else the model's own code runs."""
     install_fused_lora_mlps(model)
     kernels = Kernels(_compat.attention_implementation(unwrap_peft(model)), objective.varlen)
     attention.CALLS.clear()
+    linear_ce.CALLS.clear()
     if kernels.varlen:  # packed rows: one varlen call (or one SDPA per row), no mask
         attention.use_varlen_attention(model)
     return kernels
