@@ -136,7 +136,8 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    if not recipe.data.cache:
+    kind = recipe.objective_kind
+    if not recipe.data.cache and kind.caches_rows:
         raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
     key = starts.key_of(recipe)  # hashes the tokenizer's and the data's files: once
     found = starts.find(recipe, key)
@@ -144,7 +145,6 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
         return found
     from peftkit.models.load import load_tokenizer  # (transformers, torch)
 
-    kind = recipe.objective_kind
     tokenizer = load_tokenizer(recipe.model, needs_eos=kind.needs_eos)
     data, _ = kind.prepare_data(recipe, tokenizer, recipe.data_seed)
     if data.cache_dir is None and kind.caches_rows:
