@@ -26,7 +26,8 @@ from peftkit.export.source import ExportSource
 from peftkit.models.load import DTYPES, load_model
 
 
-def _trained_dtype(source: ExportSource) -> torch.dtype:
+def trained_dtype(source: ExportSource) -> torch.dtype:
+    """The dtype training loaded the base in (the trained model computes in it, upcast to fp32)."""
     return DTYPES[source.meta.get("weights_dtype", "float32")]
 
 
@@ -62,7 +63,7 @@ def load_trained(source: ExportSource, adapter_dir: Path | None = None) -> nn.Mo
     if spec.quantization is not None:
         quant = spec.quantization.model_copy(update={"compute_dtype": "float32"})
         spec = spec.model_copy(update={"quantization": quant})
-    base = load_model(spec, _trained_dtype(source), torch.device("cpu"))
+    base = load_model(spec, trained_dtype(source), torch.device("cpu"))
     model = _attach(to_fp32(base), source, adapter_dir)
     model.eval()
     return model
@@ -71,7 +72,7 @@ def load_trained(source: ExportSource, adapter_dir: Path | None = None) -> nn.Mo
 def dense_base(source: ExportSource) -> nn.Module:
     """The base model unquantized, in the dtype training stored it in, upcast to fp32."""
     spec = source.recipe.model.model_copy(update={"quantization": None})
-    return to_fp32(load_model(spec, _trained_dtype(source), torch.device("cpu")))
+    return to_fp32(load_model(spec, trained_dtype(source), torch.device("cpu")))
 
 
 def dequantized_base(source: ExportSource) -> tuple[nn.Module, dict[str, int]]:
@@ -79,7 +80,7 @@ def dequantized_base(source: ExportSource) -> tuple[nn.Module, dict[str, int]]:
 
     Returns the model and {name: blocksize} of the linears that were quantized.
     """
-    quantized = load_model(source.recipe.model, _trained_dtype(source), torch.device("cpu"))
+    quantized = load_model(source.recipe.model, trained_dtype(source), torch.device("cpu"))
     dense = dense_base(source)
     dense_modules = dict(dense.named_modules())
     blocksizes = {}

@@ -20,7 +20,7 @@ Gemma 2, Gemma 3), with plain RoPE.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import gguf
@@ -60,7 +60,7 @@ def write_gguf(
 
     Args:
         model: a causal LM of an architecture in `gguf_arch.ARCHITECTURES` (any dtype; merged,
-            without adapters).
+            without adapters), or a `stream.MergedWeights` (read one tensor at a time).
         tokenizer: its transformers tokenizer (byte-level BPE, or sentencepiece-style BPE).
         path: the file to write; its folder must exist. An existing file is replaced.
         quant: one of `QUANTS` for the 2-D weights; 1-D tensors stay f32.
@@ -82,7 +82,8 @@ def write_gguf(
     config = model.config
     spec = check_config(config)
     vocab = build_vocab(tokenizer, config.vocab_size, chat_template, list(stop_tokens or []))
-    tensors = named_tensors(model.state_dict(), spec, config)  # raises before any file is opened
+    weights = model.state_dict() if isinstance(model, nn.Module) else model  # or a stream
+    tensors = named_tensors(weights, spec, config)  # raises before any file is opened
     head = "token_embd.weight" if "output.weight" not in dict(tensors) else "output.weight"
     qtype, file_type = QUANTS[quant]
 
@@ -92,8 +93,8 @@ def write_gguf(
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hyperparameters(writer, config, spec)
         vocab.add_to(writer)
-        for name, tensor in tensors:
-            data = gguf_layout(name, tensor, spec, config)
+        for name, hf_name in tensors:
+            data = gguf_layout(name, weights[hf_name], spec, config)
             tensor_type = _T.Q8_0 if name == head and qtype in LOW_BIT else qtype
             add_tensor(writer, name, data, tensor_type)
 
@@ -149,20 +150,21 @@ def gguf_tensor_name(names, hf_name: str) -> str | None:
 
 
 def named_tensors(
-    state_dict: dict[str, torch.Tensor], spec: ArchSpec, config
-) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor) for every tensor of the model, in state-dict order."""
+    state_dict: Mapping[str, torch.Tensor], spec: ArchSpec, config
+) -> list[tuple[str, str]]:
+    """(GGUF name, state-dict name) for every tensor of the model, in state-dict order; from the
+    names alone (a streamed state dict computes each tensor when it is read)."""
     names = gguf_name_map(spec, config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out, unmapped = [], []
-    for hf_name, tensor in state_dict.items():
+    for hf_name in state_dict:
         if tied and hf_name == "lm_head.weight":
             continue
         gguf_name = gguf_tensor_name(names, hf_name)
         if gguf_name is None:
             unmapped.append(hf_name)
             continue
-        out.append((gguf_name, tensor))
+        out.append((gguf_name, hf_name))
     if unmapped:
         raise UnsupportedGGUFExport(
             f"tensors with no GGUF name for {gguf.MODEL_ARCH_NAMES[spec.arch]}: "

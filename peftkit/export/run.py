@@ -3,6 +3,7 @@ it against the trained model, and keep it only if it passes the fidelity gate.""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from peftkit.export.gguf_export import (
 )
 from peftkit.export.prompt import apply_training_prompt
 from peftkit.export.source import ExportSource, resolve_source
+from peftkit.export.stream import CannotStream, MergedWeights, streaming_refusal
 from peftkit.export.vllm import check_vllm
 from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
 from peftkit.io import (
@@ -172,6 +174,7 @@ def export(
         f"loading the trained model ({source.recipe.adapter.method} on {source.recipe.model.name}) ..."
     )
     reference = reference_outputs(build.load_trained(source), rows, *gen, prompt.client_prompts)
+    gc.collect()  # the trained model is gone before any merged weights exist (peft's cycles too)
     limits = gguf_thresholds(spec) if to_gguf else spec.thresholds
     report: dict[str, Any] = {
         "source": str(source.result_dir),
@@ -190,17 +193,18 @@ def export(
         elif adapter_only:
             candidate = _export_adapter(source, tmp, tokenizer, target, report, log)
         elif to_gguf:
-            model = _merged_model(source, spec, reference, rows, gen, report, log)
+            model = _merged_weights(source, spec, reference, rows, gen, report, log)
             candidate, problems = export_gguf(
                 model, source, tokenizer, tmp, spec, rows, report, log, prompt.system_prompt
             )
             del model
         else:
-            model = _merged_model(source, spec, reference, rows, gen, report, log)
+            model = _merged_weights(source, spec, reference, rows, gen, report, log)
             write_generation_config(model, source, tokenizer)
             write_model(model, tmp, spec.dtype, spec.max_shard_size)
             tokenizer.save_pretrained(str(tmp))
             del model
+            gc.collect()  # the merged weights are gone before the written ones are read back
             report["what"] = (
                 f"merged {spec.dtype} weights (sharded safetensors, max shard {spec.max_shard_size})"
             )
@@ -254,6 +258,25 @@ def _held_out_rows(
     if not picked:
         raise ExportError("no held-out row with supervised tokens to compare the export against")
     return picked, where
+
+
+def _merged_weights(
+    source: ExportSource, spec: ExportSpec, reference: Reference, rows, gen, report, log
+) -> nn.Module | MergedWeights:
+    """The merged model: streamed from the base checkpoint one layer at a time where that is
+    exact (see `stream`), else built whole in memory, the reason logged and reported."""
+    reason = streaming_refusal(source)
+    if reason is None:
+        try:
+            weights = MergedWeights.of_run(source)
+            report["merge"] = "streamed"
+            log("merging the adapter one layer at a time from the base checkpoint ...")
+            return weights
+        except CannotStream as e:
+            reason = str(e)
+    report["merge"] = f"in memory: {reason}"
+    log(f"merging in memory ({reason}) ...")
+    return _merged_model(source, spec, reference, rows, gen, report, log)
 
 
 def _merged_model(

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.cli import main
 from peftkit.data.chat import ChatRenderer
-from peftkit.errors import ExportError
+from peftkit.errors import ExportError, FidelityGateFailed
 from peftkit.export.run import export
+from peftkit.export.stream import MergedWeights
 from peftkit.recipe.load import load_recipe
 from peftkit.training.loop import FineTuneRun
 from tests.conftest import chat_rows, write_jsonl, write_recipe
@@ -114,6 +115,27 @@ def test_merged_export_reloads_with_transformers_and_matches_the_trained_model(
     assert relative < limit, relative
     report = json.loads((out / "fidelity.json").read_text())
     assert report["passed"] and report["fidelity"]["greedy_agreement"] >= 0.9
+    # every adapter merges one layer at a time; whole models and QLoRA's measured bases do not
+    streamed = name not in ("full", "partial", "qlora")
+    assert (report["merge"] == "streamed") == streamed, report["merge"]
+
+
+def test_gate_reads_the_streamed_file_and_refuses_a_wrong_tensor(trained, tmp_path, monkeypatch):
+    """One merged tensor corrupted on its way to the file: the gate, reading the file back, refuses
+    it and nothing is written."""
+    run, _ = trained["lora"]
+    honest = MergedWeights.__getitem__
+
+    def corrupted(self, key):
+        tensor = honest(self, key)
+        return tensor * 1.5 if key == "model.layers.1.self_attn.v_proj.weight" else tensor
+
+    monkeypatch.setattr(MergedWeights, "__getitem__", corrupted)
+    with pytest.raises(FidelityGateFailed, match="differs from the trained model"):
+        export(run, tmp_path / "bad", log=lambda *_: None)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    monkeypatch.setattr(MergedWeights, "__getitem__", honest)
+    assert export(run, tmp_path / "good", log=lambda *_: None)["passed"]
 
 
 def test_float32_export_of_lora_is_exact(trained, tmp_path):

@@ -65,6 +65,7 @@ def test_gguf_export_reads_back_and_passes_the_gate(lora_run, quant, tmp_path):
     )
     report = json.loads((out / "fidelity.json").read_text())
     assert report["passed"] and report["format"] == "gguf" and report["quant"] == quant
+    assert report["merge"] == "streamed"  # the GGUF writer read the merge one tensor at a time
     assert report["gguf"]["tokenizer"]["identical_rows"] == report["gguf"]["tokenizer"]["rows"] > 0
     limits = ExportSpec().q8_0_thresholds if quant == "q8_0" else ExportSpec().thresholds
     assert report["thresholds"] == limits.model_dump()
