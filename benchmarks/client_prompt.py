@@ -78,7 +78,7 @@ def exported(folder: Path, rows: list[dict], gguf_file: str | None = None) -> li
 
 
 def main() -> None:
-    from peftkit.training.answer_metrics import json_fields
+    from peftkit.objectives.answer_metrics import json_fields
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)

@@ -87,9 +87,9 @@ def evaluate(workdir: Path, outs: list[Path]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.data.pipeline import prepare_data
+    from peftkit.objectives.causal_lm import CausalLM
     from peftkit.recipe.schema import DataSpec
     from peftkit.training.evaluation import held_out_loss
-    from peftkit.training.objective import CausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "model"))
     spec = DataSpec(train=[str(workdir / "eval.jsonl")], max_length=runners.HP["max_length"])

@@ -19,8 +19,7 @@ from annotated_types import Ge, Gt, Le
 
 from peftkit.data.cache import starts
 from peftkit.data.cache.prune import PruneReport, prune
-from peftkit.data.labeled import prepare_labeled_data
-from peftkit.data.pipeline import PreparedData, prepare_data
+from peftkit.data.pipeline import PreparedData
 from peftkit.errors import RecipeError
 from peftkit.io import RunLayout
 from peftkit.launch import Launch
@@ -131,14 +130,14 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
     `preprocess` does), so that `train` and every `--resume` map it in seconds. Loads the
     tokenizer, no model; a second start finds the data from the tokenizer's files without
     loading it (`peftkit.data.cache.starts`). Returns the `PreparedData` (its `cache_dir` says where
-    the rows are). Preference and reward (GRPO) data is read, checked and encoded the same way
-    but not cached yet (`cache_dir` is None): every bad row is reported before a run starts.
+    the rows are). The rows are those of the recipe's objective (`peftkit.objectives`: supervised
+    rows, labelled rows of a task head, preference pairs, prompts), read and encoded as training
+    reads them, so every bad row is reported before a run starts.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    if recipe.objective.preference or recipe.objective.type == "grpo":
-        return _check_uncached(recipe)
-    if not recipe.data.cache:
+    kind = recipe.objective_kind
+    if not recipe.data.cache and kind.caches_rows:
         raise RecipeError("data.cache is false: there is no cache to prepare (set it to true)")
     key = starts.key_of(recipe)  # hashes the tokenizer's and the data's files: once
     found = starts.find(recipe, key)
@@ -146,32 +145,15 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> 
         return found
     from peftkit.models.load import load_tokenizer  # (transformers, torch)
 
-    tokenizer = load_tokenizer(recipe.model, needs_eos=not recipe.task.has_head)
-    seed = recipe.data_seed
-    if recipe.task.has_head:
-        data, _ = prepare_labeled_data(recipe.data, recipe.task, tokenizer, seed)
-    else:
-        data = prepare_data(recipe.data, tokenizer, seed)
-    if data.cache_dir is None:
+    tokenizer = load_tokenizer(recipe.model, needs_eos=kind.needs_eos)
+    data, _ = kind.prepare_data(recipe, tokenizer, recipe.data_seed)
+    if data.cache_dir is None and kind.caches_rows:
         raise RecipeError(
             "this data cannot be cached: a hub dataset without data.train[...].revision may "
             "change under the same name; pin a revision"
         )
     starts.remember(key, data)
     return data
-
-
-def _check_uncached(recipe: Recipe) -> PreparedData:
-    from peftkit.data.preference import prepare_preference_data
-    from peftkit.data.prompts import prepare_prompt_data
-    from peftkit.models.load import load_tokenizer  # (transformers, torch)
-
-    tokenizer = load_tokenizer(recipe.model, needs_eos=True)
-    if recipe.objective.type == "grpo":
-        column = recipe.objective.reference_column
-        return prepare_prompt_data(recipe.data, tokenizer, recipe.data_seed, column)
-    unpaired = recipe.objective.type == "kto"
-    return prepare_preference_data(recipe.data, tokenizer, recipe.data_seed, unpaired)
 
 
 def prune_data_cache(

@@ -26,7 +26,6 @@ from annotated_types import Gt, Le
 
 from peftkit.adapters.adapter_set import AdapterSet, resolve_adapter_dir
 from peftkit.data.encode import EncodedRow
-from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import PeftkitError, ServingError
 from peftkit.io import MANIFEST, RunLayout, atomic_dir, atomic_write_text, guard_output
 from peftkit.models.manifest import (
@@ -35,10 +34,10 @@ from peftkit.models.manifest import (
     training_prompt,
     write_manifest,
 )
+from peftkit.objectives.causal_lm import CausalLM
 from peftkit.recipe.load import load_run_recipe, validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.training.evaluation import held_out_loss
-from peftkit.training.objective import CausalLM
 
 HOW = (
     "linear",
@@ -224,7 +223,7 @@ def _eval_rows(adapter_dir: Path, aset: AdapterSet, limit: int) -> list[EncodedR
     if recipe is None:
         return None
     seed = recipe.data_seed
-    data = prepare_scored_rows(recipe, aset.tokenizer, seed)
+    data = recipe.objective_kind.scored_rows(recipe, aset.tokenizer, seed)
     if not data.eval:
         raise ServingError("its run had no eval data (set data.eval or data.eval_fraction)")
     return data.eval[:limit]

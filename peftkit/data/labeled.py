@@ -20,9 +20,9 @@ from peftkit.data.chat import ChatTemplate
 from peftkit.data.encode import EncodedRow
 from peftkit.data.pipeline import PreparedData, mapped_data
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.spec import DataSource, DataSpec, TaskSpec
 from peftkit.data.split import split_eval
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSource, DataSpec, TaskSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from peftkit.data.encode import EncodedRow, row_tasks
+from peftkit.data.spec import DataSpec
 from peftkit.data.step_plan import StepPlan
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSpec
 
 
 def task_shares(spec: DataSpec, counts: dict[str, int]) -> dict[str, float]:

@@ -14,9 +14,9 @@ from peftkit.data.chat import ChatTemplate, resolve_chat_template
 from peftkit.data.encode import TOO_LONG, UNSUPERVISED, EncodedRow, Encoder, encode_kept
 from peftkit.data.formats import Example, detect_format, to_example
 from peftkit.data.sources import read_source
+from peftkit.data.spec import DataSource, DataSpec
 from peftkit.data.split import check_supervised, hold_out, split_eval
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSource, DataSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -14,27 +14,39 @@ end-of-turn/EOS token, `encode.Encoder`), with labels on every token after the p
 turn(s) of a conversation, their end-of-turn token and whatever the template writes after it
 (ChatML's newline), or the completion and EOS after a string prompt. That is TRL's completion,
 so an answer's log-probability is the one its trainers compute.
+
+With `data.cache` the encoded rows are kept in peftkit's data cache as supervised fine-tuning's are
+(keyed by the same contents, plus the row kind), encoded here the first time and read back from
+there afterwards (`peftkit prepare` builds it ahead of training).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from peftkit.data.audit import SplitAudit, audit_record, render_mask
-from peftkit.data.chat import resolve_chat_template
+from peftkit.data.cache import store
+from peftkit.data.cache.key import data_key
+from peftkit.data.chat import ChatTemplate, resolve_chat_template
 from peftkit.data.encode import IGNORE, EncodedRow, Encoder, truncate
 from peftkit.data.formats import ROLES, Example, messages_of, text_of
-from peftkit.data.pipeline import PreparedData, prepare_data
+from peftkit.data.pipeline import PreparedData
 from peftkit.data.sources import RawRow, read_source
+from peftkit.data.spec import DataSource, DataSpec
 from peftkit.data.split import split_eval
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSource, DataSpec, Recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,12 +87,37 @@ class _Raw:
     origin: str
 
 
+def preference_key(unpaired: bool) -> dict[str, Any]:
+    """What decides encoded preference rows besides the data section (part of the cache key)."""
+    return {"rows": "preference", "unpaired": unpaired}
+
+
 def prepare_preference_data(
     spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, unpaired: bool
 ) -> PreparedData:
     """Read, check, split and encode preference rows. `unpaired` (KTO) turns pairs into two rows.
-    Raises `DataError` naming the file and line of a bad row."""
+    Raises `DataError` naming the file and line of a bad row. With `data.cache`, the rows come
+    from the data cache (encoded and stored there the first time)."""
     template = resolve_chat_template(tokenizer, spec.chat_template)
+    extra = preference_key(unpaired)
+    key = data_key(spec, tokenizer, template.template, seed, extra) if spec.cache else None
+    if key is None:
+        return _prepare_in_memory(spec, tokenizer, seed, unpaired, template)
+    folder = store.cache_dir(key)
+    if (folder / "meta.json").is_file():
+        log.info("encoded data found in %s", folder)
+    else:
+        write_preference_rows(folder, _prepare_in_memory(spec, tokenizer, seed, unpaired, template))
+    return mapped_preference_data(folder, template)
+
+
+def _prepare_in_memory(
+    spec: DataSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    unpaired: bool,
+    template: ChatTemplate,
+) -> PreparedData:
     train = _read(spec.train, spec.system_prompt, unpaired)
     evals = _read(spec.eval, spec.system_prompt, unpaired)
     train, evals = split_eval(train, evals, spec, seed)
@@ -95,6 +132,65 @@ def prepare_preference_data(
         template,
         sorted(encoder.stop_tokens),
         system_turns=sorted(encoder.system_turns),
+    )
+
+
+def write_preference_rows(folder: Path, data: PreparedData) -> None:
+    """Store encoded preference rows as a data cache folder, atomically: every answer is a row of
+    the Arrow table (`store.write_rows`), the chosen ones of a split, then its rejected ones;
+    which pair each belongs to, its origin and KTO label go to meta.json."""
+    sequences: dict[str, list[EncodedRow]] = {}
+    pairs: dict[str, dict[str, list]] = {}
+    for split, rows in (("train", data.train), ("eval", data.eval)):
+        if split == "eval" and not rows:
+            continue
+        sequences[f"{split}.chosen"] = [r.chosen for r in rows]
+        sequences[f"{split}.rejected"] = [r.rejected for r in rows if r.rejected is not None]
+        pairs[split] = {
+            "origin": [r.origin for r in rows],
+            "desirable": [r.desirable for r in rows],
+            "paired": [r.rejected is not None for r in rows],
+        }
+    store.write_rows(
+        folder,
+        sequences,
+        data.audits,
+        "int64",
+        rows="preference",
+        pairs=pairs,
+        stop_tokens=data.stop_tokens,
+        system_turns=data.system_turns,
+    )
+
+
+def mapped_preference_data(folder: Path, template: ChatTemplate) -> PreparedData:
+    """The preference rows of a data cache folder (`write_preference_rows`), read back: the same
+    rows, in the same order, as the encoding that stored them."""
+    meta = json.loads((folder / "meta.json").read_text())
+    with contextlib.suppress(OSError):  # (a read-only cache is still read)
+        (folder / store.USED).touch()
+    table = store.read_tables(folder, meta["files"])
+
+    def answers(name: str) -> store.EncodedRows:
+        return store.EncodedRows(table, np.load(folder / f"{name}.npy", allow_pickle=False))
+
+    splits: dict[str, list[PreferenceRow]] = {"eval": []}
+    for split, p in meta["pairs"].items():
+        chosen, rejected = answers(f"{split}.chosen"), iter(answers(f"{split}.rejected"))
+        splits[split] = [
+            PreferenceRow(chosen[i], next(rejected) if paired else None, origin, desirable)
+            for i, (origin, desirable, paired) in enumerate(
+                zip(p["origin"], p["desirable"], p["paired"])
+            )
+        ]
+    return PreparedData(
+        splits["train"],
+        splits["eval"],
+        [SplitAudit(**a) for a in meta["audits"].values()],
+        template,
+        meta["stop_tokens"],
+        cache_dir=str(folder),
+        system_turns=meta["system_turns"],
     )
 
 
@@ -311,28 +407,6 @@ def preference_audit_record(data: PreparedData, tokenizer: PreTrainedTokenizerBa
         else [("desirable" if r.desirable else "undesirable", r.chosen) for r in data.train[:2]]
     )
     return audit_record(data, tokenizer, "causal_lm", None, shown=rows)
-
-
-def prepare_scored_rows(
-    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, seed: int
-) -> PreparedData:
-    """The rows a causal LM trained by `recipe` is scored on outside training (export's fidelity
-    check, combine's evaluation): the recipe's own rows, or for a preference recipe the preferred
-    answers (chosen, or KTO's desirable ones) as supervised rows; for a reinforcement-learning
-    recipe its prompts with their reference answers (`PromptRow.scored`)."""
-    if recipe.objective.type == "grpo":
-        from peftkit.data.prompts import prepare_prompt_data
-
-        data = prepare_prompt_data(recipe.data, tokenizer, seed, recipe.objective.reference_column)
-        return replace(
-            data, train=[r.scored for r in data.train], eval=[r.scored for r in data.eval]
-        )
-    if not recipe.objective.preference:
-        return prepare_data(recipe.data, tokenizer, seed)
-    data = prepare_preference_data(
-        recipe.data, tokenizer, seed, unpaired=recipe.objective.type == "kto"
-    )
-    return replace(data, train=preferred_answers(data.train), eval=preferred_answers(data.eval))
 
 
 def preferred_answers(rows: list[PreferenceRow]) -> list[EncodedRow]:

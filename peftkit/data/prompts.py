@@ -38,7 +38,7 @@ from peftkit.errors import DataError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from peftkit.recipe.schema import DataSource, DataSpec
+    from peftkit.data.spec import DataSource, DataSpec
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftkit.data.spec import DataSource
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSource
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 

@@ -7,8 +7,8 @@ import random
 from typing import TypeVar
 
 from peftkit.data.audit import SplitAudit
+from peftkit.data.spec import DataSpec
 from peftkit.errors import DataError
-from peftkit.recipe.schema import DataSpec
 
 T = TypeVar("T")
 

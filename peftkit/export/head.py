@@ -27,8 +27,8 @@ from peftkit.export.source import ExportSource
 from peftkit.export.write import model_card, write_model
 from peftkit.io import FIDELITY, atomic_dir, atomic_write_json, atomic_write_text
 from peftkit.models.load import DTYPES, head_config, load_model
+from peftkit.objectives.heads import collate_labeled, head_outputs
 from peftkit.recipe.schema import ExportSpec
-from peftkit.training.heads import collate_labeled, head_outputs
 
 
 def export_head_model(

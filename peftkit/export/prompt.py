@@ -89,7 +89,7 @@ def apply_training_prompt(source: ExportSource, tokenizer, samples: int) -> Expo
         raise ExportError(f"data.system_prompt cannot be made the export's default: {e}") from None
     tokenizer.chat_template = change.template
     pairs = []
-    if not source.recipe.objective.preference:  # (preference rows are pairs, not chats)
+    if source.recipe.objective_kind.held_out_chats:  # (not preference pairs)
         for chat in held_out_chats(source.recipe.data, source.recipe.data_seed, samples):
             given = chat if chat[0]["role"] == "system" else [_system(system), *chat]
             training = _ids(tokenizer, render(trained, given, True))

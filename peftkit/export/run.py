@@ -17,7 +17,6 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from peftkit.data.encode import EncodedRow
-from peftkit.data.preference import prepare_scored_rows
 from peftkit.errors import ExportError
 from peftkit.export import build
 from peftkit.export.fidelity import (
@@ -130,8 +129,11 @@ def export(
     inputs += [s.path for s in source.recipe.data.sources]
     guard_output(out, "export", inputs, overwrite, "pass --overwrite", ExportError)
     to_gguf = spec.format == "gguf"
-    if to_gguf and (target is not None or source.recipe.task.has_head):
-        raise ExportError("GGUF holds a causal LM: no --target or task-head models")
+    kind = source.recipe.objective_kind
+    if to_gguf and target is not None:
+        raise ExportError("GGUF holds a causal LM: no --target")
+    if to_gguf and kind.support.gguf is not None:
+        raise ExportError(f"objective {kind.name}: no GGUF export ({kind.support.gguf})")
     if to_gguf and adapter_only and not source.recipe.adapter.gguf_adapter:
         raise ExportError(
             f"{source.recipe.adapter.method} adapters have no llama.cpp GGUF form (LoRA's have): "
@@ -156,7 +158,7 @@ def export(
             "--target checks adapter-only exports: add --adapter-only (merged weights need no check)"
         )
 
-    if source.recipe.task.has_head:
+    if kind.head == "sequence_classification":  # a new head: exported with its weights
         if adapter_only or target is not None:
             raise ExportError("task-head models export as merged weights only (no --adapter-only)")
         from peftkit.export.head import export_head_model
@@ -248,7 +250,8 @@ def _record_export(run_dir: Path, out: Path) -> None:
 def _held_out_rows(
     source: ExportSource, tokenizer, spec: ExportSpec
 ) -> tuple[list[EncodedRow], str]:
-    data = prepare_scored_rows(source.recipe, tokenizer, source.recipe.data_seed)
+    recipe = source.recipe
+    data = recipe.objective_kind.scored_rows(recipe, tokenizer, recipe.data_seed)
     rows, where = (
         (data.eval, "eval data")
         if data.eval

@@ -27,22 +27,15 @@ class _TrainValues(Protocol):
     def gradient_checkpointing(self) -> bool: ...
 
 
-class _TaskValues(Protocol):
-    @property
-    def has_head(self) -> bool: ...
-
-
 class RecipeView(Protocol):
     """What a method's `check_recipe` reads of the recipe that composes it: the model section and
-    a few train and task values. The recipe (`peftkit.recipe.schema.Recipe`, a layer up) passes
+    a few train values. The recipe (`peftkit.recipe.schema.Recipe`, a layer up) passes
     itself; methods never import it."""
 
     @property
     def model(self) -> ModelSpec: ...
     @property
     def train(self) -> _TrainValues: ...
-    @property
-    def task(self) -> _TaskValues: ...
 
 
 @dataclass
@@ -128,11 +121,6 @@ class MethodSpec(Section):
             problems.append(
                 f"adapter.method {self.method!r} trains the base weights, which cannot be quantized: "
                 "remove model.quantization or use method: qlora"
-            )
-        if not self.causal_lm and not recipe.task.has_head:
-            problems.append(
-                f"adapter.method {self.method!r} trains a new task head: set task.type to "
-                "classification or regression"
             )
         if self.virtual_tokens and recipe.train.packing:
             problems.append(

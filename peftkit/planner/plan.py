@@ -111,33 +111,17 @@ def make_plan(
     """Predict the peak memory of training `recipe` (per process under `launch`, which says how
     state is sharded); on a GPU of `gpu_memory` bytes if given."""
     from peftkit.data.encode import row_lengths
-    from peftkit.data.pipeline import prepare_data
     from peftkit.models.load import load_tokenizer
-    from peftkit.training.batches import pack_multiple, resolve_packing
+    from peftkit.objectives.batches import pack_multiple, resolve_packing
     from peftkit.training.precision import resolve_precision, weights_dtype
 
-    if recipe.task.has_head:
+    kind = recipe.objective_kind
+    if kind.support.plan is not None:
         from peftkit.errors import RecipeError
 
         raise RecipeError(
-            f"peftkit plan models causal-LM training; task.type {recipe.task.type!r} (a task head: "
-            "one prediction per row, no vocabulary-sized logits) is not modelled yet"
-        )
-    if recipe.objective.type == "grpo":
-        from peftkit.errors import RecipeError
-
-        raise RecipeError(
-            "peftkit plan models supervised fine-tuning; objective 'grpo' (rollouts of "
-            "num_generations completions per prompt with a KV cache, reference forwards) is not "
-            "modelled yet"
-        )
-    if recipe.objective.preference:
-        from peftkit.errors import RecipeError
-
-        raise RecipeError(
-            f"peftkit plan models supervised fine-tuning; objective {recipe.objective.type!r} "
-            "(chosen and rejected answers in one micro-batch, reference forwards) is not "
-            "modelled yet"
+            f"peftkit plan models supervised fine-tuning of a causal LM; objective {kind.name!r} "
+            f"({kind.support.plan}) is not modelled yet"
         )
     on_gpu = gpu_memory is not None or torch.cuda.is_available()
     if (
@@ -148,9 +132,8 @@ def make_plan(
         precision = "bf16"  # planning for a GPU from a machine without one: assume a bf16 GPU
     else:
         precision = resolve_precision(recipe.train, on_gpu)
-    tokenizer = load_tokenizer(recipe.model)
-    seed = recipe.data_seed
-    data = prepare_data(recipe.data, tokenizer, seed)
+    tokenizer = load_tokenizer(recipe.model, needs_eos=kind.needs_eos)
+    data, _ = kind.prepare_data(recipe, tokenizer, recipe.data_seed)  # the rows training reads
     lengths = row_lengths(data.train)
     supervised = np.array([r.n_supervised for r in data.train])
     packing = resolve_packing(recipe.train, recipe.adapter, recipe.model.attn_implementation)

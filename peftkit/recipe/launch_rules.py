@@ -21,11 +21,9 @@ def launch_problems(launch: Launch, recipe: Recipe) -> list[str]:
             f"{name} model (its weights split over processes) cannot do: remove them, or "
             "generate from the saved adapter afterwards (peftkit generate)"
         )
-    if recipe.objective.type == "grpo":
-        problems.append(
-            f"objective grpo samples completions on each process, which a {name} model (its "
-            "weights split over processes) cannot do yet: launch it with DDP"
-        )
+    kind = recipe.objective_kind  # what the objective declares it supports (its `support`)
+    if kind.support.sharded is not None:
+        problems.append(f"objective {kind.name} under {name}: {kind.support.sharded}")
     if recipe.adapter.full_weights:  # the registry's capability: its result is a whole model
         problems.append(
             f"adapter.method {recipe.adapter.method} under {name}: saving the whole sharded "

@@ -1,5 +1,5 @@
-"""The manual's generated pages: the recipe reference from the schema's field docstrings, and the
-methods table from the method registry. Nothing here is typed by hand, so a default, a choice or a
+"""The manual's generated pages: the recipe reference from the schema's field docstrings, the
+methods table from the method registry and the objectives table from the objective registry. Nothing here is typed by hand, so a default, a choice or a
 capability lives in one place (the schema, a method's class) and the manual cannot drift from it.
 """
 
@@ -18,7 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from peftkit.methods.registry import registered_methods
-from peftkit.recipe.objective import ObjectiveSpec
+from peftkit.objectives.registry import registered_objectives, spec_type
 from peftkit.recipe.schema import Recipe
 from peftkit.section import Section
 
@@ -176,16 +176,33 @@ def _first_sentence(text: str | None) -> str:
     return re.split(r"(?<! al)\. ", flat, maxsplit=1)[0].rstrip(".") + "."
 
 
+def _support(reason: str | None) -> str:
+    return "yes" if reason is None else f"no: {reason}"
+
+
 def objectives_table() -> str:
-    """Markdown: one row per objective type (`objective: {type: ...}`), then each one's math as
-    its docstring gives it."""
-    lines = ["| type | keys | what it optimises |", "|---|---|---|"]
-    blocks = []
-    for cls in _sections(ObjectiveSpec):
-        _, value = _discriminator(cls) or ("type", "?")
-        keys = ", ".join(f"`{k}`" for k in cls.model_fields if k != "type") or "—"
-        lines.append(f"| `{value}` | {keys} | {_first_sentence(cls.__doc__)} |")
-        blocks += [f"### `{value}`", "", "```text", inspect.cleandoc(cls.__doc__ or ""), "```", ""]
+    """Markdown, from the objective registry: one row per registered objective (the
+    `objective: {type: ...}` it runs, its keys, what it optimises, what the planner, GGUF export,
+    serving and FSDP / DeepSpeed support for it), then each section's math as its docstring
+    gives it."""
+    lines = [
+        "| objective | `type` | keys | what it optimises | plan | GGUF | serving | FSDP / DeepSpeed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    blocks, specs = [], []
+    for name, kind in registered_objectives().items():
+        value, spec, support = spec_type(kind.spec), kind.spec, kind.support
+        keys = ", ".join(f"`{k}`" for k in spec.model_fields if k != "type") or "—"
+        cells = [
+            _support(r) for r in (support.plan, support.gguf, support.serving, support.sharded)
+        ]
+        lines.append(
+            f"| {name} | `{value}` | {keys} | {kind.summary_line} | " + " | ".join(cells) + " |"
+        )
+        if spec not in specs:
+            specs.append(spec)
+            text = inspect.cleandoc(spec.__doc__ or "")
+            blocks += [f"### `{value}`", "", "```text", text, "```", ""]
     return "\n".join([*lines, "", *blocks])
 
 

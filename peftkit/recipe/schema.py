@@ -1,6 +1,7 @@
 """The recipe: typed sections that everything downstream receives. Defaults live in the sections
 and nowhere else; the `model:` section (`peftkit.models.spec`) and each method's `adapter:` spec
-(`peftkit.methods`) are defined below the recipe, with what uses them, and composed here."""
+(`peftkit.methods`) are defined below the recipe, with what uses them, and composed here; so is each objective's `objective:` section
+(`peftkit.objectives`), with its cross-field rules."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
+from peftkit.data.spec import DataSource as DataSource  # re-exported, with MixingSpec, TaskSpec
+from peftkit.data.spec import DataSpec, TaskSpec
+from peftkit.data.spec import MixingSpec as MixingSpec
 from peftkit.methods import AdapterSpec
-from peftkit.methods.registry import registered_methods
 from peftkit.models.spec import DType as DType  # re-exported, with QuantizationSpec
 from peftkit.models.spec import ModelSpec
 from peftkit.models.spec import QuantizationSpec as QuantizationSpec
-from peftkit.recipe.objective import ObjectiveSpec, SFTObjective, objective_from_shorthand
+from peftkit.objectives import registry as objective_registry
+from peftkit.objectives.base import ObjectiveKind
+from peftkit.objectives.sft import SFTObjective
 from peftkit.section import RESUMABLE, Section
 
 ExportFormat = Literal["safetensors", "gguf"]
@@ -24,209 +30,6 @@ GgufQuant = Literal[
 ]  # fmt: skip
 ExportDType = Literal["bfloat16", "float16", "float32"]
 MergeBase = Literal["auto", "original", "dequantized"]
-
-
-class DataSource(Section):
-    """One dataset: a local file, a `datasets.save_to_disk` folder, or a hub dataset id."""
-
-    path: str
-    """.jsonl/.json/.csv/.parquet file, save_to_disk folder, or hub id. Relative paths: recipe folder first, then cwd."""
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
-    """Row layout; auto detects it from the first row's keys."""
-    split: str = "train"
-    """Split to read from a hub dataset or a DatasetDict folder."""
-    subset: str | None = None
-    """Hub dataset configuration name."""
-    revision: str | None = None
-    limit: int | None = Field(default=None, gt=0)
-    """Use only the first N rows."""
-    task: str | None = Field(default=None, min_length=1)
-    """Task name for multitask training and per-task metrics; null = the file name without its
-    split suffix (`skill-sort-train.jsonl` -> `skill-sort`). Eval sources name train tasks."""
-    weight: float | None = Field(default=None, gt=0)
-    """Mixing weight of this source's task under `data.mixing.strategy: weights`."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"path": value} if isinstance(value, str) else value
-
-    @property
-    def task_name(self) -> str:
-        """`task`, or the last path component without suffixes and a trailing split name."""
-        if self.task is not None:
-            return self.task
-        name = self.path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-        for suffix in (".jsonl", ".json", ".csv", ".parquet"):
-            name = name.removesuffix(suffix)
-        return re.sub(r"[-_.](train|eval|valid|validation|val|test|dev)$", "", name) or name
-
-
-class MixingSpec(Section):
-    """How rows of several train tasks are mixed into the epochs (see peftkit/data/mixing.py)."""
-
-    strategy: Literal["concat", "weights", "temperature"] = "concat"
-    """concat = every row once per epoch (task shares follow the data sizes); weights = each
-    task's share of drawn rows is weight / sum(weights); temperature = share proportional to
-    n_task^(1/temperature) (1 = proportional, large = uniform over tasks)."""
-    temperature: float = Field(default=1.0, gt=0)
-    """Only for strategy temperature; T5 / multilingual mixing commonly uses 2-5."""
-
-
-def _as_list(value: Any) -> Any:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
-
-
-class DataSpec(Section):
-    """What to train on, how rows become tokens, and which tokens carry loss."""
-
-    train: Annotated[list[DataSource], Field(min_length=1)]
-    """One source or a list of them (concatenated)."""
-    eval: list[DataSource] = []
-    """Held-out sources; if empty, `eval_fraction` of train is held out instead."""
-    eval_fraction: float = Field(default=0.0, ge=0.0, lt=0.5)
-    max_eval_rows: int | None = Field(default=None, gt=0)
-    """Cap the eval set (evaluation cost grows with it)."""
-    chat_template: str = "auto"
-    """auto (tokenizer's own, else fallback) | tokenizer | fallback | path to a .jinja file."""
-    system_prompt: str | None = None
-    """Added as the system turn of chats that have none; recorded in the adapter's manifest, it
-    is also the default system turn when the adapter is served and of exported chat templates."""
-    max_length: int = Field(default=1024, gt=1)
-    """Tokens per row after formatting; longer rows are truncated (or dropped, see truncation)."""
-    truncation: Literal["right", "drop"] = "right"
-    loss_on: Literal["completion", "all"] = "completion"
-    """completion = assistant turns / completions only (+ their EOS); all = every token."""
-    shuffle_seed: int | None = None
-    """Seed of the eval split and epoch shuffles; null = train.seed."""
-    mixing: MixingSpec = MixingSpec()
-    """How several train tasks are mixed; the default concatenates them."""
-    reference: list[DataSource] = []
-    """General-text rows scored (loss on every token) before training, at every evaluation and
-    at the end, to report forgetting; empty = no forgetting report."""
-    max_reference_rows: int | None = Field(default=None, gt=0)
-    """Cap the reference set (its evaluation cost grows with it)."""
-    cache: bool = True
-    """Encode into memory-mapped Arrow files in peftkit's cache ($PEFTKIT_CACHE/data), keyed by
-    the data files' contents, tokenizer, chat template and this section, so a second run or a
-    resume starts in seconds (`peftkit prepare`); false = encode in memory, in one process."""
-    num_proc: int | None = Field(default=None, gt=0)
-    """Processes that encode a cached data set; null = one per 2,000 rows, up to the CPUs."""
-    # Agent data (tool calls, tool results, reasoning): see docs/data.md, "Tools and reasoning".
-    tools: list[dict[str, Any]] | None = None
-    """Functions every chat may call, for rows without their own `tools` (JSON schema, OpenAI
-    shape: {type: function, function: {name, description, parameters}}); passed to the chat
-    template, and a tool call naming another function is a data error."""
-    reasoning: Literal["template", "train", "mask", "drop"] = "template"
-    """Assistant reasoning (`reasoning_content`, or `<think>...</think>` before the answer):
-    template = supervised where the chat template writes it (Qwen3-style templates drop it
-    before the last user turn); train = supervised in every turn (an error where the template
-    drops it); mask = written, no loss; drop = removed. Templates without a reasoning field get
-    it inline as <think>...</think>."""
-    chat_template_kwargs: dict[str, Any] = {}
-    """Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3."""
-
-    _coerce = field_validator("train", "eval", "reference", mode="before")(
-        lambda cls, v: _as_list(v)
-    )
-
-    @property
-    def sources(self) -> list[DataSource]:
-        """Every source the run reads: train, eval and reference."""
-        return [*self.train, *self.eval, *self.reference]
-
-    @property
-    def train_tasks(self) -> list[str]:
-        """Task names of the train sources, in first-seen order."""
-        return list(dict.fromkeys(s.task_name for s in self.train))
-
-    def eval_task(self, source: DataSource) -> str:
-        """The task of an eval source: its `task`, else its derived name when that is a train
-        task, else the only train task, else the derived name (a group of its own)."""
-        tasks = self.train_tasks
-        if source.task is not None or source.task_name in tasks or len(tasks) > 1:
-            return source.task_name
-        return tasks[0]
-
-    @model_validator(mode="after")
-    def _mixing_rules(self) -> DataSpec:
-        problems = []
-        strategy = self.mixing.strategy
-        weighted = [i for i, s in enumerate(self.train) if s.weight is not None]
-        if strategy != "weights" and weighted:
-            problems.append(
-                f"data.train.{weighted[0]}.weight is set but data.mixing.strategy is {strategy}: "
-                "set data.mixing.strategy: weights, or remove the weight"
-            )
-        if strategy == "weights":
-            task_weight: dict[str, tuple[int, float]] = {}
-            for i, s in enumerate(self.train):
-                if s.weight is None:
-                    problems.append(
-                        f"data.train.{i}.weight is missing: data.mixing.strategy weights needs a "
-                        "weight on every train source"
-                    )
-                elif s.task_name in task_weight and task_weight[s.task_name][1] != s.weight:
-                    j, w = task_weight[s.task_name]
-                    problems.append(
-                        f"data.train.{i}.weight {s.weight} differs from data.train.{j}.weight {w} "
-                        f"of the same task {s.task_name!r}: sources of one task share its weight"
-                    )
-                else:
-                    task_weight.setdefault(s.task_name, (i, s.weight))
-        if strategy != "concat" and len(self.train_tasks) < 2:
-            problems.append(
-                f"data.mixing.strategy {strategy} needs at least two train tasks (found "
-                f"{', '.join(self.train_tasks)}): add sources, give them distinct data.train.N.task "
-                "names, or use strategy concat"
-            )
-        # (a resolved recipe dump carries the default 1.0: only another value is a mistake)
-        if strategy != "temperature" and self.mixing.temperature != 1.0:
-            problems.append(
-                f"data.mixing.temperature is set but data.mixing.strategy is {strategy}: "
-                "set strategy: temperature, or remove the temperature"
-            )
-        for i, s in enumerate(self.eval):
-            if s.task is not None and s.task not in self.train_tasks:
-                problems.append(
-                    f"data.eval.{i}.task {s.task!r} is not a train task "
-                    f"({', '.join(self.train_tasks)}): name one of them"
-                )
-            if s.weight is not None:
-                problems.append(f"data.eval.{i}.weight: only train sources are mixed; remove it")
-        for i, s in enumerate(self.reference):
-            if s.task is not None or s.weight is not None:
-                problems.append(
-                    f"data.reference.{i}: task and weight do not apply to the reference set; "
-                    "remove them"
-                )
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-class TaskSpec(Section):
-    """What the model learns: the next tokens (causal_lm), a class per text, or a number per text.
-
-    classification / regression put a new head on the model (`AutoModelForSequenceClassification`:
-    the last non-pad token's state for decoder LMs, [CLS] for BERT-style encoders) and read rows
-    like {"text": "...", "label": "positive"} (or `text_pair_field` for sentence pairs).
-    """
-
-    type: Literal["causal_lm", "classification", "regression"] = "causal_lm"
-    labels: list[str] | None = None
-    """Classification: the class names, in class-id order; null = the distinct labels of the
-    training data, sorted (numbers numerically). Rows may give a name or a class id."""
-    text_field: str = "text"
-    text_pair_field: str | None = None
-    """Second text of a pair (entailment, similarity): encoded as the tokenizer's pair input."""
-    label_field: str = "label"
-
-    @property
-    def has_head(self) -> bool:
-        return self.type != "causal_lm"
 
 
 class EarlyStoppingSpec(Section):
@@ -426,6 +229,20 @@ class ExportSpec(Section):
     0.72, 0.11. Like q5's, this gate catches a broken file, not the loss 4 bits cost."""
 
 
+def _objective_from_shorthand(value: Any) -> Any:
+    """`objective: dpo` means `objective: {type: dpo}`."""
+    return {"type": value} if isinstance(value, str) else value
+
+
+def _objective_field() -> Any:
+    return Annotated[
+        objective_registry.objective_union(), BeforeValidator(_objective_from_shorthand)
+    ]
+
+
+ObjectiveField = _objective_field()
+
+
 class Recipe(Section):
     """A whole fine-tuning run, validated before anything is loaded."""
 
@@ -436,7 +253,7 @@ class Recipe(Section):
     """The adapter method and its options: one section per method below, chosen by `method`."""
     data: DataSpec
     task: TaskSpec = TaskSpec()
-    objective: Annotated[ObjectiveSpec, BeforeValidator(objective_from_shorthand)] = SFTObjective()
+    objective: ObjectiveField = SFTObjective()  # a union keyed on `type`, one per objective module
     """What the loss optimises: `sft` (default), a preference objective (dpo, kto, orpo, simpo)
     or rewards (grpo)."""
     train: TrainSpec = TrainSpec()
@@ -463,12 +280,7 @@ class Recipe(Section):
             )
         if self.train.micro_batch_tokens is not None:
             problems += self._token_budget_rules()
-        if self.task.has_head:
-            problems += self._head_rules()
-        if self.objective.preference:
-            problems += self._preference_rules()
-        if self.objective.type == "grpo":
-            problems += self._grpo_rules()
+        problems += self.objective_kind.rules(self)
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             problems.append(
                 "train.precision fp16 with model.dtype bfloat16 mixes two half formats: pick one"
@@ -481,124 +293,18 @@ class Recipe(Section):
         why = None
         if self.train.packing is False:
             why = "train.packing is false"
-        elif self.task.has_head:
-            why = f"a task.type {self.task.type!r} model reads one row at a time"
-        elif self.objective.preference or self.objective.type == "grpo":
-            why = f"objective {self.objective.type} scores each answer as its own sequence"
+        elif (refusal := self.objective_kind.packing_refusal(self)) is not None:
+            why = refusal
         elif self.adapter.virtual_tokens:
             why = f"adapter.method {self.adapter.method!r} (virtual tokens) does not pack rows"
         if why is None:
             return []
         return [f"train.micro_batch_tokens cuts packed micro-batches, but {why}: remove it"]
 
-    def _head_rules(self) -> list[str]:
-        problems = []
-        kind = f"task.type {self.task.type!r}"
-        if self.output.sample_prompts:
-            problems.append(f"output.sample_prompts: a {kind} model does not generate; remove them")
-        if self.train.packing:
-            problems.append(f"train.packing: a {kind} model reads one row at a time; remove it")
-        if not self.adapter.task_heads:
-            able = [name for name, spec in registered_methods().items() if spec.task_heads]
-            problems.append(
-                f"adapter.method {self.adapter.method!r} cannot train a {kind} head: use one of "
-                + ", ".join(able)
-            )
-        if self.data.reference:
-            problems.append(
-                f"data.reference: the forgetting report scores a causal LM, not a {kind} head"
-            )
-        if self.eval.metric != "none":
-            problems.append(
-                f"eval.metric: a {kind} model does not generate; its metrics are built in"
-            )
-        if self.data.mixing.strategy != "concat":
-            problems.append(
-                f"data.mixing: multitask mixing is for causal-LM data, not a {kind} head yet"
-            )
-        if self.task.type == "regression" and self.task.labels:
-            problems.append("task.labels names classes: a regression task has none")
-        if self.task.labels is not None and len(self.task.labels) < 2:
-            problems.append("task.labels: a classifier needs at least two labels")
-        return problems
-
-    def _preference_rules(self) -> list[str]:
-        kind = f"objective {self.objective.type}"
-        problems = []
-        if self.task.has_head:
-            problems.append(f"{kind} tunes a causal LM's answers; task.type must be causal_lm")
-        if self.train.packing:
-            problems.append(
-                f"train.packing: {kind} scores each answer as its own sequence; remove it"
-            )
-        if self.data.reference:
-            problems.append(
-                f"data.reference: the forgetting report is for sft runs, not {kind} yet; remove it"
-            )
-        if self.data.mixing.strategy != "concat":
-            problems.append(f"data.mixing: {kind} reads one preference set; remove data.mixing")
-        if self.data.loss_on != "completion":
-            problems.append(f"data.loss_on: {kind} always scores the answers only; remove it")
-        precomputed = getattr(self.objective, "precompute_ref", False)
-        if (
-            self.objective.needs_reference
-            and not precomputed
-            and not self.adapter.full_weights
-            and not self.adapter.off_is_start
-        ):
-            fix = (
-                "set objective.precompute_ref: true"
-                if self.objective.type == "dpo"
-                else "use lora/dora/ia3 with their default init"
-            )
-            problems.append(
-                f"{kind}: the reference is the model as training starts, and adapter.method "
-                f"{self.adapter.method!r} (this init) does not start as the base, so switching the "
-                f"adapter off would score against another model: {fix}"
-            )
-        return problems
-
-    def _grpo_rules(self) -> list[str]:
-        kind = "objective grpo"
-        problems = []
-        if self.task.has_head:
-            problems.append(f"{kind} trains a causal LM's completions; task.type must be causal_lm")
-        if self.train.packing:
-            problems.append(f"train.packing: {kind} rolls out padded batches; remove it")
-        if self.data.reference:
-            problems.append(
-                f"data.reference: the forgetting report is for sft runs, not {kind} yet; remove it"
-            )
-        if self.data.mixing.strategy != "concat":
-            problems.append(f"data.mixing: {kind} reads one prompt set; remove data.mixing")
-        spg, accum = self.objective.steps_per_generation, self.train.grad_accum
-        if spg is not None and spg % accum:
-            problems.append(
-                f"objective.steps_per_generation {spg}: one generation fills whole optimizer "
-                f"steps here, so it must be a multiple of train.grad_accum ({accum}): set "
-                f"{max(accum, spg - spg % accum)} or {spg - spg % accum + accum}"
-            )
-        if self.objective.min_completion_length > self.objective.max_completion_length:
-            problems.append(
-                "objective.min_completion_length: above max_completion_length "
-                f"({self.objective.max_completion_length}); lower it"
-            )
-        if self.output.sample_prompts:
-            problems.append(
-                f"output.sample_prompts: {kind} reports its held-out reward and keeps sampled "
-                "completions (completions.jsonl); remove output.sample_prompts"
-            )
-        if (
-            self.objective.beta != 0
-            and not self.adapter.full_weights
-            and not self.adapter.off_is_start
-        ):
-            problems.append(
-                f"{kind} with beta {self.objective.beta}: the reference is the adapter switched "
-                f"off, and adapter.method {self.adapter.method!r} (this init) does not start as "
-                "the base: set objective.beta: 0 or use lora/dora/ia3 with their default init"
-            )
-        return problems
+    @property
+    def objective_kind(self) -> type[ObjectiveKind]:
+        """The registered objective that runs this recipe (`peftkit.objectives.registry`)."""
+        return objective_registry.objective_for(self)
 
     @property
     def data_seed(self) -> int:
@@ -608,3 +314,17 @@ class Recipe(Section):
     @property
     def run_dir(self) -> str:
         return self.output.dir.replace("{name}", self.name)
+
+
+def _compose_objectives() -> None:
+    """An objective registered after this module was imported (a plugin, a test) joins the
+    `objective:` union: the field is rebuilt from the registry."""
+    global ObjectiveField
+    ObjectiveField = _objective_field()
+    Recipe.model_fields["objective"] = FieldInfo.from_annotated_attribute(
+        ObjectiveField, SFTObjective()
+    )
+    Recipe.model_rebuild(force=True)
+
+
+objective_registry.on_change(_compose_objectives)

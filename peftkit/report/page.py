@@ -10,8 +10,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from peftkit.metrics import smooth
 from peftkit.recipe.load import flatten
-from peftkit.training.metrics import smooth
 
 
 def _asset(name: str) -> str:

@@ -12,6 +12,7 @@ import yaml
 
 from peftkit import units
 from peftkit.io import FIDELITY, RunLayout, atomic_write_text
+from peftkit.metrics import read_records
 from peftkit.recipe import yaml_strict
 from peftkit.report.page import (
     REFERENCE,
@@ -22,7 +23,6 @@ from peftkit.report.page import (
     series,
     table,
 )
-from peftkit.training.metrics import read_records
 
 log = logging.getLogger(__name__)
 

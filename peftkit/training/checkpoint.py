@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import RunDirError, TrainingStopped
-from peftkit.io import atomic_write_json, fsync_dir, sync_tree
+from peftkit.io import RunLayout, atomic_write_json, fsync_dir, sync_tree
 from peftkit.training import sharded as shards
 
 
@@ -334,3 +335,36 @@ def apply_checkpoint(
     if saved.rng is not None:
         set_rng_state(saved.rng)
     return saved.state
+
+
+def resume_latest(
+    run: RunLayout,
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    set_step: Callable[[int], Any],
+    say: Callable[[str], None],
+) -> tuple[TrainerState, Path]:
+    """`--resume`: the state of the newest intact checkpoint, applied to the model, optimizer and
+    scheduler (`set_step(step)` first: its weights are those trainable at its step), and its path.
+    A damaged checkpoint is set aside (and said); none intact is a `RunDirError`."""
+    main = accelerator.is_main_process
+    if main:
+        clean_leftovers(run.checkpoints)
+    saved, damaged = newest_intact(run.checkpoints, accelerator)
+    for bad in damaged:
+        say(f"warning: {bad}; set aside as {set_aside(bad.path, main)}")
+    if saved is None:
+        raise RunDirError(
+            f"--resume: {run.path} has no intact checkpoint to resume from "
+            + (
+                "(" + "; ".join(str(bad) for bad in damaged) + ")"
+                if damaged
+                else "(checkpoints are written every train.save_every steps)"
+            )
+        )
+    set_step(saved.state.step)
+    state = apply_checkpoint(saved, accelerator, model, optimizer, scheduler)
+    say(f"resuming from {saved.path} (step {state.step})")
+    return state, saved.path

@@ -20,8 +20,8 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from peftkit.errors import RecipeError
-from peftkit.training.batches import to_device
-from peftkit.training.objective import Objective
+from peftkit.objectives.batches import to_device
+from peftkit.objectives.runtime import Objective
 from peftkit.training.reference import reference_metrics
 
 

@@ -21,11 +21,11 @@ from transformers import PreTrainedTokenizerBase
 from peftkit.data.encode import IGNORE, EncodedRow
 from peftkit.errors import DataError
 from peftkit.models.greedy import greedy_generate
-from peftkit.training.answer_metrics import Scorer
+from peftkit.objectives.answer_metrics import Scorer
 
 if TYPE_CHECKING:
+    from peftkit.metrics import MetricsLog
     from peftkit.recipe.schema import EvalSpec
-    from peftkit.training.metrics import MetricsLog
 
 
 @dataclass
@@ -168,7 +168,7 @@ class AnswerEval:
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],
     ) -> None:
-        from peftkit.training.answer_metrics import (
+        from peftkit.objectives.answer_metrics import (
             BUILTIN,
             REFERENCE_CHECKS,
             ToolCallMetric,

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,31 +21,31 @@ from accelerate import Accelerator
 from peftkit import _compat
 from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
-from peftkit.errors import RunDirError, TrainingStopped
-from peftkit.io import atomic_dir, atomic_write_json
+from peftkit.errors import TrainingStopped
+from peftkit.io import atomic_write_json
 from peftkit.kernels.apply import apply_kernels
 from peftkit.methods.base import ApplyContext
+from peftkit.metrics import MetricsLog
 from peftkit.models.layers import frozen_experts
-from peftkit.models.load import head_config, load_model, load_tokenizer
-from peftkit.models.manifest import BaseIdentity, training_prompt, write_manifest
+from peftkit.models.load import load_model, load_tokenizer
+from peftkit.models.manifest import BaseIdentity
+from peftkit.objectives import BuildContext, prepare_run_data
+from peftkit.objectives.batches import to_device
+from peftkit.objectives.runtime import Objective
 from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers, update
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.batches import to_device
 from peftkit.training.evaluation import Evaluation
 from peftkit.training.generated import AnswerEval
 from peftkit.training.method_context import method_context
-from peftkit.training.metrics import MetricsLog, plot_losses
-from peftkit.training.objective import Objective
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
+from peftkit.training.result import save_result, write_run_files
 from peftkit.training.run_dir import RunDir
 from peftkit.training.samples import generate_answers
-from peftkit.training.setup_objective import build_objective, prepare_run_data
-from peftkit.training.sharded import gathered_trainable
 from peftkit.training.signals import StopRequest
 from peftkit.training.unfreeze import LayerSchedule
 
@@ -101,7 +100,8 @@ class FineTuneRun(Evaluation):
             self._print(f"resuming with {key} changed: {before} -> {now}")
         torch.manual_seed(r.train.seed)
 
-        self.tokenizer = load_tokenizer(r.model, needs_eos=not r.task.has_head)
+        self.kind = r.objective_kind  # what the run optimises (peftkit.objectives)
+        self.tokenizer = load_tokenizer(r.model, needs_eos=self.kind.needs_eos)
         self.seed = r.data_seed
         # The first process builds the data cache (if no earlier run did); the others map it.
         with self.accelerator.main_process_first():
@@ -119,9 +119,7 @@ class FineTuneRun(Evaluation):
         self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
-        head = (
-            head_config(self.class_names, self.tokenizer.pad_token_id) if r.task.has_head else None
-        )
+        head = self.kind.head_config(self.class_names, self.tokenizer.pad_token_id)
         # Placed once, here (a sharding engine places the weights it shards itself): what is
         # made from the model later (a frozen reference, PiSSA's SVD) is made on its device.
         model = load_model(
@@ -141,7 +139,7 @@ class FineTuneRun(Evaluation):
             upcast_unquantized=r.model.quantization is not None
             and r.model.quantization.upcast_unquantized,
             work_dir=self.run.work,
-            task_type="SEQ_CLS" if r.task.has_head else "CAUSAL_LM",
+            task_type=self.kind.peft_task_type,
             resuming=self.resume,
         )
         fresh = not self.run.path.exists()
@@ -173,15 +171,17 @@ class FineTuneRun(Evaluation):
             model.generation_config.eos_token_id = self.stop_ids
         self.params = count_parameters(model)
         # What the run optimises, chosen once: collation, loss, metrics, audit (objective.py).
-        self.objective: Objective = build_objective(
-            r,
-            self.data,
-            model,
-            self.tokenizer,
-            self.precision,
-            self.class_names,
-            self.accelerator.device,
-            self.accelerator.unwrap_model,
+        self.objective: Objective = self.kind.build(
+            BuildContext(
+                r,
+                self.data,
+                model,
+                self.tokenizer,
+                self.precision,
+                self.class_names,
+                self.accelerator.device,
+                self.accelerator.unwrap_model,
+            )
         )
         self.kernels = apply_kernels(model, self.objective)  # fused paths (kernels/apply.py)
         for line in self.objective.audit_lines(self.data, self.tokenizer):
@@ -235,30 +235,17 @@ class FineTuneRun(Evaluation):
         if self.layers.enabled:
             self._print(self.layers.describe(self.total_steps))
 
-        self.state = ckpt.TrainerState()
-        resumed_from = None
-        if self.resume:
-            if self.main:
-                ckpt.clean_leftovers(self.run.checkpoints)
-            saved, damaged = ckpt.newest_intact(self.run.checkpoints, self.accelerator)
-            for bad in damaged:
-                self._print(f"warning: {bad}; set aside as {ckpt.set_aside(bad.path, self.main)}")
-            if saved is None:
-                raise RunDirError(
-                    f"--resume: {self.run.path} has no intact checkpoint to resume from "
-                    + (
-                        "(" + "; ".join(str(bad) for bad in damaged) + ")"
-                        if damaged
-                        else "(checkpoints are written every train.save_every steps)"
-                    )
-                )
-            resumed_from = saved.path
-            # The checkpoint holds the weights trainable at its step: unfreeze as far first.
-            self.layers.set_step(saved.state.step)
-            self.state = ckpt.apply_checkpoint(
-                saved, self.accelerator, self.model, self.optimizer, self.scheduler
+        self.state, resumed_from = ckpt.TrainerState(), None
+        if self.resume:  # (the checkpoint holds the weights trainable at its step: unfreeze first)
+            self.state, resumed_from = ckpt.resume_latest(
+                self.run,
+                self.accelerator,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.layers.set_step,
+                self._print,
             )
-            self._print(f"resuming from {resumed_from} (step {self.state.step})")
         self.metrics = MetricsLog(
             self.run.metrics,
             self.main,
@@ -279,17 +266,8 @@ class FineTuneRun(Evaluation):
         # Rate and ETA from the optimizer steps' own durations: evaluations, generated answers
         # and checkpoints between steps are phases of their own (self._phase), not slow steps.
         self.step_clock = StepClock()
-        # In a log file (not a terminal) refresh every 30 s instead of many times a second.
-        terminal = sys.stderr.isatty()
-        self.bar = bar = TrainingBar(
-            clock=self.step_clock,
-            total=self.total_steps,
-            initial=self.state.step,
-            disable=not self.main,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.2 if terminal else 30,
-            live=terminal,
+        self.bar = bar = TrainingBar.for_run(
+            self.step_clock, self.total_steps, self.state.step, self.main
         )
         order_epoch, order = -1, None
         self.stop_reason = "completed"
@@ -549,14 +527,15 @@ class FineTuneRun(Evaluation):
             base_model_path=str(self.ctx.tokenizer_path),
             device=self.accelerator.device,
         )
-        atomic_write_json(run.meta, metadata)
-        if samples_after is not None and self.samples_before is not None:
-            rows = zip(r.output.sample_prompts, self.samples_before, samples_after)
-            atomic_write_json(run.samples, [dict(prompt=p, before=b, after=a) for p, b, a in rows])
-        if self.answers is not None:
-            atomic_write_json(run.answers, self.answers.report(self.answers_before))
-        if r.output.plot:
-            plot_losses(self.metrics, run.plot, f"{r.name}: {r.adapter.method} on {r.model.name}")
+        write_run_files(
+            r,
+            run,
+            metadata,
+            self.metrics,
+            self.samples_before,
+            samples_after,
+            self.answers.report(self.answers_before) if self.answers is not None else None,
+        )
         if self.refresh_report is not None:
             self.refresh_report(run.path)
         log.info(
@@ -565,32 +544,20 @@ class FineTuneRun(Evaluation):
         return summary
 
     # ------------------------------------------------------------------ helpers
-    def _save_result(self, target) -> None:
-        self.accelerator.wait_for_everyone()
-        model = self.accelerator.unwrap_model(self.model)
-        # Sharded (FSDP): the trainable weights are gathered into the main process, nothing else.
-        with gathered_trainable(model, keep=self.main):
-            if self.main:
-                with atomic_dir(target) as tmp:
-                    self.recipe.adapter.save(model, tmp, self.ctx)
-                    self.tokenizer.save_pretrained(str(tmp))
-                    write_manifest(
-                        tmp,
-                        self.base_identity,
-                        method=self.recipe.adapter.method,
-                        chat_template=self.data.chat_template.template,
-                        stop_tokens=self.data.stop_tokens,
-                        recipe=self.recipe_dump,
-                        quantization=self.recipe_dump["model"]["quantization"],
-                        prompt=training_prompt(
-                            self.data.chat_template.template,
-                            self.data.chat_template.source,
-                            self.recipe.data.system_prompt,
-                            self.data.system_turns,
-                            self.recipe.data.chat_template_kwargs,
-                        ),
-                    )
-        self.accelerator.wait_for_everyone()
+    def _save_result(self, target: Path) -> None:
+        save_result(
+            self.accelerator,
+            self.accelerator.unwrap_model(self.model),
+            target,
+            self.recipe.adapter,
+            self.ctx,
+            self.tokenizer,
+            self.base_identity,
+            self.data,
+            self.recipe_dump,
+            self.recipe.data.system_prompt,
+            self.recipe.data.chat_template_kwargs,
+        )
 
     def _save_checkpoint(self, rng: dict[str, Any]):
         bad = ckpt.non_finite_weights(self.accelerator.unwrap_model(self.model))

@@ -14,8 +14,8 @@ from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.data.step_plan import StepPlan
 from peftkit.methods.base import ApplyContext
+from peftkit.objectives.batches import collate
 from peftkit.recipe.schema import Recipe
-from peftkit.training.batches import collate
 
 
 def method_context(

@@ -10,6 +10,7 @@ steps is shown as a labelled phase instead (`bar.phase("answering 40 held-out ro
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -64,6 +65,22 @@ class TrainingBar(tqdm):
         self.training_desc = desc
         self.live = live
         super().__init__(*args, desc=desc, **kwargs)
+
+    @classmethod
+    def for_run(cls, clock: StepClock, total: int, initial: int, main: bool) -> TrainingBar:
+        """The run's bar (main process only); in a log file (not a terminal) refreshed every 30 s
+        instead of many times a second."""
+        terminal = sys.stderr.isatty()
+        return cls(
+            clock=clock,
+            total=total,
+            initial=initial,
+            disable=not main,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.2 if terminal else 30,
+            live=terminal,
+        )
 
     @property
     def format_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from peftkit.training.metrics import MetricsLog
+    from peftkit.metrics import MetricsLog
 
 
 def ppl(loss: float) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import resource
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,17 +13,17 @@ from torch import nn
 
 import peftkit
 from peftkit import _compat, units
-from peftkit.training import generated, reference, tasks
-from peftkit.training.metrics import peak_memory_bytes
+from peftkit.objectives.registry import registered_objectives
+from peftkit.training import generated, reference
 
 if TYPE_CHECKING:
     from peftkit.data.pipeline import PreparedData
     from peftkit.data.step_plan import StepPlan
     from peftkit.io import RunLayout
+    from peftkit.metrics import MetricsLog
+    from peftkit.objectives.runtime import Objective
     from peftkit.recipe.schema import Recipe
     from peftkit.training.checkpoint import TrainerState
-    from peftkit.training.metrics import MetricsLog
-    from peftkit.training.objective import Objective
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -66,6 +68,7 @@ def run_summary(
     summary = {
         "run_dir": str(run_dir.path),
         "method": r.adapter.method,
+        "objective_kind": r.objective_kind.name,
         "stop_reason": stop_reason,
         "steps": state.step,
         "epochs": round(state.step / plan.steps_per_epoch, 3),
@@ -159,19 +162,6 @@ def run_metadata(
     }
 
 
-def _head_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
-    if not metrics:
-        return []
-    if "accuracy" in metrics:
-        return [
-            ("eval accuracy", f"{metrics['accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f})")
-        ]
-    pearson = "-" if metrics["pearson"] is None else f"{metrics['pearson']:.4f}"
-    return [
-        ("eval error", f"MSE {metrics['mse']:.4f}, MAE {metrics['mae']:.4f}, Pearson {pearson}")
-    ]
-
-
 def _best_metric(r, state) -> dict[str, Any]:
     """The metric that picked best/ (train.early_stopping.metric) and its best value."""
     stopping = r.train.early_stopping
@@ -181,40 +171,10 @@ def _best_metric(r, state) -> dict[str, Any]:
     return {"best_metric": stopping.metric, "best_metric_value": value}
 
 
-def _preference_rows(p: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """Held-out preference accuracy and reward margin, before -> after."""
-    if not p or "eval_margins_before" not in p:
-        return []
-    line = f"margin {p['eval_margins_before']:+.4f} -> {p['eval_margins_after']:+.4f}"
-    if "eval_accuracies_before" in p:
-        line = (
-            f"accuracy {p['eval_accuracies_before']:.1%} -> {p['eval_accuracies_after']:.1%}, "
-            + line
-        )
-    return [(f"preference ({p['objective']})", line + " (held-out rows)")]
-
-
-def _grpo_rows(g: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """Mean reward of the rollouts (first and last step) and the held-out reward before -> after."""
-    if not g:
-        return []
-    rows = []
-    if "train_reward_first" in g:
-        rows.append(
-            (
-                "reward (rollouts)",
-                f"{g['train_reward_first']:.4f} at the first step -> {g['train_reward_last']:.4f} "
-                f"at the last ({', '.join(g['rewards'])}; loss {g['loss_type']})",
-            )
-        )
-    if "eval_reward_before" in g:
-        rows.append(
-            (
-                "reward (held-out)",
-                f"{g['eval_reward_before']:.4f} -> {g['eval_reward_after']:.4f} (greedy answers)",
-            )
-        )
-    return rows
+def _objective_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The lines the run's objective gives of its own summary entries."""
+    kind = registered_objectives().get(s.get("objective_kind", ""))
+    return [] if kind is None else kind.summary_rows(s)
 
 
 def _speedup_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
@@ -281,10 +241,7 @@ def format_summary(
                 else ""
             ),
         ),
-        *_head_rows(s.get("eval_metrics")),
-        *_preference_rows(s.get("preference")),
-        *_grpo_rows(s.get("grpo")),
-        *tasks.summary_rows(s),
+        *_objective_rows(s),
         *generated.summary_rows(s),
         *reference.summary_rows(s),
         ("result", s["final"]),
@@ -294,7 +251,7 @@ def format_summary(
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     metrics = s.get("eval_metrics") or {}
     if "confusion_matrix" in metrics:
-        from peftkit.training.heads import format_confusion
+        from peftkit.objectives.heads import format_confusion
 
         lines.append("  confusion matrix (eval, true class down):")
         lines += [f"    {line}" for line in format_confusion(metrics)]
@@ -307,3 +264,12 @@ def format_summary(
                 f"      after:  {a[:120]!r}",
             ]
     return "\n".join(lines)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """Peak memory of this process: on GPU the caching allocator's peak reservation (what the
+    GPU holds for torch; allocated is less, the CUDA context more), else peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved(), "cuda max reserved"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS"

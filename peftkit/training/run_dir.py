@@ -6,6 +6,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,6 +20,12 @@ from peftkit.section import resumable_paths
 
 class RunDir(RunLayout):
     """A run directory's layout (`peftkit.io.RunLayout`) and the rules for creating and resuming it."""
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Its checkpoint folders whose last file was written, oldest first."""
+        from peftkit.training.checkpoint import complete_checkpoints
+
+        return complete_checkpoints(self.checkpoints)
 
     def check_can_start(
         self,

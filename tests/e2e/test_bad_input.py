@@ -102,7 +102,7 @@ def test_existing_run_directory_is_not_overwritten_by_default(
 def test_nan_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(
     tmp_path, tiny_model, chat_file, capsys, monkeypatch
 ):
-    from peftkit.training import objective
+    from peftkit.objectives import causal_lm as objective
 
     real, calls = objective.causal_lm_loss_sum, []
 

@@ -27,7 +27,7 @@ EXPLODING = """
 import sys
 import torch
 from peftkit.cli import main
-from peftkit.training import objective
+from peftkit.objectives import causal_lm as objective
 
 class Inf(torch.autograd.Function):
     @staticmethod

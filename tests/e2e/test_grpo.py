@@ -75,7 +75,7 @@ def test_a_grpo_step_moves_the_policy_toward_its_advantages(tmp_path, tiny_model
     completions with a positive advantage became likelier, the others less likely."""
     import torch
 
-    from peftkit.training.grpo_losses import completion_logps
+    from peftkit.objectives.grpo_losses import completion_logps
     from peftkit.training.loop import FineTuneRun
 
     recipe = _recipe(tmp_path, tiny_model, "dir", max_steps=1, lr=1e-3)

@@ -1,5 +1,6 @@
 """`peftkit prepare` works on every shipped recipe whose model loads offline: SFT, task-head,
-preference and reward (GRPO) recipes alike. Recipes naming a hub model (they need the network)
+preference and reward (GRPO) recipes alike, and keeps every objective's rows that it caches (all but
+GRPO's) in the data cache. Recipes naming a hub model (they need the network)
 are checked by `peftkit validate` in tests/unit/test_recipes.py instead."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from peftkit.cli import main
+from peftkit.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(
@@ -33,6 +35,8 @@ def test_prepare_runs_on_every_offline_recipe(recipe, capsys):
     assert main(["prepare", str(recipe)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "kept of" in out and ("encoded data:" in out or "encoded and checked" in out)
+    if load_recipe(recipe).objective_kind.caches_rows:  # preference data too, as SFT data
+        assert "encoded data:" in out, out
 
 
 def test_the_tools_recipe_refuses_smollm2s_own_template_naming_the_remedy(capsys):

@@ -96,7 +96,7 @@ class _InfiniteGradient(torch.autograd.Function):
 def test_non_finite_gradients_stop_before_the_step_and_resume_may_lower_the_lr(
     tmp_path, tiny_model, chat_file, monkeypatch, capsys
 ):
-    from peftkit.training import objective
+    from peftkit.objectives import causal_lm as objective
 
     real, calls = objective.causal_lm_loss_sum, []
 

@@ -93,7 +93,7 @@ def _hermes_call(row: dict, **changed) -> str:
 
 def test_tool_call_metric_scores_structured_rows_on_the_call_turn(tmp_path, tiny_model):
     from peftkit.data.chat import FALLBACK_TEMPLATE
-    from peftkit.training.answer_metrics import ToolCallMetric
+    from peftkit.objectives.answer_metrics import ToolCallMetric
     from tests.conftest import write_jsonl, write_recipe
 
     train = write_jsonl(tmp_path / "train.jsonl", _agent_rows("train", 8))

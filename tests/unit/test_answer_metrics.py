@@ -7,8 +7,8 @@ import pytest
 
 from peftkit.data.encode import IGNORE, EncodedRow
 from peftkit.errors import RecipeError
+from peftkit.objectives import answer_metrics as m
 from peftkit.recipe.load import validate_recipe
-from peftkit.training import answer_metrics as m
 from peftkit.training.generated import held_out_answers
 
 REF = '{"name": "Ada Byron", "quantity": 2, "city": "Vienna"}'

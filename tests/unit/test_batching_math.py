@@ -19,8 +19,8 @@ from peftkit.data.step_plan import StepPlan, TokenBudget
 from peftkit.kernels import attention
 from peftkit.kernels.attention import use_varlen_attention
 from peftkit.kernels.chunked_ce import chunked_cross_entropy_sum
-from peftkit.training.batches import collate, collate_packed
-from peftkit.training.loss import causal_lm_loss_sum
+from peftkit.objectives.batches import collate, collate_packed
+from peftkit.objectives.loss import causal_lm_loss_sum
 
 
 def _rows(vocab: int, lengths: list[int], seed: int = 0) -> list[EncodedRow]:

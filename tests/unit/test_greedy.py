@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.models.greedy import greedy_generate, left_pad
-from peftkit.training.rollouts import sample_completions
+from peftkit.objectives.rollouts import sample_completions
 
 PAD = 0
 PROMPTS = [[5, 9, 3], [7, 2, 11, 4, 8, 6, 13], [12, 14, 15, 16, 17]]  # 3, 7 and 5 tokens

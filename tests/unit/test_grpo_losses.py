@@ -1,9 +1,9 @@
 """GRPO's loss equals TRL 1.16's `GRPOTrainer._compute_loss`: the same LoRA model, prompts,
 completions, advantages, sampling log-probs and reference log-probs go through TRL's own method
-and through `peftkit.training.grpo_losses`; the losses and every LoRA gradient agree to 1e-5, for
+and through `peftkit.objectives.grpo_losses`; the losses and every LoRA gradient agree to 1e-5, for
 each loss type, with and without the KL term, at token and at sequence level (GSPO), with the
 policy's log-probs from the plain per-row forward and from the shared-prefix forward (each
-group's prompt run once, training/shared_prefix.py) that GRPO runs."""
+group's prompt run once, objectives/shared_prefix.py) that GRPO runs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from peftkit import _compat
-from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
-from peftkit.training.shared_prefix import group_prompts, shared_prefix_logps
+from peftkit.objectives.grpo_losses import completion_logps, group_advantages, policy_loss
+from peftkit.objectives.shared_prefix import group_prompts, shared_prefix_logps
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

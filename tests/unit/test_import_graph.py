@@ -16,21 +16,27 @@ import peftkit
 ROOT = Path(peftkit.__file__).resolve().parent
 
 # Bottom to top. A package is a subfolder of peftkit/ or a top-level module; "peftkit" is the root
-# package itself (__version__). The recipe composes the methods' own spec classes (its `adapter:`
-# section is their union), so recipe sits above methods and models. `launch` reads the process's
-# environment only (model loading asks it too); `caches` names every cache folder (data, GGUF,
-# built-in models) under one root, which data and models both use; `report` draws pages from a
-# run directory's files (export and the sweep call it; the training loop is handed its writer by
-# api and sweep). `kernels` (the fused MLP, head and cross-entropy, varlen attention) sits below
-# training and the planner, which both read its facts; it reads models' layer helpers and data's
-# IGNORE label.
+# package itself (__version__). `launch` reads the process's environment only (model loading asks
+# it too); `caches` names every cache folder (data, GGUF, built-in models) under one root, which
+# data and models both use; `metrics` is the metrics.jsonl log that the objectives, the loop and
+# the reports share. The data sections (`data.spec`) sit with the data code that reads them, below
+# the recipe, as the model section (`models.spec`) does. `kernels` (the fused MLP, head and
+# cross-entropy, varlen attention) sits below the objectives, training and the planner, which all
+# read its facts; it reads models' layer helpers and data's IGNORE label. Each objective
+# (`objectives/`: SFT, multitask, task head, DPO, ORPO, KTO, SimPO, GRPO) owns its recipe section
+# and rules, its data, its loss and its metrics, so it sits above data (reading and chat rendering)
+# and the kernels, and below the recipe, which composes the objectives' sections (its
+# `objective:` is their union) as it composes the methods' (`adapter:`); the loop and every
+# consumer ask the objective. `report` draws pages from a run directory's files (export and the
+# sweep call it; the training loop is handed its writer by api and sweep).
 LAYERS = [
-    {"peftkit", "errors", "io", "caches", "units", "_compat", "section", "launch"},
+    {"peftkit", "errors", "io", "caches", "units", "_compat", "section", "launch", "metrics"},
     {"models"},
     {"methods"},
-    {"recipe"},
     {"data"},
     {"kernels"},
+    {"objectives"},
+    {"recipe"},
     {"training"},
     {"planner", "export", "adapters", "serving", "sweep", "report"},
     {"api"},

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftkit.kernels.apply import apply_kernels
-from peftkit.training.loss import causal_lm_loss_sum
+from peftkit.objectives.loss import causal_lm_loss_sum
 
 
 @dataclass

@@ -141,7 +141,7 @@ def test_fused_loss_equals_each_listed_models_own_loss(model_type):
     """What the fused loss relies on, per architecture: its logits are f(head(last hidden
     state)) for the f it is registered with. Loss and every gradient equal those of the model's
     own logits (soft-capping and scaling included) under cross-entropy."""
-    from peftkit.training import loss
+    from peftkit.objectives import loss
 
     torch.manual_seed(0)
     model = _tiny(model_type, **AFTER_HEAD.get(model_type, {})).eval()
@@ -170,7 +170,7 @@ def test_fused_loss_equals_each_listed_models_own_loss(model_type):
 def test_fused_loss_keeps_no_hidden_state_list_and_no_logits():
     """Only the last hidden state at the supervised positions is taken (from the head's input):
     the model is not asked for every layer's hidden state, and its head makes zero rows."""
-    from peftkit.training import loss
+    from peftkit.objectives import loss
 
     torch.manual_seed(0)
     model = _tiny("llama")
@@ -202,7 +202,7 @@ def test_unlisted_or_adapted_heads_are_not_fused():
 def test_under_autocast_the_head_computes_in_autocasts_dtype():
     """Mixed precision: the plain path's head runs in bf16 under autocast (fp32 weights or not),
     and so does the fused one, though the model's outputs may come back cast to fp32."""
-    from peftkit.training import loss
+    from peftkit.objectives import loss
 
     torch.manual_seed(0)
     model = _tiny("llama")
@@ -226,7 +226,7 @@ def test_the_fused_head_sees_through_ddp(monkeypatch):
     from torch.nn.parallel import DistributedDataParallel
 
     from peftkit.kernels import linear_ce
-    from peftkit.training import loss
+    from peftkit.objectives import loss
 
     torch.manual_seed(0)
     model = get_peft_model(_tiny("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

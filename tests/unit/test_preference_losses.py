@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from peftkit.training.preference_losses import dpo_losses, orpo_terms, simpo_losses
+from peftkit.objectives.preference_losses import dpo_losses, orpo_terms, simpo_losses
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+from peftkit.metrics import smooth
 from peftkit.report.run_page import run_charts, write_run_report
-from peftkit.training.metrics import smooth
 
 RECORDS = [
     {"step": 0, "eval_loss": 3.0, "eval_loss/a": 2.0, "eval_loss/b": 4.0, "reference_loss": 1.0},

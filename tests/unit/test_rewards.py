@@ -11,8 +11,8 @@ import torch
 from pydantic import ValidationError
 
 from peftkit.errors import RecipeError, TrainingStopped
-from peftkit.recipe.objective import RewardSpec
-from peftkit.training.rewards import build_rewards, reward_metrics, score
+from peftkit.objectives.grpo import RewardSpec
+from peftkit.objectives.rewards import build_rewards, reward_metrics, score
 
 REWARDS_FILE = '''
 def length_reward(completions, answer, **kwargs):
@@ -73,7 +73,7 @@ def test_trl_reward_functions_run_unchanged():
     """TRL's own think_format_reward reads conversational completions: passed as TRL passes them."""
     from trl.rewards import think_format_reward
 
-    from peftkit.training.rewards import Reward
+    from peftkit.objectives.rewards import Reward
 
     rewards = [Reward("think", 1.0, think_format_reward)]
     table = _score(rewards, ["<think>\nhm\n</think>\n4", "4"], ["4", "4"], conversational=True)
@@ -113,7 +113,7 @@ def test_bad_reward_specs_are_named(rewards_dir):
 
 
 def test_a_tensor_reward_is_read_as_a_number(rewards_dir):
-    from peftkit.training.rewards import Reward
+    from peftkit.objectives.rewards import Reward
 
     rewards = [Reward("t", 1.0, lambda completions, **_: [torch.tensor(0.5) for _ in completions])]
     assert _score(rewards, ["a"], ["a"]).tolist() == [[0.5]]

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from peftkit.data.step_plan import StepPlan
-from peftkit.recipe.objective import GRPOObjective
-from peftkit.training.grpo import GRPO
-from peftkit.training.rollout_buffer import Reuse, ReusePlan
+from peftkit.objectives.grpo import GRPOObjective
+from peftkit.objectives.grpo_run import GRPORun as GRPO
+from peftkit.objectives.rollout_buffer import Reuse, ReusePlan
 from tests.unit.test_grpo_losses import TEMPERATURE, G, T, _batch, trl_setup  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from peftkit.training.rollouts import row_seed, sample_completions
+from peftkit.objectives.rollouts import row_seed, sample_completions
 
 
 def test_a_row_samples_the_same_alone_or_in_a_batch(tiny_model):

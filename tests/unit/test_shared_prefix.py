@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from peftkit import _compat
-from peftkit.training.grpo_losses import completion_logps
-from peftkit.training.rollouts import sample_completions
-from peftkit.training.shared_prefix import group_prompts, shared_prefix_logps, support_problem
+from peftkit.objectives.grpo_losses import completion_logps
+from peftkit.objectives.rollouts import sample_completions
+from peftkit.objectives.shared_prefix import group_prompts, shared_prefix_logps, support_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -40,9 +40,9 @@ from peftkit.data.encode import (
 )
 from peftkit.data.formats import detect_format, system_turn, to_example
 from peftkit.data.sources import RawRow, iter_source, parse_json_line
+from peftkit.data.spec import DataSource, DataSpec
 from peftkit.errors import DataError
 from peftkit.io import atomic_write_json
-from peftkit.recipe.schema import DataSource, DataSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

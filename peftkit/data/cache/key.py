@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.data.fingerprint import source_sha
 from peftkit.data.sources import looks_like_local_path
+from peftkit.data.spec import DataSpec
 from peftkit.models.tokenizer_identity import tokenizer_identity
-from peftkit.recipe.schema import DataSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -26,15 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.data.cache import key, store
 from peftkit.data.chat import ChatTemplate
-from peftkit.data.encode import EncodedRow
-from peftkit.data.labeled import LabeledRow
-from peftkit.data.pipeline import PreparedData, mapped_data
+from peftkit.data.pipeline import PreparedData
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json
 from peftkit.models.source import tokenizer_files_sha, tokenizer_folder
 
 if TYPE_CHECKING:
-    from peftkit.recipe.schema import Recipe
+    from peftkit.data.spec import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +43,8 @@ STARTS = "starts"
 def start_key(recipe: Recipe) -> str | None:
     """The start key of a recipe's data (None: the data or the tokenizer cannot be pinned by
     files alone)."""
-    task = recipe.task.model_dump(mode="json") if recipe.task.has_head else None
-    parts = key.content_parts(recipe.data, recipe.data_seed, task)
+    kind = recipe.objective_kind  # what, besides the data section, decides the rows
+    parts = key.content_parts(recipe.data, recipe.data_seed, kind.data_key(recipe))
     folder = tokenizer_folder(recipe.model)
     if parts is None or folder is None:
         return None
@@ -65,7 +63,7 @@ def start_key(recipe: Recipe) -> str | None:
                 include={"name", "gguf_file", "revision", "tokenizer", "trust_remote_code"},
             ),
             "files": tokenizer_files_sha(folder),
-            "needs_eos": not recipe.task.has_head,
+            "needs_eos": kind.needs_eos,
         },
         "chat_template_file": template_file,
     }
@@ -100,8 +98,7 @@ def find(recipe: Recipe, key: str | None = None) -> PreparedData | None:
     if not (folder / "meta.json").is_file():
         return None  # pruned since
     log.info("encoded data found in %s", folder)
-    row_type = LabeledRow if recipe.task.has_head else EncodedRow
-    return mapped_data(folder, template, row_type)[0]
+    return recipe.objective_kind.mapped_data(folder, template)
 
 
 def remember(key: str | None, data: PreparedData) -> None:

@@ -167,7 +167,8 @@ def write_rows(
     labels: str,
     **meta: Any,
 ) -> None:
-    """Store rows encoded in memory (task-head data) as a cache folder, atomically."""
+    """Store rows encoded in memory (task-head data, preference answers) as a cache folder,
+    atomically."""
     with building(folder) as tmp:
         start, rows = 0, []
         for split, split_rows in splits.items():

@@ -1,4 +1,5 @@
-"""Batches, loss and evaluation metrics of a task head (sequence classification / regression).
+"""Batches, loss, evaluation metrics and the runtime of a task head (task_head.py): sequence
+classification / regression.
 
 Loss: cross-entropy over the classes, or squared error for regression, summed over rows (the loop
 divides by the rows of the whole step, as it divides causal-LM loss by supervised tokens).
@@ -13,9 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from peftkit.data.audit import audit_lines, audit_record
 from peftkit.data.labeled import LabeledRow
+from peftkit.data.step_plan import StepPlan
+from peftkit.metrics import MetricsLog
+from peftkit.objectives.batches import Batching
+from peftkit.objectives.runtime import Objective
 
 
 def collate_labeled(rows: list[LabeledRow], pad_id: int) -> dict[str, torch.Tensor]:
@@ -102,3 +110,57 @@ def head_metrics(
     if class_names is None:
         return regression_metrics(predicted, true)
     return classification_metrics(predicted.astype(int), true.astype(int), class_names)
+
+
+class TaskHead(Objective):
+    """A classification or regression head: loss per row; accuracy / F1 / confusion (or MSE,
+    MAE, Pearson) per evaluation."""
+
+    unit = "rows"
+
+    def __init__(
+        self, pad_id: int, class_names: list[str] | None, task_type: str, batching: Batching
+    ) -> None:
+        self.pad_id, self.class_names, self.task_type = pad_id, class_names, task_type
+        self.lengths = batching.lengths
+        self._predicted: list[torch.Tensor] = []
+        self._true: list[torch.Tensor] = []
+        self.last_metrics: dict[str, Any] | None = None
+        """The last evaluation's metrics, confusion matrix included (for the summary)."""
+
+    def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
+        return collate_labeled(rows, self.pad_id)
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return head_row_losses(head_outputs(model, batch), batch["labels"]).sum()
+
+    def eval_loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = head_outputs(model, batch)  # one forward for the loss and the predictions
+        self._predicted.append(out if out.dim() == 1 else out.argmax(-1))
+        self._true.append(batch["labels"])
+        return head_row_losses(out, batch["labels"]).sum()
+
+    def eval_metrics(self, accelerator: Accelerator, eval_loss: float) -> dict[str, float]:
+        if not self._predicted:
+            return {}
+        predicted, true = torch.cat(self._predicted), torch.cat(self._true)
+        self._predicted, self._true = [], []
+        self.last_metrics = head_metrics(accelerator, predicted, true, self.class_names)
+        # perplexity means nothing for a head; its metrics do
+        return {f"eval_{k}": v for k, v in self.last_metrics.items() if isinstance(v, float)}
+
+    def shown(self) -> dict[str, str]:
+        floats = [k for k, v in (self.last_metrics or {}).items() if isinstance(v, float)]
+        return {f"eval_{k}": k for k in floats}
+
+    def audit_lines(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        return audit_lines(data, tokenizer, self.task_type, self.class_names)
+
+    def audit_record(self, data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        return audit_record(data, tokenizer, self.task_type, self.class_names)
+
+    def summary(self, metrics: MetricsLog, plan: StepPlan, steps: int) -> dict[str, Any]:
+        return {"eval_metrics": self.last_metrics}
+
+    def describe(self) -> str:
+        return "batching: padded" + (", grouped by length" if self.lengths is not None else "")

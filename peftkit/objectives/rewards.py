@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from peftkit.errors import RecipeError, TrainingStopped
-from peftkit.recipe.objective import RewardSpec
-from peftkit.training.answer_metrics import BUILTIN, ToolCallMetric, import_callable
+from peftkit.objectives.answer_metrics import BUILTIN, ToolCallMetric, import_callable
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -62,10 +61,11 @@ def _metric_reward(
 
 
 def build_rewards(
-    specs: Sequence[RewardSpec], base_dir: Path | None, chat_template: str | None = None
+    specs: Sequence[Any], base_dir: Path | None, chat_template: str | None = None
 ) -> list[Reward]:
-    """The recipe's rewards, each function imported once (a bad path is a named recipe error);
-    `chat_template` (the run's) fixes the call format a `tool_call` metric reads."""
+    """The recipe's rewards (`objective.rewards`: `peftkit.objectives.grpo.RewardSpec`), each
+    function imported once (a bad path is a named recipe error); `chat_template` (the run's)
+    fixes the call format a `tool_call` metric reads."""
     rewards = []
     for i, spec in enumerate(specs):
         if spec.function is not None:

@@ -6,7 +6,7 @@ Which rows make up each optimizer step is `peftkit.data.step_plan.StepPlan`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -15,11 +15,19 @@ from peftkit import _compat
 from peftkit.data.encode import IGNORE, EncodedRow, row_lengths
 from peftkit.data.step_plan import TokenBudget
 from peftkit.errors import RecipeError
-from peftkit.training.loss import accepts_logits_to_keep
+from peftkit.objectives.loss import accepts_logits_to_keep
 
 if TYPE_CHECKING:
     from peftkit.methods.base import MethodSpec
-    from peftkit.recipe.schema import TrainSpec
+
+
+class TrainSpec(Protocol):
+    """What batching reads of the recipe's `train:` section (`peftkit.recipe.schema.TrainSpec`)."""
+
+    packing: bool | None
+    supervised_logits_only: bool
+    group_by_length: bool
+    micro_batch_tokens: int | None
 
 
 PACKABLE_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
@@ -124,16 +132,17 @@ def choose_batching(
     train: TrainSpec,
     method: MethodSpec,
     model: torch.nn.Module,
-    has_head: bool,
+    token_loss: bool,
     precision: str,
     rows: list[EncodedRow],
 ) -> Batching:
-    """Packing, length grouping and supervised-only logits, as far as the method and model allow
-    (a task head makes one prediction per row: nothing to pack or pick)."""
+    """Packing, length grouping and supervised-only logits, as far as the method and model allow.
+    `token_loss`: the loss is over tokens (a causal LM); without it (a task head makes one
+    prediction per row) there is nothing to pack or pick."""
     attn = _compat.attention_implementation(model)
-    packing = not has_head and resolve_packing(train, method, attn)
+    packing = token_loss and resolve_packing(train, method, attn)
     supervised_only = (
-        not has_head
+        token_loss
         and train.supervised_logits_only
         and not method.virtual_tokens
         and accepts_logits_to_keep(model)

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from peftkit.io import atomic_write_text
 
@@ -96,23 +92,22 @@ def smooth(values: Sequence[float]) -> tuple[int, list[float]] | None:
     return k, [sum(w) / len(w) for w in windows]
 
 
-def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
-    """Train loss (raw and smoothed) and eval loss against optimizer step, saved as a PNG."""
+ChartPanel = tuple[Callable[["MetricsLog", Any], None], str]
+"""A panel below the losses: `draw(log, ax)`, shown when the log has the series it names (an
+objective's charts, `peftkit.objectives.base.ObjectiveKind.charts`)."""
+
+
+def plot_losses(log: MetricsLog, path: Path, title: str, charts: Sequence[ChartPanel] = ()) -> None:
+    """Train loss (raw and smoothed) and eval loss against optimizer step, saved as a PNG; below
+    them the task metric on generated answers and the objective's own `charts`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train, evals = log.train_losses(), log.eval_losses()
-    # panels below the losses: the task metric on generated answers; preference rewards
-    panels = [
-        draw
-        for draw, present in (
-            (_plot_answers, bool(log.series("answer_score"))),
-            (_plot_preference, bool(log.series("rewards/margins"))),
-        )
-        if present
-    ]
+    # panels below the losses: the task metric on generated answers; the objective's charts
+    panels = [draw for draw, key in [(_plot_answers, "answer_score"), *charts] if log.series(key)]
     if panels:
         fig, axes = plt.subplots(
             1 + len(panels),
@@ -164,36 +159,6 @@ def plot_losses(log: MetricsLog, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def _plot_preference(log: MetricsLog, ax) -> None:
-    """Reward margins (train per step, eval per evaluation) and held-out preference accuracy."""
-    steps, margins = zip(*log.series("rewards/margins"))
-    ax.plot(steps, margins, color="tab:purple", alpha=0.5, label="reward margin (train)")
-    evals = log.series("eval_rewards/margins")
-    if evals:
-        steps, margins = zip(*evals)
-        ax.plot(steps, margins, "o-", color="tab:purple", label="reward margin (eval)")
-    ax.set_ylabel("reward margin")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    accuracy = log.series("eval_rewards/accuracies")
-    if accuracy:
-        right = ax.twinx()
-        steps, values = zip(*accuracy)
-        right.plot(
-            steps,
-            [100 * v for v in values],
-            "s-",
-            color="tab:green",
-            label="preference accuracy (eval)",
-        )
-        right.set_ylabel("accuracy %", color="tab:green")
-        right.set_ylim(-5, 105)
-        more_handles, more_labels = right.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, fontsize="small", loc="upper left")
-    ax.set_xlabel("optimizer step")
-
-
 def _plot_answers(log: MetricsLog, ax) -> None:
     """Share of held-out rows answered right (and the metric's other figures), in percent."""
     keys = [k for k in dict.fromkeys(k for r in log.records for k in r) if k.startswith("answer_")]
@@ -215,12 +180,3 @@ def _plot_answers(log: MetricsLog, ax) -> None:
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-
-
-def peak_memory_bytes() -> tuple[int, str]:
-    """Peak memory of this process: on GPU the caching allocator's peak reservation (what the
-    GPU holds for torch; allocated is less, the CUDA context more), else peak resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_reserved(), "cuda max reserved"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS"

@@ -36,32 +36,31 @@ from transformers import PreTrainedTokenizerBase
 from peftkit import _compat
 from peftkit.data.prompts import PromptRow, prompt_audit_lines, prompt_audit_record
 from peftkit.data.step_plan import StepPlan
-from peftkit.recipe.objective import GRPOObjective
-from peftkit.training.checkpoint import complete_checkpoints
-from peftkit.training.grpo_losses import completion_logps, group_advantages, policy_loss
-from peftkit.training.metrics import MetricsLog
-from peftkit.training.objective import Objective
-from peftkit.training.rewards import Reward, reward_metrics, score
-from peftkit.training.rollout_buffer import (
+from peftkit.metrics import MetricsLog
+from peftkit.objectives.grpo_losses import completion_logps, group_advantages, policy_loss
+from peftkit.objectives.rewards import Reward, reward_metrics, score
+from peftkit.objectives.rollout_buffer import (
     Reuse,
     ReusePlan,
     load_buffer,
     prune_buffers,
     save_buffer,
 )
-from peftkit.training.rollouts import row_seed, sample_completions
-from peftkit.training.shared_prefix import group_prompts, shared_prefix_logps, support_problem
+from peftkit.objectives.rollouts import row_seed, sample_completions
+from peftkit.objectives.runtime import Objective
+from peftkit.objectives.shared_prefix import group_prompts, shared_prefix_logps, support_problem
 
 
-class GRPO(Objective):
-    """Group Relative Policy Optimization with Python rewards (`objective: {type: grpo}`)."""
+class GRPORun(Objective):
+    """The GRPO runtime: rollouts before each step's forwards, the clipped surrogate, rewards as
+    metrics."""
 
     unit = "completions"
     sort_eval_by_length = True
 
     def __init__(
         self,
-        spec: GRPOObjective,
+        spec: Any,  # the recipe's `objective:` section (grpo.GRPOObjective)
         rewards: list[Reward],
         tokenizer: PreTrainedTokenizerBase,
         stop_ids: list[int],
@@ -190,7 +189,7 @@ class GRPO(Objective):
             if self._run is not None:
                 folder = self._run.work / "rollouts"
                 save_buffer(folder, step, accelerator.process_index, slices, stats)
-                kept = complete_checkpoints(self._run.checkpoints)
+                kept = self._run.complete_checkpoints()  # (the run directory, `training.run_dir`)
                 prune_buffers(folder, kept, self.reuse, step)
         self._stats = {name: v.tolist() for name, v in stats[0].items()}
         return slices[0]

@@ -19,15 +19,15 @@ from torch import nn
 
 from peftkit.data.encode import IGNORE, EncodedRow, row_tasks
 from peftkit.data.mixing import rows_drawn, task_shares
-from peftkit.training.loss import causal_lm_token_losses
+from peftkit.objectives.loss import causal_lm_token_losses
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from peftkit.data.pipeline import PreparedData
+    from peftkit.data.spec import DataSpec
     from peftkit.data.step_plan import StepPlan
-    from peftkit.recipe.schema import DataSpec
-    from peftkit.training.metrics import MetricsLog
+    from peftkit.metrics import MetricsLog
 
 
 class TaskLosses:
@@ -107,22 +107,3 @@ def task_summary(
             "final_eval_loss": curve[-1][1] if curve else None,
         }
     return summary
-
-
-def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
-    """Lines of the printed summary, one per task."""
-    rows = []
-    for name, t in s.get("tasks", {}).items():
-        evals = (
-            f"; eval loss {t['first_eval_loss']:.4f} -> {t['final_eval_loss']:.4f}"
-            if t["first_eval_loss"] is not None
-            else ""
-        )
-        rows.append(
-            (
-                f"task {name}",
-                f"{t['train_rows']} rows, {t['drawn_rows']} drawn ({t['drawn_share']:.1%}, "
-                f"expected {t['expected_share']:.1%}){evals}",
-            )
-        )
-    return rows

@@ -1,4 +1,5 @@
-"""The preference objective: DPO (sigmoid, ipo, hinge), KTO, ORPO and SimPO in peftkit's own loop.
+"""The preference objectives' runtime (dpo.py, kto.py, orpo.py, simpo.py declare them): DPO
+(sigmoid, ipo, hinge), KTO, ORPO and SimPO in peftkit's own loop.
 
 A pair micro-batch is one padded batch of the chosen answers followed by the rejected ones
 (`input_ids` (2 x pairs, seq)), as TRL builds it, so one forward scores both. The log-probability
@@ -21,7 +22,7 @@ import contextlib
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,12 +39,11 @@ from peftkit.data.preference import (
     preferred_answers,
 )
 from peftkit.io import atomic_write_with
-from peftkit.recipe.objective import DPOObjective, KTOObjective, ORPOObjective, SimPOObjective
-from peftkit.training.batches import collate
-from peftkit.training.loss import causal_lm_token_losses
-from peftkit.training.metrics import MetricsLog
-from peftkit.training.objective import Objective
-from peftkit.training.preference_losses import dpo_losses, kto_losses, orpo_terms, simpo_losses
+from peftkit.metrics import MetricsLog
+from peftkit.objectives.batches import collate
+from peftkit.objectives.loss import causal_lm_token_losses
+from peftkit.objectives.preference_losses import dpo_losses, kto_losses, orpo_terms, simpo_losses
+from peftkit.objectives.runtime import Objective
 
 PAIR_METRICS = [
     "rewards/chosen",
@@ -53,11 +53,6 @@ PAIR_METRICS = [
     "logps/chosen",
     "logps/rejected",
 ]
-EXTRA_METRICS = {
-    "orpo": ["nll_loss", "log_odds_ratio", "log_odds_chosen"],
-    "simpo": ["nll_loss"],
-    "dpo": [],
-}
 KTO_METRICS = ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"]
 
 
@@ -77,14 +72,22 @@ def sequence_logps(
 
 
 class Preference(Objective):
-    """DPO / KTO / ORPO / SimPO; chosen once from `recipe.objective`."""
+    """The shared runtime of DPO / ORPO / SimPO (pairs: one padded micro-batch of the chosen
+    answers followed by the rejected ones) and KTO (`KTOLoss` overrides what differs). A subclass
+    gives its `pair_loss` and, where it differs, `uses_reference`, `extra_metrics`."""
 
     sort_eval_by_length = False  # KTO's KL rows pair neighbours; keep the data order
     evaluate_at_start = True  # the summary's preference figures before -> after
+    unpaired: ClassVar[bool] = False
+    uses_reference: ClassVar[bool] = True
+    """The loss compares with a reference model (DPO, KTO); ORPO and SimPO have none."""
+    extra_metrics: ClassVar[list[str]] = []
+    """Metrics this loss logs beside the pair metrics."""
+    unit = "pairs"
 
     def __init__(
         self,
-        spec: DPOObjective | KTOObjective | ORPOObjective | SimPOObjective,
+        spec: Any,
         pad_id: int,
         supervised_only: bool,
         unwrap: Callable[[nn.Module], nn.Module],
@@ -97,38 +100,27 @@ class Preference(Objective):
             supervised_only,
             unwrap,
         )
-        self.kto = spec.type == "kto"
         # Length grouping (train.packing false) reorders pairs within a step: the loss is a sum
-        # over pairs, so the same; KTO's KL rows pair micro-batch neighbours, so it keeps the order.
-        self.lengths = None if self.kto else lengths
-        self.unit = "rows" if self.kto else "pairs"
+        # over pairs, so the same (KTO, whose KL rows pair neighbours, keeps the order).
+        self.lengths = lengths
         self.frozen = frozen_reference
         """Full/partial fine-tuning: the starting weights, frozen. None: the adapter switched off."""
-        self.keys = KTO_METRICS if self.kto else PAIR_METRICS + EXTRA_METRICS.get(spec.type, [])
+        self.keys = self.metric_keys()
         self._sums: torch.Tensor | None = None  # (2, metrics): sums and counts
+
+    def metric_keys(self) -> list[str]:
+        return PAIR_METRICS + self.extra_metrics
 
     # ----------------------------------------------------------------- batches
     def collate(self, rows: list[PreferenceRow]) -> dict[str, torch.Tensor]:
-        if self.kto:
-            batch = collate([r.chosen for r in rows], self.pad_id)
-            batch["desirable"] = torch.tensor([bool(r.desirable) for r in rows])
-            kl = collate(_mismatched(rows), self.pad_id)
-            batch |= {f"kl_{k}": v for k, v in kl.items()}
-        else:
-            batch = collate([r.chosen for r in rows] + [r.rejected for r in rows], self.pad_id)
+        batch = collate([r.chosen for r in rows] + [r.rejected for r in rows], self.pad_id)
         refs = [r.ref_logps for r in rows]
         if all(ref is not None for ref in refs):
-            if self.kto:
-                batch["ref_logps"] = torch.tensor([ref[0] for ref in refs])
-            else:
-                batch["ref_logps"] = torch.tensor(
-                    [ref[0] for ref in refs] + [ref[1] for ref in refs]
-                )
+            batch["ref_logps"] = torch.tensor([ref[0] for ref in refs] + [ref[1] for ref in refs])
         return batch
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = batch["input_ids"].shape[0]
-        return torch.tensor(rows if self.kto else rows // 2)
+        return torch.tensor(batch["input_ids"].shape[0] // 2)
 
     def tokens(
         self, rows: list[PreferenceRow], batch: dict[str, torch.Tensor] | None = None
@@ -137,95 +129,11 @@ class Preference(Objective):
 
     # ----------------------------------------------------------------- loss
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.kto:
-            return self._kto(model, batch)
-        if self.spec.type in ("orpo", "simpo"):
-            return self._reference_free(model, batch)
-        return self._dpo(model, batch)
+        return self.pair_loss(model, batch)
 
-    def _dpo(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logps, n = sequence_logps(model, batch, self.supervised_only)
-        ref = self._reference_logps(model, batch)
-        (chosen, rejected), (ref_c, ref_r), (n_c, n_r) = (
-            logps.chunk(2),
-            ref.chunk(2),
-            n.chunk(2),
-        )
-        losses, r_c, r_r = dpo_losses(
-            chosen, rejected, ref_c, ref_r, self.spec.beta, self.spec.loss_type, n_c, n_r
-        )
-        self._add_pair_metrics(r_c, r_r, chosen, rejected)
-        return losses.sum()
-
-    def _reference_free(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        orpo = self.spec.type == "orpo"
-        # ORPO's NLL term covers the prompt too (TRL and the paper's code); SimPO's the answer.
-        if orpo:
-            nll_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
-            losses, _ = causal_lm_token_losses(
-                model,
-                {
-                    "input_ids": batch["input_ids"],
-                    "attention_mask": batch["attention_mask"],
-                    "labels": nll_labels,
-                },
-                False,
-            )
-            answer = batch["labels"][:, 1:] != IGNORE
-            logps = -(losses * answer.to(losses.device)).sum(-1)
-            n = answer.sum(-1).to(losses.device)
-            nll_mask = nll_labels[:, 1:] != IGNORE
-            token_losses, nll_mask = losses.chunk(2)[0], nll_mask.chunk(2)[0]
-        else:
-            logps, n = sequence_logps(model, batch, self.supervised_only)
-        mean = logps / n.clamp(min=1)
-        chosen, rejected = mean.chunk(2)
-        pairs = chosen.shape[0]
-        if orpo:
-            nll = token_losses.sum() / nll_mask.sum().clamp(min=1)
-            terms, r_c, r_r, log_odds = orpo_terms(chosen, rejected, self.spec.beta)
-            loss_sum = pairs * nll - terms.sum()
-            extra = {
-                "nll_loss": nll.detach() * pairs,
-                "log_odds_ratio": (terms.detach() / self.spec.beta).sum(),
-                "log_odds_chosen": log_odds.sum(),
-            }
-        else:
-            losses, r_c, r_r = simpo_losses(chosen, rejected, self.spec.beta, self.spec.gamma)
-            nll = -logps.chunk(2)[0].sum() / n.chunk(2)[0].sum().clamp(min=1)
-            loss_sum = losses.sum() + self.spec.sft_weight * pairs * nll
-            extra = {"nll_loss": nll.detach() * pairs}
-        self._add_pair_metrics(r_c, r_r, chosen, rejected, extra=extra)  # TRL: mean log-probs
-        return loss_sum
-
-    def _kto(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logps, _ = sequence_logps(model, batch, self.supervised_only)
-        kl_batch = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
-        with torch.no_grad():
-            kl_policy, _ = sequence_logps(model, kl_batch, self.supervised_only)
-            kl_ref = self._run_reference(model, kl_batch)
-        ref = self._reference_logps(model, batch)
-        kl = (kl_policy - kl_ref).mean().clamp(min=0).detach()
-        desirable = batch["desirable"].to(logps.device)
-        losses, rewards = kto_losses(
-            logps,
-            ref,
-            desirable,
-            kl,
-            self.spec.beta,
-            self.spec.desirable_weight,
-            self.spec.undesirable_weight,
-        )
-        d, u = desirable, ~desirable
-        values = {
-            "rewards/chosen": (rewards[d].sum(), d.sum()),
-            "rewards/rejected": (rewards[u].sum(), u.sum()),
-            "logps/chosen": (logps.detach()[d].sum(), d.sum()),
-            "logps/rejected": (logps.detach()[u].sum(), u.sum()),
-            "kl": (kl, torch.ones(())),
-        }
-        self._accumulate(values)
-        return losses.sum()
+    def pair_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's loss summed over its pairs (and `_add_pair_metrics` called)."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- reference
     def _reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -267,7 +175,7 @@ class Preference(Objective):
                 logps = sequence_logps(self.unwrap(model), batch, self.supervised_only)[0]
                 logps = logps.float().cpu()
                 chosen = logps[: len(part)]
-                rejected = logps[len(part) :] if not self.kto else torch.zeros(len(part))
+                rejected = logps[len(part) :] if not self.unpaired else torch.zeros(len(part))
                 values.append(torch.stack([chosen, rejected], 1))
             out[name] = torch.cat(values) if values else torch.zeros(0, 2)
         model.train(was_training)
@@ -278,7 +186,7 @@ class Preference(Objective):
     ) -> str | None:
         """`precompute_ref`: the reference log-probs of every row, once, kept in the run (a
         resume reads them)."""
-        if not getattr(self.spec, "precompute_ref", False):
+        if not self.spec.precomputed_reference:
             return None
         splits = {"train": data.train, "eval": data.eval}
         path = run.reference_logps
@@ -328,10 +236,6 @@ class Preference(Objective):
         self._sums = None
         sums, counts = accelerator.reduce(sums.to(accelerator.device), "sum").cpu().tolist()
         out = {f"{prefix}{k}": s / c for k, s, c in zip(self.keys, sums, counts) if c > 0}
-        if self.kto and f"{prefix}rewards/chosen" in out and f"{prefix}rewards/rejected" in out:
-            out[f"{prefix}rewards/margins"] = (
-                out[f"{prefix}rewards/chosen"] - out[f"{prefix}rewards/rejected"]
-            )
         return out
 
     def step_metrics(self, accelerator: Accelerator) -> dict[str, float]:
@@ -341,8 +245,6 @@ class Preference(Objective):
         return self._take(accelerator, "eval_")
 
     def shown(self) -> dict[str, str]:
-        if self.kto:
-            return {"eval_rewards/margins": "reward margin"}
         return {"eval_rewards/accuracies": "preference accuracy", "eval_rewards/margins": "margin"}
 
     # ----------------------------------------------------------------- the rest
@@ -366,44 +268,27 @@ class Preference(Objective):
         # generated answers are scored against the preferred (desirable) answer
         return preferred_answers(rows)
 
-    def describe(self) -> str:
-        ref = (
+    def reference_name(self) -> str:
+        return (
             "none"
-            if self.spec.type in ("orpo", "simpo")
+            if not self.uses_reference
             else "precomputed log-probs"
-            if getattr(self.spec, "precompute_ref", False)
+            if self.spec.precomputed_reference
             else "frozen copy of the starting weights"
             if self.frozen is not None
             else "the base (adapter switched off)"
         )
+
+    def loss_settings(self) -> str:
+        """The knobs named in the describe line."""
+        return f"beta {self.spec.beta}"
+
+    def describe(self) -> str:
         return (
-            f"objective: {self.spec.type} (beta {self.spec.beta}"
-            + (f", {self.spec.loss_type}" if self.spec.type == "dpo" else "")
-            + f"); reference: {ref}; batching: padded, one micro-batch = chosen + rejected"
+            f"objective: {self.spec.type} ({self.loss_settings()}); reference: "
+            f"{self.reference_name()}; batching: padded, one micro-batch = chosen + rejected"
             + (", grouped by length" if self.lengths is not None else "")
-            if not self.kto
-            else f"objective: kto (beta {self.spec.beta}); reference: {ref}; batching: padded"
         )
-
-
-def _mismatched(rows: list[PreferenceRow]) -> list[EncodedRow]:
-    """KTO's KL rows: prompt i with the answer of row i - 1 (rotated within the micro-batch, as TRL
-    does), labels on the borrowed answer."""
-    out = []
-    for i, row in enumerate(rows):
-        other = rows[i - 1].chosen
-        prompt_end = _answer_start(row.chosen)
-        answer_start = _answer_start(other)
-        ids = np.concatenate([row.chosen.input_ids[:prompt_end], other.input_ids[answer_start:]])
-        labels = np.concatenate(
-            [np.full(prompt_end, IGNORE, dtype=np.int64), other.labels[answer_start:]]
-        )
-        out.append(EncodedRow(ids, labels, row.origin))
-    return out
-
-
-def _answer_start(row: EncodedRow) -> int:
-    return int(np.argmax(row.labels != IGNORE))
 
 
 def load_or_compute_reference(
@@ -436,3 +321,171 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+class DPOLoss(Preference):
+    """DPO's sigmoid, IPO or hinge loss on the policy's and the reference's log-ratios."""
+
+    def pair_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps, n = sequence_logps(model, batch, self.supervised_only)
+        ref = self._reference_logps(model, batch)
+        (chosen, rejected), (ref_c, ref_r), (n_c, n_r) = (
+            logps.chunk(2),
+            ref.chunk(2),
+            n.chunk(2),
+        )
+        losses, r_c, r_r = dpo_losses(
+            chosen, rejected, ref_c, ref_r, self.spec.beta, self.spec.loss_type, n_c, n_r
+        )
+        self._add_pair_metrics(r_c, r_r, chosen, rejected)
+        return losses.sum()
+
+    def loss_settings(self) -> str:
+        return f"beta {self.spec.beta}, {self.spec.loss_type}"
+
+
+class ORPOLoss(Preference):
+    """ORPO: the chosen answers' NLL (prompt included, as TRL and the paper's code) minus beta
+    times the log-sigmoid of the log odds ratio."""
+
+    uses_reference = False
+    extra_metrics = ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
+
+    def pair_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # ORPO's NLL term covers the prompt too (TRL and the paper's code)
+        nll_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+        losses, _ = causal_lm_token_losses(
+            model,
+            {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+                "labels": nll_labels,
+            },
+            False,
+        )
+        answer = batch["labels"][:, 1:] != IGNORE
+        logps = -(losses * answer.to(losses.device)).sum(-1)
+        n = answer.sum(-1).to(losses.device)
+        nll_mask = nll_labels[:, 1:] != IGNORE
+        token_losses, nll_mask = losses.chunk(2)[0], nll_mask.chunk(2)[0]
+        chosen, rejected = (logps / n.clamp(min=1)).chunk(2)
+        pairs = chosen.shape[0]
+        nll = token_losses.sum() / nll_mask.sum().clamp(min=1)
+        terms, r_c, r_r, log_odds = orpo_terms(chosen, rejected, self.spec.beta)
+        extra = {
+            "nll_loss": nll.detach() * pairs,
+            "log_odds_ratio": (terms.detach() / self.spec.beta).sum(),
+            "log_odds_chosen": log_odds.sum(),
+        }
+        self._add_pair_metrics(r_c, r_r, chosen, rejected, extra=extra)  # TRL: mean log-probs
+        return pairs * nll - terms.sum()
+
+
+class SimPOLoss(Preference):
+    """SimPO on length-normalised log-probs, plus `sft_weight` times the chosen answers' NLL."""
+
+    uses_reference = False
+    extra_metrics = ["nll_loss"]
+
+    def pair_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps, n = sequence_logps(model, batch, self.supervised_only)
+        chosen, rejected = (logps / n.clamp(min=1)).chunk(2)
+        pairs = chosen.shape[0]
+        losses, r_c, r_r = simpo_losses(chosen, rejected, self.spec.beta, self.spec.gamma)
+        nll = -logps.chunk(2)[0].sum() / n.chunk(2)[0].sum().clamp(min=1)
+        extra = {"nll_loss": nll.detach() * pairs}
+        self._add_pair_metrics(r_c, r_r, chosen, rejected, extra=extra)  # TRL: mean log-probs
+        return losses.sum() + self.spec.sft_weight * pairs * nll
+
+
+class KTOLoss(Preference):
+    """KTO: one row per micro-batch row (not pairs), a KL estimate from mismatched rows."""
+
+    unpaired = True
+    unit = "rows"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lengths = None  # the KL rows pair micro-batch neighbours: keep the order
+
+    def metric_keys(self) -> list[str]:
+        return KTO_METRICS
+
+    def collate(self, rows: list[PreferenceRow]) -> dict[str, torch.Tensor]:
+        batch = collate([r.chosen for r in rows], self.pad_id)
+        batch["desirable"] = torch.tensor([bool(r.desirable) for r in rows])
+        kl = collate(_mismatched(rows), self.pad_id)
+        batch |= {f"kl_{k}": v for k, v in kl.items()}
+        refs = [r.ref_logps for r in rows]
+        if all(ref is not None for ref in refs):
+            batch["ref_logps"] = torch.tensor([ref[0] for ref in refs])
+        return batch
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0])
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps, _ = sequence_logps(model, batch, self.supervised_only)
+        kl_batch = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
+        with torch.no_grad():
+            kl_policy, _ = sequence_logps(model, kl_batch, self.supervised_only)
+            kl_ref = self._run_reference(model, kl_batch)
+        ref = self._reference_logps(model, batch)
+        kl = (kl_policy - kl_ref).mean().clamp(min=0).detach()
+        desirable = batch["desirable"].to(logps.device)
+        losses, rewards = kto_losses(
+            logps,
+            ref,
+            desirable,
+            kl,
+            self.spec.beta,
+            self.spec.desirable_weight,
+            self.spec.undesirable_weight,
+        )
+        d, u = desirable, ~desirable
+        values = {
+            "rewards/chosen": (rewards[d].sum(), d.sum()),
+            "rewards/rejected": (rewards[u].sum(), u.sum()),
+            "logps/chosen": (logps.detach()[d].sum(), d.sum()),
+            "logps/rejected": (logps.detach()[u].sum(), u.sum()),
+            "kl": (kl, torch.ones(())),
+        }
+        self._accumulate(values)
+        return losses.sum()
+
+    def _take(self, accelerator: Accelerator, prefix: str) -> dict[str, float]:
+        out = super()._take(accelerator, prefix)
+        if f"{prefix}rewards/chosen" in out and f"{prefix}rewards/rejected" in out:
+            out[f"{prefix}rewards/margins"] = (
+                out[f"{prefix}rewards/chosen"] - out[f"{prefix}rewards/rejected"]
+            )
+        return out
+
+    def shown(self) -> dict[str, str]:
+        return {"eval_rewards/margins": "reward margin"}
+
+    def describe(self) -> str:
+        return (
+            f"objective: kto (beta {self.spec.beta}); reference: {self.reference_name()}; "
+            "batching: padded"
+        )
+
+
+def _mismatched(rows: list[PreferenceRow]) -> list[EncodedRow]:
+    """KTO's KL rows: prompt i with the answer of row i - 1 (rotated within the micro-batch, as TRL
+    does), labels on the borrowed answer."""
+    out = []
+    for i, row in enumerate(rows):
+        other = rows[i - 1].chosen
+        prompt_end = _answer_start(row.chosen)
+        answer_start = _answer_start(other)
+        ids = np.concatenate([row.chosen.input_ids[:prompt_end], other.input_ids[answer_start:]])
+        labels = np.concatenate(
+            [np.full(prompt_end, IGNORE, dtype=np.int64), other.labels[answer_start:]]
+        )
+        out.append(EncodedRow(ids, labels, row.origin))
+    return out
+
+
+def _answer_start(row: EncodedRow) -> int:
+    return int(np.argmax(row.labels != IGNORE))
