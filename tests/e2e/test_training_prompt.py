@@ -72,6 +72,7 @@ def test_the_manifest_records_the_training_rendering(runs):
         "chat_template_source": "tokenizer",
         "system_prompt": SYSTEM,
         "system_turns": "one",
+        "chat_template_kwargs": {},  # the template variables training rendered with: none here
     }
     plain = json.loads((runs["plain"] / "adapter" / MANIFEST).read_text())["prompt"]
     assert plain["system_prompt"] is None and plain["system_turns"] == "none"
