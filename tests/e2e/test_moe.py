@@ -90,7 +90,13 @@ def test_experts_train_merge_exactly_and_resume_exactly(tmp_path, tiny_moe, capl
 
     base = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
     trained = PeftModel.from_pretrained(base, tmp_path / "full" / "adapter").eval()
-    export(tmp_path / "full", tmp_path / "merged", dtype="float32", log=lambda *_: None)
+    report = export(tmp_path / "full", tmp_path / "merged", dtype="float32", log=lambda *_: None)
+    assert report["passed"], report["failures"]  # the fidelity gate, on the reloaded folder
+    assert report["merge"].startswith("in memory: the base checkpoint stores the MoE experts")
+    assert (
+        json.loads((tmp_path / "merged" / "fidelity.json").read_text())["merge"]
+        == (report["merge"])
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
         want, got = trained(input_ids=PROBE).logits, merged.eval()(input_ids=PROBE).logits
