@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peftkit.cli import main
+from peftkit.errors import ExportError, UnsupportedGGUFExport
 from peftkit.export.run import export
 from tests.conftest import (
     CHATML,
@@ -101,6 +102,13 @@ def test_experts_train_merge_exactly_and_resume_exactly(tmp_path, tiny_moe, capl
     with torch.no_grad():
         want, got = trained(input_ids=PROBE).logits, merged.eval()(input_ids=PROBE).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+    # GGUF refuses the MoE architecture by name before loading; vLLM the expert LoRA.
+    with pytest.raises(UnsupportedGGUFExport, match=r"llama\.cpp's 'qwen3moe'"):
+        export(tmp_path / "full", tmp_path / "gguf", format="gguf", log=lambda *_: None)
+    with pytest.raises(ExportError, match="trains parameters, not modules"):
+        export(tmp_path / "full", tmp_path / "vllm", adapter_only=True, target="vllm")
+    assert not (tmp_path / "gguf").exists() and not (tmp_path / "vllm").exists()
 
     # Crash after step 2, resume: bit for bit the uninterrupted run.
     crashed = tmp_path / "crashed"

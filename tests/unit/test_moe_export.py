@@ -56,3 +56,26 @@ def test_per_expert_checkpoints_are_refused_by_the_streamed_merge(kind, tmp_path
     _saved_adapter(kind, tmp_path)
     with pytest.raises(CannotStream, match="stores the MoE experts one by one"):
         MergedWeights(tmp_path / "base", tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_gguf_refuses_each_moe_layout_by_name_from_its_config(kind):
+    from peftkit.errors import UnsupportedGGUFExport
+    from peftkit.export.gguf_arch import MOE_ARCHITECTURES, check_config
+
+    config = tiny_moe(kind).config
+    with pytest.raises(UnsupportedGGUFExport, match="mixture-of-experts") as refused:
+        check_config(config)
+    assert f"{kind} would be llama.cpp's {MOE_ARCHITECTURES[kind]!r}" in str(refused.value)
+
+
+def test_vllm_check_refuses_lora_on_expert_parameters(tmp_path):
+    from peftkit.export.vllm import check_vllm
+    from tests.conftest import CHATML, build_tokenizer
+
+    _saved_adapter("qwen3_moe", tmp_path)
+    tokenizer = build_tokenizer(tmp_path / "tok", CHATML)
+    check = check_vllm(tmp_path / "adapter", len(tokenizer), tokenizer)
+    assert len(check.problems) == 1
+    assert "experts.down_proj, experts.gate_up_proj" in check.problems[0]
+    assert "export merged weights" in check.problems[0]
