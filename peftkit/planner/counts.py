@@ -43,6 +43,60 @@ class ModelCounts:
     """KV heads x head dimension (0: kv_heads x hidden / heads)."""
     fused_chunk_rows: int = 256
     """Rows per fused chunk at this vocabulary (`linear_ce.rows_per_chunk`)."""
+    moe: MoECounts | None = None
+    """The routed experts, for a mixture-of-experts model (None: dense)."""
+
+
+@dataclass(frozen=True)
+class MoECounts:
+    """A mixture-of-experts decoder's routed experts (transformers 5's 3-D expert weights)."""
+
+    layers: int
+    """Decoder layers with routed experts (DeepSeek-style models keep the first ones dense)."""
+    experts: int
+    experts_per_token: int
+    intermediate: int
+    """Width of one expert's MLP."""
+    shared_intermediate: int = 0
+    """Width of the always-on shared expert MLP (Qwen2-MoE, DeepSeek), 0 if none."""
+    adapted_params: int = 0
+    """Elements of one MoE layer's expert weights that a LoRA adapts (`target_parameters`):
+    peft rebuilds each as W + s·BA on every forward, and autograd keeps that copy."""
+    kept_widths: int = 4
+    """Expert-width tensors each routed row keeps: 4 for SwiGLU experts (gate/up output,
+    act(gate), the product), 7 for gpt-oss's clamped GLU (its clamps and sigmoid too)."""
+
+
+def moe_counts(model: nn.Module, text) -> MoECounts | None:
+    """The routed experts of `model` (peft applied) from its 3-D expert weights, or None."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from peftkit.models.layers import decoder_layers, expert_target
+
+    _, blocks = decoder_layers(model)
+    per_layer = []
+    for block in blocks:
+        experts = {n: p for n, p in block.named_parameters() if p.ndim == 3 and expert_target(n)}
+        if experts:
+            per_layer.append((block, experts))
+    if not per_layer:
+        return None
+    block, experts = per_layer[0]
+    adapted = sum(m.get_param().numel() for m in block.modules() if isinstance(m, ParamWrapper))
+    width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    shared = (
+        getattr(text, "shared_expert_intermediate_size", 0)
+        or (getattr(text, "n_shared_experts", 0) or 0) * width
+    )
+    return MoECounts(
+        layers=len(per_layer),
+        experts=next(iter(experts.values())).shape[0],
+        experts_per_token=text.num_experts_per_tok,
+        intermediate=width,
+        shared_intermediate=shared,
+        adapted_params=adapted,
+        kept_widths=7 if getattr(text, "model_type", "") == "gpt_oss" else 4,
+    )
 
 
 def count(recipe: Recipe, tokenizer) -> ModelCounts:
@@ -95,4 +149,5 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         head_softcap=fused_head(model) is not None and logit_map(model).softcap is not None,
         kv_width=kv_width(text),
         fused_chunk_rows=rows_per_chunk(text.vocab_size),
+        moe=moe_counts(model, text),
     )
