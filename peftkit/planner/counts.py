@@ -62,6 +62,9 @@ class MoECounts:
     adapted_params: int = 0
     """Elements of one MoE layer's expert weights that a LoRA adapts (`target_parameters`):
     peft rebuilds each as W + s·BA on every forward, and autograd keeps that copy."""
+    adapter_params: int = 0
+    """Elements of one MoE layer's expert LoRA factors: over 16-bit weights peft casts them
+    (fp32) to the weights' dtype for the fold, and autograd keeps those copies."""
     kept_widths: int = 4
     """Expert-width tensors each routed row keeps: 4 for SwiGLU experts (gate/up output,
     act(gate), the product), 7 for gpt-oss's clamped GLU (its clamps and sigmoid too)."""
@@ -82,7 +85,9 @@ def moe_counts(model: nn.Module, text) -> MoECounts | None:
     if not per_layer:
         return None
     block, experts = per_layer[0]
-    adapted = sum(m.get_param().numel() for m in block.modules() if isinstance(m, ParamWrapper))
+    wrappers = [m for m in block.modules() if isinstance(m, ParamWrapper)]
+    adapted = sum(m.get_param().numel() for m in wrappers)
+    factors = sum(p.numel() for m in wrappers for d in (m.lora_A, m.lora_B) for p in d.parameters())
     width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
     shared = (
         getattr(text, "shared_expert_intermediate_size", 0)
@@ -95,6 +100,7 @@ def moe_counts(model: nn.Module, text) -> MoECounts | None:
         intermediate=width,
         shared_intermediate=shared,
         adapted_params=adapted,
+        adapter_params=factors,
         kept_widths=7 if getattr(text, "model_type", "") == "gpt_oss" else 4,
     )
 

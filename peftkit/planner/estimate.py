@@ -25,7 +25,8 @@ largest micro-batch and compute dtype of b bytes:
                weight; per token the fp32 router probabilities and top-k picks, 4E + 12k; a
                shared expert's MLP, b 4 I_s. A LoRA on the expert weights (`target_parameters`)
                rebuilds each adapted weight as W + s·BA on every forward (peft's parametrization)
-               and autograd keeps that copy, in the weights' dtype;
+               and autograd keeps that copy, in the weights' dtype (over 16-bit weights also
+               the fp32 LoRA factors cast to it);
                autocast to half precision over fp32 weights keeps a b-byte copy of it as well.
   logits       supervised-only: K supervised positions x vocab in b bytes, plus fp32 chunks;
                fused with the head (kernels/linear_ce.py): one chunk's transients
@@ -210,6 +211,7 @@ def moe_layer_bytes(moe: MoECounts, hidden: int, tokens: int, b: int, store: int
         + tokens * (4 * moe.experts + 12 * moe.experts_per_token)
         + tokens * b * 4 * moe.shared_intermediate
         + moe.adapted_params * store
+        + (moe.adapter_params * store if store != 4 else 0)
         + (moe.adapted_params * b if store == 4 and b != 4 else 0)
     )
 

@@ -1,6 +1,6 @@
 """The planner's mixture-of-experts term: what one MoE layer keeps for backward, with and without
 a LoRA on its 3-D expert weights, equals (within 5%) the bytes autograd really saves in a
-forward of that layer, for each MoE layout transformers 5 stores as 3-D experts."""
+forward of that layer, for each MoE layout transformers 5 stores as 3-D experts, in fp32 and in bf16."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.unit.test_moe_targets import LAYOUTS, tiny_moe
 TOKENS = 64
 
 
-def _saved_bytes(module, hidden: int) -> int:
+def _saved_bytes(module, hidden: int, dtype: torch.dtype) -> int:
     """Bytes of the distinct storages autograd keeps for backward in one forward of `module`,
     less the module's own parameters (in memory anyway, counted as weights)."""
     storages: dict[int, int] = {}
@@ -28,16 +28,17 @@ def _saved_bytes(module, hidden: int) -> int:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
-    x = torch.randn(1, TOKENS, hidden, requires_grad=True)
+    x = torch.randn(1, TOKENS, hidden, requires_grad=True, dtype=dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("adapt_experts", [True, False])
 @pytest.mark.parametrize("kind", LAYOUTS)
-def test_moe_layer_bytes_match_what_autograd_keeps(kind, adapt_experts):
-    model = tiny_moe(kind)
+def test_moe_layer_bytes_match_what_autograd_keeps(kind, adapt_experts, dtype):
+    model = tiny_moe(kind).to(dtype)
     targets = expert_parameters(model) if adapt_experts else None
     attention = ["q_b_proj"] if kind == "deepseek_v3" else ["q_proj"]
     peft_model = get_peft_model(
@@ -51,8 +52,9 @@ def test_moe_layer_bytes_match_what_autograd_keeps(kind, adapt_experts):
     )
     assert counts.adapted_params == (expert_weights if adapt_experts else 0)
     hidden = model.config.hidden_size
-    got = _saved_bytes(model.model.layers[-1].mlp, hidden)
-    want = moe_layer_bytes(counts, hidden, TOKENS, 4, 4)
+    got = _saved_bytes(model.model.layers[-1].mlp, hidden, dtype)
+    size = dtype.itemsize  # weights and compute in one dtype (no autocast)
+    want = moe_layer_bytes(counts, hidden, TOKENS, size, size)
     assert abs(want - got) / got < 0.05, (got, want)
 
 
