@@ -21,13 +21,14 @@ largest micro-batch and compute dtype of b bytes:
                k experts per token, expert width I_e, E experts) keeps, instead of the dense
                MLP's 4 I: per routed row its gathered input, gate/up output, act(gate), the
                product and the down output, b (2h + 4 I_e) (gpt-oss's clamped GLU: 7 I_e;
-               frozen experts keep neither matmul's input: h + I_e less), plus 28 B of indices and routing
-               weight; per token the fp32 router probabilities and top-k picks, 4E + 12k; a
-               shared expert's MLP, b 4 I_s. A LoRA on the expert weights (`target_parameters`)
-               rebuilds each adapted weight as W + s·BA on every forward (peft's parametrization)
-               and autograd keeps that copy, in the weights' dtype (over 16-bit weights also
-               the fp32 LoRA factors cast to it);
-               autocast to half precision over fp32 weights keeps a b-byte copy of it as well.
+               frozen experts keep neither matmul's input: h + I_e less), plus 28 B of
+               indices and routing weight; per token the fp32 router probabilities and top-k
+               picks, 4E + 12k; a frozen shared expert's MLP, b 3 I_s. A LoRA on the expert
+               weights (`target_parameters`) rebuilds each adapted weight as W + s·BA on every
+               forward (peft's parametrization) and autograd keeps that copy, in the weights'
+               dtype (over 16-bit weights also the fp32 LoRA factors cast to it); autocast to
+               half precision over fp32 weights is assumed to keep a b-byte copy of it as well
+               (not verified).
   logits       supervised-only: K supervised positions x vocab in b bytes, plus fp32 chunks;
                fused with the head (kernels/linear_ce.py): one chunk's transients
                (`linear_ce.chunk_bytes`: rows_per_chunk(vocab) x vocab x (8 + b), + 4 when
@@ -209,7 +210,7 @@ def moe_layer_bytes(moe: MoECounts, hidden: int, tokens: int, b: int, store: int
     return float(
         routed * (b * widths + 28)
         + tokens * (4 * moe.experts + 12 * moe.experts_per_token)
-        + tokens * b * 4 * moe.shared_intermediate
+        + tokens * b * 3 * moe.shared_intermediate  # gate, act(gate), up: frozen down
         + moe.adapted_params * store
         + (moe.adapter_params * store if store != 4 else 0)
         + (moe.adapted_params * b if store == 4 and b != 4 else 0)

@@ -4,6 +4,8 @@ forward of that layer, for each MoE layout transformers 5 stores as 3-D experts,
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -17,20 +19,25 @@ TOKENS = 64
 
 
 def _saved_bytes(module, hidden: int, dtype: torch.dtype) -> int:
-    """Bytes of the distinct storages autograd keeps for backward in one forward of `module`,
-    less the module's own parameters (in memory anyway, counted as weights)."""
-    storages: dict[int, int] = {}
+    """Bytes of the distinct storages autograd still keeps for backward after one forward of
+    `module` (what a dead branch saved is freed by then), less the module's own parameters (in
+    memory anyway, counted as weights)."""
     weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: list[weakref.ref] = []
 
     def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in weights:
-            storages[s.data_ptr()] = s.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     x = torch.randn(1, TOKENS, hidden, requires_grad=True, dtype=dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
+        out = module(x)
+    storages = {}
+    for ref in saved:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    del out
     return sum(storages.values())
 
 
