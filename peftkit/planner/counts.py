@@ -45,6 +45,8 @@ class ModelCounts:
     """Rows per fused chunk at this vocabulary (`linear_ce.rows_per_chunk`)."""
     moe: MoECounts | None = None
     """The routed experts, for a mixture-of-experts model (None: dense)."""
+    frozen_experts: tuple[str, ...] = ()
+    """MoE expert parameters nothing trains (`models.layers.frozen_experts`)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
     )
     from peftkit.kernels.linear_ce import fused_head, logit_map, rows_per_chunk
     from peftkit.kernels.lora_mlp import fused_in_training
+    from peftkit.models.layers import frozen_experts
     from peftkit.training.generated import kv_width
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -156,4 +159,5 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         kv_width=kv_width(text),
         fused_chunk_rows=rows_per_chunk(text.vocab_size),
         moe=moe_counts(model, text),
+        frozen_experts=tuple(frozen_experts(model)),
     )

@@ -140,13 +140,15 @@ def test_frozen_experts_are_named_in_a_warning(tmp_path, tiny_moe, caplog):
     assert "adapter.target_parameters: auto" in caplog.text
 
 
-def test_plan_counts_the_expert_adapter_and_what_the_experts_keep(tmp_path, tiny_moe):
+def test_plan_counts_the_expert_adapter_and_what_the_experts_keep(tmp_path, tiny_moe, caplog):
     from peftkit import api
     from peftkit.planner.estimate import moe_layer_bytes
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(6, seed=1))
     recipe = _recipe(tmp_path, tiny_moe, data, "run", ADAPTER, {"max_steps": 1})
+    caplog.set_level(logging.WARNING, logger="peftkit")
     plan = api.plan(recipe)
+    assert plan.counts.frozen_experts == () and "stay frozen" not in caplog.text
     summary = api.train(recipe)
     assert plan.counts.trainable_params == summary["trainable_params"]
     assert plan.counts.base_params + plan.counts.adapter_params == summary["total_params"]
@@ -157,6 +159,8 @@ def test_plan_counts_the_expert_adapter_and_what_the_experts_keep(tmp_path, tiny
     frozen = {k: v for k, v in ADAPTER.items() if k != "target_parameters"}
     dense = api.plan(_recipe(tmp_path, tiny_moe, data, "frozen", frozen, {"max_steps": 1}))
     assert dense.counts.moe.adapted_params == 0
+    assert dense.counts.frozen_experts == ("experts.down_proj", "experts.gate_up_proj")
+    assert "experts.down_proj, experts.gate_up_proj) stay frozen" in caplog.text  # plan says so
     t, b = plan.workload.tokens, 4  # fp32 on CPU
     extra = 2 * (moe_layer_bytes(moe, 64, t, b, 4) - moe_layer_bytes(dense.counts.moe, 64, t, b, 4))
     got = plan.estimate.parts["activations"] - dense.estimate.parts["activations"]
