@@ -187,9 +187,32 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+MOE_ARCHITECTURES: dict[str, str] = {
+    "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
+    "mixtral": "llama",
+    "olmoe": "olmoe",
+    "gpt_oss": "gpt-oss",
+    "deepseek_v3": "deepseek2",
+}
+"""transformers MoE model_type -> the llama.cpp architecture its converter writes. llama.cpp
+stores the routed experts stacked (`blk.N.ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`, router
+`blk.N.ffn_gate_inp`) with per-architecture hyperparameters (expert count, experts per token,
+expert width, shared experts, gating function); peftkit's writer lays out dense models only, so
+these are refused by name rather than written without their experts."""
+
+
 def check_config(config) -> ArchSpec:
     """The architecture's spec, or UnsupportedGGUFExport naming what GGUF cannot hold."""
     model_type = getattr(config, "model_type", None)
+    if model_type in MOE_ARCHITECTURES:
+        raise UnsupportedGGUFExport(
+            f"GGUF export does not write mixture-of-experts models: {model_type} would be "
+            f"llama.cpp's {MOE_ARCHITECTURES[model_type]!r} with stacked expert tensors "
+            "(blk.N.ffn_gate_exps/ffn_up_exps/ffn_down_exps, router ffn_gate_inp), a layout "
+            "peftkit does not write; export merged safetensors (--format safetensors) and convert "
+            "them with llama.cpp's convert_hf_to_gguf.py"
+        )
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         raise UnsupportedGGUFExport(

@@ -6,7 +6,11 @@ peft as usual. Each adapted layer receives its real base weight, read from the c
 safetensors and rounded through the dtype training loaded it in, only while peft's own `merge`
 folds the adapter into it (LoRA: W' = W + s·BA with s = alpha / r, or alpha / sqrt(r) with
 rsLoRA, transposed for fan_in_fan_out; DoRA, IA3, LoHa, LoKr, VeRA, OFT, ... by their own rule);
-every other tensor is the checkpoint's, or the adapter's for `modules_to_save`. So each tensor is
+every other tensor is the checkpoint's, or the adapter's for `modules_to_save`. A LoRA on
+parameters (`target_parameters`: a MoE's 3-D expert weights, `experts.gate_up_proj` [E, 2I, H])
+is a chain of peft `ParamWrapper`s around the experts module, one per parameter: the wrapper of
+each parameter folds its own delta (W' = W + s·einsum(B, A), per expert) with its own `merge`, as
+`merge_and_unload` walks the chain. So each tensor is
 the one `merge_and_unload(safe_merge=True)` gives on a dense fp32 base, with one layer's weights
 in memory at a time.
 
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from safetensors import safe_open
@@ -32,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from peftkit.errors import ExportError
 from peftkit.export.build import trained_dtype
 from peftkit.export.source import ExportSource
+from peftkit.models.layers import expert_target
 from peftkit.models.source import model_source
 
 
@@ -157,7 +163,9 @@ class MergedWeights(Mapping[str, torch.Tensor]):
                 m, ModulesToSaveWrapper
             )
             if odd or (
-                isinstance(m, BaseTunerLayer) and hasattr(m, "unload_and_optionally_merge_module")
+                isinstance(m, BaseTunerLayer)
+                and hasattr(m, "unload_and_optionally_merge_module")
+                and not isinstance(m, ParamWrapper)  # merged one parameter at a time below
             ):
                 raise CannotStream(f"{name} ({type(m).__name__}) merges in its own way")
         self.architecture = type(skeleton).__name__
@@ -178,6 +186,13 @@ class MergedWeights(Mapping[str, torch.Tensor]):
             for k, t in self._params.items()
             if id(t) in self._placeholders and k not in self._checkpoint.files
         ]
+        experts = [k for k in missing if expert_target(k) is not None]
+        if experts:
+            raise CannotStream(
+                f"the base checkpoint stores the MoE experts one by one, not as {experts[0]}: "
+                "transformers fuses them into 3-D tensors at load, which the streamed merge does "
+                "not replicate"
+            )
         if missing:
             raise CannotStream(
                 f"the base checkpoint has no tensor {missing[0]} of the model (transformers "
@@ -231,6 +246,12 @@ class MergedWeights(Mapping[str, torch.Tensor]):
     def _merged(self, name: str, param: str, tuner: BaseTunerLayer) -> torch.Tensor:
         """Give the tuner's base layer its real weights, fold the adapter in with peft's own
         merge, keep `param`, and put the placeholders back (unmerged)."""
+        if isinstance(tuner, ParamWrapper):
+            tuner = _wrapper_of(tuner, param)
+            if tuner is None:  # a parameter of the experts module that no adapter targets
+                key = f"{name}.{param}"
+                t = self._params[key]
+                return self._base(key) if id(t) in self._placeholders else t.detach()
         base = tuner.get_base_layer()
         held = {}
         for pname, p in list(base._parameters.items()):
@@ -245,3 +266,13 @@ class MergedWeights(Mapping[str, torch.Tensor]):
         finally:
             base._parameters.update(held)
             tuner.merged_adapters.clear()
+
+
+def _wrapper_of(outer: ParamWrapper, param: str) -> ParamWrapper | None:
+    """The wrapper in peft's chain of `ParamWrapper`s (outermost first) that adapts `param`."""
+    layer: nn.Module = outer
+    while isinstance(layer, ParamWrapper):
+        if layer.parameter_name == param:
+            return layer
+        layer = layer.base_layer
+    return None

@@ -1,8 +1,11 @@
 """Serving-target checks for adapter-only exports: what vLLM rejects, fixed where that is lossless.
 
 vLLM's LoRA loader (vllm/lora/peft_helper.py) refuses adapters with `modules_to_save` or DoRA,
-serves only LoRA (not IA3 or soft prompts), caps the rank at --max-lora-rank (default 16,
-at most 512), and older releases refuse rsLoRA. rsLoRA's scale alpha/sqrt(r) is rewritten
+serves only LoRA (not IA3 or soft prompts), and serves MoE experts through its own fused-MoE
+LoRA layers (`FusedMoEWithLoRA`; `FusedMoE3DWithLoRA` for fused 3-D experts since 0.12), whose
+reading of peft's `target_parameters` layout (lora_A [E·r, in], lora_B [out, r·E] per expert
+parameter) is not documented: such adapters are refused here. It caps the rank at
+--max-lora-rank (default 16, at most 512), and older releases refuse rsLoRA. rsLoRA's scale alpha/sqrt(r) is rewritten
 losslessly as plain LoRA with alpha' = alpha*sqrt(r), which every release reads the same way.
 """
 
@@ -42,6 +45,14 @@ def check_vllm(
             "or export merged weights (peftkit export without --adapter-only)"
         )
         return check
+    if config.get("target_parameters"):
+        check.problems.append(
+            f"the adapter trains parameters, not modules ({', '.join(config['target_parameters'])}: "
+            "a MoE's 3-D expert weights); vLLM loads LoRA per module through its fused-MoE "
+            "layers, and peftkit cannot check that it reads peft's per-parameter expert layout "
+            "the way peft does: export merged weights (peftkit export without --adapter-only), or "
+            "leave adapter.target_parameters unset"
+        )
     if config.get("use_dora"):
         check.problems.append(
             "vLLM does not support DoRA: set adapter.use_dora: false and retrain, "

@@ -43,7 +43,7 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _expert_target(name: str) -> tuple[str, str] | None:
+def expert_target(name: str) -> tuple[str, str] | None:
     """(`experts.gate_up_proj`, the experts module's prefix) for a 3-D expert weight's name, also
     under peft's wrappers (`experts.base_layer.base_layer.gate_up_proj`); else None."""
     parts = name.split(".")
@@ -61,7 +61,7 @@ def expert_parameters(model: nn.Module) -> list[str]:
     A list of `target_modules` never reaches them: they are parameters, not `nn.Linear` modules."""
     found = set()
     for name, p in model.named_parameters():
-        target = _expert_target(name) if p.ndim == 3 else None
+        target = expert_target(name) if p.ndim == 3 else None
         if target is not None:
             found.add(target[0])
     return sorted(found)
@@ -73,7 +73,7 @@ def frozen_experts(model: nn.Module) -> list[str]:
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     frozen, adapted = set(), set()
     for name, p in model.named_parameters():
-        target = _expert_target(name) if p.ndim == 3 else None
+        target = expert_target(name) if p.ndim == 3 else None
         if target is None:
             continue
         name_, prefix = target

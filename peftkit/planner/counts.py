@@ -43,6 +43,68 @@ class ModelCounts:
     """KV heads x head dimension (0: kv_heads x hidden / heads)."""
     fused_chunk_rows: int = 256
     """Rows per fused chunk at this vocabulary (`linear_ce.rows_per_chunk`)."""
+    moe: MoECounts | None = None
+    """The routed experts, for a mixture-of-experts model (None: dense)."""
+    frozen_experts: tuple[str, ...] = ()
+    """MoE expert parameters nothing trains (`models.layers.frozen_experts`)."""
+
+
+@dataclass(frozen=True)
+class MoECounts:
+    """A mixture-of-experts decoder's routed experts (transformers 5's 3-D expert weights)."""
+
+    layers: int
+    """Decoder layers with routed experts (DeepSeek-style models keep the first ones dense)."""
+    experts: int
+    experts_per_token: int
+    intermediate: int
+    """Width of one expert's MLP."""
+    shared_intermediate: int = 0
+    """Width of the always-on shared expert MLP (Qwen2-MoE, DeepSeek), 0 if none."""
+    adapted_params: int = 0
+    """Elements of one MoE layer's expert weights that a LoRA adapts (`target_parameters`):
+    peft rebuilds each as W + s·BA on every forward, and autograd keeps that copy."""
+    adapter_params: int = 0
+    """Elements of one MoE layer's expert LoRA factors: over 16-bit weights peft casts them
+    (fp32) to the weights' dtype for the fold, and autograd keeps those copies."""
+    kept_widths: int = 4
+    """Expert-width tensors each routed row keeps: 4 for SwiGLU experts (gate/up output,
+    act(gate), the product), 7 for gpt-oss's clamped GLU (its clamps and sigmoid too)."""
+
+
+def moe_counts(model: nn.Module, text) -> MoECounts | None:
+    """The routed experts of `model` (peft applied) from its 3-D expert weights, or None."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from peftkit.models.layers import decoder_layers, expert_target
+
+    _, blocks = decoder_layers(model)
+    per_layer = []
+    for block in blocks:
+        experts = {n: p for n, p in block.named_parameters() if p.ndim == 3 and expert_target(n)}
+        if experts:
+            per_layer.append((block, experts))
+    if not per_layer:
+        return None
+    block, experts = per_layer[0]
+    wrappers = [m for m in block.modules() if isinstance(m, ParamWrapper)]
+    adapted = sum(m.get_param().numel() for m in wrappers)
+    factors = sum(p.numel() for m in wrappers for d in (m.lora_A, m.lora_B) for p in d.parameters())
+    width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    shared = (
+        getattr(text, "shared_expert_intermediate_size", 0)
+        or (getattr(text, "n_shared_experts", 0) or 0) * width
+    )
+    return MoECounts(
+        layers=len(per_layer),
+        experts=next(iter(experts.values())).shape[0],
+        experts_per_token=text.num_experts_per_tok,
+        intermediate=width,
+        shared_intermediate=shared,
+        adapted_params=adapted,
+        adapter_params=factors,
+        kept_widths=7 if getattr(text, "model_type", "") == "gpt_oss" else 4,
+    )
 
 
 def count(recipe: Recipe, tokenizer) -> ModelCounts:
@@ -74,6 +136,7 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
     )
     from peftkit.kernels.linear_ce import fused_head, logit_map, rows_per_chunk
     from peftkit.kernels.lora_mlp import fused_in_training
+    from peftkit.models.layers import frozen_experts
     from peftkit.training.generated import kv_width
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -95,4 +158,6 @@ def count(recipe: Recipe, tokenizer) -> ModelCounts:
         head_softcap=fused_head(model) is not None and logit_map(model).softcap is not None,
         kv_width=kv_width(text),
         fused_chunk_rows=rows_per_chunk(text.vocab_size),
+        moe=moe_counts(model, text),
+        frozen_experts=tuple(frozen_experts(model)),
     )

@@ -17,6 +17,18 @@ largest micro-batch and compute dtype of b bytes:
                The fused LoRA MLP (kernels/lora_mlp.py; any precision, 4-bit bases included,
                not 8-bit or an fp32-upcast 4-bit base) keeps 2 I, not 4 I, and none of the
                fp32 input copies of its three projections (2h + I).
+  experts      a mixture-of-experts layer (transformers 5's 3-D experts, T k routed rows for
+               k experts per token, expert width I_e, E experts) keeps, instead of the dense
+               MLP's 4 I: per routed row its gathered input, gate/up output, act(gate), the
+               product and the down output, b (2h + 4 I_e) (gpt-oss's clamped GLU: 7 I_e;
+               frozen experts keep neither matmul's input: h + I_e less), plus 28 B of
+               indices and routing weight; per token the fp32 router probabilities and top-k
+               picks, 4E + 12k; a frozen shared expert's MLP, b 3 I_s. A LoRA on the expert
+               weights (`target_parameters`) rebuilds each adapted weight as W + s·BA on every
+               forward (peft's parametrization) and autograd keeps that copy, in the weights'
+               dtype (over 16-bit weights also the fp32 LoRA factors cast to it); autocast to
+               half precision over fp32 weights is assumed to keep a b-byte copy of it as well
+               (not verified).
   logits       supervised-only: K supervised positions x vocab in b bytes, plus fp32 chunks;
                fused with the head (kernels/linear_ce.py): one chunk's transients
                (`linear_ce.chunk_bytes`: rows_per_chunk(vocab) x vocab x (8 + b), + 4 when
@@ -53,7 +65,7 @@ from dataclasses import dataclass, field
 
 from peftkit.kernels.chunked_ce import CE_CHUNK_ROWS
 from peftkit.kernels.linear_ce import chunk_bytes
-from peftkit.planner.counts import ModelCounts
+from peftkit.planner.counts import ModelCounts, MoECounts
 from peftkit.training.generated import row_bytes
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -140,10 +152,13 @@ def estimate(
         copies = c.adapter_input_features - ((2 * h + i) if fused_mlp else 0)
         per_layer += t * copies * 4
         allocated_per_layer += t * copies * 4
+    moe_extra = 0.0  # an MoE layer's experts in place of its dense MLP
+    if c.moe is not None:
+        moe_extra = moe_layer_bytes(c.moe, h, t, b, store) - t * b * (2 if fused_mlp else 4) * i
     if gradient_checkpointing:
-        e.parts["activations"] = c.layers * t * h * b + per_layer
+        e.parts["activations"] = c.layers * t * h * b + per_layer + max(moe_extra, 0.0)
     else:
-        e.parts["activations"] = c.layers * per_layer
+        e.parts["activations"] = c.layers * per_layer + (c.moe.layers if c.moe else 0) * moe_extra
     fused_head = supervised_only and c.fused_head
     if fused_head:
         rows = min(work.supervised, c.fused_chunk_rows)
@@ -183,6 +198,23 @@ def estimate(
             e.parts["adapter"] /= shards
     e.parts["runtime" if cpu else "cuda context"] = runtime_bytes
     return e
+
+
+def moe_layer_bytes(moe: MoECounts, hidden: int, tokens: int, b: int, store: int) -> float:
+    """Bytes one mixture-of-experts MLP keeps for backward over `tokens` tokens (module
+    docstring, `experts`), in a compute dtype of `b` bytes over weights of `store` bytes."""
+    routed = tokens * moe.experts_per_token
+    widths = 2 * hidden + moe.kept_widths * moe.intermediate
+    if not moe.adapted_params:  # frozen expert weights: their inputs need no keeping
+        widths -= hidden + moe.intermediate
+    return float(
+        routed * (b * widths + 28)
+        + tokens * (4 * moe.experts + 12 * moe.experts_per_token)
+        + tokens * b * 3 * moe.shared_intermediate  # gate, act(gate), up: frozen down
+        + moe.adapted_params * store
+        + (moe.adapter_params * store if store != 4 else 0)
+        + (moe.adapted_params * b if store == 4 and b != 4 else 0)
+    )
 
 
 def generation_bytes(c: ModelCounts, work: Workload, b: int) -> float:

@@ -7,6 +7,7 @@ known exactly. Parameter counts come from the model built on the meta device (no
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 
@@ -24,6 +25,8 @@ from peftkit.planner.estimate import (
     generated_row_bytes,
 )
 from peftkit.recipe.schema import Recipe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,6 +143,11 @@ def make_plan(
     multiple = pack_multiple(precision, on_gpu)
     work = largest_micro_batch(recipe, lengths, supervised, packing, multiple)
     counts = count(recipe, tokenizer)
+    if counts.frozen_experts:
+        log.warning(
+            f"the MoE experts ({', '.join(counts.frozen_experts)}) stay frozen: no adapter "
+            "reaches these 3-D expert weights; set adapter.target_parameters: auto to adapt them"
+        )
     device = "gpu" if on_gpu else "cpu"
     runtime = _runtime_bytes(device)
     storage = str(weights_dtype(recipe.model, recipe.adapter, precision)).removeprefix("torch.")

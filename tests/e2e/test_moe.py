@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peftkit.cli import main
+from peftkit.errors import ExportError, UnsupportedGGUFExport
 from peftkit.export.run import export
 from tests.conftest import (
     CHATML,
@@ -90,11 +91,24 @@ def test_experts_train_merge_exactly_and_resume_exactly(tmp_path, tiny_moe, capl
 
     base = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
     trained = PeftModel.from_pretrained(base, tmp_path / "full" / "adapter").eval()
-    export(tmp_path / "full", tmp_path / "merged", dtype="float32", log=lambda *_: None)
+    report = export(tmp_path / "full", tmp_path / "merged", dtype="float32", log=lambda *_: None)
+    assert report["passed"], report["failures"]  # the fidelity gate, on the reloaded folder
+    assert report["merge"].startswith("in memory: the base checkpoint stores the MoE experts")
+    assert (
+        json.loads((tmp_path / "merged" / "fidelity.json").read_text())["merge"]
+        == (report["merge"])
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
         want, got = trained(input_ids=PROBE).logits, merged.eval()(input_ids=PROBE).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+    # GGUF refuses the MoE architecture by name before loading; vLLM the expert LoRA.
+    with pytest.raises(UnsupportedGGUFExport, match=r"llama\.cpp's 'qwen3moe'"):
+        export(tmp_path / "full", tmp_path / "gguf", format="gguf", log=lambda *_: None)
+    with pytest.raises(ExportError, match="trains parameters, not modules"):
+        export(tmp_path / "full", tmp_path / "vllm", adapter_only=True, target="vllm")
+    assert not (tmp_path / "gguf").exists() and not (tmp_path / "vllm").exists()
 
     # Crash after step 2, resume: bit for bit the uninterrupted run.
     crashed = tmp_path / "crashed"
@@ -124,3 +138,31 @@ def test_frozen_experts_are_named_in_a_warning(tmp_path, tiny_moe, caplog):
     assert main(["train", str(recipe)]) == 0
     assert "experts.down_proj, experts.gate_up_proj) stay frozen" in caplog.text
     assert "adapter.target_parameters: auto" in caplog.text
+
+
+def test_plan_counts_the_expert_adapter_and_what_the_experts_keep(tmp_path, tiny_moe, caplog):
+    from peftkit import api
+    from peftkit.planner.estimate import moe_layer_bytes
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(6, seed=1))
+    recipe = _recipe(tmp_path, tiny_moe, data, "run", ADAPTER, {"max_steps": 1})
+    caplog.set_level(logging.WARNING, logger="peftkit")
+    plan = api.plan(recipe)
+    assert plan.counts.frozen_experts == () and "stay frozen" not in caplog.text
+    summary = api.train(recipe)
+    assert plan.counts.trainable_params == summary["trainable_params"]
+    assert plan.counts.base_params + plan.counts.adapter_params == summary["total_params"]
+    moe = plan.counts.moe
+    assert moe.layers == 2 and moe.experts == 4 and moe.adapted_params == 4 * 3 * 32 * 64
+    assert plan.estimate.parts["optimizer"] == 8 * summary["trainable_params"]
+
+    frozen = {k: v for k, v in ADAPTER.items() if k != "target_parameters"}
+    dense = api.plan(_recipe(tmp_path, tiny_moe, data, "frozen", frozen, {"max_steps": 1}))
+    assert dense.counts.moe.adapted_params == 0
+    assert dense.counts.frozen_experts == ("experts.down_proj", "experts.gate_up_proj")
+    assert "experts.down_proj, experts.gate_up_proj) stay frozen" in caplog.text  # plan says so
+    t, b = plan.workload.tokens, 4  # fp32 on CPU
+    extra = 2 * (moe_layer_bytes(moe, 64, t, b, 4) - moe_layer_bytes(dense.counts.moe, 64, t, b, 4))
+    got = plan.estimate.parts["activations"] - dense.estimate.parts["activations"]
+    assert got == pytest.approx(extra)
+    assert extra >= 2 * moe.adapted_params * 4  # each layer's W + s·BA copy
