@@ -47,7 +47,7 @@ def check_vllm(
         return check
     if config.get("target_parameters"):
         check.problems.append(
-            f"the adapter trains parameters, not modules ({', '.join(config['target_parameters'])}: "
+            f"the adapter trains parameters, not modules ({', '.join(sorted(config['target_parameters']))}: "
             "a MoE's 3-D expert weights); vLLM loads LoRA per module through its fused-MoE "
             "layers, and peftkit cannot check that it reads peft's per-parameter expert layout "
             "the way peft does: export merged weights (peftkit export without --adapter-only), or "
