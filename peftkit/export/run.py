@@ -1,5 +1,6 @@
-"""`peftkit export`: merge (or copy) the trained result, reload it with plain transformers, measure
-it against the trained model, and keep it only if it passes the fidelity gate."""
+"""`peftkit export`: resolve the registered exporter that writes the run as its `export:` section
+and the flags ask (`peftkit.exporters`), let it build (merge or copy, write, read back), measure
+what it built against the trained model, and keep it only if it passes the one fidelity gate."""
 
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def export(
         adapter_only: write the adapter, not merged weights.
         target: check (and losslessly fix) the adapter for a server.
         overwrite: replace an existing output folder (only a previous export).
-        format: merged safetensors, or one GGUF file for llama.cpp/Ollama (default: the recipe's
-            export.format).
+        format: merged safetensors, one GGUF file for llama.cpp/Ollama, or another registered
+            exporter's format (default: the recipe's export.format); its section's keys only.
         quant: GGUF weight type (default: the recipe's export.quant).
         trust_remote_code: export a run whose recipe has model.trust_remote_code (its model's
             own Python code runs); refused without.
