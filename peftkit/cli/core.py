@@ -112,9 +112,39 @@ EXPORT_RECIPE_KEYS = ("dtype", "max_shard_size", "merge_base", "format", "quant"
 EXPORT_OPTIONS = ("allow_drift", "adapter_only", "target", "overwrite", "trust_remote_code")
 
 
+def _export_params() -> list:
+    """The flags of EXPORT_RECIPE_KEYS, from the registered exporters' `export:` sections: each key
+    from the first section that has it (`--format` choosing among them all)."""
+    from typing import Literal
+
+    from peftkit.cli.flags import Param
+    from peftkit.exporters.registry import (
+        DEFAULT_FORMAT,
+        format_names,
+        section_classes,
+        section_for,
+    )
+
+    params = []
+    for key in EXPORT_RECIPE_KEYS:
+        if key == "format":
+            info = section_for(DEFAULT_FORMAT).model_fields["format"]
+            choices = Literal[tuple(format_names())]  # type: ignore[valid-type]
+            params.append(Param("format", choices, DEFAULT_FORMAT, info.description))
+            continue
+        owners = [cls for cls in section_classes() if key in cls.model_fields]
+        (param,) = model_params(owners[0], [key])
+        if len(owners) < len(section_classes()):
+            formats = " / ".join(
+                cls.model_fields["format"].annotation.__args__[0] for cls in owners
+            )
+            param.help = f"{param.help or ''} (format {formats})".strip()
+        params.append(param)
+    return params
+
+
 def export_arguments(p: argparse.ArgumentParser) -> None:
     from peftkit.export.run import export
-    from peftkit.recipe.schema import ExportSpec
 
     p.add_argument(
         "run", help="run directory, or a result folder inside one (RUN/adapter, RUN/best)"
@@ -124,7 +154,7 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_flags(
         p,
-        model_params(ExportSpec, EXPORT_RECIPE_KEYS),
+        _export_params(),
         optional=True,
         help_suffix=" (default: the recipe's export section)",
     )

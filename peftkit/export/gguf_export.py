@@ -26,23 +26,12 @@ from peftkit.export.gguf_lora import (
 from peftkit.export.gguf_vocab import build_vocab
 from peftkit.export.ollama import template_lines
 from peftkit.export.source import ExportSource
+from peftkit.exporters.gguf import GgufExport
+from peftkit.exporters.gguf import gguf_thresholds as gguf_thresholds  # re-exported
 from peftkit.io import atomic_write_text
 from peftkit.models.source import model_source
-from peftkit.recipe.schema import ExportSpec, FidelityThresholds
 
 MODELFILE = "Modelfile"
-
-
-def gguf_thresholds(spec: ExportSpec) -> FidelityThresholds:
-    """8- (and 6-), 5- and 4-bit (and lower) weights get their own, looser gates; f32/f16/bf16
-    use the usual one."""
-    if spec.quant in ("q8_0", "q6_k"):
-        return spec.q8_0_thresholds
-    if spec.quant.startswith("q5"):
-        return spec.q5_thresholds
-    if spec.quant.startswith(("q4", "q3", "q2")):
-        return spec.q4_thresholds
-    return spec.thresholds
 
 
 def _base_config(source: ExportSource):
@@ -73,7 +62,7 @@ def check_gguf_export(source: ExportSource, tokenizer, quant: str, adapter_only:
 
 
 def export_lora_gguf(
-    source: ExportSource, out: Path, spec: ExportSpec, report: dict[str, Any], log
+    source: ExportSource, out: Path, spec: GgufExport, report: dict[str, Any], log
 ) -> nn.Module:
     """Write `out/<name>-lora-<quant>.gguf` (llama.cpp's `--lora` format) and return what the gate
     measures: the file read back with `gguf`'s reader and applied to the dense base in torch."""
@@ -95,7 +84,7 @@ def export_gguf(
     source: ExportSource,
     tokenizer,
     out: Path,
-    spec: ExportSpec,
+    spec: GgufExport,
     rows: list[EncodedRow],
     report: dict[str, Any],
     log,

@@ -25,18 +25,17 @@ from peftkit.export.build import to_fp32
 from peftkit.export.fidelity import enforce_gate, gate_failures, log_kept
 from peftkit.export.source import ExportSource
 from peftkit.export.write import model_card, write_model
+from peftkit.exporters.safetensors import SafetensorsExport
 from peftkit.io import FIDELITY, atomic_dir, atomic_write_json, atomic_write_text
 from peftkit.models.load import DTYPES, head_config, load_model
 from peftkit.objectives.heads import collate_labeled, head_outputs
-from peftkit.recipe.schema import ExportSpec
 
 
 def export_head_model(
-    source: ExportSource, out: Path, spec: ExportSpec, allow_drift: bool, log
+    source: ExportSource, out: Path, spec: SafetensorsExport, allow_drift: bool, log
 ) -> dict[str, Any]:
+    """Refused before this (`peftkit.exporters.head.TaskHead.refusal`): a quantized base."""
     r = source.recipe
-    if r.model.quantization is not None:
-        raise ExportError("exporting a task head trained on a quantized base is not supported yet")
     tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
     seed = r.data_seed
     data, _ = prepare_labeled_data(r.data, r.task, tokenizer, seed)

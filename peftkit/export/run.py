@@ -1,8 +1,10 @@
-"""`peftkit export`: merge (or copy) the trained result, reload it with plain transformers, measure
-it against the trained model, and keep it only if it passes the fidelity gate."""
+"""`peftkit export`: resolve the registered exporter that writes the run as its `export:` section
+and the flags ask (`peftkit.exporters`), let it build (merge or copy, write, read back), measure
+what it built against the trained model, and keep it only if it passes the one fidelity gate."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -14,14 +16,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from peftkit.data.encode import EncodedRow
 from peftkit.errors import ExportError
 from peftkit.export import build
+from peftkit.export.context import RunContext
 from peftkit.export.fidelity import (
-    Fidelity,
-    Reference,
     client_failures,
     compare,
     enforce_gate,
@@ -29,17 +30,11 @@ from peftkit.export.fidelity import (
     reference_outputs,
     sample_rows,
 )
-from peftkit.export.gguf_export import (
-    check_gguf_export,
-    export_gguf,
-    export_lora_gguf,
-    gguf_thresholds,
-)
 from peftkit.export.prompt import apply_training_prompt
 from peftkit.export.source import ExportSource, resolve_source
-from peftkit.export.stream import CannotStream, MergedWeights, streaming_refusal
-from peftkit.export.vllm import check_vllm
-from peftkit.export.write import copy_adapter, model_card, write_generation_config, write_model
+from peftkit.export.write import model_card
+from peftkit.exporters import Exporter, ExportRequest, ExportSection, exporter_for
+from peftkit.exporters.registry import format_of, section_classes, section_for
 from peftkit.io import (
     FIDELITY,
     RunLayout,
@@ -48,8 +43,7 @@ from peftkit.io import (
     atomic_write_text,
     guard_output,
 )
-from peftkit.models.load import model_source
-from peftkit.recipe.schema import ExportDType, ExportFormat, ExportSpec, GgufQuant, MergeBase
+from peftkit.recipe.schema import ExportDType, ExportFormat, GgufQuant, MergeBase
 from peftkit.report import refresh_run_report
 from peftkit.section import error_message
 
@@ -96,142 +90,137 @@ def export(
         adapter_only: write the adapter, not merged weights.
         target: check (and losslessly fix) the adapter for a server.
         overwrite: replace an existing output folder (only a previous export).
-        format: merged safetensors, or one GGUF file for llama.cpp/Ollama (default: the recipe's
-            export.format).
+        format: merged safetensors, one GGUF file for llama.cpp/Ollama, or another registered
+            exporter's format (default: the recipe's export.format); its section's keys only.
         quant: GGUF weight type (default: the recipe's export.quant).
         trust_remote_code: export a run whose recipe has model.trust_remote_code (its model's
             own Python code runs); refused without.
         log: where progress lines and the fidelity report go.
     """
     source = resolve_source(path, trust_remote_code)
-    updates = {
+    overrides = {
         "dtype": dtype,
         "max_shard_size": max_shard_size,
         "merge_base": merge_base,
         "format": format,
         "quant": quant,
     }
-    spec: ExportSpec = source.recipe.export.model_copy(
-        update={k: v for k, v in updates.items() if v is not None}
-    )
-    try:  # re-validate the overrides, before anything is loaded or merged
-        spec = ExportSpec.model_validate(spec.model_dump())
-    except ValidationError as e:
-        problems = [
-            f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: " + error_message(err)
-            for err in e.errors()
-        ]
-        raise ExportError("; ".join(problems)) from None
+    spec = _section(source.recipe.export, {k: v for k, v in overrides.items() if v is not None})
     if target is not None and target not in TARGETS:
         raise ExportError(f"unknown serving target {target!r}; known: {', '.join(TARGETS)}")
     out = Path(out)
     inputs = [source.run_dir, source.recipe.model.name, source.recipe.model.tokenizer or ""]
     inputs += [s.path for s in source.recipe.data.sources]
     guard_output(out, "export", inputs, overwrite, "pass --overwrite", ExportError)
-    to_gguf = spec.format == "gguf"
-    kind = source.recipe.objective_kind
-    if to_gguf and target is not None:
-        raise ExportError("GGUF holds a causal LM: no --target")
-    if to_gguf and kind.support.gguf is not None:
-        raise ExportError(f"objective {kind.name}: no GGUF export ({kind.support.gguf})")
-    if to_gguf and adapter_only and not source.recipe.adapter.gguf_adapter:
-        raise ExportError(
-            f"{source.recipe.adapter.method} adapters have no llama.cpp GGUF form (LoRA's have): "
-            "export merged weights as GGUF, or the adapter without --format gguf"
-        )
-    if to_gguf and not adapter_only and not source.mergeable:
-        raise ExportError(
-            f"{source.recipe.adapter.method} cannot be merged into the weights, so it cannot be "
-            "written as GGUF; export it with --adapter-only instead"
-        )
-    refusal = None if source.whole_model else source.recipe.adapter.export_refusal(adapter_only)
-    if refusal is not None:
-        raise ExportError(refusal)
-    if not source.mergeable and not adapter_only:
-        log(
-            f"{source.recipe.adapter.method} cannot be merged into the base model (virtual tokens, "
-            "or a merge peftkit does not declare for it): writing an adapter-only export"
-        )
-        adapter_only = True
-    if target is not None and not adapter_only:
-        raise ExportError(
-            "--target checks adapter-only exports: add --adapter-only (merged weights need no check)"
-        )
+    exporter = _resolve(source, spec, ExportRequest(adapter_only, target), log)
 
-    if kind.head == "sequence_classification":  # a new head: exported with its weights
-        if adapter_only or target is not None:
-            raise ExportError("task-head models export as merged weights only (no --adapter-only)")
-        from peftkit.export.head import export_head_model
-
-        report = export_head_model(source, out, spec, allow_drift, log)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
+    ctx = RunContext(source, spec, out, tokenizer, target, None, {}, log, allow_drift=allow_drift)
+    if not exporter.causal_lm:  # it measures its own model (a task head's logits)
+        report = exporter.build(ctx)
         _record_export(source.run_dir, out)
         return report
-    tokenizer = AutoTokenizer.from_pretrained(str(source.result_dir))
-    if to_gguf:  # refuse before anything is loaded or merged
-        check_gguf_export(source, tokenizer, spec.quant, adapter_only)
-    rows, rows_from = _held_out_rows(source, tokenizer, spec)
+    exporter.check(ctx)  # refuse before anything is loaded or merged
+    ctx.rows, rows_from = _held_out_rows(source, tokenizer, spec)
     prompt = apply_training_prompt(source, tokenizer, spec.samples)  # (the template, in place)
+    ctx.system_prompt = prompt.system_prompt
     stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
-    gen = (spec.generate_tokens, stop_ids, tokenizer.pad_token_id)
+    ctx.gen = (spec.generate_tokens, stop_ids, tokenizer.pad_token_id)
     log(
         f"loading the trained model ({source.recipe.adapter.method} on {source.recipe.model.name}) ..."
     )
-    reference = reference_outputs(build.load_trained(source), rows, *gen, prompt.client_prompts)
+    ctx.reference = reference_outputs(
+        build.load_trained(source), ctx.rows, *ctx.gen, prompt.client_prompts
+    )
     gc.collect()  # the trained model is gone before any merged weights exist (peft's cycles too)
-    limits = gguf_thresholds(spec) if to_gguf else spec.thresholds
-    report: dict[str, Any] = {
-        "source": str(source.result_dir),
-        "method": source.recipe.adapter.method,
-        "format": spec.format,
-        **({"quant": spec.quant} if to_gguf else {"dtype": spec.dtype}),
-        "samples_from": rows_from,
-        "thresholds": limits.model_dump(),
-        "allow_drift": allow_drift,
-        "prompt": prompt.to_dict(),
-    }
-    problems: list[str] = []
+    limits = exporter.thresholds(spec)
+    report = ctx.report
+    report.update(
+        {
+            "source": str(source.result_dir),
+            "method": source.recipe.adapter.method,
+            "format": spec.format,
+            "exporter": exporter.name,
+            **exporter.describe(spec),
+            "samples_from": rows_from,
+            "thresholds": limits.model_dump(),
+            "allow_drift": allow_drift,
+            "prompt": prompt.to_dict(),
+        }
+    )
     with atomic_dir(out) as tmp:
-        if adapter_only and to_gguf:
-            candidate = export_lora_gguf(source, tmp, spec, report, log)
-        elif adapter_only:
-            candidate = _export_adapter(source, tmp, tokenizer, target, report, log)
-        elif to_gguf:
-            model = _merged_weights(source, spec, reference, rows, gen, report, log)
-            candidate, problems = export_gguf(
-                model, source, tokenizer, tmp, spec, rows, report, log, prompt.system_prompt
-            )
-            del model
-        else:
-            model = _merged_weights(source, spec, reference, rows, gen, report, log)
-            write_generation_config(model, source, tokenizer)
-            write_model(model, tmp, spec.dtype, spec.max_shard_size)
-            tokenizer.save_pretrained(str(tmp))
-            del model
-            gc.collect()  # the merged weights are gone before the written ones are read back
-            report["what"] = (
-                f"merged {spec.dtype} weights (sharded safetensors, max shard {spec.max_shard_size})"
-            )
-            candidate = build.reload_exported(str(tmp))
-        fidelity = compare(reference, candidate, rows, *gen)
-        client, client_problems = client_failures(
-            reference, candidate, prompt.client_prompts, limits, *gen
-        )
-        failures = fidelity.failures(limits) + problems + client_problems
-        report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
-        if prompt.client_prompts:
-            report["client_rendering"] = client
-        atomic_write_json(tmp / FIDELITY, report)
-        atomic_write_text(
-            tmp / "README.md",
-            model_card(
-                source, "gguf" if to_gguf else "adapter" if adapter_only else "merged", report
-            ),
-        )
+        ctx.out = tmp
+        candidate = exporter.build(ctx)
+        failures = _gate(ctx, candidate, limits, prompt.client_prompts)
+        atomic_write_text(tmp / "README.md", model_card(source, exporter.card, report))
         log(format_fidelity(report))
         enforce_gate(failures, allow_drift)
     log_kept(failures, out, log)
     _record_export(source.run_dir, out)
     return report
+
+
+def _section(spec: ExportSection, overrides: dict[str, Any]) -> ExportSection:
+    """The recipe's `export:` section with the flags' overrides, re-validated (before anything is
+    loaded or merged). `--format` picks another format's section, keeping the shared keys."""
+    fmt = overrides.get("format", spec.format)
+    try:
+        cls = section_for(fmt)
+    except ValueError as e:
+        raise ExportError(f"--format: {e}") from None
+    values = spec.model_dump(exclude={"format"})
+    if type(spec) is not cls:
+        values = {k: v for k, v in values.items() if k in ExportSection.model_fields}
+    for key in overrides:
+        if key not in cls.model_fields:
+            flag = "--" + key.replace("_", "-")
+            owners = [format_of(s) for s in section_classes() if key in s.model_fields]
+            raise ExportError(
+                f"{flag} is an option of export format {' / '.join(owners)}, not {fmt}"
+                + (f": add --format {owners[0]}" if owners else "")
+            )
+    try:
+        return cls.model_validate({**values, **overrides, "format": fmt})
+    except ValidationError as e:
+        problems = [
+            f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: " + error_message(err)
+            for err in e.errors()
+        ]
+        raise ExportError("; ".join(problems)) from None
+
+
+def _resolve(
+    source: ExportSource, spec: ExportSection, request: ExportRequest, log
+) -> type[Exporter]:
+    """The registered exporter that writes `source` as `spec` and the flags ask, its refusals
+    raised; a run that cannot merge falls back to the adapter-only exporter where it may."""
+    exporter = exporter_for(source, spec, request)
+    if exporter.merges and exporter.falls_back and not source.mergeable:
+        log(
+            f"{source.recipe.adapter.method} cannot be merged into the base model (virtual tokens, "
+            "or a merge peftkit does not declare for it): writing an adapter-only export"
+        )
+        request = dataclasses.replace(request, adapter_only=True)
+        exporter = exporter_for(source, spec, request)
+    refusal = exporter.refusal(source, request)
+    if refusal is not None:
+        raise ExportError(refusal)
+    return exporter
+
+
+def _gate(ctx: RunContext, candidate: nn.Module, limits, client_prompts) -> list[str]:
+    """The one fidelity gate: the candidate against the trained model on the held-out rows and
+    the client-rendered prompts; the report (fidelity.json, written into the export) updated."""
+    fidelity = compare(ctx.reference, candidate, ctx.rows, *ctx.gen)
+    client, client_problems = client_failures(
+        ctx.reference, candidate, client_prompts, limits, *ctx.gen
+    )
+    failures = fidelity.failures(limits) + ctx.problems + client_problems
+    ctx.report.update(fidelity=fidelity.to_dict(), passed=not failures, failures=failures)
+    if client_prompts:
+        ctx.report["client_rendering"] = client
+    atomic_write_json(ctx.out / FIDELITY, ctx.report)
+    return failures
 
 
 def _record_export(run_dir: Path, out: Path) -> None:
@@ -248,7 +237,7 @@ def _record_export(run_dir: Path, out: Path) -> None:
 
 
 def _held_out_rows(
-    source: ExportSource, tokenizer, spec: ExportSpec
+    source: ExportSource, tokenizer, spec: ExportSection
 ) -> tuple[list[EncodedRow], str]:
     recipe = source.recipe
     data = recipe.objective_kind.scored_rows(recipe, tokenizer, recipe.data_seed)
@@ -261,95 +250,6 @@ def _held_out_rows(
     if not picked:
         raise ExportError("no held-out row with supervised tokens to compare the export against")
     return picked, where
-
-
-def _merged_weights(
-    source: ExportSource, spec: ExportSpec, reference: Reference, rows, gen, report, log
-) -> nn.Module | MergedWeights:
-    """The merged model: streamed from the base checkpoint one layer at a time where that is
-    exact (see `stream`), else built whole in memory, the reason logged and reported."""
-    reason = streaming_refusal(source)
-    if reason is None:
-        try:
-            weights = MergedWeights.of_run(source)
-            report["merge"] = "streamed"
-            log("merging the adapter one layer at a time from the base checkpoint ...")
-            return weights
-        except CannotStream as e:
-            reason = str(e)
-    report["merge"] = f"in memory: {reason}"
-    log(f"merging in memory ({reason}) ...")
-    return _merged_model(source, spec, reference, rows, gen, report, log)
-
-
-def _merged_model(
-    source: ExportSource, spec: ExportSpec, reference: Reference, rows, gen, report, log
-) -> nn.Module:
-    if source.whole_model:
-        return build.load_trained(source)
-    if source.recipe.model.quantization is None:
-        return build.merged(build.dense_base(source), source)
-    # QLoRA: measure the merge bases against the trained model, keep the closest.
-    names = ["original", "dequantized"] if spec.merge_base == "auto" else [spec.merge_base]
-    measured: dict[str, Fidelity] = {}
-    best_name, best_model = None, None
-    for name in names:
-        base = build.dense_base(source) if name == "original" else build.dequantized_base(source)[0]
-        model = build.merged(base, source)
-        measured[name] = compare(reference, model, rows, *gen)
-        log(
-            f"merge base {name}: relative error {measured[name].relative_error:.3g}, mean KL {measured[name].mean_kl:.3g}"
-        )
-        if best_name is None or measured[name].mean_kl < measured[best_name].mean_kl:
-            best_name, best_model = name, model
-    if source.recipe.model.quantization.bits == 4:
-        base, blocksizes = build.dequantized_base(source)
-        requantized = build.requantize(build.merged(base, source), source, blocksizes)
-        measured["requantized"] = compare(reference, requantized, rows, *gen)
-        log(
-            f"(for comparison) merged into re-quantized 4-bit weights: relative error "
-            f"{measured['requantized'].relative_error:.3g}, mean KL {measured['requantized'].mean_kl:.3g}"
-        )
-        del requantized
-    report["merge_bases"] = {k: v.to_dict() for k, v in measured.items()}
-    report["merge_base"] = best_name
-    log(f"merge base: {best_name}" + (" (closest to the trained model)" if len(names) > 1 else ""))
-    return best_model
-
-
-def _export_adapter(
-    source: ExportSource, tmp: Path, tokenizer, target: str | None, report, log
-) -> nn.Module:
-    copy_adapter(source, tmp)
-    tokenizer.save_pretrained(str(tmp))
-    stop_ids = source.meta.get("stop_token_ids") or [tokenizer.eos_token_id]
-    GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(
-        str(tmp)
-    )
-    report["what"] = "a PEFT adapter (base weights unchanged)"
-    if target == "vllm":
-        base_config = AutoConfig.from_pretrained(
-            model_source(source.recipe.model),
-            revision=source.recipe.model.revision,
-            trust_remote_code=source.recipe.model.trust_remote_code,
-        )
-        check = check_vllm(tmp, base_config.vocab_size, tokenizer)
-        report["serving"] = {
-            "target": target,
-            "fixes": check.fixes,
-            "problems": check.problems,
-            "notes": check.notes,
-        }
-        for line in check.fixes:
-            log(f"vllm: fixed (lossless): {line}")
-        for line in check.notes:
-            log(f"vllm: {line}")
-        if check.problems:
-            raise ExportError(
-                "the adapter cannot be served by vLLM as is:\n"
-                + "\n".join(f"  - {p}" for p in check.problems)
-            )
-    return build.load_trained(source, adapter_dir=tmp)
 
 
 def format_fidelity(report: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftkit.errors import PeftkitError, RecipeError, RemoteCodeNotTrusted
+from peftkit.exporters import registry as export_registry
 from peftkit.recipe import yaml_strict
 from peftkit.recipe.schema import Recipe
 from peftkit.section import error_message, unknown_key_message
@@ -180,7 +181,7 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         got = err.get("input", {}).get(key) if isinstance(err.get("input"), dict) else None
         guess = difflib.get_close_matches(str(got), names, n=1)
         hint = f" Did you mean {guess[0]!r}?" if guess else ""
-        what = "method" if key == "method" else where.rsplit(".", 1)[-1]
+        what = key if key in ("method", "format") else where.rsplit(".", 1)[-1]
         return f"{where}.{key}: unknown {what} {got!r}.{hint} Available: {', '.join(names)}"
     message = error_message(err)
     if "input" in err and err["type"] != "value_error":
@@ -204,10 +205,17 @@ def _clean_loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[Any]:
             continue  # validator wrappers such as function-before[...]
         elif isinstance(node, dict) and part in (node.get("method"), node.get("type")):
             continue  # discriminated-union tag
+        elif isinstance(node, dict) and part == node.get("format", _default_format(part)):
+            continue  # the `export:` union's tag (`format`, safetensors when left out)
         else:
             out.append(part)
             node = None
     return out
+
+
+def _default_format(part: Any) -> str | None:
+    """The default export format, where `part` is the name of a registered one (else None)."""
+    return export_registry.DEFAULT_FORMAT if part in export_registry.format_names() else None
 
 
 def _fields_at(loc: list[Any], raw: dict[str, Any]) -> list[str]:
@@ -235,12 +243,13 @@ def _section_type(annotation: Any, node: Any) -> type[BaseModel] | None:
         found = _section_type(arg, node)
         if found is None:
             continue
-        for tag in ("method", "type"):
+        for tag in ("method", "type", "format"):
             tag_field = found.model_fields.get(tag)
             if tag_field is not None and isinstance(node, dict):
                 break
         else:
             return found
-        if node.get(tag) in typing.get_args(tag_field.annotation):
+        value = node.get(tag, tag_field.default) if tag == "format" else node.get(tag)
+        if value in typing.get_args(tag_field.annotation):
             return found
     return None

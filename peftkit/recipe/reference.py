@@ -1,5 +1,6 @@
 """The manual's generated pages: the recipe reference from the schema's field docstrings, the
-methods table from the method registry and the objectives table from the objective registry. Nothing here is typed by hand, so a default, a choice or a
+methods table from the method registry, the objectives table from the objective registry and the
+exporters table from the exporter registry. Nothing here is typed by hand, so a default, a choice or a
 capability lives in one place (the schema, a method's class) and the manual cannot drift from it.
 """
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from peftkit.exporters.registry import format_of, registered_exporters
 from peftkit.methods.registry import registered_methods
 from peftkit.objectives.registry import registered_objectives, spec_type
 from peftkit.recipe.schema import Recipe
@@ -116,7 +118,7 @@ def _field_table(cls: type[Section], prefix: str) -> list[str]:
 
 
 def _discriminator(cls: type[Section]) -> tuple[str, str] | None:
-    for key in ("method", "type"):
+    for key in ("method", "type", "format"):
         info = cls.model_fields.get(key)
         if info is not None and typing.get_origin(info.annotation) is typing.Literal:
             values = typing.get_args(info.annotation)
@@ -206,10 +208,30 @@ def objectives_table() -> str:
     return "\n".join([*lines, "", *blocks])
 
 
+def exporters_table() -> str:
+    """Markdown, from the exporter registry: one row per registered exporter (the `export.format`
+    it runs, whether `--adapter-only` selects it, the serving targets it checks, what it writes)."""
+    lines = [
+        "| exporter | `format` | selected by | `--target` | what it writes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, cls in registered_exporters().items():
+        if cls.precedence > 0:
+            how = "the run (before the flags)"
+        else:
+            how = "`--adapter-only`" if cls.adapter_only else "no `--adapter-only`"
+        targets = ", ".join(cls.targets) or "—"
+        lines.append(
+            f"| `{name}` | `{format_of(cls.spec)}` | {how} | {targets} | {_description(cls.what)} |"
+        )
+    return "\n".join(lines)
+
+
 GENERATED = {
     "recipe-reference": recipe_reference,
     "methods-table": methods_table,
     "objectives-table": objectives_table,
+    "exporters-table": exporters_table,
 }
 """What `<!-- peftkit:NAME -->` in a docs page is replaced with when the manual is built."""
 

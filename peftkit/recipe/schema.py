@@ -5,15 +5,22 @@ and nowhere else; the `model:` section (`peftkit.models.spec`) and each method's
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_validator
+from pydantic import BeforeValidator, Field, StrictBool, model_validator
 from pydantic.fields import FieldInfo
 
 from peftkit.data.spec import DataSource as DataSource  # re-exported, with MixingSpec, TaskSpec
 from peftkit.data.spec import DataSpec, TaskSpec
 from peftkit.data.spec import MixingSpec as MixingSpec
+from peftkit.exporters import registry as export_registry
+from peftkit.exporters.base import ExportSection as ExportSection  # re-exported, with the sections
+from peftkit.exporters.base import FidelityThresholds as FidelityThresholds
+from peftkit.exporters.base import MergeBase as MergeBase
+from peftkit.exporters.gguf import GgufExport as GgufExport
+from peftkit.exporters.gguf import GgufQuant as GgufQuant
+from peftkit.exporters.safetensors import ExportDType as ExportDType
+from peftkit.exporters.safetensors import SafetensorsExport
 from peftkit.methods import AdapterSpec
 from peftkit.models.spec import DType as DType  # re-exported, with QuantizationSpec
 from peftkit.models.spec import ModelSpec
@@ -23,13 +30,7 @@ from peftkit.objectives.base import ObjectiveKind
 from peftkit.objectives.sft import SFTObjective
 from peftkit.section import RESUMABLE, Section
 
-ExportFormat = Literal["safetensors", "gguf"]
-GgufQuant = Literal[
-    "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0",
-    "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q2_k",
-]  # fmt: skip
-ExportDType = Literal["bfloat16", "float16", "float32"]
-MergeBase = Literal["auto", "original", "dequantized"]
+ExportFormat = str  # a registered exporter's section `format` (peftkit.exporters.registry)
 
 
 class EarlyStoppingSpec(Section):
@@ -168,65 +169,12 @@ class EvalSpec(Section):
         return self
 
 
-class FidelityThresholds(Section):
-    """Limits the exported model must meet against the trained model, or the export fails."""
-
-    max_relative_error: float = Field(default=0.02, gt=0)
-    """||logits_export - logits_trained|| / ||logits_trained|| over the samples."""
-    max_mean_kl: float = Field(default=1e-3, gt=0)
-    """Mean KL(trained || exported) per token, in nats."""
-    min_greedy_agreement: float = Field(default=0.9, ge=0, le=1)
-    """Share of greedily generated tokens on which both models agree."""
+def _export_field() -> Any:
+    return export_registry.export_union()
 
 
-class ExportSpec(Section):
-    """How `peftkit export` writes deployable weights and what it checks before it keeps them."""
-
-    format: ExportFormat = "safetensors"
-    """safetensors = merged transformers weights (+ tokenizer); gguf = one file with weights,
-    tokenizer and chat template for llama.cpp, Ollama and LM Studio (+ an Ollama Modelfile)."""
-    quant: GgufQuant = "f16"
-    """GGUF only: the type of the 2-D weights (norms and biases stay f32)."""
-    dtype: ExportDType = "bfloat16"
-    """safetensors only: the dtype of the weights."""
-    max_shard_size: str = "5GB"
-    """Largest weights file, a number and a unit: 500MB, 5GB, 2GiB."""
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+\s*[KMG]i?B", value.strip()):
-            raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 2GiB")
-        return value.strip()
-
-    merge_base: MergeBase = "auto"
-    """For QLoRA: merge into the original 16-bit weights, into the dequantized NF4 weights training
-    saw, or measure both and keep the closer (auto)."""
-    samples: int = Field(default=16, gt=0)
-    """Held-out rows compared between the trained and the exported model."""
-    max_sample_tokens: int = Field(default=256, gt=1)
-    generate_tokens: int = Field(default=16, gt=0)
-    """Greedy tokens generated per sample for the agreement check."""
-    thresholds: FidelityThresholds = FidelityThresholds()
-    q8_0_thresholds: FidelityThresholds = FidelityThresholds(
-        max_relative_error=0.05, max_mean_kl=5e-3, min_greedy_agreement=0.8
-    )
-    """The gate of GGUF q8_0 exports (8-bit weights, blocks of 32 with one f16 scale), looser than
-    `thresholds` for 16-bit exports. Measured on the quickstart run: relative error 2.6e-3, mean KL
-    2.0e-5, greedy agreement 0.98 (f16: 7.6e-5, 1.3e-8, 1.0); README "GGUF for llama.cpp"."""
-    q5_thresholds: FidelityThresholds = FidelityThresholds(
-        max_relative_error=0.35, max_mean_kl=0.3, min_greedy_agreement=0.25
-    )
-    """The gate of GGUF q5_0 / q5_1 exports (5-bit weights in blocks of 32). Round-to-nearest 5 bits
-    cost small models much: measured on Gemma 3 270M (q5_0) relative error 0.17, mean KL 0.034,
-    greedy agreement 0.38; on SmolLM2-135M (q5_0 / q5_1) 0.18 / 0.32, 0.18 / 0.24, 0.38 / 0.27. The
-    gate catches a broken file (relative error ~1, KL of nats), not that loss."""
-    q4_thresholds: FidelityThresholds = FidelityThresholds(
-        max_relative_error=0.5, max_mean_kl=1.0, min_greedy_agreement=0.1
-    )
-    """The gate of GGUF q4_0 / q4_1 exports (4-bit weights in blocks of 32). Measured (q4_0) on
-    Gemma 3 270M: relative error 0.24, mean KL 0.39, greedy agreement 0.27; on SmolLM2-135M: 0.47,
-    0.72, 0.11. Like q5's, this gate catches a broken file, not the loss 4 bits cost."""
+ExportSpec = _export_field()
+"""The `export:` section: a union of the registered exporters' sections, keyed on `format`."""
 
 
 def _objective_from_shorthand(value: Any) -> Any:
@@ -259,7 +207,9 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
     eval: EvalSpec = EvalSpec()
-    export: ExportSpec = Field(default=ExportSpec(), json_schema_extra=RESUMABLE)
+    export: ExportSpec = Field(default=SafetensorsExport(), json_schema_extra=RESUMABLE)
+    """How `peftkit export` writes deployable weights and what it checks before it keeps them: one
+    section per format below, chosen by `format` (safetensors when left out)."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:
@@ -328,3 +278,19 @@ def _compose_objectives() -> None:
 
 
 objective_registry.on_change(_compose_objectives)
+
+
+def _compose_exporters() -> None:
+    """An exporter registered after this module was imported (a plugin, a test) with a section of
+    its own joins the `export:` union: the field is rebuilt from the registry."""
+    global ExportSpec
+    ExportSpec = _export_field()
+    described = Recipe.model_fields["export"].description
+    Recipe.model_fields["export"] = FieldInfo.from_annotated_attribute(
+        ExportSpec,
+        Field(default=SafetensorsExport(), json_schema_extra=RESUMABLE, description=described),
+    )
+    Recipe.model_rebuild(force=True)
+
+
+export_registry.on_change(_compose_exporters)

@@ -15,8 +15,8 @@ from peftkit.cli import _parser, main
 from peftkit.errors import ExportError
 from peftkit.export.gguf import QUANTS
 from peftkit.export.run import export
+from peftkit.exporters.gguf import GgufExport
 from peftkit.recipe.load import load_recipe
-from peftkit.recipe.schema import ExportSpec
 from peftkit.training.loop import FineTuneRun
 from tests.conftest import chat_rows, write_jsonl, write_recipe
 
@@ -67,7 +67,7 @@ def test_gguf_export_reads_back_and_passes_the_gate(lora_run, quant, tmp_path):
     assert report["passed"] and report["format"] == "gguf" and report["quant"] == quant
     assert report["merge"] == "streamed"  # the GGUF writer read the merge one tensor at a time
     assert report["gguf"]["tokenizer"]["identical_rows"] == report["gguf"]["tokenizer"]["rows"] > 0
-    limits = ExportSpec().q8_0_thresholds if quant == "q8_0" else ExportSpec().thresholds
+    limits = GgufExport().q8_0_thresholds if quant == "q8_0" else GgufExport().thresholds
     assert report["thresholds"] == limits.model_dump()
 
     # Independently of peftkit: transformers' GGUF reader against the trained model.
@@ -154,7 +154,7 @@ def test_quant_names_agree_across_cli_recipe_and_writer():
         for a in _parser()._subparsers._group_actions[0].choices["export"]._actions
         if a.dest == "quant"
     ]
-    schema = get_args(ExportSpec.model_fields["quant"].annotation)
+    schema = get_args(GgufExport.model_fields["quant"].annotation)
     assert list(export_parser.choices) == list(schema) == list(QUANTS)
 
 

@@ -49,7 +49,7 @@ def _run(root: Path, **model: int) -> Path:
         data,
         train={"max_steps": 1, "micro_batch_size": 2, "lr": 1e-2},
         output={"dir": str(root / "run"), "plot": False},
-        export={"samples": 2, "generate_tokens": 4, "dtype": "float32", "quant": "q8_0"},
+        export={"samples": 2, "generate_tokens": 4, "dtype": "float32"},
     )
     run = FineTuneRun(load_recipe(recipe))
     run.setup()
@@ -67,10 +67,11 @@ from peftkit.export.run import export
 def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
 fmt, tiny, mid, out = sys.argv[1:]
+quant = {"quant": "q8_0"} if fmt == "gguf" else {}
 # allow_drift: random models drift under q8_0; the gate still reads the file back and measures
-export(tiny, out + "-tiny", format=fmt, allow_drift=True, log=lambda *_: None)  # every import
+export(tiny, out + "-tiny", format=fmt, allow_drift=True, log=lambda *_: None, **quant)  # every import
 runtime = peak()
-export(mid, out, format=fmt, allow_drift=True, log=lambda *_: None)
+export(mid, out, format=fmt, allow_drift=True, log=lambda *_: None, **quant)
 print(runtime, peak())
 """
 

@@ -76,7 +76,7 @@ def test_methods_table_is_the_registry():
 def test_generated_markers_are_filled():
     assert "<!-- peftkit:" not in fill("<!-- peftkit:methods-table -->")
     used = "".join(p.read_text() for p in PAGES)
-    for marker in ("recipe-reference", "methods-table", "objectives-table"):
+    for marker in ("recipe-reference", "methods-table", "objectives-table", "exporters-table"):
         assert f"<!-- peftkit:{marker} -->" in used, marker
 
 

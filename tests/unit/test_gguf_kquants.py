@@ -183,12 +183,12 @@ def test_k_mix_file_reads_back(quant, tmp_path):
 
 def test_each_mix_is_gated_by_its_bit_width():
     from peftkit.export.gguf_export import gguf_thresholds
-    from peftkit.recipe.schema import ExportSpec
+    from peftkit.exporters.gguf import GgufExport
 
     gates = {"q6_k": "q8_0", "q5_k_m": "q5", "q5_k_s": "q5", "q4_k_m": "q4", "q4_k_s": "q4"}
     gates |= {"q3_k_m": "q4", "q2_k": "q4"}
     for quant, gate in gates.items():
-        spec = ExportSpec(format="gguf", quant=quant)
+        spec = GgufExport(format="gguf", quant=quant)
         assert gguf_thresholds(spec) == getattr(spec, f"{gate}_thresholds"), quant
 
 

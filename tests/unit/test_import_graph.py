@@ -27,8 +27,13 @@ ROOT = Path(peftkit.__file__).resolve().parent
 # and rules, its data, its loss and its metrics, so it sits above data (reading and chat rendering)
 # and the kernels, and below the recipe, which composes the objectives' sections (its
 # `objective:` is their union) as it composes the methods' (`adapter:`); the loop and every
-# consumer ask the objective. `report` draws pages from a run directory's files (export and the
-# sweep call it; the training loop is handed its writer by api and sweep).
+# consumer ask the objective. Each exporter (`exporters/`: merged safetensors, adapter, GGUF, LoRA
+# GGUF, task head) owns its `export:` section, its refusals and its build step, so it sits below
+# the recipe, which composes their sections (`export:` is their union keyed on `format`); a build
+# step composes the merge, writers and read-back that `export` (above) hands it as an
+# `ExportContext`, so it imports none of them, not even inside a function. `report` draws pages
+# from a run directory's files (export and the sweep call it; the training loop is handed its
+# writer by api and sweep).
 LAYERS = [
     {"peftkit", "errors", "io", "caches", "units", "_compat", "section", "launch", "metrics"},
     {"models"},
@@ -36,6 +41,7 @@ LAYERS = [
     {"data"},
     {"kernels"},
     {"objectives"},
+    {"exporters"},
     {"recipe"},
     {"training"},
     {"planner", "export", "adapters", "serving", "sweep", "report"},

@@ -37,7 +37,7 @@ def _changed(section: str, key: str, value) -> dict:
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [("train", "max_steps", 8), ("train", "save_every", 2), ("train", "lr", 5e-5),
-     ("output", "sample_prompts", ["Hi"]), ("export", "quant", "q8_0")],
+     ("output", "sample_prompts", ["Hi"]), ("export", "dtype", "float32")],
 )  # fmt: skip
 def test_a_resumable_field_may_change(tmp_path, section, key, value):
     assert any(f"{section}.{key}".startswith(p) for p in resumable_paths(Recipe))
