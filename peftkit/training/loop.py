@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers, update
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.evaluation import Evaluation
-from peftkit.training.generated import AnswerEval
+from peftkit.training.callbacks import Callback, CallbackFactory, RunInputs, for_run
+from peftkit.training.evaluation import EarlyStopping, Evaluator
 from peftkit.training.method_context import method_context
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
@@ -45,7 +45,6 @@ from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
 from peftkit.training.result import save_result, write_run_files
 from peftkit.training.run_dir import RunDir
-from peftkit.training.samples import generate_answers
 from peftkit.training.signals import StopRequest
 from peftkit.training.unfreeze import LayerSchedule
 
@@ -55,7 +54,7 @@ StepCallback = Callable[[int, dict[str, Any]], None]
 ReportWriter = Callable[[Path], Any]
 
 
-class FineTuneRun(Evaluation):
+class FineTuneRun:
     """One fine-tuning run of a recipe. `setup()` loads everything, `train()` runs, `finish()` saves."""
 
     def __init__(
@@ -64,14 +63,17 @@ class FineTuneRun(Evaluation):
         resume: bool = False,
         on_step: StepCallback | None = None,
         refresh_report: ReportWriter | None = None,
+        callbacks: Sequence[Callback | CallbackFactory] = (),
     ) -> None:
         """`refresh_report(run_dir)` is called on the main process after every evaluation and at
         the end (`peftkit.report.refresh_run_report`: report.html; the report package sits above
-        training, so whoever trains hands it in)."""
+        training, so whoever trains hands it in). `callbacks`: run after the recipe's own
+        (training/callbacks.py), each a `Callback` or a factory called with the `RunInputs`."""
         self.recipe = recipe
         self.resume = resume
         self.on_step = on_step
         self.refresh_report = refresh_report
+        self.extra_callbacks = list(callbacks)
         self.last_eval: tuple[int, float] | None = None
         self.bar: TrainingBar | None = None  # while train() runs
         self.run = RunDir(recipe.run_dir)
@@ -116,7 +118,6 @@ class FineTuneRun(Evaluation):
         )
         if self.resume:
             inputs.check_unchanged(self.run, self.input_prints)
-        self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
         head = self.kind.head_config(self.class_names, self.tokenizer.pad_token_id)
@@ -150,7 +151,6 @@ class FineTuneRun(Evaluation):
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
-            trackers.start(self.accelerator, r.output.report_to, self.run, r.name, self.recipe_dump)
         except BaseException:
             if fresh and self.main:  # leave no half-made run directory behind
                 shutil.rmtree(self.run.path, ignore_errors=True)
@@ -191,9 +191,6 @@ class FineTuneRun(Evaluation):
                 self.run.audit, self.objective.audit_record(self.data, self.tokenizer)
             )
         self._print(self.objective.describe())
-        self.answers = AnswerEval.for_run(
-            r.eval, self.objective.answer_rows(self.data.eval), self.tokenizer, self.stop_ids
-        )
         self._print(
             f"{r.adapter.method}: {self.params['trainable']:,} trainable of {self.params['total']:,} "
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
@@ -250,14 +247,41 @@ class FineTuneRun(Evaluation):
             self.run.metrics,
             self.main,
             self.state.step if resumed_from else None,
-            on_log=lambda record: trackers.log(self.accelerator, record),
+            on_log=lambda record: [c.on_log(record) for c in self.callbacks],
+        )
+        self.evaluate = Evaluator(
+            self.model,
+            self.objective,
+            self.data.eval,
+            self.accelerator,
+            r.train.micro_batch_size,
+            self.launch.shards_state,
+        )
+        self.stopping = EarlyStopping(r.train.early_stopping, self.state, self.accelerator)
+        # What runs around the steps, chosen once; each callback gets what it reads.
+        inputs = RunInputs(
+            r,
+            self.accelerator,
+            self.model,
+            self.tokenizer,
+            self.stop_ids,
+            self.data,
+            self.run,
+            self.metrics,
+            self._phase,
+            self.evaluate,
+            self.objective.answer_rows(self.data.eval),
+        )
+        self.callbacks = for_run(
+            inputs, resumed_from is not None, self.refresh_report, self.extra_callbacks
         )
         note = self.objective.before_training(
             self.model, self.data, r.train.micro_batch_size, self.accelerator, self.run
         )
         if note:
             self._print(note)
-        self.samples_before = self._samples() if not resumed_from else None
+        for callback in self.callbacks:
+            callback.before_training()
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -276,8 +300,7 @@ class FineTuneRun(Evaluation):
         rng_at_step_start = ckpt.rng_state()
         # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
         if self.state.step == 0 and (
-            self.data.reference
-            or self.answers is not None
+            any(c.wants_start_eval for c in self.callbacks)
             or (self.data.eval and r.train.eval_every is not None)
             or (self.data.eval and self.objective.evaluate_at_start)
         ):
@@ -334,6 +357,8 @@ class FineTuneRun(Evaluation):
                         break
                     if self._due(r.train.save_every):
                         self._save_checkpoint(ckpt.rng_state())
+                    for callback in self.callbacks:
+                        callback.on_step_end(self.state.step, record)
                     if self.on_step is not None:
                         evaluated = (
                             self.last_eval is not None and self.last_eval[0] == self.state.step
@@ -470,6 +495,45 @@ class FineTuneRun(Evaluation):
             and self.state.step < self.total_steps
         )
 
+    # ------------------------------------------------------------------ evaluate
+    def _eval_loss(self) -> float:
+        """The eval loss over every eval row, shown as its own phase."""
+        with self._phase(f"eval loss on {len(self.data.eval)} held-out rows"):
+            return self.evaluate()
+
+    def _evaluate_and_check_stop(self) -> bool:
+        """Evaluate, log, keep the best adapter; True when early stopping says stop."""
+        loss = self._eval_loss()
+        self.last_eval = (self.state.step, loss)
+        improved, stop = self.stopping.update(self._log_evaluation(loss))
+        if improved and self.recipe.output.save_best:
+            with self._phase(f"saving the best adapter so far to {self.run.best.name}/"):
+                self._save_result(self.run.best)
+        return stop
+
+    def _log_evaluation(self, eval_loss: float | None) -> dict[str, Any]:
+        """Log an evaluation: the eval loss (overall and per task), and what the callbacks add."""
+        record: dict[str, Any] = {"step": self.state.step}
+        shown = {"eval_loss": "eval loss"}
+        if eval_loss is not None:
+            record["eval_loss"] = eval_loss
+            record |= self.objective.eval_metrics(self.accelerator, eval_loss)
+            shown |= self.objective.shown()
+        for callback in self.callbacks:
+            callback.on_eval(self.state.step, record)
+            shown |= callback.shown
+        self.accelerator.wait_for_everyone()
+        self.metrics.log(record)
+        if eval_loss is not None and self.state.step == 0:
+            self.stopping.watched(record)  # a metric no evaluation measures: say so now
+        for callback in self.callbacks:
+            callback.after_eval(self.state.step, record)
+        self._print(
+            f"step {self.state.step}: "
+            + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
+        )
+        return record
+
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         """Final evaluation, final adapter, metadata, summary, plot, samples. Returns the summary."""
@@ -477,8 +541,7 @@ class FineTuneRun(Evaluation):
         last_eval = self.metrics.eval_losses()[-1][0] if self.metrics.eval_losses() else None
         if self.data.eval and last_eval != self.state.step:
             self._evaluate_and_check_stop()
-        scored = [step for step, _ in self.metrics.series("reference_loss")]
-        if self.data.reference and scored[-1:] != [self.state.step]:
+        if any(c.wants_final_eval(self.state.step) for c in self.callbacks):
             self._log_evaluation(None)
         # After the final evaluation (and best/), so a resume from it neither redoes nor loses it;
         # lets a finished run be extended with --resume.
@@ -489,9 +552,14 @@ class FineTuneRun(Evaluation):
             self._save_checkpoint(ckpt.rng_state())
         final = run.final(r.adapter.final_dir_name)
         self._save_result(final)
-        samples_after = self._samples()
-        if not self.main:
-            return {}
+        summary = self._write_summary(final) if self.main else {}
+        for callback in self.callbacks:  # answers.json, samples.json, report.html
+            callback.after_training()
+        return summary
+
+    def _write_summary(self, final: Path) -> dict[str, Any]:
+        """summary.json (what the callbacks add included), meta.json and the loss plot."""
+        r, run = self.recipe, self.run
         summary = run_summary(
             recipe=r,
             state=self.state,
@@ -505,15 +573,13 @@ class FineTuneRun(Evaluation):
             processes=self.accelerator.num_processes,
             engine=self.engine,
             precision=self.precision,
-            answer_rows=len(self.answers.items) if self.answers is not None else None,
+            answer_rows=None,
             run_dir=run,
             final=final,
             kernels=self.kernels.report(self.accelerator.unwrap_model(self.model), self.objective),
         )
-        trackers.log(
-            self.accelerator,
-            {f"summary/{k}": v for k, v in summary.items()} | {"step": self.state.step},
-        )
+        for callback in self.callbacks:
+            callback.on_summary(summary)
         atomic_write_json(run.summary, summary)
         metadata = run_metadata(
             recipe=r,
@@ -527,20 +593,8 @@ class FineTuneRun(Evaluation):
             base_model_path=str(self.ctx.tokenizer_path),
             device=self.accelerator.device,
         )
-        write_run_files(
-            r,
-            run,
-            metadata,
-            self.metrics,
-            self.samples_before,
-            samples_after,
-            self.answers.report(self.answers_before) if self.answers is not None else None,
-        )
-        if self.refresh_report is not None:
-            self.refresh_report(run.path)
-        log.info(
-            format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after)
-        )
+        write_run_files(r, run, metadata, self.metrics, None, None, None)
+        log.info(format_summary(summary, [], None, None))
         return summary
 
     # ------------------------------------------------------------------ helpers
@@ -576,20 +630,6 @@ class FineTuneRun(Evaluation):
                 self.state,
                 rng,
                 self.recipe.train.keep_last,
-            )
-
-    def _samples(self) -> list[str] | None:
-        prompts = self.recipe.output.sample_prompts
-        if not prompts or not self.main:
-            return None
-        with self._phase(f"answering {len(prompts)} sample prompt{'s' * (len(prompts) > 1)}"):
-            return generate_answers(
-                self.accelerator.unwrap_model(self.model),
-                self.tokenizer,
-                prompts,
-                self.stop_ids,
-                self.recipe.output.sample_max_new_tokens,
-                self.recipe.data.system_prompt,
             )
 
     def _print(self, text: str) -> None:

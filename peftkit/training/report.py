@@ -256,14 +256,16 @@ def format_summary(
         lines.append("  confusion matrix (eval, true class down):")
         lines += [f"    {line}" for line in format_confusion(metrics)]
     if prompts and before is not None and after is not None:
-        lines.append("  samples (greedy, before -> after training):")
-        for p, b, a in zip(prompts, before, after):
-            lines += [
-                f"    prompt: {p}",
-                f"      before: {b[:120]!r}",
-                f"      after:  {a[:120]!r}",
-            ]
+        lines += sample_lines(prompts, before, after)
     return "\n".join(lines)
+
+
+def sample_lines(prompts: list[str], before: list[str], after: list[str]) -> list[str]:
+    """The summary's samples section: each prompt's greedy answer before -> after training."""
+    lines = ["  samples (greedy, before -> after training):"]
+    for p, b, a in zip(prompts, before, after):
+        lines += [f"    prompt: {p}", f"      before: {b[:120]!r}", f"      after:  {a[:120]!r}"]
+    return lines
 
 
 def peak_memory_bytes() -> tuple[int, str]:
