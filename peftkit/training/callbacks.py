@@ -85,6 +85,8 @@ class RunInputs:
     """What a run offers its callbacks; each takes the parts it reads at construction."""
 
     recipe: Recipe
+    recipe_dump: dict[str, Any]
+    """The recipe as it was validated (what run dir's recipe.yaml holds), as JSON."""
     accelerator: Accelerator
     model: nn.Module
     """The prepared model (accelerator-wrapped; `accelerator.unwrap_model` for the module)."""
@@ -256,13 +258,11 @@ def for_run(
     extra: Sequence[Callback | CallbackFactory] = (),
 ) -> list[Callback]:
     """The run's callbacks, in the order their hooks run: chosen from the recipe, then `extra`
-    (instances as they are, factories called with `inputs`), the report page last."""
+    (instances as they are, factories called with `inputs`), the trackers and the report page last."""
     r, acc = inputs.recipe, inputs.accelerator
     main = acc.is_main_process
     unwrapped = lambda: acc.unwrap_model(inputs.model)  # noqa: E731
-    out: list[Callback] = [
-        Trackers(acc, r.output.report_to, inputs.run, r.name, r.model_dump(mode="json"))
-    ]
+    out: list[Callback] = []
     if inputs.data.reference:
         virtual = bool(r.adapter.virtual_tokens)
         out.append(
@@ -294,6 +294,8 @@ def for_run(
             Samples(r.output.sample_prompts, generate, resumed, main, inputs.run, inputs.phase)
         )
     out += [c if isinstance(c, Callback) else c(inputs) for c in extra]
+    # after those that add to the summary, which it sends
+    out.append(Trackers(acc, r.output.report_to, inputs.run, r.name, inputs.recipe_dump))
     if refresh_report is not None:
         out.append(ReportPage(refresh_report, inputs.run, main))
     return out

@@ -12,6 +12,8 @@ measures comes from the run's callbacks (training/callbacks.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,7 +26,9 @@ from peftkit.objectives.batches import to_device
 from peftkit.objectives.runtime import Objective
 
 if TYPE_CHECKING:
+    from peftkit.metrics import MetricsLog
     from peftkit.recipe.schema import EarlyStoppingSpec
+    from peftkit.training.callbacks import Callback
     from peftkit.training.checkpoint import TrainerState
 
 
@@ -155,3 +159,73 @@ class EarlyStopping:
             )
         value = record[stopping.metric]
         return -value if stopping.higher_is_better else value
+
+
+class Evaluations:
+    """The run's evaluations: the eval loss, what the callbacks add (`on_eval`), one metrics
+    record, then `after_eval`; the best adapter kept and early stopping decided."""
+
+    def __init__(
+        self,
+        evaluate: Evaluator,
+        objective: Objective,
+        accelerator: Accelerator,
+        state: TrainerState,
+        metrics: MetricsLog,
+        callbacks: Sequence[Callback],
+        stopping: EarlyStopping,
+        save_best: Callable[[], None] | None,
+        phase: Callable[[str], AbstractContextManager[None]],
+        show: Callable[[str], None],
+    ) -> None:
+        """`save_best()` writes the best adapter (None: output.save_best is off); `phase(label)`:
+        a labelled stretch of work between steps; `show(text)`: a log line on the main process."""
+        self.evaluate, self.objective, self.accelerator = evaluate, objective, accelerator
+        self.state, self.metrics, self.callbacks, self.stopping = (
+            state,
+            metrics,
+            callbacks,
+            stopping,
+        )
+        self.save_best, self.phase, self.show = save_best, phase, show
+        self.last: tuple[int, float] | None = None
+        """(step, eval loss) of the last evaluation with an eval loss."""
+
+    def loss(self) -> float:
+        """The eval loss over every eval row, shown as its own phase."""
+        with self.phase(f"eval loss on {len(self.evaluate.rows)} held-out rows"):
+            return self.evaluate()
+
+    def evaluate_and_check_stop(self) -> bool:
+        """Evaluate, log, keep the best adapter; True when early stopping says stop."""
+        loss = self.loss()
+        self.last = (self.state.step, loss)
+        improved, stop = self.stopping.update(self.log(loss))
+        if improved and self.save_best is not None:
+            with self.phase("saving the best adapter so far to best/"):
+                self.save_best()
+        return stop
+
+    def log(self, eval_loss: float | None) -> dict[str, Any]:
+        """Log an evaluation: the eval loss (overall and per task), and what the callbacks add."""
+        step = self.state.step
+        record: dict[str, Any] = {"step": step}
+        shown = {"eval_loss": "eval loss"}
+        if eval_loss is not None:
+            record["eval_loss"] = eval_loss
+            record |= self.objective.eval_metrics(self.accelerator, eval_loss)
+            shown |= self.objective.shown()
+        for callback in self.callbacks:
+            callback.on_eval(step, record)
+            shown |= callback.shown
+        self.accelerator.wait_for_everyone()
+        self.metrics.log(record)
+        if eval_loss is not None and step == 0:
+            self.stopping.watched(record)  # a metric no evaluation measures: say so now
+        for callback in self.callbacks:
+            callback.after_eval(step, record)
+        self.show(
+            f"step {step}: "
+            + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
+        )
+        return record

@@ -1,8 +1,8 @@
 """The training loop on accelerate: setup -> train -> finish, readable top to bottom.
 
-Loss normalisation: each optimizer step's loss is the sum of token losses over *all* supervised
-tokens of the step (every micro-batch, every process) divided by their count, so gradient
-accumulation and data parallelism give the same update as one big batch.
+One optimizer step is training/step.py's; what runs around the steps (the forgetting report,
+generated answers, samples, trackers, the report page, the Python API's own hooks) is the run's
+callbacks (training/callbacks.py), chosen once at setup; the loop calls their hooks in order.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from accelerate import Accelerator
 
 from peftkit import _compat
-from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.errors import TrainingStopped
 from peftkit.io import atomic_write_json
@@ -30,14 +29,13 @@ from peftkit.models.layers import frozen_experts
 from peftkit.models.load import load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity
 from peftkit.objectives import BuildContext, prepare_run_data
-from peftkit.objectives.batches import to_device
 from peftkit.objectives.runtime import Objective
 from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers, update
 from peftkit.training import checkpoint as ckpt
 from peftkit.training.callbacks import Callback, CallbackFactory, RunInputs, for_run
-from peftkit.training.evaluation import EarlyStopping, Evaluator
+from peftkit.training.evaluation import EarlyStopping, Evaluations, Evaluator
 from peftkit.training.method_context import method_context
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
@@ -46,6 +44,7 @@ from peftkit.training.report import count_parameters, format_summary, run_metada
 from peftkit.training.result import save_result, write_run_files
 from peftkit.training.run_dir import RunDir
 from peftkit.training.signals import StopRequest
+from peftkit.training.step import OptimizerStep
 from peftkit.training.unfreeze import LayerSchedule
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,6 @@ class FineTuneRun:
         self.on_step = on_step
         self.refresh_report = refresh_report
         self.extra_callbacks = list(callbacks)
-        self.last_eval: tuple[int, float] | None = None
         self.bar: TrainingBar | None = None  # while train() runs
         self.run = RunDir(recipe.run_dir)
         self.recipe_dump = recipe.model_dump(mode="json")
@@ -257,10 +255,20 @@ class FineTuneRun:
             r.train.micro_batch_size,
             self.launch.shards_state,
         )
-        self.stopping = EarlyStopping(r.train.early_stopping, self.state, self.accelerator)
+        self.optimizer_step = OptimizerStep(
+            r,
+            self.accelerator,
+            self.model,
+            self.objective,
+            self.update,
+            self.scheduler,
+            self.state,
+            self.run,
+        )
         # What runs around the steps, chosen once; each callback gets what it reads.
         inputs = RunInputs(
             r,
+            self.recipe_dump,
             self.accelerator,
             self.model,
             self.tokenizer,
@@ -274,6 +282,18 @@ class FineTuneRun:
         )
         self.callbacks = for_run(
             inputs, resumed_from is not None, self.refresh_report, self.extra_callbacks
+        )
+        self.evals = Evaluations(
+            self.evaluate,
+            self.objective,
+            self.accelerator,
+            self.state,
+            self.metrics,
+            self.callbacks,
+            EarlyStopping(r.train.early_stopping, self.state, self.accelerator),
+            (lambda: self._save_result(self.run.best)) if r.output.save_best else None,
+            self._phase,
+            self._print,
         )
         note = self.objective.before_training(
             self.model, self.data, r.train.micro_batch_size, self.accelerator, self.run
@@ -295,7 +315,7 @@ class FineTuneRun:
         )
         order_epoch, order = -1, None
         self.stop_reason = "completed"
-        self._updated_uncounted = False  # between optimizer.step() and the step count's increment
+        self.optimizer_step.updated_uncounted = False
         self._saved_step: int | None = None
         rng_at_step_start = ckpt.rng_state()
         # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
@@ -304,7 +324,7 @@ class FineTuneRun:
             or (self.data.eval and r.train.eval_every is not None)
             or (self.data.eval and self.objective.evaluate_at_start)
         ):
-            self._log_evaluation(self._eval_loss() if self.data.eval else None)
+            self.evals.log(self.evals.loss() if self.data.eval else None)
         with StopRequest() as stop:
             try:
                 while self.state.step < self.total_steps:
@@ -322,13 +342,13 @@ class FineTuneRun:
                         )
                     ]
                     with self.step_clock:
-                        record = self._optimizer_step(
+                        record = self.optimizer_step(
                             rows, epoch + step_in_epoch / self.plan.steps_per_epoch
                         )
                     # training time only: evaluations and checkpoints do not dilute tokens/s
                     self.state.train_seconds += self.step_clock.last
                     self.state.step += 1
-                    self._updated_uncounted = False
+                    self.optimizer_step.updated_uncounted = False  # (counted)
                     self._unfreeze_for_next_step(record)
                     rng_at_step_start = (
                         ckpt.rng_state()
@@ -351,7 +371,7 @@ class FineTuneRun:
                     if (
                         self._due(r.train.eval_every)
                         and self.data.eval
-                        and self._evaluate_and_check_stop()
+                        and self.evals.evaluate_and_check_stop()
                     ):
                         self.stop_reason = "early stopping"
                         break
@@ -360,16 +380,18 @@ class FineTuneRun:
                     for callback in self.callbacks:
                         callback.on_step_end(self.state.step, record)
                     if self.on_step is not None:
-                        evaluated = (
-                            self.last_eval is not None and self.last_eval[0] == self.state.step
+                        last = self.evals.last
+                        extra = (
+                            {"eval_loss": last[1]} if last and last[0] == self.state.step else {}
                         )
-                        extra = {"eval_loss": self.last_eval[1]} if evaluated else {}
                         self.on_step(self.state.step, {**record, **extra})
                     if stop.requested(acc):  # a step boundary: the one place a signal acts
                         raise TrainingStopped(self._stop_at_boundary(stop.signal_name))
             except KeyboardInterrupt:
                 bar.close()
-                if self._updated_uncounted:  # weights of step N+1, counters of step N: unsaveable
+                if (
+                    self.optimizer_step.updated_uncounted
+                ):  # weights of step N+1, counters of step N: unsaveable
                     raise TrainingStopped(
                         f"interrupted inside step {self.state.step + 1}, after its update; no "
                         f"checkpoint saved. {advice.last_checkpoint_note(self.run)}"
@@ -386,86 +408,6 @@ class FineTuneRun:
             finally:
                 bar.close()
                 self.bar = None
-
-    def _optimizer_step(
-        self, micro_batches: list[list[EncodedRow]], epoch: float
-    ) -> dict[str, Any]:
-        acc, r = self.accelerator, self.recipe
-        objective = self.objective
-        batches = objective.prepare_step(
-            self.model, [objective.collate(rows) for rows in micro_batches], acc, self.state.step
-        )
-        self.state.largest_micro_batch_tokens = max(
-            self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
-        )
-        local = torch.tensor(
-            [
-                float(sum(objective.units(b) for b in batches)),
-                float(sum(objective.tokens(r, b) for r, b in zip(micro_batches, batches))),
-            ],
-            device=acc.device,
-        )
-        # n_supervised: the units the step's loss is a mean over (tokens, rows or pairs)
-        n_supervised, n_tokens = (int(x) for x in acc.reduce(local, "sum").tolist())
-        loss_sum = torch.zeros((), device=acc.device)
-        try:
-            for i, batch in enumerate(batches):
-                batch = to_device(batch, acc.device)
-                last = i == len(batches) - 1
-                with self.update.no_sync(last):
-                    token_loss_sum = objective.loss_sum(self.model, batch)
-                    # DDP averages gradients over processes, hence the factor num_processes.
-                    scaled = token_loss_sum * acc.num_processes / max(n_supervised, 1)
-                    # the method's term, once a step (equal on every process: DDP's mean keeps it)
-                    extra = r.adapter.extra_loss(acc.unwrap_model(self.model)) if last else None
-                    self.update.backward(scaled if extra is None else scaled + extra, last)
-                loss_sum += token_loss_sum.detach()
-        except torch.OutOfMemoryError as e:
-            raise TrainingStopped(
-                advice.out_of_memory(self.recipe, self.state.step, self.run)
-            ) from e
-        loss = acc.reduce(loss_sum, "sum").item() / max(n_supervised, 1)
-        if not math.isfinite(loss):
-            self.update.zero_grad()
-            raise TrainingStopped(
-                advice.non_finite_step(
-                    f"loss became {loss}", self.recipe, self.state.step, self.run, micro_batches
-                )
-            )
-        grad_norm = self.update.grad_norm(r.train.max_grad_norm)  # before the update
-        if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
-            self.update.zero_grad()
-            raise TrainingStopped(
-                advice.non_finite_step(
-                    f"the gradients became non-finite (norm {grad_norm})",
-                    self.recipe,
-                    self.state.step,
-                    self.run,
-                    micro_batches,
-                )
-            )
-        lr = self.scheduler.get_last_lr()[0]
-        self._updated_uncounted = True
-        self.update.step()
-        self.scheduler.step()
-        r.adapter.on_optimizer_step(acc.unwrap_model(self.model), self.state.step)
-        self.update.zero_grad()
-        if acc.device.type == "cpu":
-            _compat.release_freed_cpu_memory()
-        self.state.tokens_seen += n_tokens
-        self.state.supervised_tokens_seen += n_supervised
-        record = {
-            "step": self.state.step + 1,
-            "epoch": round(epoch, 4),
-            "loss": loss,
-            "lr": lr,
-            "tokens": n_tokens,
-            "supervised_tokens": n_supervised,
-        }
-        if r.train.max_grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        record.update(objective.step_metrics(acc))
-        return record
 
     def _stop_at_boundary(self, signal_name: str | None) -> str:
         """Checkpoint the step just completed (unless saved already); the message to stop with."""
@@ -495,54 +437,15 @@ class FineTuneRun:
             and self.state.step < self.total_steps
         )
 
-    # ------------------------------------------------------------------ evaluate
-    def _eval_loss(self) -> float:
-        """The eval loss over every eval row, shown as its own phase."""
-        with self._phase(f"eval loss on {len(self.data.eval)} held-out rows"):
-            return self.evaluate()
-
-    def _evaluate_and_check_stop(self) -> bool:
-        """Evaluate, log, keep the best adapter; True when early stopping says stop."""
-        loss = self._eval_loss()
-        self.last_eval = (self.state.step, loss)
-        improved, stop = self.stopping.update(self._log_evaluation(loss))
-        if improved and self.recipe.output.save_best:
-            with self._phase(f"saving the best adapter so far to {self.run.best.name}/"):
-                self._save_result(self.run.best)
-        return stop
-
-    def _log_evaluation(self, eval_loss: float | None) -> dict[str, Any]:
-        """Log an evaluation: the eval loss (overall and per task), and what the callbacks add."""
-        record: dict[str, Any] = {"step": self.state.step}
-        shown = {"eval_loss": "eval loss"}
-        if eval_loss is not None:
-            record["eval_loss"] = eval_loss
-            record |= self.objective.eval_metrics(self.accelerator, eval_loss)
-            shown |= self.objective.shown()
-        for callback in self.callbacks:
-            callback.on_eval(self.state.step, record)
-            shown |= callback.shown
-        self.accelerator.wait_for_everyone()
-        self.metrics.log(record)
-        if eval_loss is not None and self.state.step == 0:
-            self.stopping.watched(record)  # a metric no evaluation measures: say so now
-        for callback in self.callbacks:
-            callback.after_eval(self.state.step, record)
-        self._print(
-            f"step {self.state.step}: "
-            + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
-        )
-        return record
-
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         """Final evaluation, final adapter, metadata, summary, plot, samples. Returns the summary."""
         r, run = self.recipe, self.run
         last_eval = self.metrics.eval_losses()[-1][0] if self.metrics.eval_losses() else None
         if self.data.eval and last_eval != self.state.step:
-            self._evaluate_and_check_stop()
+            self.evals.evaluate_and_check_stop()
         if any(c.wants_final_eval(self.state.step) for c in self.callbacks):
-            self._log_evaluation(None)
+            self.evals.log(None)
         # After the final evaluation (and best/), so a resume from it neither redoes nor loses it;
         # lets a finished run be extended with --resume.
         if (
