@@ -39,7 +39,7 @@ from peftkit.io import RunLayout, atomic_write_json
 from peftkit.metrics import MetricsLog
 from peftkit.training import trackers
 from peftkit.training.generated import AnswerEval, answer_summary
-from peftkit.training.reference import reference_metrics
+from peftkit.training.reference import forgetting_summary, reference_metrics
 from peftkit.training.report import sample_lines
 from peftkit.training.samples import generate_answers
 
@@ -128,6 +128,10 @@ class Forgetting(Callback):
         label = f"forgetting: loss on {len(self.rows)} reference rows"
         with base, self.phase(label):
             record |= reference_metrics(self.evaluate(self.rows))
+
+    def on_summary(self, summary: dict[str, Any]) -> None:
+        n_tokens = sum(row.n_supervised for row in self.rows)
+        summary["forgetting"] = forgetting_summary(self.metrics, len(self.rows), n_tokens)
 
     def wants_final_eval(self, step: int) -> bool:
         scored = [s for s, _ in self.metrics.series("reference_loss")]

@@ -41,8 +41,9 @@ from peftkit.training.optim import build_optimizer, build_scheduler, combined_sc
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
-from peftkit.training.result import save_result, write_run_files
+from peftkit.training.result import write_run_files
 from peftkit.training.run_dir import RunDir
+from peftkit.training.saves import Saves
 from peftkit.training.signals import StopRequest
 from peftkit.training.step import OptimizerStep
 from peftkit.training.unfreeze import LayerSchedule
@@ -255,6 +256,21 @@ class FineTuneRun:
             r.train.micro_batch_size,
             self.launch.shards_state,
         )
+        self.saves = Saves(
+            r,
+            self.recipe_dump,
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.run,
+            self.ctx,
+            self.tokenizer,
+            self.base_identity,
+            self.data,
+            self._phase,
+        )
         self.optimizer_step = OptimizerStep(
             r,
             self.accelerator,
@@ -291,7 +307,7 @@ class FineTuneRun:
             self.metrics,
             self.callbacks,
             EarlyStopping(r.train.early_stopping, self.state, self.accelerator),
-            (lambda: self._save_result(self.run.best)) if r.output.save_best else None,
+            (lambda: self.saves.result(self.run.best)) if r.output.save_best else None,
             self._phase,
             self._print,
         )
@@ -316,7 +332,6 @@ class FineTuneRun:
         order_epoch, order = -1, None
         self.stop_reason = "completed"
         self.optimizer_step.updated_uncounted = False
-        self._saved_step: int | None = None
         rng_at_step_start = ckpt.rng_state()
         # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
         if self.state.step == 0 and (
@@ -376,7 +391,7 @@ class FineTuneRun:
                         self.stop_reason = "early stopping"
                         break
                     if self._due(r.train.save_every):
-                        self._save_checkpoint(ckpt.rng_state())
+                        self.saves.checkpoint(ckpt.rng_state())
                     for callback in self.callbacks:
                         callback.on_step_end(self.state.step, record)
                     if self.on_step is not None:
@@ -386,7 +401,7 @@ class FineTuneRun:
                         )
                         self.on_step(self.state.step, {**record, **extra})
                     if stop.requested(acc):  # a step boundary: the one place a signal acts
-                        raise TrainingStopped(self._stop_at_boundary(stop.signal_name))
+                        raise TrainingStopped(self.saves.stop_at_boundary(stop.signal_name))
             except KeyboardInterrupt:
                 bar.close()
                 if (
@@ -399,7 +414,7 @@ class FineTuneRun:
                 if self.state.step > 0:
                     self.update.zero_grad()  # (the engine's buffers too, under DeepSpeed)
                     # A step cut short was not applied: save the state at the last step boundary.
-                    path = self._save_checkpoint(rng_at_step_start)
+                    path = self.saves.checkpoint(rng_at_step_start)
                     raise TrainingStopped(
                         f"interrupted at step {self.state.step}; checkpoint saved to {path}. "
                         "Continue with --resume."
@@ -408,16 +423,6 @@ class FineTuneRun:
             finally:
                 bar.close()
                 self.bar = None
-
-    def _stop_at_boundary(self, signal_name: str | None) -> str:
-        """Checkpoint the step just completed (unless saved already); the message to stop with."""
-        path = self.run.checkpoints / f"step-{self.state.step:07d}"
-        if self._saved_step != self.state.step:
-            path = self._save_checkpoint(ckpt.rng_state())
-        return (
-            f"interrupted ({signal_name or 'stop signal'}) at step {self.state.step}; checkpoint "
-            f"saved to {path}. Continue with --resume."
-        )
 
     def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
         """Gradual unfreezing: at a stage boundary the next group(s) train from the next step on
@@ -452,9 +457,9 @@ class FineTuneRun:
             r.train.save_every is not None
             and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
         ):
-            self._save_checkpoint(ckpt.rng_state())
+            self.saves.checkpoint(ckpt.rng_state())
         final = run.final(r.adapter.final_dir_name)
-        self._save_result(final)
+        self.saves.result(final)
         summary = self._write_summary(final) if self.main else {}
         for callback in self.callbacks:  # answers.json, samples.json, report.html
             callback.after_training()
@@ -476,7 +481,6 @@ class FineTuneRun:
             processes=self.accelerator.num_processes,
             engine=self.engine,
             precision=self.precision,
-            answer_rows=None,
             run_dir=run,
             final=final,
             kernels=self.kernels.report(self.accelerator.unwrap_model(self.model), self.objective),
@@ -501,40 +505,6 @@ class FineTuneRun:
         return summary
 
     # ------------------------------------------------------------------ helpers
-    def _save_result(self, target: Path) -> None:
-        save_result(
-            self.accelerator,
-            self.accelerator.unwrap_model(self.model),
-            target,
-            self.recipe.adapter,
-            self.ctx,
-            self.tokenizer,
-            self.base_identity,
-            self.data,
-            self.recipe_dump,
-            self.recipe.data.system_prompt,
-            self.recipe.data.chat_template_kwargs,
-        )
-
-    def _save_checkpoint(self, rng: dict[str, Any]):
-        bad = ckpt.non_finite_weights(self.accelerator.unwrap_model(self.model))
-        if bad:  # never save (nor later announce) a checkpoint one cannot continue from
-            raise TrainingStopped(
-                advice.non_finite_weights(bad, self.recipe, self.state.step, self.run)
-            )
-        self._saved_step = self.state.step
-        with self._phase(f"saving checkpoint step-{self.state.step:07d}"):
-            return ckpt.save_checkpoint(
-                self.run.checkpoints,
-                self.accelerator,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.state,
-                rng,
-                self.recipe.train.keep_last,
-            )
-
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             log.info(text)

@@ -52,7 +52,6 @@ def run_summary(
     processes: int,
     engine: str,
     precision: str,
-    answer_rows: int | None,
     run_dir: RunLayout,
     final: Path,
     kernels: dict[str, Any] | None = None,
@@ -100,13 +99,7 @@ def run_summary(
         **(kernels or {}),
     }
     summary |= objective.summary(metrics, plan, state.step)
-    if answer_rows is not None:
-        summary["answers"] = generated.answer_summary(metrics, r.eval.metric, answer_rows)
-    if data.reference:
-        summary["forgetting"] = reference.forgetting_summary(
-            metrics, len(data.reference), sum(row.n_supervised for row in data.reference)
-        )
-    return summary
+    return summary  # the callbacks add theirs (answers, forgetting: training/callbacks.py)
 
 
 def device_name(device: torch.device) -> str:
