@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from peftkit.serving.app import ServeLimits
     from peftkit.serving.server import Server
     from peftkit.sweep import SweepResult
+    from peftkit.training.callbacks import Callback, CallbackFactory
     from peftkit.training.loop import StepCallback
 
 log = logging.getLogger("peftkit.serve")
@@ -103,6 +105,7 @@ def train(
     resume: bool = False,
     on_step: StepCallback | None = None,
     trust_remote_code: bool = False,
+    callbacks: Sequence[Callback | CallbackFactory] = (),
 ) -> dict[str, Any]:
     """Fine-tune as the recipe says; returns the run summary (also written to RUN_DIR/summary.json).
 
@@ -113,6 +116,9 @@ def train(
         on_step: called as on_step(step, metrics) after each optimizer step (main and other processes).
         trust_remote_code: with resume, continue a run whose saved recipe has
             model.trust_remote_code (its model's own Python code runs); refused without.
+        callbacks: more hooks around the steps and evaluations, run after the recipe's own
+            (`peftkit.training.callbacks`): each a `Callback`, or a factory called with the
+            run's `RunInputs` once the model is ready.
     """
     from peftkit.report import refresh_run_report
     from peftkit.training.run import train as train_recipe
@@ -122,7 +128,7 @@ def train(
     saved = RunLayout(recipe.output.dir).recipe
     if resume and saved.is_file():  # a run from elsewhere runs no code unasked
         load_run_recipe(saved, trust_remote_code)
-    return train_recipe(recipe, resume=resume, on_step=on_step, refresh_report=refresh_run_report)
+    return train_recipe(recipe, resume, on_step, refresh_run_report, callbacks)
 
 
 def prepare(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> PreparedData:

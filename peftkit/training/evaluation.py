@@ -5,24 +5,31 @@ evaluation, and early stopping with the best adapter kept by the watched metric.
 `held_out_loss` is the one loop that scores rows with an objective; the training loop, `peftkit
 combine` and the benchmarks all measure their eval loss through it.
 
-`Evaluation` is a part of `FineTuneRun` (training/loop.py), kept apart by responsibility; it
-reads the run's accelerator, model, objective, data, state, metrics and recipe, and shows each part
-of an evaluation as a phase of its own (`_phase`: a log line and the progress bar's label).
+`Evaluator` scores the run's eval rows (and the forgetting report's reference rows) and
+`EarlyStopping` keeps the best evaluation; each is handed what it reads. What else an evaluation
+measures comes from the run's callbacks (training/callbacks.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from peftkit.errors import RecipeError
 from peftkit.objectives.batches import to_device
 from peftkit.objectives.runtime import Objective
-from peftkit.training.reference import reference_metrics
+
+if TYPE_CHECKING:
+    from peftkit.metrics import MetricsLog
+    from peftkit.recipe.schema import EarlyStoppingSpec
+    from peftkit.training.callbacks import Callback
+    from peftkit.training.checkpoint import TrainerState
 
 
 @torch.no_grad()
@@ -72,63 +79,71 @@ def held_out_loss(
     return loss_sum / max(n, 1)
 
 
-class Evaluation:
-    """Evaluate, log and decide on early stopping (mixed into `FineTuneRun`)."""
+class Evaluator:
+    """The eval loss of rows through the run's objective, sharded over processes."""
 
-    def evaluate(self, rows: list[Any] | None = None) -> float:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        rows: list[Any],
+        accelerator: Accelerator,
+        batch_size: int,
+        shards_state: bool,
+    ) -> None:
+        """`rows`: the eval rows; `shards_state`: the weights are sharded (FSDP / DeepSpeed 3),
+        so every process runs as many forwards."""
+        self.model, self.objective, self.rows = model, objective, rows
+        self.accelerator, self.batch_size, self.shards_state = accelerator, batch_size, shards_state
+
+    def __call__(self, rows: list[Any] | None = None) -> float:
         """Mean loss per unit (supervised token, row, pair) over the eval rows, or `rows`
         (sharded over processes). The objective keeps what else it measured for `eval_metrics`."""
         acc, objective = self.accelerator, self.objective
-        every = self.data.eval if rows is None else rows
+        every = self.rows if rows is None else rows
         rows = every[acc.process_index :: acc.num_processes]
         if objective.sort_eval_by_length:
             rows = sorted(rows, key=lambda x: len(x.input_ids))
         # Sharded weights are gathered by all processes together: each runs as many forwards.
-        joined = -(-len(every) // acc.num_processes) if self.launch.shards_state else 0
+        joined = -(-len(every) // acc.num_processes) if self.shards_state else 0
         self.model.eval()
         totals = held_out_sums(
-            self.model,
-            rows,
-            objective,
-            self.recipe.train.micro_batch_size,
-            acc.device,
-            joined,
-            every[0],
+            self.model, rows, objective, self.batch_size, acc.device, joined, every[0]
         )
         self.model.train()
         loss_sum, n = acc.reduce(totals, "sum").tolist()
         return loss_sum / max(n, 1)
 
-    def _eval_loss(self) -> float:
-        """The eval loss over every eval row, shown as its own phase."""
-        with self._phase(f"eval loss on {len(self.data.eval)} held-out rows"):
-            return self.evaluate()
 
-    def _evaluate_and_check_stop(self) -> bool:
-        """Evaluate, log, keep the best adapter; True when early stopping says stop."""
-        loss = self._eval_loss()
-        self.last_eval = (self.state.step, loss)
-        record = self._log_evaluation(loss)
-        stopping = self.recipe.train.early_stopping
-        min_delta = stopping.min_delta if stopping else 0.0
-        value = self._watched(record)  # lower is better
+class EarlyStopping:
+    """Keep the best evaluation by the watched metric (`train.early_stopping.metric`, else the
+    eval loss) in the run's state, and say when patience has run out."""
+
+    def __init__(
+        self, spec: EarlyStoppingSpec | None, state: TrainerState, accelerator: Accelerator
+    ) -> None:
+        self.spec, self.state, self.accelerator = spec, state, accelerator
+
+    def update(self, record: dict[str, Any]) -> tuple[bool, bool]:
+        """(improved: the best so far, stop: patience ran out) after the evaluation `record`."""
+        loss = record["eval_loss"]
+        value = self.watched(record)  # lower is better
         best = self.state.best_value
         if best is None and self.state.best_eval_loss is not None and value == loss:
             best = self.state.best_eval_loss  # a checkpoint from before best_value existed
-        if best is None or value < best - min_delta:
+        improved = best is None or value < best - (self.spec.min_delta if self.spec else 0.0)
+        if improved:
             self.state.best_value, self.state.best_step = value, self.state.step
             self.state.best_eval_loss = loss
             self.state.evals_without_improvement = 0
-            if self.recipe.output.save_best:
-                with self._phase(f"saving the best adapter so far to {self.run.best.name}/"):
-                    self._save_result(self.run.best)
         else:
             self.state.evals_without_improvement += 1
-        return stopping is not None and self.state.evals_without_improvement >= stopping.patience
+        stop = self.spec is not None and self.state.evals_without_improvement >= self.spec.patience
+        return improved, stop
 
-    def _watched(self, record: dict[str, Any]) -> float:
+    def watched(self, record: dict[str, Any]) -> float:
         """The early-stopping metric of an evaluation's record, signed so that lower is better."""
-        stopping = self.recipe.train.early_stopping
+        stopping = self.spec
         if stopping is None:
             return record["eval_loss"]
         if stopping.metric.startswith("answer_") and self.accelerator.num_processes > 1:
@@ -145,38 +160,72 @@ class Evaluation:
         value = record[stopping.metric]
         return -value if stopping.higher_is_better else value
 
-    def _log_evaluation(self, eval_loss: float | None) -> dict[str, Any]:
-        """Log an evaluation: eval loss (overall and per task) and the reference loss, if any."""
-        record: dict[str, Any] = {"step": self.state.step}
-        shown = {"eval_loss": "eval loss", "reference_loss": "reference loss"}
+
+class Evaluations:
+    """The run's evaluations: the eval loss, what the callbacks add (`on_eval`), one metrics
+    record, then `after_eval`; the best adapter kept and early stopping decided."""
+
+    def __init__(
+        self,
+        evaluate: Evaluator,
+        objective: Objective,
+        accelerator: Accelerator,
+        state: TrainerState,
+        metrics: MetricsLog,
+        callbacks: Sequence[Callback],
+        stopping: EarlyStopping,
+        save_best: Callable[[], None] | None,
+        phase: Callable[[str], AbstractContextManager[None]],
+        show: Callable[[str], None],
+    ) -> None:
+        """`save_best()` writes the best adapter (None: output.save_best is off); `phase(label)`:
+        a labelled stretch of work between steps; `show(text)`: a log line on the main process."""
+        self.evaluate, self.objective, self.accelerator = evaluate, objective, accelerator
+        self.state, self.metrics, self.callbacks, self.stopping = (
+            state,
+            metrics,
+            callbacks,
+            stopping,
+        )
+        self.save_best, self.phase, self.show = save_best, phase, show
+        self.last: tuple[int, float] | None = None
+        """(step, eval loss) of the last evaluation with an eval loss."""
+
+    def loss(self) -> float:
+        """The eval loss over every eval row, shown as its own phase."""
+        with self.phase(f"eval loss on {len(self.evaluate.rows)} held-out rows"):
+            return self.evaluate()
+
+    def evaluate_and_check_stop(self) -> bool:
+        """Evaluate, log, keep the best adapter; True when early stopping says stop."""
+        loss = self.loss()
+        self.last = (self.state.step, loss)
+        improved, stop = self.stopping.update(self.log(loss))
+        if improved and self.save_best is not None:
+            with self.phase("saving the best adapter so far to best/"):
+                self.save_best()
+        return stop
+
+    def log(self, eval_loss: float | None) -> dict[str, Any]:
+        """Log an evaluation: the eval loss (overall and per task), and what the callbacks add."""
+        step = self.state.step
+        record: dict[str, Any] = {"step": step}
+        shown = {"eval_loss": "eval loss"}
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
             record |= self.objective.eval_metrics(self.accelerator, eval_loss)
             shown |= self.objective.shown()
-        if self.data.reference:
-            # the base function at step 0: virtual tokens are not the identity, so switched off
-            base = (
-                self.accelerator.unwrap_model(self.model).disable_adapter()
-                if self.state.step == 0 and self.recipe.adapter.virtual_tokens
-                else contextlib.nullcontext()
-            )
-            label = f"forgetting: loss on {len(self.data.reference)} reference rows"
-            with base, self._phase(label):
-                record |= reference_metrics(self.evaluate(self.data.reference))
-        if self.answers is not None and self.main:
-            with self._phase(f"answering {len(self.answers.items)} held-out rows"):
-                record |= self.answers(self.accelerator.unwrap_model(self.model))
-            if self.state.step == 0:
-                self.answers_before = self.answers.last_rows
-            shown["answer_score"] = f"task metric ({self.recipe.eval.metric})"
+        for callback in self.callbacks:
+            callback.on_eval(step, record)
+            shown |= callback.shown
         self.accelerator.wait_for_everyone()
         self.metrics.log(record)
-        if eval_loss is not None and self.state.step == 0:
-            self._watched(record)  # a metric no evaluation measures: say so now, not at step N
-        if self.main and self.refresh_report is not None:
-            self.refresh_report(self.run.path)
-        self._print(
-            f"step {self.state.step}: "
+        if eval_loss is not None and step == 0:
+            self.stopping.watched(record)  # a metric no evaluation measures: say so now
+        for callback in self.callbacks:
+            callback.after_eval(step, record)
+        self.show(
+            f"step {step}: "
             + ", ".join(f"{name} {record[k]:.4f}" for k, name in shown.items() if k in record)
         )
         return record

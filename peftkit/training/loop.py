@@ -1,8 +1,8 @@
 """The training loop on accelerate: setup -> train -> finish, readable top to bottom.
 
-Loss normalisation: each optimizer step's loss is the sum of token losses over *all* supervised
-tokens of the step (every micro-batch, every process) divided by their count, so gradient
-accumulation and data parallelism give the same update as one big batch.
+One optimizer step is training/step.py's; what runs around the steps (the forgetting report,
+generated answers, samples, trackers, the report page, the Python API's own hooks) is the run's
+callbacks (training/callbacks.py), chosen once at setup; the loop calls their hooks in order.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import torch
 from accelerate import Accelerator
 
 from peftkit import _compat
-from peftkit.data.encode import EncodedRow
 from peftkit.data.mixing import step_plan
 from peftkit.errors import TrainingStopped
 from peftkit.io import atomic_write_json
@@ -30,23 +29,23 @@ from peftkit.models.layers import frozen_experts
 from peftkit.models.load import load_model, load_tokenizer
 from peftkit.models.manifest import BaseIdentity
 from peftkit.objectives import BuildContext, prepare_run_data
-from peftkit.objectives.batches import to_device
 from peftkit.objectives.runtime import Objective
 from peftkit.recipe.launch_rules import check_launch
 from peftkit.recipe.schema import Recipe
 from peftkit.training import advice, inputs, trackers, update
 from peftkit.training import checkpoint as ckpt
-from peftkit.training.evaluation import Evaluation
-from peftkit.training.generated import AnswerEval
+from peftkit.training.callbacks import Callback, CallbackFactory, RunInputs, for_run
+from peftkit.training.evaluation import EarlyStopping, Evaluations, Evaluator
 from peftkit.training.method_context import method_context
 from peftkit.training.optim import build_optimizer, build_scheduler, combined_scales
 from peftkit.training.precision import resolve_precision, weights_dtype
 from peftkit.training.progress import StepClock, TrainingBar
 from peftkit.training.report import count_parameters, format_summary, run_metadata, run_summary
-from peftkit.training.result import save_result, write_run_files
+from peftkit.training.result import write_run_files
 from peftkit.training.run_dir import RunDir
-from peftkit.training.samples import generate_answers
+from peftkit.training.saves import Saves
 from peftkit.training.signals import StopRequest
+from peftkit.training.step import OptimizerStep
 from peftkit.training.unfreeze import LayerSchedule
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ StepCallback = Callable[[int, dict[str, Any]], None]
 ReportWriter = Callable[[Path], Any]
 
 
-class FineTuneRun(Evaluation):
+class FineTuneRun:
     """One fine-tuning run of a recipe. `setup()` loads everything, `train()` runs, `finish()` saves."""
 
     def __init__(
@@ -64,15 +63,17 @@ class FineTuneRun(Evaluation):
         resume: bool = False,
         on_step: StepCallback | None = None,
         refresh_report: ReportWriter | None = None,
+        callbacks: Sequence[Callback | CallbackFactory] = (),
     ) -> None:
         """`refresh_report(run_dir)` is called on the main process after every evaluation and at
         the end (`peftkit.report.refresh_run_report`: report.html; the report package sits above
-        training, so whoever trains hands it in)."""
+        training, so whoever trains hands it in). `callbacks`: run after the recipe's own
+        (training/callbacks.py), each a `Callback` or a factory called with the `RunInputs`."""
         self.recipe = recipe
         self.resume = resume
         self.on_step = on_step
         self.refresh_report = refresh_report
-        self.last_eval: tuple[int, float] | None = None
+        self.extra_callbacks = list(callbacks)
         self.bar: TrainingBar | None = None  # while train() runs
         self.run = RunDir(recipe.run_dir)
         self.recipe_dump = recipe.model_dump(mode="json")
@@ -116,7 +117,6 @@ class FineTuneRun(Evaluation):
         )
         if self.resume:
             inputs.check_unchanged(self.run, self.input_prints)
-        self.answers_before: list[dict[str, Any]] | None = None  # per row, at step 0
 
         self.weights_dtype = weights_dtype(r.model, r.adapter, self.precision)
         head = self.kind.head_config(self.class_names, self.tokenizer.pad_token_id)
@@ -150,7 +150,6 @@ class FineTuneRun(Evaluation):
         self.accelerator.wait_for_everyone()
         try:
             self._setup_training(model)
-            trackers.start(self.accelerator, r.output.report_to, self.run, r.name, self.recipe_dump)
         except BaseException:
             if fresh and self.main:  # leave no half-made run directory behind
                 shutil.rmtree(self.run.path, ignore_errors=True)
@@ -191,9 +190,6 @@ class FineTuneRun(Evaluation):
                 self.run.audit, self.objective.audit_record(self.data, self.tokenizer)
             )
         self._print(self.objective.describe())
-        self.answers = AnswerEval.for_run(
-            r.eval, self.objective.answer_rows(self.data.eval), self.tokenizer, self.stop_ids
-        )
         self._print(
             f"{r.adapter.method}: {self.params['trainable']:,} trainable of {self.params['total']:,} "
             f"parameters ({self.params['trainable'] / self.params['total']:.2%}); "
@@ -250,14 +246,78 @@ class FineTuneRun(Evaluation):
             self.run.metrics,
             self.main,
             self.state.step if resumed_from else None,
-            on_log=lambda record: trackers.log(self.accelerator, record),
+            on_log=lambda record: [c.on_log(record) for c in self.callbacks],
+        )
+        self.evaluate = Evaluator(
+            self.model,
+            self.objective,
+            self.data.eval,
+            self.accelerator,
+            r.train.micro_batch_size,
+            self.launch.shards_state,
+        )
+        self.saves = Saves(
+            r,
+            self.recipe_dump,
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.run,
+            self.ctx,
+            self.tokenizer,
+            self.base_identity,
+            self.data,
+            self._phase,
+        )
+        self.optimizer_step = OptimizerStep(
+            r,
+            self.accelerator,
+            self.model,
+            self.objective,
+            self.update,
+            self.scheduler,
+            self.state,
+            self.run,
+        )
+        # What runs around the steps, chosen once; each callback gets what it reads.
+        inputs = RunInputs(
+            r,
+            self.recipe_dump,
+            self.accelerator,
+            self.model,
+            self.tokenizer,
+            self.stop_ids,
+            self.data,
+            self.run,
+            self.metrics,
+            self._phase,
+            self.evaluate,
+            self.objective.answer_rows(self.data.eval),
+        )
+        self.callbacks = for_run(
+            inputs, resumed_from is not None, self.refresh_report, self.extra_callbacks
+        )
+        self.evals = Evaluations(
+            self.evaluate,
+            self.objective,
+            self.accelerator,
+            self.state,
+            self.metrics,
+            self.callbacks,
+            EarlyStopping(r.train.early_stopping, self.state, self.accelerator),
+            (lambda: self.saves.result(self.run.best)) if r.output.save_best else None,
+            self._phase,
+            self._print,
         )
         note = self.objective.before_training(
             self.model, self.data, r.train.micro_batch_size, self.accelerator, self.run
         )
         if note:
             self._print(note)
-        self.samples_before = self._samples() if not resumed_from else None
+        for callback in self.callbacks:
+            callback.before_training()
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -271,17 +331,15 @@ class FineTuneRun(Evaluation):
         )
         order_epoch, order = -1, None
         self.stop_reason = "completed"
-        self._updated_uncounted = False  # between optimizer.step() and the step count's increment
-        self._saved_step: int | None = None
+        self.optimizer_step.updated_uncounted = False
         rng_at_step_start = ckpt.rng_state()
         # The starting point of the eval curve and of the forgetting report (RNG-neutral: no dropout).
         if self.state.step == 0 and (
-            self.data.reference
-            or self.answers is not None
+            any(c.wants_start_eval for c in self.callbacks)
             or (self.data.eval and r.train.eval_every is not None)
             or (self.data.eval and self.objective.evaluate_at_start)
         ):
-            self._log_evaluation(self._eval_loss() if self.data.eval else None)
+            self.evals.log(self.evals.loss() if self.data.eval else None)
         with StopRequest() as stop:
             try:
                 while self.state.step < self.total_steps:
@@ -299,13 +357,13 @@ class FineTuneRun(Evaluation):
                         )
                     ]
                     with self.step_clock:
-                        record = self._optimizer_step(
+                        record = self.optimizer_step(
                             rows, epoch + step_in_epoch / self.plan.steps_per_epoch
                         )
                     # training time only: evaluations and checkpoints do not dilute tokens/s
                     self.state.train_seconds += self.step_clock.last
                     self.state.step += 1
-                    self._updated_uncounted = False
+                    self.optimizer_step.updated_uncounted = False  # (counted)
                     self._unfreeze_for_next_step(record)
                     rng_at_step_start = (
                         ckpt.rng_state()
@@ -328,23 +386,27 @@ class FineTuneRun(Evaluation):
                     if (
                         self._due(r.train.eval_every)
                         and self.data.eval
-                        and self._evaluate_and_check_stop()
+                        and self.evals.evaluate_and_check_stop()
                     ):
                         self.stop_reason = "early stopping"
                         break
                     if self._due(r.train.save_every):
-                        self._save_checkpoint(ckpt.rng_state())
+                        self.saves.checkpoint(ckpt.rng_state())
+                    for callback in self.callbacks:
+                        callback.on_step_end(self.state.step, record)
                     if self.on_step is not None:
-                        evaluated = (
-                            self.last_eval is not None and self.last_eval[0] == self.state.step
+                        last = self.evals.last
+                        extra = (
+                            {"eval_loss": last[1]} if last and last[0] == self.state.step else {}
                         )
-                        extra = {"eval_loss": self.last_eval[1]} if evaluated else {}
                         self.on_step(self.state.step, {**record, **extra})
                     if stop.requested(acc):  # a step boundary: the one place a signal acts
-                        raise TrainingStopped(self._stop_at_boundary(stop.signal_name))
+                        raise TrainingStopped(self.saves.stop_at_boundary(stop.signal_name))
             except KeyboardInterrupt:
                 bar.close()
-                if self._updated_uncounted:  # weights of step N+1, counters of step N: unsaveable
+                if (
+                    self.optimizer_step.updated_uncounted
+                ):  # weights of step N+1, counters of step N: unsaveable
                     raise TrainingStopped(
                         f"interrupted inside step {self.state.step + 1}, after its update; no "
                         f"checkpoint saved. {advice.last_checkpoint_note(self.run)}"
@@ -352,7 +414,7 @@ class FineTuneRun(Evaluation):
                 if self.state.step > 0:
                     self.update.zero_grad()  # (the engine's buffers too, under DeepSpeed)
                     # A step cut short was not applied: save the state at the last step boundary.
-                    path = self._save_checkpoint(rng_at_step_start)
+                    path = self.saves.checkpoint(rng_at_step_start)
                     raise TrainingStopped(
                         f"interrupted at step {self.state.step}; checkpoint saved to {path}. "
                         "Continue with --resume."
@@ -361,96 +423,6 @@ class FineTuneRun(Evaluation):
             finally:
                 bar.close()
                 self.bar = None
-
-    def _optimizer_step(
-        self, micro_batches: list[list[EncodedRow]], epoch: float
-    ) -> dict[str, Any]:
-        acc, r = self.accelerator, self.recipe
-        objective = self.objective
-        batches = objective.prepare_step(
-            self.model, [objective.collate(rows) for rows in micro_batches], acc, self.state.step
-        )
-        self.state.largest_micro_batch_tokens = max(
-            self.state.largest_micro_batch_tokens, *(b["input_ids"].numel() for b in batches)
-        )
-        local = torch.tensor(
-            [
-                float(sum(objective.units(b) for b in batches)),
-                float(sum(objective.tokens(r, b) for r, b in zip(micro_batches, batches))),
-            ],
-            device=acc.device,
-        )
-        # n_supervised: the units the step's loss is a mean over (tokens, rows or pairs)
-        n_supervised, n_tokens = (int(x) for x in acc.reduce(local, "sum").tolist())
-        loss_sum = torch.zeros((), device=acc.device)
-        try:
-            for i, batch in enumerate(batches):
-                batch = to_device(batch, acc.device)
-                last = i == len(batches) - 1
-                with self.update.no_sync(last):
-                    token_loss_sum = objective.loss_sum(self.model, batch)
-                    # DDP averages gradients over processes, hence the factor num_processes.
-                    scaled = token_loss_sum * acc.num_processes / max(n_supervised, 1)
-                    # the method's term, once a step (equal on every process: DDP's mean keeps it)
-                    extra = r.adapter.extra_loss(acc.unwrap_model(self.model)) if last else None
-                    self.update.backward(scaled if extra is None else scaled + extra, last)
-                loss_sum += token_loss_sum.detach()
-        except torch.OutOfMemoryError as e:
-            raise TrainingStopped(
-                advice.out_of_memory(self.recipe, self.state.step, self.run)
-            ) from e
-        loss = acc.reduce(loss_sum, "sum").item() / max(n_supervised, 1)
-        if not math.isfinite(loss):
-            self.update.zero_grad()
-            raise TrainingStopped(
-                advice.non_finite_step(
-                    f"loss became {loss}", self.recipe, self.state.step, self.run, micro_batches
-                )
-            )
-        grad_norm = self.update.grad_norm(r.train.max_grad_norm)  # before the update
-        if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
-            self.update.zero_grad()
-            raise TrainingStopped(
-                advice.non_finite_step(
-                    f"the gradients became non-finite (norm {grad_norm})",
-                    self.recipe,
-                    self.state.step,
-                    self.run,
-                    micro_batches,
-                )
-            )
-        lr = self.scheduler.get_last_lr()[0]
-        self._updated_uncounted = True
-        self.update.step()
-        self.scheduler.step()
-        r.adapter.on_optimizer_step(acc.unwrap_model(self.model), self.state.step)
-        self.update.zero_grad()
-        if acc.device.type == "cpu":
-            _compat.release_freed_cpu_memory()
-        self.state.tokens_seen += n_tokens
-        self.state.supervised_tokens_seen += n_supervised
-        record = {
-            "step": self.state.step + 1,
-            "epoch": round(epoch, 4),
-            "loss": loss,
-            "lr": lr,
-            "tokens": n_tokens,
-            "supervised_tokens": n_supervised,
-        }
-        if r.train.max_grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        record.update(objective.step_metrics(acc))
-        return record
-
-    def _stop_at_boundary(self, signal_name: str | None) -> str:
-        """Checkpoint the step just completed (unless saved already); the message to stop with."""
-        path = self.run.checkpoints / f"step-{self.state.step:07d}"
-        if self._saved_step != self.state.step:
-            path = self._save_checkpoint(ckpt.rng_state())
-        return (
-            f"interrupted ({signal_name or 'stop signal'}) at step {self.state.step}; checkpoint "
-            f"saved to {path}. Continue with --resume."
-        )
 
     def _unfreeze_for_next_step(self, record: dict[str, Any]) -> None:
         """Gradual unfreezing: at a stage boundary the next group(s) train from the next step on
@@ -476,22 +448,26 @@ class FineTuneRun(Evaluation):
         r, run = self.recipe, self.run
         last_eval = self.metrics.eval_losses()[-1][0] if self.metrics.eval_losses() else None
         if self.data.eval and last_eval != self.state.step:
-            self._evaluate_and_check_stop()
-        scored = [step for step, _ in self.metrics.series("reference_loss")]
-        if self.data.reference and scored[-1:] != [self.state.step]:
-            self._log_evaluation(None)
+            self.evals.evaluate_and_check_stop()
+        if any(c.wants_final_eval(self.state.step) for c in self.callbacks):
+            self.evals.log(None)
         # After the final evaluation (and best/), so a resume from it neither redoes nor loses it;
         # lets a finished run be extended with --resume.
         if (
             r.train.save_every is not None
             and not (self.run.checkpoints / f"step-{self.state.step:07d}").exists()
         ):
-            self._save_checkpoint(ckpt.rng_state())
+            self.saves.checkpoint(ckpt.rng_state())
         final = run.final(r.adapter.final_dir_name)
-        self._save_result(final)
-        samples_after = self._samples()
-        if not self.main:
-            return {}
+        self.saves.result(final)
+        summary = self._write_summary(final) if self.main else {}
+        for callback in self.callbacks:  # answers.json, samples.json, report.html
+            callback.after_training()
+        return summary
+
+    def _write_summary(self, final: Path) -> dict[str, Any]:
+        """summary.json (what the callbacks add included), meta.json and the loss plot."""
+        r, run = self.recipe, self.run
         summary = run_summary(
             recipe=r,
             state=self.state,
@@ -505,15 +481,12 @@ class FineTuneRun(Evaluation):
             processes=self.accelerator.num_processes,
             engine=self.engine,
             precision=self.precision,
-            answer_rows=len(self.answers.items) if self.answers is not None else None,
             run_dir=run,
             final=final,
             kernels=self.kernels.report(self.accelerator.unwrap_model(self.model), self.objective),
         )
-        trackers.log(
-            self.accelerator,
-            {f"summary/{k}": v for k, v in summary.items()} | {"step": self.state.step},
-        )
+        for callback in self.callbacks:
+            callback.on_summary(summary)
         atomic_write_json(run.summary, summary)
         metadata = run_metadata(
             recipe=r,
@@ -527,71 +500,11 @@ class FineTuneRun(Evaluation):
             base_model_path=str(self.ctx.tokenizer_path),
             device=self.accelerator.device,
         )
-        write_run_files(
-            r,
-            run,
-            metadata,
-            self.metrics,
-            self.samples_before,
-            samples_after,
-            self.answers.report(self.answers_before) if self.answers is not None else None,
-        )
-        if self.refresh_report is not None:
-            self.refresh_report(run.path)
-        log.info(
-            format_summary(summary, r.output.sample_prompts, self.samples_before, samples_after)
-        )
+        write_run_files(r, run, metadata, self.metrics, None, None, None)
+        log.info(format_summary(summary, [], None, None))
         return summary
 
     # ------------------------------------------------------------------ helpers
-    def _save_result(self, target: Path) -> None:
-        save_result(
-            self.accelerator,
-            self.accelerator.unwrap_model(self.model),
-            target,
-            self.recipe.adapter,
-            self.ctx,
-            self.tokenizer,
-            self.base_identity,
-            self.data,
-            self.recipe_dump,
-            self.recipe.data.system_prompt,
-            self.recipe.data.chat_template_kwargs,
-        )
-
-    def _save_checkpoint(self, rng: dict[str, Any]):
-        bad = ckpt.non_finite_weights(self.accelerator.unwrap_model(self.model))
-        if bad:  # never save (nor later announce) a checkpoint one cannot continue from
-            raise TrainingStopped(
-                advice.non_finite_weights(bad, self.recipe, self.state.step, self.run)
-            )
-        self._saved_step = self.state.step
-        with self._phase(f"saving checkpoint step-{self.state.step:07d}"):
-            return ckpt.save_checkpoint(
-                self.run.checkpoints,
-                self.accelerator,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.state,
-                rng,
-                self.recipe.train.keep_last,
-            )
-
-    def _samples(self) -> list[str] | None:
-        prompts = self.recipe.output.sample_prompts
-        if not prompts or not self.main:
-            return None
-        with self._phase(f"answering {len(prompts)} sample prompt{'s' * (len(prompts) > 1)}"):
-            return generate_answers(
-                self.accelerator.unwrap_model(self.model),
-                self.tokenizer,
-                prompts,
-                self.stop_ids,
-                self.recipe.output.sample_max_new_tokens,
-                self.recipe.data.system_prompt,
-            )
-
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             log.info(text)

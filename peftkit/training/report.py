@@ -52,7 +52,6 @@ def run_summary(
     processes: int,
     engine: str,
     precision: str,
-    answer_rows: int | None,
     run_dir: RunLayout,
     final: Path,
     kernels: dict[str, Any] | None = None,
@@ -100,13 +99,7 @@ def run_summary(
         **(kernels or {}),
     }
     summary |= objective.summary(metrics, plan, state.step)
-    if answer_rows is not None:
-        summary["answers"] = generated.answer_summary(metrics, r.eval.metric, answer_rows)
-    if data.reference:
-        summary["forgetting"] = reference.forgetting_summary(
-            metrics, len(data.reference), sum(row.n_supervised for row in data.reference)
-        )
-    return summary
+    return summary  # the callbacks add theirs (answers, forgetting: training/callbacks.py)
 
 
 def device_name(device: torch.device) -> str:
@@ -256,14 +249,16 @@ def format_summary(
         lines.append("  confusion matrix (eval, true class down):")
         lines += [f"    {line}" for line in format_confusion(metrics)]
     if prompts and before is not None and after is not None:
-        lines.append("  samples (greedy, before -> after training):")
-        for p, b, a in zip(prompts, before, after):
-            lines += [
-                f"    prompt: {p}",
-                f"      before: {b[:120]!r}",
-                f"      after:  {a[:120]!r}",
-            ]
+        lines += sample_lines(prompts, before, after)
     return "\n".join(lines)
+
+
+def sample_lines(prompts: list[str], before: list[str], after: list[str]) -> list[str]:
+    """The summary's samples section: each prompt's greedy answer before -> after training."""
+    lines = ["  samples (greedy, before -> after training):"]
+    for p, b, a in zip(prompts, before, after):
+        lines += [f"    prompt: {p}", f"      before: {b[:120]!r}", f"      after:  {a[:120]!r}"]
+    return lines
 
 
 def peak_memory_bytes() -> tuple[int, str]:

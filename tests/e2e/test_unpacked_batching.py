@@ -102,7 +102,8 @@ def test_summary_shows_the_step_0_preference_figures_as_before(tmp_path, tiny_mo
     with caplog.at_level(logging.INFO, logger="peftkit"):
         run = _run(tmp_path, tiny_model, "summary", rows[:16], objective={"type": "dpo"},
                    data={"eval": str(data)}, train={"max_steps": 4, "lr": 2e-2})  # fmt: skip
-    assert run.recipe.train.eval_every is None and run.answers is None  # no other step-0 eval
+    assert run.recipe.train.eval_every is None
+    assert not any(c.wants_start_eval for c in run.callbacks)  # no other step-0 eval
     records = [json.loads(x) for x in run.run.metrics.read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 4]
