@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from peftkit import api
-from peftkit.training.loop import FineTuneRun
+from peftkit.training.step import OptimizerStep
 from tests.conftest import RESUME_TRAIN, chat_rows, write_jsonl, write_recipe
 
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
@@ -42,13 +42,13 @@ def test_rows_are_drawn_in_the_stated_proportions(
     rows of a task (largest remainder: off by less than one row), so over 2 epochs the count is
     within 2 rows of 64 * share."""
     drawn: list[str] = []
-    step = FineTuneRun._optimizer_step
+    step = OptimizerStep.__call__
 
     def counting_step(self, micro_batches, epoch):
         drawn.extend(row.task for rows in micro_batches for row in rows)
         return step(self, micro_batches, epoch)
 
-    monkeypatch.setattr(FineTuneRun, "_optimizer_step", counting_step)
+    monkeypatch.setattr(OptimizerStep, "__call__", counting_step)
     a, b = _tasks(tmp_path, {"a": 8, "b": 24})
     train = [{"path": a}, {"path": b}]
     if weights:

@@ -15,6 +15,7 @@ import pytest
 from peftkit import api, units
 from peftkit.cli import main
 from peftkit.training import loop, progress
+from peftkit.training.evaluation import Evaluator
 from tests.conftest import chat_rows, write_jsonl, write_recipe
 
 SLOW = 1000.0  # what every evaluation "takes" on the clock the bar could read
@@ -52,10 +53,10 @@ def slow_eval_run(tiny_model, tmp_path_factory):
             super().__init__(*args, **kwargs)
             seen["bars"].append(self)
 
-    evaluate = loop.FineTuneRun.evaluate
+    evaluate = Evaluator.__call__
 
     def slow_evaluate(self, rows=None):
-        seen["labels"].append(self.bar.desc if self.bar is not None else None)
+        seen["labels"].append(seen["bars"][-1].desc if seen["bars"] else None)
         offset[0] += SLOW
         return evaluate(self, rows)
 
@@ -72,7 +73,7 @@ def slow_eval_run(tiny_model, tmp_path_factory):
                 "StepClock",
                 lambda: progress.StepClock(lambda: time.perf_counter() + offset[0]),
             )
-            mp.setattr(loop.FineTuneRun, "evaluate", slow_evaluate)
+            mp.setattr(Evaluator, "__call__", slow_evaluate)
             summary = api.train(recipe)
     finally:
         logger.removeHandler(messages)
