@@ -95,8 +95,14 @@ def end_process_group() -> None:
     exits with its gloo or NCCL group still up can abort in the group's threads as the
     interpreter shuts down ("terminate called without an active exception"). Does nothing in a
     single process. What the command line calls after `peftkit train`; a notebook keeps its group."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # The finished run's modules (DDP, FSDP's device mesh) hold the groups in reference
+        # cycles: collected now, while the interpreter is whole, not during its shutdown.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
