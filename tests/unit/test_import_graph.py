@@ -35,7 +35,18 @@ ROOT = Path(peftkit.__file__).resolve().parent
 # from a run directory's files (export and the sweep call it; the training loop is handed its
 # writer by api and sweep).
 LAYERS = [
-    {"peftkit", "errors", "io", "caches", "units", "_compat", "section", "launch", "metrics"},
+    {
+        "peftkit",
+        "errors",
+        "io",
+        "caches",
+        "units",
+        "_compat",
+        "section",
+        "section_registry",
+        "launch",
+        "metrics",
+    },
     {"models"},
     {"methods"},
     {"data"},
